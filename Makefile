@@ -1,0 +1,55 @@
+# onnx-micronet: the commands a fresh machine needs.
+#   make demo   run the main job on a bundled fixture
+#   make test   run every test (creates the conformance venv in .venv on first use)
+#   make bench  time and memory against a plain protobuf read/write and the Python tools
+#   make fixtures / make fixtures-extra   regenerate the fixtures (installs PyTorch in .venv-fixtures)
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+VENV_STAMP := $(VENV)/.installed-$(shell cksum < tests/conformance/requirements.txt | cut -d' ' -f1)
+BIN := target/release/onnx-micronet
+DEMO_MODEL := fixtures/mobilenetv2_cifar_bn.onnx
+
+.PHONY: demo test bench fixtures fixtures-extra lint venv release clean-venv
+
+release:
+	$(CARGO) build --release --locked
+
+demo: release
+	@echo "== inspect $(DEMO_MODEL)"
+	$(BIN) inspect $(DEMO_MODEL)
+	@echo "== convert (lossless round trip) and inspect again"
+	mkdir -p target/demo
+	$(BIN) convert $(DEMO_MODEL) -o target/demo/roundtrip.onnx
+	cmp $(DEMO_MODEL) target/demo/roundtrip.onnx && echo "byte-identical round trip"
+
+$(VENV_STAMP): tests/conformance/requirements.txt
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/conformance/requirements.txt
+	touch $@
+
+venv: $(VENV_STAMP)
+
+# The tests use the venv (onnx's test models, the checker, onnxruntime) and fail,
+# rather than skip, when it is missing.
+test: $(VENV_STAMP)
+	ONNX_MICRONET_VENV=$(VENV) ONNX_MICRONET_REQUIRE_VENV=1 $(CARGO) test --locked --all-targets
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets --locked -- -D warnings
+
+bench: release $(VENV_STAMP)
+	ONNX_MICRONET_VENV=$(VENV) bench/run.sh
+
+fixtures:
+	fixtures/scripts/make_fixtures.sh
+
+fixtures-extra:
+	fixtures/scripts/make_fixtures_extra.sh
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,198 @@
+//! Shared test helpers: paths to fixtures and the conformance venv, running the
+//! CLI, and tiny models built with the prost types.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use onnx_micronet::onnx::proto::{
+    tensor_shape_proto::{dimension::Value as Dim, Dimension},
+    type_proto, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto,
+};
+use onnx_micronet::onnx::{AttributeType, DataType};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    root().join("fixtures").join(rel)
+}
+
+/// The committed single-file model fixtures.
+pub fn model_fixtures() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("fixtures"))
+        .expect("fixtures/")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    v.sort();
+    assert!(v.len() >= 4, "expected the committed fixtures, found {v:?}");
+    v
+}
+
+/// The conformance venv's python, made by `make test`. Under `make test`
+/// (ONNX_MICRONET_REQUIRE_VENV=1) a missing venv fails the test instead of skipping.
+pub fn venv_python() -> Option<PathBuf> {
+    let venv = std::env::var_os("ONNX_MICRONET_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv"));
+    let py = venv.join("bin/python");
+    if py.exists() {
+        return Some(py);
+    }
+    if std::env::var_os("ONNX_MICRONET_REQUIRE_VENV").is_some() {
+        panic!(
+            "conformance venv missing at {}: run `make venv`",
+            venv.display()
+        );
+    }
+    eprintln!(
+        "note: no conformance venv at {}; run `make test` for the full suite",
+        venv.display()
+    );
+    None
+}
+
+/// Runs python code in the venv with args; panics with its stderr on failure.
+pub fn run_python(py: &Path, code: &str, args: &[&str]) -> String {
+    let out = Command::new(py)
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "python failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_onnx-micronet"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+/// Runs the CLI expecting failure with exit code 2 and a one-line error; returns stderr.
+pub fn cli_fails(args: &[&str]) -> String {
+    let out = cli(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "args {args:?}: want exit 2, got {:?}; stderr: {stderr}",
+        out.status
+    );
+    assert!(!stderr.contains("panicked"), "panic on {args:?}: {stderr}");
+    assert!(stderr.starts_with("error: "), "stderr: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "want one line, got: {stderr}"
+    );
+    stderr
+}
+
+pub fn tensor_f32(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
+    TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(DataType::Float as i32),
+        raw_data: Some(
+            values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+                .into(),
+        ),
+        ..Default::default()
+    }
+}
+
+pub fn value_info(name: &str, dims: &[i64]) -> ValueInfoProto {
+    ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(DataType::Float as i32),
+                shape: Some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| Dimension {
+                            value: Some(Dim::DimValue(d)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+    NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+pub fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Ints as i32),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+pub fn model(graph: GraphProto, opset: i64) -> ModelProto {
+    ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(opset),
+        }],
+        producer_name: Some("onnx-micronet-tests".into()),
+        graph: Some(graph),
+        ..Default::default()
+    }
+}
+
+/// x[1,2,4,4] -> Conv(w[3,2,3,3], b[3], pads 1) -> Relu -> y[1,3,4,4].
+pub fn tiny_conv() -> ModelProto {
+    let w: Vec<f32> = (0..54)
+        .map(|i| ((i * 7 % 11) as f32 - 5.0) / 10.0)
+        .collect();
+    let mut conv = node("Conv", "conv", &["x", "w", "b"], &["c"]);
+    conv.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
+    model(
+        GraphProto {
+            name: Some("tiny".into()),
+            node: vec![conv, node("Relu", "relu", &["c"], &["y"])],
+            initializer: vec![
+                tensor_f32("w", &[3, 2, 3, 3], &w),
+                tensor_f32("b", &[3], &[0.1, -0.2, 0.3]),
+            ],
+            input: vec![value_info("x", &[1, 2, 4, 4])],
+            output: vec![value_info("y", &[1, 3, 4, 4])],
+            ..Default::default()
+        },
+        13,
+    )
+}
+
+pub fn write_model(path: &Path, m: &ModelProto) {
+    use prost::Message;
+    std::fs::write(path, m.encode_to_vec()).unwrap();
+}
