@@ -10,5 +10,6 @@ pub mod error;
 pub mod graph;
 pub mod inspect;
 pub mod onnx;
+pub mod score;
 
 pub use error::{Error, Result};
