@@ -24,6 +24,8 @@ demo: release
 	mkdir -p target/demo
 	$(BIN) convert $(DEMO_MODEL) -o target/demo/roundtrip.onnx
 	cmp $(DEMO_MODEL) target/demo/roundtrip.onnx && echo "byte-identical round trip"
+	@echo "== score (MicroNet, CIFAR-100 track)"
+	$(BIN) score $(DEMO_MODEL) --markdown target/demo/score.md --json target/demo/score.json
 
 $(VENV_STAMP): tests/conformance/requirements.txt
 	rm -rf $(VENV)
