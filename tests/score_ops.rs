@@ -249,7 +249,7 @@ fn claimed_linear_weights_are_checked_against_their_values() {
 fn ternary_weights_both_modes() {
     // w in {-0.5, 0, 0.5}: sign of ((7i mod 11) - 5), zeros at the same 5 places.
     let w: Vec<f32> = (0..54)
-        .map(|i| match (i * 7 % 11) as i32 - 5 {
+        .map(|i: i32| match i * 7 % 11 - 5 {
             0 => 0.0,
             k => 0.5 * k.signum() as f32,
         })
