@@ -576,3 +576,67 @@ fn bad_score_options_exit_2() {
     let o = cli(&["score", p.to_str().unwrap(), "--input-shape", "1,2,4,4"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn fake_quant_chain_counts_its_bits() {
+    // x -> Mul(1/0.05) -> Round -> Clip(-8, 7) -> Mul(0.05) -> conv: 16 levels = 4-bit activations.
+    let mut m = dq_conv(false);
+    let g = m.graph.as_mut().unwrap();
+    g.initializer.push(tensor_f32("inv_s", &[], &[20.0]));
+    g.initializer.push(tensor_f32("lo", &[], &[-8.0]));
+    g.initializer.push(tensor_f32("hi", &[], &[7.0]));
+    g.initializer.push(tensor_f32("s", &[], &[0.05]));
+    let chain = vec![
+        node("Mul", "fq_scale", &["x", "inv_s"], &["x1"]),
+        node("Round", "fq_round", &["x1"], &["x2"]),
+        node("Clip", "fq_clip", &["x2", "lo", "hi"], &["x3"]),
+        node("Mul", "fq_back", &["x3", "s"], &["x4"]),
+    ];
+    let conv = g.node.iter_mut().find(|n| n.name() == "conv").unwrap();
+    conv.input[0] = "x4".into();
+    let mut nodes = chain;
+    nodes.append(&mut g.node);
+    g.node = nodes;
+    let r = run(m, &ScoreOptions::default());
+    let c = layer(&r, "conv");
+    assert_eq!((c.weight_bits, c.act_bits), (Some(8), 4));
+    // mults at max(8, 4) = 8 bits: 784 / 4 = 196. The chain's four nodes are conversions: free.
+    close(c.mults, 196.0);
+    assert!(
+        r.layers.iter().all(|l| !l.name.starts_with("fq_")),
+        "{:?}",
+        r.layers
+    );
+}
+
+#[test]
+fn ref_output_size_reproduces_the_even_kernel_quirk() {
+    // Conv k=2, stride 2, pads [0,0,1,1] on 4x4: ONNX gives 2x2 = 4 positions;
+    // REF's 'same' formula gives ceil((4 - 2 + 1 + 2*1) / 2) = 3 per axis -> 9.
+    let w: Vec<f32> = vec![1.0; 2 * 2 * 2 * 2];
+    let mut conv = node("Conv", "conv", &["x", "w"], &["y"]);
+    conv.attribute.push(attr_ints("strides", &[2, 2]));
+    conv.attribute.push(attr_ints("pads", &[0, 0, 1, 1]));
+    let m = model(
+        GraphProto {
+            name: Some("even".into()),
+            node: vec![conv],
+            initializer: vec![tensor_f32("w", &[2, 2, 2, 2], &w)],
+            input: vec![value_info("x", &[1, 2, 4, 4])],
+            output: vec![value_info("y", &[1, 2, 2, 2])],
+            ..Default::default()
+        },
+        13,
+    );
+    // graph: 8 weights per channel x 4 positions x 2 channels = 64 mults.
+    close(
+        layer(&run(m.clone(), &no_freebie()), "conv").raw_mults,
+        64.0,
+    );
+    let opts = ScoreOptions {
+        output_size: score::OutputSize::Ref,
+        ..no_freebie()
+    };
+    // ref: 8 x 9 x 2 = 144.
+    close(layer(&run(m, &opts), "conv").raw_mults, 144.0);
+}
