@@ -81,10 +81,17 @@ impl Report {
             "layer", "op", "output", "weight", "sparse", "wb", "ab", "params", "mults", "adds"
         );
         for l in &self.layers {
-            let name = if l.name.len() > name_w {
-                &l.name[l.name.len() - name_w..]
+            // Long exporter names keep their distinctive tail.
+            let chars: Vec<char> = l.name.chars().collect();
+            let name = if chars.len() > name_w {
+                format!(
+                    "…{}",
+                    chars[chars.len() - (name_w - 1)..]
+                        .iter()
+                        .collect::<String>()
+                )
             } else {
-                &l.name
+                l.name.clone()
             };
             let _ = writeln!(
                 w,
