@@ -210,11 +210,23 @@ fn parse_act_cost(s: &str) -> Result<(String, (f64, f64)), String> {
     ))
 }
 
+/// Prints to standard output; a closed pipe (`| head`) ends the output quietly.
+fn out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|_| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}
+
 /// Writes `text` to FILE atomically, or to standard output for '-'.
 fn emit(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     if path.as_os_str() == "-" {
-        println!("{text}");
-        return Ok(());
+        return out(&format!("{text}\n"));
     }
     onnx::io::write_atomically(path, |f| std::io::Write::write_all(f, text.as_bytes()))?;
     Ok(())
@@ -244,9 +256,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let m = onnx::load(&model)?;
             let report = onnx_micronet::inspect::inspect(&m)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                out(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
             } else {
-                print!("{}", report.to_text(min_elements));
+                out(&report.to_text(min_elements))?;
             }
         }
         Command::Convert {
@@ -266,11 +278,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let r = onnx::save(&m, &output, &opts)
                 .with_context(|| format!("writing {}", output.display()))?;
-            print!("wrote {} ({} bytes)", r.path.display(), r.model_bytes);
+            let mut line = format!("wrote {} ({} bytes)", r.path.display(), r.model_bytes);
             if let Some((p, n, count)) = &r.external {
-                print!(" + {} ({n} bytes, {count} tensors)", p.display());
+                line += &format!(" + {} ({n} bytes, {count} tensors)", p.display());
             }
-            println!();
+            out(&format!("{line}\n"))?;
         }
         Command::Score {
             model,
@@ -282,7 +294,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let report = score::score(&m, &counting.options())?;
             let json_to_stdout = json.as_deref().is_some_and(|p| p.as_os_str() == "-");
             if !json_to_stdout {
-                print!("{}", report.to_text());
+                out(&report.to_text())?;
             }
             if let Some(path) = &json {
                 emit(path, &serde_json::to_string_pretty(&report)?)?;
