@@ -349,11 +349,10 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<SaveReport
                 path.display()
             )));
         }
-        let buf = model.proto.encode_to_vec();
-        write_atomically(path, |f| f.write_all(&buf))?;
+        write_atomically(path, |f| encode_into_file(&model.proto, f))?;
         return Ok(SaveReport {
             path: path.to_path_buf(),
-            model_bytes: buf.len() as u64,
+            model_bytes: len as u64,
             external: None,
         });
     }
@@ -437,6 +436,103 @@ pub fn save(model: &Model, path: &Path, opts: &SaveOptions) -> Result<SaveReport
         model_bytes: buf.len() as u64,
         external: Some((data_path, data_len, count)),
     })
+}
+
+/// Encodes straight into the file: small fields through a 1 MiB buffer, tensor
+/// payloads (`Bytes`, usually slices of the mapped input) written as they are. Peak
+/// memory stays near the input's size instead of input + output.
+fn encode_into_file(proto: &ModelProto, file: &mut File) -> std::io::Result<()> {
+    let mut sink = FileSink {
+        file,
+        buf: Vec::with_capacity(FileSink::CAPACITY),
+        error: None,
+    };
+    proto
+        .encode(&mut sink)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    sink.flush();
+    match sink.error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// A `BufMut` over a file. `BufMut` cannot fail, so the first write error is kept
+/// and reported after encoding.
+struct FileSink<'f> {
+    file: &'f mut File,
+    buf: Vec<u8>,
+    error: Option<std::io::Error>,
+}
+
+impl FileSink<'_> {
+    const CAPACITY: usize = 1 << 20;
+
+    /// Writes the buffer out (keeping the first error).
+    fn flush(&mut self) {
+        if !self.buf.is_empty() && self.error.is_none() {
+            if let Err(e) = self.file.write_all(&self.buf) {
+                self.error = Some(e);
+            }
+        }
+        self.buf.clear();
+    }
+}
+
+// SAFETY: `chunk_mut` hands out the vector's spare capacity, and `advance_mut`
+// only extends the length over bytes the caller has just written there.
+unsafe impl bytes::BufMut for FileSink<'_> {
+    fn remaining_mut(&self) -> usize {
+        usize::MAX - self.buf.len()
+    }
+
+    unsafe fn advance_mut(&mut self, cnt: usize) {
+        let len = self.buf.len() + cnt;
+        assert!(len <= self.buf.capacity(), "advance_mut past the chunk");
+        // SAFETY: the caller initialised `cnt` bytes of the chunk from `chunk_mut`.
+        unsafe { self.buf.set_len(len) };
+    }
+
+    fn chunk_mut(&mut self) -> &mut bytes::buf::UninitSlice {
+        if self.buf.len() == self.buf.capacity() {
+            self.flush();
+        }
+        bytes::buf::UninitSlice::uninit(self.buf.spare_capacity_mut())
+    }
+
+    fn put<T: bytes::Buf>(&mut self, mut src: T)
+    where
+        Self: Sized,
+    {
+        while src.has_remaining() {
+            let chunk = src.chunk();
+            let n = chunk.len();
+            if n >= Self::CAPACITY / 4 {
+                // A tensor payload: write it through, not via the buffer.
+                self.flush();
+                if self.error.is_none() {
+                    if let Err(e) = self.file.write_all(chunk) {
+                        self.error = Some(e);
+                    }
+                }
+            } else {
+                self.put_slice(chunk);
+            }
+            src.advance(n);
+        }
+    }
+
+    fn put_slice(&mut self, mut src: &[u8]) {
+        while !src.is_empty() {
+            if self.buf.len() == self.buf.capacity() {
+                self.flush();
+            }
+            let room = self.buf.capacity() - self.buf.len();
+            let n = room.min(src.len());
+            self.buf.extend_from_slice(&src[..n]);
+            src = &src[n..];
+        }
+    }
 }
 
 /// `<output>.data`, next to the output.
