@@ -49,5 +49,7 @@ echo "bench: generating the ResNet-50 models into bench/out/ (once; reused after
 "$PY" "$ROOT/bench/gen_resnet50.py" --out-dir "$OUT" >&2 || fail "bench/gen_resnet50.py failed"
 
 echo "bench: measuring ($REPEAT runs per command; this takes a few minutes)" >&2
-exec "$PY" "$ROOT/bench/bench.py" --root "$ROOT" --out-dir "$OUT" --bin "$BIN" --plain "$PLAIN" \
+"$PY" "$ROOT/bench/bench.py" --root "$ROOT" --out-dir "$OUT" --bin "$BIN" --plain "$PLAIN" \
     --python "$PY" --repeat "$REPEAT"
+echo "bench: inference throughput (validate vs onnxruntime)" >&2
+"$PY" "$ROOT/bench/validate_speed.py"

@@ -8,6 +8,7 @@
 //! would clash with a concrete input), keyed by ONNX value name.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use prost::Message;
 use tract_onnx::prelude::*;
@@ -118,4 +119,332 @@ pub fn value_shapes(
         }
     }
     Ok(out)
+}
+
+/// A model made ready to run in tract: fixed batch of 1, weight-decoding subgraphs
+/// folded to constants (`compute_const_facts`), optimized. The plan is shared by
+/// all worker threads; each spawns its own state.
+pub struct Plan {
+    plan: Arc<TypedRunnableModel>,
+    /// The input shape it was built for (batch 1).
+    pub input_shape: Vec<usize>,
+}
+
+/// Builds a plan for the model's first input with `input_shape` (batch 1).
+pub fn plan(model: &Model, input_shape: &[usize]) -> Result<Plan> {
+    let proto = tract_proto(model)?;
+    let onnx = tract_onnx::onnx().with_ignore_value_info(true);
+    let parsed = onnx
+        .parse(&proto, None)
+        .map_err(|e| tract_err(model, "tract cannot load the model", format!("{e:#}")))?;
+    let mut m = parsed.model;
+    m.set_input_fact(0, f32::fact(input_shape).into())
+        .map_err(|e| tract_err(model, "setting the input shape", e))?;
+    let mut typed = m
+        .into_typed()
+        .map_err(|e| tract_err(model, "tract cannot type the model", format!("{e:#}")))?;
+    typed
+        .compute_const_facts()
+        .map_err(|e| tract_err(model, "folding constants", format!("{e:#}")))?;
+    let plan = typed
+        .into_optimized()
+        .and_then(|m| m.into_runnable())
+        .map_err(|e| tract_err(model, "tract cannot optimize the model", format!("{e:#}")))?;
+    Ok(Plan {
+        plan,
+        input_shape: input_shape.to_vec(),
+    })
+}
+
+/// (image index, its flattened first output) pairs computed by one worker.
+type Rows = Vec<(usize, Vec<f32>)>;
+
+/// The first output of every image, flattened: N x outputs. Images are run one
+/// at a time on `threads` OS threads (each with its own tract state), the fastest
+/// setup measured for CNNs of this size. `progress` is called with the number of
+/// images done so far (from any thread).
+pub fn run_images(
+    plan: &Plan,
+    images: ndarray::ArrayView4<f32>,
+    threads: usize,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<ndarray::Array2<f32>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let n = images.shape()[0];
+    let per_image: Vec<usize> = images.shape()[1..].to_vec();
+    if per_image[..] != plan.input_shape[1..] {
+        return Err(Error::Usage(format!(
+            "images of shape {:?} do not fit the model input {:?}",
+            per_image, plan.input_shape
+        )));
+    }
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let threads = threads.clamp(1, n.max(1));
+    let results: Vec<Result<Rows>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> Result<Rows> {
+                    let mut state = plan
+                        .plan
+                        .spawn()
+                        .map_err(|e| Error::Usage(format!("tract: {e}")))?;
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            return Ok(out);
+                        }
+                        let x = images.slice(ndarray::s![i..i + 1, .., .., ..]).to_owned();
+                        let t: Tensor = x.into_dyn().into();
+                        let y = state.run(tvec!(t.into_tvalue())).map_err(|e| {
+                            Error::Usage(format!("tract failed on image {i}: {e:#}"))
+                        })?;
+                        let logits = y[0]
+                            .to_plain_array_view::<f32>()
+                            .map_err(|e| Error::Usage(format!("model output is not float32: {e}")))?
+                            .iter()
+                            .copied()
+                            .collect();
+                        out.push((i, logits));
+                        progress(done.fetch_add(1, Ordering::Relaxed) + 1);
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("worker thread panicked"))
+            .collect()
+    });
+    let mut rows: Vec<Option<Vec<f32>>> = vec![None; n];
+    for r in results {
+        for (i, v) in r? {
+            rows[i] = Some(v);
+        }
+    }
+    let width = rows.first().and_then(|r| r.as_ref()).map_or(0, Vec::len);
+    let mut out = ndarray::Array2::<f32>::zeros((n, width));
+    for (i, r) in rows.into_iter().enumerate() {
+        let r = r.expect("every image ran");
+        if r.len() != width {
+            return Err(Error::Usage(format!(
+                "image {i} gave {} outputs, image 0 gave {width}",
+                r.len()
+            )));
+        }
+        out.row_mut(i).assign(&ndarray::ArrayView1::from(&r));
+    }
+    Ok(out)
+}
+
+/// Runs the model on every image and hands the values named in `values` (graph
+/// input or any intermediate value, in that order) to `fold`, never holding more
+/// than one image's activations per worker.
+///
+/// The images are cut into consecutive chunks of `chunk` images. Each chunk is
+/// folded in image order into a fresh state from `init`, on one of `threads`
+/// worker threads; `merge` then receives the chunk states on the calling thread
+/// in chunk order. So the result does not depend on the thread count or timing:
+/// floating-point sums come out bit-identical run to run. At most `2 * threads`
+/// finished chunk states wait for their turn.
+#[allow(clippy::too_many_arguments)]
+pub fn capture<S: Send>(
+    model: &Model,
+    input_shape: &[usize],
+    values: &[String],
+    images: ndarray::ArrayView4<f32>,
+    threads: usize,
+    chunk: usize,
+    init: impl Fn() -> S + Sync,
+    fold: impl Fn(&mut S, usize, &[ndarray::ArrayViewD<f32>]) + Sync,
+    mut merge: impl FnMut(S),
+) -> Result<()> {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{mpsc, Condvar, Mutex};
+
+    let n = images.shape()[0];
+    if images.shape()[1..] != input_shape[1..] {
+        return Err(Error::Usage(format!(
+            "images of shape {:?} do not fit the model input {:?}",
+            &images.shape()[1..],
+            input_shape
+        )));
+    }
+    let graph = Graph::new(
+        model
+            .proto
+            .graph
+            .as_ref()
+            .expect("loaded models have a graph"),
+    )?;
+    let input_name = graph
+        .inputs()
+        .next()
+        .map(|i| i.name().to_string())
+        .ok_or_else(|| Error::Usage("the model has no input".into()))?;
+
+    // Which output of the plan carries each value (None: the image itself).
+    let proto = tract_proto(model)?;
+    let onnx = tract_onnx::onnx().with_ignore_value_info(true);
+    let parsed = onnx
+        .parse(&proto, None)
+        .map_err(|e| tract_err(model, "tract cannot load the model", format!("{e:#}")))?;
+    let mut outlets = Vec::new();
+    let mut slots = Vec::new();
+    for v in values {
+        if *v == input_name {
+            slots.push(None);
+            continue;
+        }
+        let outlet = *parsed
+            .outlets_by_name
+            .get(v)
+            .ok_or_else(|| Error::Usage(format!("value '{v}' is not in the model tract loaded")))?;
+        let slot = match outlets.iter().position(|o| *o == outlet) {
+            Some(s) => s,
+            None => {
+                outlets.push(outlet);
+                outlets.len() - 1
+            }
+        };
+        slots.push(Some(slot));
+    }
+    let plan = if outlets.is_empty() {
+        None
+    } else {
+        let mut m = parsed.model;
+        m.set_input_fact(0, f32::fact(input_shape).into())
+            .map_err(|e| tract_err(model, "setting the input shape", e))?;
+        m.select_output_outlets(&outlets)
+            .map_err(|e| tract_err(model, "selecting the captured values", e))?;
+        let mut typed = m
+            .into_typed()
+            .map_err(|e| tract_err(model, "tract cannot type the model", format!("{e:#}")))?;
+        typed
+            .compute_const_facts()
+            .map_err(|e| tract_err(model, "folding constants", format!("{e:#}")))?;
+        Some(
+            typed
+                .into_optimized()
+                .and_then(|m| m.into_runnable())
+                .map_err(|e| {
+                    tract_err(model, "tract cannot optimize the model", format!("{e:#}"))
+                })?,
+        )
+    };
+
+    let chunk = chunk.max(1);
+    let chunks = n.div_ceil(chunk);
+    let threads = threads.clamp(1, chunks.max(1));
+    let next = AtomicUsize::new(0);
+    let abort = AtomicBool::new(false);
+    let merged = (Mutex::new(0usize), Condvar::new());
+    let (tx, rx) = mpsc::channel::<(usize, Result<S>)>();
+    let mut failure: Option<Error> = None;
+    // Raising the flag under the lock, so no waiting worker misses the wake-up.
+    let stop = || {
+        let _held = merged.0.lock().expect("no poisoned lock");
+        abort.store(true, Ordering::Relaxed);
+        merged.1.notify_all();
+    };
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let tx = tx.clone();
+            let (plan, slots, next, abort, merged, init, fold, stop) =
+                (&plan, &slots, &next, &abort, &merged, &init, &fold, &stop);
+            s.spawn(move || {
+                let mut state = match plan.as_ref().map(|p| p.spawn()).transpose() {
+                    Ok(st) => st,
+                    Err(e) => {
+                        stop();
+                        let _ = tx.send((usize::MAX, Err(Error::Usage(format!("tract: {e}")))));
+                        return;
+                    }
+                };
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    if k >= chunks || abort.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    {
+                        let mut done = merged.0.lock().expect("no poisoned lock");
+                        while k >= *done + 2 * threads && !abort.load(Ordering::Relaxed) {
+                            done = merged.1.wait(done).expect("no poisoned lock");
+                        }
+                    }
+                    let mut acc = init();
+                    let mut result = Ok(());
+                    for i in k * chunk..((k + 1) * chunk).min(n) {
+                        let x = images.slice(ndarray::s![i..i + 1, .., .., ..]);
+                        let outputs = match state.as_mut() {
+                            Some(st) => {
+                                let t: Tensor = x.to_owned().into_dyn().into();
+                                match st.run(tvec!(t.into_tvalue())) {
+                                    Ok(y) => y,
+                                    Err(e) => {
+                                        result = Err(Error::Usage(format!(
+                                            "tract failed on image {i}: {e:#}"
+                                        )));
+                                        break;
+                                    }
+                                }
+                            }
+                            None => tvec!(),
+                        };
+                        let mut views = Vec::with_capacity(slots.len());
+                        for slot in slots.iter() {
+                            match slot {
+                                None => views.push(x.into_dyn()),
+                                Some(j) => match outputs[*j].to_plain_array_view::<f32>() {
+                                    Ok(v) => views.push(v),
+                                    Err(e) => {
+                                        result = Err(Error::Usage(format!(
+                                            "captured value is not float32: {e}"
+                                        )));
+                                        break;
+                                    }
+                                },
+                            }
+                        }
+                        if result.is_err() {
+                            break;
+                        }
+                        fold(&mut acc, i, &views);
+                    }
+                    let failed = result.is_err();
+                    if tx.send((k, result.map(|_| acc))).is_err() || failed {
+                        stop();
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut pending: BTreeMap<usize, S> = BTreeMap::new();
+        let mut want = 0usize;
+        for (k, r) in rx {
+            match r {
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    stop();
+                }
+                Ok(acc) if failure.is_none() => {
+                    pending.insert(k, acc);
+                    while let Some(acc) = pending.remove(&want) {
+                        merge(acc);
+                        want += 1;
+                    }
+                    *merged.0.lock().expect("no poisoned lock") = want;
+                    merged.1.notify_all();
+                }
+                Ok(_) => {}
+            }
+        }
+    });
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

@@ -413,3 +413,73 @@ pub fn declared_elem_type(info: &ValueInfoProto) -> Option<i32> {
         _ => None,
     }
 }
+
+// ---------------------------------------------------------------------------
+// Editing helpers for passes. They act on the GraphProto; build a new view after.
+
+/// Replaces the initializer `name` by `data` (keeping its doc string and
+/// metadata), or adds it when absent.
+pub fn set_initializer(g: &mut GraphProto, name: &str, data: &TensorData) {
+    let mut t = data.to_proto(name);
+    if let Some(old) = g.initializer.iter_mut().find(|t| t.name() == name) {
+        t.doc_string = old.doc_string.take();
+        t.metadata_props = std::mem::take(&mut old.metadata_props);
+        *old = t;
+    } else {
+        g.initializer.push(t);
+    }
+}
+
+/// Removes the nodes at these indices.
+pub fn remove_nodes(g: &mut GraphProto, idxs: &HashSet<usize>) {
+    let mut i = 0;
+    g.node.retain(|_| {
+        let keep = !idxs.contains(&i);
+        i += 1;
+        keep
+    });
+}
+
+/// Removes initializers nothing reads (nodes, subgraphs, graph outputs); returns their names.
+pub fn remove_unused_initializers(g: &mut GraphProto) -> Vec<String> {
+    let mut used: HashSet<String> = HashSet::new();
+    for n in &g.node {
+        used.extend(n.input.iter().cloned());
+        used.extend(subgraph_free_values(n));
+    }
+    used.extend(g.output.iter().map(|o| o.name().to_string()));
+    let mut removed = Vec::new();
+    g.initializer.retain(|t| {
+        let keep = used.contains(t.name());
+        if !keep {
+            removed.push(t.name().to_string());
+        }
+        keep
+    });
+    // Before IR 4 initializers are listed as inputs too: drop those entries with them.
+    let gone: HashSet<&str> = removed.iter().map(String::as_str).collect();
+    g.input.retain(|i| !gone.contains(i.name()));
+    removed
+}
+
+/// A value or initializer name not used in the graph yet, derived from `base`.
+pub fn fresh_name(g: &GraphProto, base: &str) -> String {
+    let taken: HashSet<&str> = g
+        .initializer
+        .iter()
+        .map(|t| t.name())
+        .chain(
+            g.node
+                .iter()
+                .flat_map(|n| n.output.iter().map(String::as_str)),
+        )
+        .chain(g.input.iter().map(|i| i.name()))
+        .collect();
+    if !taken.contains(base) {
+        return base.to_string();
+    }
+    (1..)
+        .map(|k| format!("{base}_{k}"))
+        .find(|n| !taken.contains(n.as_str()))
+        .expect("some name is free")
+}

@@ -7,9 +7,13 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use onnx_micronet::onnx::{self, io::Layout, SaveOptions};
+use onnx_micronet::optimize;
+use onnx_micronet::passes::Context as PassContext;
+use onnx_micronet::recipe::{PruneSection, Recipe};
 use onnx_micronet::score::{
     self, AccMode, BnMode, OutputSize, ScoreOptions, SparsePolicy, TernaryMode, Track,
 };
+use onnx_micronet::validate;
 
 /// Compress trained ONNX image classifiers and tell the truth about what it bought.
 ///
@@ -31,6 +35,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: the size of the biggest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Show what a model holds: versions, inputs and outputs, op histogram,
@@ -103,6 +109,130 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         markdown: Option<PathBuf>,
     },
+    /// Measure accuracy in tract (an independent runtime) on labelled images: top-1 and
+    /// top-5 of each model, and with a second model their top-1 agreement and the
+    /// largest and mean absolute logit difference, plus images per second.
+    ///
+    /// Data formats (detected from PATH, or --data-format): CIFAR-10/100 binary
+    /// (a .bin file or a folder of them), IDX (MNIST, Fashion-MNIST; .gz accepted),
+    /// NumPy .npy/.npz, or a folder of PNG/JPEG images (labels from class subfolders,
+    /// foolbox-style `<set>_<idx>_<label>` names, or a labels.txt/labels.csv).
+    ///
+    /// Examples:
+    ///   onnx-micronet validate model.onnx --data cifar-10-batches-bin/test_batch.bin --preprocess cifar
+    ///   onnx-micronet validate model.onnx small.onnx --data imagenet-val/ --preprocess imagenet --limit 1000
+    ///   onnx-micronet validate mnist.onnx --data t10k-images-idx3-ubyte.gz --json -
+    Validate {
+        /// The model to measure.
+        model: PathBuf,
+        /// A second model to compare with the first (e.g. the compressed one).
+        other: Option<PathBuf>,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Write the report as JSON to FILE ('-' for standard output, replacing the text).
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
+    /// Compress a model: fold BatchNorm, prune, ... as a recipe or the flags say, write
+    /// the result, and print what each pass did and the MicroNet score before and
+    /// after. With --data, both models run in tract and their accuracy is reported
+    /// beside the score; --min-accuracy / --max-drop make a shortfall exit with code 3
+    /// and no output file.
+    ///
+    /// Examples:
+    ///   onnx-micronet optimize model.onnx -o small.onnx
+    ///   onnx-micronet optimize model.onnx -o small.onnx --prune magnitude:0.5 --data test/ --preprocess cifar
+    ///   onnx-micronet optimize model.onnx -o small.onnx --prune reweighted:0.7 --calib train/ --calib-samples 128
+    ///   onnx-micronet optimize model.onnx -o small.onnx --recipe recipe.toml --dry-run
+    Optimize {
+        /// The ONNX model to compress (never written).
+        model: PathBuf,
+        /// Where to write the compressed model.
+        #[arg(short, long, value_name = "OUT")]
+        output: PathBuf,
+        /// A TOML recipe naming the passes and per-layer settings (see README); flags override it.
+        #[arg(long, value_name = "FILE")]
+        recipe: Option<PathBuf>,
+        /// Do not fold BatchNormalization (folding is on by default).
+        #[arg(long)]
+        no_fold_bn: bool,
+        /// Prune: magnitude:S (each layer to sparsity S), global:S (one threshold), nm:N:M
+        /// (N of every M kept), reweighted:S (reweighted L1 on calibration data, needs --calib).
+        #[arg(long, value_name = "METHOD:SPARSITY")]
+        prune: Option<String>,
+        /// Never prune weights whose node or initializer name matches this glob (repeatable).
+        #[arg(long, value_name = "PATTERN")]
+        prune_skip: Vec<String>,
+        /// After pruning, refit the surviving weights by least squares on calibration data (needs --calib).
+        #[arg(long)]
+        refit: bool,
+        /// Calibration images (any --data format; labels not needed).
+        #[arg(long, value_name = "PATH")]
+        calib: Option<PathBuf>,
+        /// How many calibration images to use.
+        #[arg(long, value_name = "N", default_value_t = 256)]
+        calib_samples: usize,
+        /// Weight storage: float (dense float32).
+        #[arg(long, value_name = "STORAGE", value_parser = ["float"])]
+        storage: Option<String>,
+        /// Labelled images: validate the original and the written model on them.
+        #[arg(long, value_name = "PATH")]
+        data: Option<PathBuf>,
+        /// Preprocessing preset for --data and --calib (see `validate --help`).
+        #[arg(long, value_name = "PRESET", value_parser = ["imagenet", "cifar", "mnist", "raw"])]
+        preprocess: Option<String>,
+        /// Force the data format of --data and --calib.
+        #[arg(long, value_name = "FORMAT")]
+        data_format: Option<onnx_micronet::data::Format>,
+        /// Use only the first N images of --data.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Worker threads for tract runs (default: all cores).
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+        /// Fail (exit 3, no output) when the written model's top-1 is below this (0.75 or 75).
+        #[arg(long, value_name = "X", requires = "data")]
+        min_accuracy: Option<f64>,
+        /// Fail (exit 3, no output) when top-1 drops by more than this (0.01 or 1 for one point).
+        #[arg(long, value_name = "D", requires = "data")]
+        max_drop: Option<f64>,
+        /// Print the plan and the predicted score without writing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also write the whole report as JSON.
+        #[arg(long, value_name = "FILE")]
+        report: Option<PathBuf>,
+        /// Write initializers to one side file `<OUT>.data`.
+        #[arg(long)]
+        external_data: bool,
+        #[command(flatten)]
+        counting: CountingArgs,
+    },
+}
+
+/// Where the images come from and how they are prepared (validate, calibration, optimize --data).
+#[derive(clap::Args, Debug)]
+struct DataArgs {
+    /// Labelled images (see the formats above).
+    #[arg(long, value_name = "PATH")]
+    data: PathBuf,
+    /// Preprocessing preset: imagenet (short side 256/224 of the input, centre crop, /255,
+    /// ImageNet mean/std), cifar (/255, CIFAR mean/std), mnist (/255, 0.1307/0.3081),
+    /// raw (0..255 floats). Default: mnist for 1-channel inputs, imagenet from 128 px, else cifar.
+    #[arg(long, value_name = "PRESET", value_parser = ["imagenet", "cifar", "mnist", "raw"])]
+    preprocess: Option<String>,
+    /// Force the data format instead of detecting it: cifar10, cifar100, idx, npy, npz, images.
+    #[arg(long, value_name = "FORMAT")]
+    data_format: Option<onnx_micronet::data::Format>,
+    /// Use only the first N images.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+    /// Worker threads, each running one image at a time (default: all cores).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Model input shape when it is not fixed in the model (e.g. 1,3,32,32).
+    #[arg(long, value_name = "DIMS", value_parser = parse_shape)]
+    input_shape: Vec<Vec<usize>>,
 }
 
 /// The counting options (micronet-rules.md section 5.1), shared by `score` and `optimize`.
@@ -210,6 +340,83 @@ fn parse_act_cost(s: &str) -> Result<(String, (f64, f64)), String> {
     ))
 }
 
+/// Why the rewritten model's accuracy falls short of the gate, if it does.
+fn accuracy_shortfall(
+    v: &validate::Report,
+    min_accuracy: Option<f64>,
+    max_drop: Option<f64>,
+) -> Option<String> {
+    let frac = |x: f64| if x > 1.0 { x / 100.0 } else { x };
+    let (orig, new) = (v.runs.first()?.top1?, v.runs.get(1)?.top1?);
+    if let Some(m) = min_accuracy.map(frac) {
+        if new < m {
+            return Some(format!(
+                "top-1 {:.2}% is below --min-accuracy {:.2}%",
+                100.0 * new,
+                100.0 * m
+            ));
+        }
+    }
+    if let Some(d) = max_drop.map(frac) {
+        if orig - new > d {
+            return Some(format!(
+                "top-1 dropped {:.2} points ({:.2}% -> {:.2}%), more than --max-drop {:.2}",
+                100.0 * (orig - new),
+                100.0 * orig,
+                100.0 * new,
+                100.0 * d
+            ));
+        }
+    }
+    None
+}
+
+/// Loads the data the way the first model's input wants it and runs one or two models.
+fn run_validation(
+    first: &onnx::Model,
+    first_path: &std::path::Path,
+    second: Option<(&onnx::Model, &PathBuf)>,
+    args: &DataArgs,
+) -> anyhow::Result<validate::Report> {
+    let geometry = validate::input_geometry(first, &args.input_shape)?;
+    let preset = args
+        .preprocess
+        .clone()
+        .unwrap_or_else(|| validate::default_preset(geometry.2, geometry.3).to_string());
+    let data = validate::load_data(&args.data, &preset, args.data_format, args.limit, &geometry)?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut models = vec![(first_path.display().to_string(), first)];
+    if let Some((m, p)) = second {
+        models.push((p.display().to_string(), m));
+    }
+    let named: Vec<(&str, &onnx::Model)> = models.iter().map(|(n, m)| (n.as_str(), *m)).collect();
+    let bars: Vec<indicatif::ProgressBar> = named
+        .iter()
+        .map(|(n, _)| {
+            let bar = indicatif::ProgressBar::new(data.images.shape()[0] as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(n.to_string());
+            bar
+        })
+        .collect();
+    let report = validate::validate(&named, &geometry.0, &data, threads, &|k, done| {
+        bars[k].set_position(done as u64)
+    })?;
+    for b in &bars {
+        b.finish_and_clear();
+    }
+    eprintln!("preprocess: {preset}");
+    Ok(report)
+}
+
 /// Prints to standard output; a closed pipe (`| head`) ends the output quietly.
 fn out(text: &str) -> anyhow::Result<()> {
     use std::io::Write;
@@ -283,6 +490,171 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 line += &format!(" + {} ({n} bytes, {count} tensors)", p.display());
             }
             out(&format!("{line}\n"))?;
+        }
+        Command::Validate {
+            model,
+            other,
+            data,
+            json,
+        } => {
+            let first = onnx::load(&model)?;
+            let second = other.as_ref().map(|p| onnx::load(p)).transpose()?;
+            let report =
+                run_validation(&first, &model, second.as_ref().zip(other.as_ref()), &data)?;
+            let json_to_stdout = json.as_deref().is_some_and(|p| p.as_os_str() == "-");
+            if !json_to_stdout {
+                out(&report.to_text())?;
+            }
+            if let Some(path) = &json {
+                emit(path, &serde_json::to_string_pretty(&report)?)?;
+            }
+        }
+        Command::Optimize {
+            model,
+            output,
+            recipe,
+            no_fold_bn,
+            prune,
+            prune_skip,
+            refit,
+            calib,
+            calib_samples,
+            storage,
+            data,
+            preprocess,
+            data_format,
+            limit,
+            threads,
+            min_accuracy,
+            max_drop,
+            dry_run,
+            report,
+            external_data,
+            counting,
+        } => {
+            let original = onnx::load(&model)?;
+            let mut r = match &recipe {
+                Some(p) => Recipe::from_file(p)?,
+                None => Recipe::default(),
+            };
+            if no_fold_bn {
+                r.fold_bn = Some(false);
+            }
+            if let Some(p) = &prune {
+                let mut section = PruneSection::from_flag(p)?;
+                if let Some(old) = r.prune.take() {
+                    section.layers = old.layers;
+                    section.skip = old.skip;
+                    section.min_elements = old.min_elements;
+                    section.skip_first_conv = old.skip_first_conv;
+                    section.refit = old.refit;
+                    section.rounds = old.rounds;
+                }
+                r.prune = Some(section);
+            }
+            if let Some(section) = r.prune.as_mut() {
+                section.skip.extend(prune_skip.iter().cloned());
+                if refit {
+                    section.refit = Some(true);
+                }
+            } else if refit || !prune_skip.is_empty() {
+                anyhow::bail!(
+                    "--refit and --prune-skip need --prune (or a [prune] section in the recipe)"
+                );
+            }
+            if storage.is_some() {
+                r.storage = storage.clone();
+            }
+            let opts = counting.options();
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let geometry = validate::input_geometry(&original, &counting.input_shape);
+            let preset_for =
+                |g: &(Vec<usize>, onnx_micronet::data::Layout, usize, usize, usize)| {
+                    preprocess
+                        .clone()
+                        .unwrap_or_else(|| validate::default_preset(g.2, g.3).to_string())
+                };
+            let calib_data = match &calib {
+                Some(p) => {
+                    let g = geometry
+                        .as_ref()
+                        .map_err(|e| anyhow::anyhow!("--calib: {e}"))?;
+                    Some(validate::load_data(
+                        p,
+                        &preset_for(g),
+                        data_format,
+                        Some(calib_samples),
+                        g,
+                    )?)
+                }
+                None => None,
+            };
+            let cx = PassContext {
+                calib: calib_data.as_ref(),
+                input_shape: geometry.as_ref().map(|g| g.0.clone()).unwrap_or_default(),
+                threads,
+            };
+            let (optimized, passes) = optimize::run(&original, &r, &cx)?;
+            let (before, mut after) = optimize::scores(&original, &optimized, &opts)?;
+            let validation = match &data {
+                Some(d) => {
+                    let args = DataArgs {
+                        data: d.clone(),
+                        preprocess: preprocess.clone(),
+                        data_format,
+                        limit,
+                        threads: Some(threads),
+                        input_shape: counting.input_shape.clone(),
+                    };
+                    let out_name = output.display().to_string();
+                    Some(run_validation(
+                        &original,
+                        &model,
+                        Some((&optimized, &PathBuf::from(out_name))),
+                        &args,
+                    )?)
+                }
+                None => None,
+            };
+            let mut rep = optimize::OptimizeReport {
+                input: model.display().to_string(),
+                output: None,
+                recipe: r,
+                passes,
+                before,
+                after: after.clone(),
+                validation,
+            };
+            if let Some(v) = &rep.validation {
+                if let Some(why) = accuracy_shortfall(v, min_accuracy, max_drop) {
+                    out(&rep.to_text())?;
+                    eprintln!("error: {why}; nothing written");
+                    return Ok(ExitCode::from(3));
+                }
+            }
+            if !dry_run {
+                let save = SaveOptions {
+                    layout: if external_data {
+                        Layout::External
+                    } else {
+                        Layout::Auto
+                    },
+                    ..SaveOptions::default()
+                };
+                onnx::save(&optimized, &output, &save)
+                    .with_context(|| format!("writing {}", output.display()))?;
+                // The score of record is the written file's.
+                after = score::score(&onnx::load(&output)?, &opts)?;
+                rep.after = after;
+                rep.output = Some(output.display().to_string());
+            } else {
+                eprintln!("dry run: nothing written; the 'after' column is the predicted score");
+            }
+            out(&rep.to_text())?;
+            if let Some(path) = &report {
+                emit(path, &serde_json::to_string_pretty(&rep)?)?;
+            }
         }
         Command::Score {
             model,

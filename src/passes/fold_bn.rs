@@ -1,0 +1,514 @@
+//! Fold BatchNormalization into the layer before it.
+//!
+//! Inference BN computes y = gamma * (x - mean) / sqrt(var + eps) + beta. With
+//! f_c = gamma_c / sqrt(var_c + eps) per channel c, a preceding linear layer
+//! x = W * in + b absorbs it exactly:
+//!
+//!   W'[c] = W[c] * f_c            b'_c = (b_c - mean_c) * f_c + beta_c
+//!
+//! - Conv (any group count): c is axis 0 of W [Cout, Cin/g, kh, kw]; a missing
+//!   bias counts as 0 and is added.
+//! - ConvTranspose: W is [Cin, Cout/g, kh, kw]; output channel c = group * Cout/g + j
+//!   scales W[i, j] for the input channels i of that group.
+//! - Gemm with a constant B (BatchNorm1d after Linear): Y = alpha A B + beta C, output
+//!   channel n is column n of B (row n when transB = 1): B' = alpha B f, C' = (beta C - mean) f + beta_bn,
+//!   then alpha = beta = 1. C must be per-channel ([N], [1, N] or a scalar).
+//! - MatMul with a constant 2-D B [K, N]: B' = B f column-wise, and the BN becomes
+//!   Add(B' product, -mean f + beta_bn).
+//! - The Mul-by-constant then Add-constant form some exporters write after a Conv
+//!   (y = x * m + a, m and a per channel): W' = W m, b' = b m + a.
+//!
+//! A fold happens only when the layer's output feeds nothing but the BN (and is not a
+//! graph output), every BN input but x is a constant, and the BN runs in inference
+//! mode; otherwise the BN stays and the report says why. A weight shared with other
+//! nodes is copied, not changed in place.
+
+use std::collections::HashSet;
+
+use ndarray::{ArrayD, Axis, IxDyn};
+
+use super::{Context, Pass, PassReport};
+use crate::error::{Error, Result};
+use crate::graph::{fresh_name, remove_nodes, remove_unused_initializers, set_initializer, Graph};
+use crate::onnx::proto::{AttributeProto, GraphProto, NodeProto};
+use crate::onnx::{AttributeType, Model, TensorData};
+
+pub struct FoldBatchNorm;
+
+/// A fold decided on the view, applied afterwards.
+struct Fold {
+    /// The BN (or Mul) node, for the report.
+    name: String,
+    /// Node whose weights change.
+    layer: usize,
+    /// Nodes that disappear (the BN, or the Mul and the Add).
+    removed: Vec<usize>,
+    /// Value the layer writes afterwards (the BN's output).
+    output: String,
+    weight: ArrayD<f32>,
+    /// The new bias (Conv/ConvTranspose/Gemm input 2), or the Add constant for MatMul.
+    bias: ArrayD<f32>,
+    kind: Kind,
+    note: String,
+}
+
+#[derive(PartialEq)]
+enum Kind {
+    ConvLike,
+    Gemm,
+    MatMul,
+}
+
+fn attr_f(n: &NodeProto, name: &str, default: f32) -> f32 {
+    n.attribute
+        .iter()
+        .find(|a| a.name() == name)
+        .and_then(|a| a.f)
+        .unwrap_or(default)
+}
+
+fn attr_i(n: &NodeProto, name: &str, default: i64) -> i64 {
+    n.attribute
+        .iter()
+        .find(|a| a.name() == name)
+        .and_then(|a| a.i)
+        .unwrap_or(default)
+}
+
+fn f32_const(g: &Graph, value: &str) -> Result<Option<ArrayD<f32>>> {
+    match g.constant(value)? {
+        Some(TensorData::F32(a)) => Ok(Some(a)),
+        _ => Ok(None),
+    }
+}
+
+/// Per-channel values of a constant that broadcasts over channel axis 1 of an NCHW
+/// tensor (shapes [C], [C,1,1], [1,C,1,1], or a scalar), as a [C] vector.
+fn per_channel(a: &ArrayD<f32>, c: usize) -> Option<Vec<f32>> {
+    let non_one: Vec<usize> = a.shape().iter().copied().filter(|&d| d != 1).collect();
+    match non_one.as_slice() {
+        [] => Some(vec![*a.iter().next()?; c]),
+        [d] if *d == c => {
+            // The channel axis must be axis 1 of a rank-4 NCHW broadcast, or axis 0 of [C,1,1] / [C].
+            let axis = a.shape().iter().position(|&x| x == c)?;
+            let rank = a.ndim();
+            let ok = (rank == 4 && axis == 1) || (rank <= 3 && axis == 0);
+            ok.then(|| a.iter().copied().collect())
+        }
+        _ => None,
+    }
+}
+
+impl Pass for FoldBatchNorm {
+    fn name(&self) -> &'static str {
+        "fold-bn"
+    }
+
+    fn run(&self, model: &mut Model, _cx: &Context) -> Result<PassReport> {
+        let mut report = PassReport::new(self.name());
+        let g = model.proto.graph.as_mut().expect("models have a graph");
+        let folds = plan(g, &mut report)?;
+        apply(g, folds, &mut report);
+        Ok(report)
+    }
+}
+
+/// Decides every fold on a read-only view.
+fn plan(g: &GraphProto, report: &mut PassReport) -> Result<Vec<Fold>> {
+    let view = Graph::new(g)?;
+    let mut folds = Vec::new();
+    for &i in view.topo_order() {
+        let n = view.node(i);
+        let name = view.node_name(i).to_string();
+        let decision = match n.op_type() {
+            "BatchNormalization" => plan_bn(&view, i),
+            "Mul" => match plan_mul_add(&view, i) {
+                Ok(Some(f)) => Ok(f),
+                Ok(None) => continue,
+                Err(e) => return Err(e),
+            },
+            _ => continue,
+        };
+        match decision {
+            Ok(f) => folds.push(f),
+            Err(Skip(why)) if n.op_type() == "BatchNormalization" => report.skipped(name, why),
+            Err(_) => {}
+        }
+    }
+    Ok(folds)
+}
+
+/// Why a BN stays.
+struct Skip(String);
+
+impl From<Error> for Skip {
+    fn from(e: Error) -> Self {
+        Skip(e.to_string())
+    }
+}
+
+fn plan_bn(g: &Graph, i: usize) -> std::result::Result<Fold, Skip> {
+    let bn = g.node(i);
+    if attr_i(bn, "training_mode", 0) != 0 || bn.output.iter().skip(1).any(|o| !o.is_empty()) {
+        return Err(Skip(
+            "runs in training mode (running statistics are outputs)".into(),
+        ));
+    }
+    let x = &bn.input[0];
+    let Some((p, _)) = g.producer(x) else {
+        return Err(Skip(format!(
+            "its input '{x}' is a graph input, not a layer's output"
+        )));
+    };
+    let layer = g.node(p);
+    let op = layer.op_type();
+    if !matches!(op, "Conv" | "ConvTranspose" | "Gemm" | "MatMul") {
+        return Err(Skip(format!(
+            "follows {op} '{}', not a Conv, ConvTranspose, Gemm or MatMul",
+            g.node_name(p)
+        )));
+    }
+    if g.use_count(x) != 1 {
+        return Err(Skip(format!(
+            "the output of '{}' is also used elsewhere ({} uses)",
+            g.node_name(p),
+            g.use_count(x)
+        )));
+    }
+    let mut params = Vec::new();
+    for v in &bn.input[1..5] {
+        match f32_const(g, v)? {
+            Some(a) => params.push(a.iter().copied().collect::<Vec<f32>>()),
+            None => return Err(Skip(format!("its input '{v}' is not a float32 constant"))),
+        }
+    }
+    let eps = attr_f(bn, "epsilon", 1e-5) as f64;
+    let (gamma, beta, mean, var) = (&params[0], &params[1], &params[2], &params[3]);
+    let c = gamma.len();
+    if [beta.len(), mean.len(), var.len()].iter().any(|&l| l != c) {
+        return Err(Skip(
+            "its scale, bias, mean and var have different lengths".into(),
+        ));
+    }
+    let f: Vec<f64> = (0..c)
+        .map(|k| gamma[k] as f64 / (var[k] as f64 + eps).sqrt())
+        .collect();
+    let shift: Vec<f64> = (0..c)
+        .map(|k| beta[k] as f64 - mean[k] as f64 * f[k])
+        .collect();
+    // y = f * (layer + b) + shift  =>  W' = W f, b' = b f + shift.
+    fold_into_layer(
+        g,
+        p,
+        i,
+        &f,
+        &shift,
+        vec![i],
+        format!("folded into {op} '{}'", g.node_name(p)),
+    )
+    .map(|fold| Fold {
+        name: g.node_name(i).to_string(),
+        ..fold
+    })
+}
+
+/// The Conv -> Mul(m) -> Add(a) form.
+fn plan_mul_add(g: &Graph, mul_idx: usize) -> Result<Option<Fold>> {
+    let mul = g.node(mul_idx);
+    let Some((p, _)) = g.producer(&mul.input[0]) else {
+        return Ok(None);
+    };
+    if g.node(p).op_type() != "Conv"
+        || g.use_count(&mul.input[0]) != 1
+        || g.use_count(&mul.output[0]) != 1
+    {
+        return Ok(None);
+    }
+    let [add_idx] = g.consumers(&mul.output[0]) else {
+        return Ok(None);
+    };
+    let add = g.node(*add_idx);
+    if add.op_type() != "Add" || add.input[0] != mul.output[0] {
+        return Ok(None);
+    }
+    let w = match f32_const(g, &g.node(p).input[1])? {
+        Some(w) => w,
+        None => return Ok(None),
+    };
+    let c = w.shape()[0];
+    let (Some(m), Some(a)) = (f32_const(g, &mul.input[1])?, f32_const(g, &add.input[1])?) else {
+        return Ok(None);
+    };
+    let (Some(m), Some(a)) = (per_channel(&m, c), per_channel(&a, c)) else {
+        return Ok(None);
+    };
+    let f: Vec<f64> = m.iter().map(|&x| x as f64).collect();
+    let shift: Vec<f64> = a.iter().map(|&x| x as f64).collect();
+    let note = format!(
+        "Mul '{}' + Add '{}' folded into Conv '{}'",
+        g.node_name(mul_idx),
+        g.node_name(*add_idx),
+        g.node_name(p)
+    );
+    Ok(
+        fold_into_layer(g, p, *add_idx, &f, &shift, vec![mul_idx, *add_idx], note)
+            .ok()
+            .map(|fold| Fold {
+                name: g.node_name(mul_idx).to_string(),
+                ..fold
+            }),
+    )
+}
+
+/// W' = W f along the layer's output channels, b' = b f + shift.
+fn fold_into_layer(
+    g: &Graph,
+    p: usize,
+    last: usize,
+    f: &[f64],
+    shift: &[f64],
+    removed: Vec<usize>,
+    note: String,
+) -> std::result::Result<Fold, Skip> {
+    let layer = g.node(p);
+    let op = layer.op_type();
+    let w = f32_const(g, &layer.input[1])?.ok_or_else(|| {
+        Skip(format!(
+            "the weight '{}' of '{}' is not a float32 constant",
+            layer.input[1],
+            g.node_name(p)
+        ))
+    })?;
+    let c = f.len();
+    let mut w = w;
+    let (kind, old_bias) = match op {
+        "Conv" | "ConvTranspose" => {
+            let group = attr_i(layer, "group", 1).max(1) as usize;
+            let cout = if op == "Conv" {
+                w.shape()[0]
+            } else {
+                w.shape()[1] * group
+            };
+            if cout != c {
+                return Err(Skip(format!("{c} BN channels but the layer has {cout}")));
+            }
+            if op == "Conv" {
+                for (k, mut lane) in w.axis_iter_mut(Axis(0)).enumerate() {
+                    lane.mapv_inplace(|v| (v as f64 * f[k]) as f32);
+                }
+            } else {
+                let (cin, per_group) = (w.shape()[0], w.shape()[1]);
+                let in_per_group = cin / group;
+                for i in 0..cin {
+                    let gi = i / in_per_group.max(1);
+                    for j in 0..per_group {
+                        let k = gi * per_group + j;
+                        w.index_axis_mut(Axis(0), i)
+                            .index_axis_mut(Axis(0), j)
+                            .mapv_inplace(|v| (v as f64 * f[k]) as f32);
+                    }
+                }
+            }
+            let bias = match layer.input.get(2).filter(|b| !b.is_empty()) {
+                Some(b) => Some(
+                    f32_const(g, b)?
+                        .ok_or_else(|| Skip(format!("the bias '{b}' is not a float32 constant")))?,
+                ),
+                None => None,
+            };
+            (
+                Kind::ConvLike,
+                bias.map(|b| b.iter().map(|&x| x as f64).collect::<Vec<f64>>()),
+            )
+        }
+        "Gemm" => {
+            if w.ndim() != 2 {
+                return Err(Skip("the Gemm weight is not 2-D".into()));
+            }
+            let trans_b = attr_i(layer, "transB", 0) == 1;
+            let axis = if trans_b { 0 } else { 1 };
+            if w.shape()[axis] != c {
+                return Err(Skip(format!(
+                    "{c} BN channels but the Gemm has {} outputs",
+                    w.shape()[axis]
+                )));
+            }
+            let alpha = attr_f(layer, "alpha", 1.0) as f64;
+            let beta = attr_f(layer, "beta", 1.0) as f64;
+            for (k, mut lane) in w.axis_iter_mut(Axis(axis)).enumerate() {
+                lane.mapv_inplace(|v| (v as f64 * alpha * f[k]) as f32);
+            }
+            let bias = match layer.input.get(2).filter(|b| !b.is_empty()) {
+                Some(b) => {
+                    let cb = f32_const(g, b)?.ok_or_else(|| {
+                        Skip(format!("the Gemm C '{b}' is not a float32 constant"))
+                    })?;
+                    let v = if cb.len() == 1 {
+                        vec![cb.iter().next().copied().unwrap_or(0.0) as f64 * beta; c]
+                    } else if cb.len() == c && cb.shape().last() == Some(&c) {
+                        cb.iter().map(|&x| x as f64 * beta).collect()
+                    } else {
+                        return Err(Skip(format!(
+                            "the Gemm C has shape {:?}, not per output channel",
+                            cb.shape()
+                        )));
+                    };
+                    Some(v)
+                }
+                None => None,
+            };
+            (Kind::Gemm, bias)
+        }
+        "MatMul" => {
+            if w.ndim() != 2 || w.shape()[1] != c {
+                return Err(Skip(format!(
+                    "the MatMul weight has shape {:?}, not [K, {c}]",
+                    w.shape()
+                )));
+            }
+            for (k, mut lane) in w.axis_iter_mut(Axis(1)).enumerate() {
+                lane.mapv_inplace(|v| (v as f64 * f[k]) as f32);
+            }
+            (Kind::MatMul, None)
+        }
+        _ => unreachable!("checked by the caller"),
+    };
+    let bias: Vec<f32> = (0..c)
+        .map(|k| (old_bias.as_ref().map_or(0.0, |b| b[k]) * f[k] + shift[k]) as f32)
+        .collect();
+    Ok(Fold {
+        name: String::new(),
+        layer: p,
+        removed,
+        output: g.node(last).output[0].clone(),
+        weight: w,
+        bias: ArrayD::from_shape_vec(IxDyn(&[c]), bias).expect("1-D"),
+        kind,
+        note,
+    })
+}
+
+/// Applies the folds: new weights and biases, the layer writes the BN's output,
+/// the BN (or Mul and Add) goes, then unused initializers and Identity/Dropout go.
+fn apply(g: &mut GraphProto, folds: Vec<Fold>, report: &mut PassReport) {
+    let mut removed = HashSet::new();
+    let mut new_nodes = Vec::new();
+    for f in folds {
+        let layer_name = g.node[f.layer].name().to_string();
+        let base = if layer_name.is_empty() {
+            g.node[f.layer].op_type().to_string()
+        } else {
+            layer_name
+        };
+        // Fresh initializers: the old ones may be shared with other nodes.
+        let w_name = fresh_name(g, &format!("{base}.weight_folded"));
+        set_initializer(g, &w_name, &TensorData::F32(f.weight));
+        let b_name = fresh_name(g, &format!("{base}.bias_folded"));
+        set_initializer(g, &b_name, &TensorData::F32(f.bias));
+        let node = &mut g.node[f.layer];
+        node.input[1] = w_name;
+        match f.kind {
+            Kind::ConvLike | Kind::Gemm => {
+                if node.input.len() > 2 {
+                    node.input[2] = b_name;
+                } else {
+                    node.input.push(b_name);
+                }
+                node.output[0] = f.output.clone();
+                if f.kind == Kind::Gemm {
+                    for a in node
+                        .attribute
+                        .iter_mut()
+                        .filter(|a| matches!(a.name(), "alpha" | "beta"))
+                    {
+                        a.f = Some(1.0);
+                    }
+                    if !node.attribute.iter().any(|a| a.name() == "beta") {
+                        node.attribute.push(AttributeProto {
+                            name: Some("beta".into()),
+                            r#type: Some(AttributeType::Float as i32),
+                            f: Some(1.0),
+                            ..Default::default()
+                        });
+                    }
+                }
+            }
+            Kind::MatMul => {
+                // MatMul has no bias input: the BN becomes an Add of the folded shift.
+                let product = node.output[0].clone();
+                new_nodes.push((
+                    f.layer,
+                    NodeProto {
+                        input: vec![product, b_name],
+                        output: vec![f.output.clone()],
+                        name: Some(format!("{base}.bn_shift")),
+                        op_type: Some("Add".into()),
+                        ..Default::default()
+                    },
+                ));
+            }
+        }
+        report.changed(f.name, f.note);
+        removed.extend(f.removed);
+    }
+    remove_nodes(g, &removed);
+    // Insert the MatMul shift Adds right after their MatMul (indices shift as we go).
+    for (layer, add) in new_nodes {
+        let pos = g
+            .node
+            .iter()
+            .position(|n| n.output.first() == add.input.first())
+            .map_or(layer, |p| p + 1);
+        g.node.insert(pos.min(g.node.len()), add);
+    }
+    for name in remove_pass_through(g) {
+        report.changed(name, "removed (Identity/Dropout at inference)");
+    }
+    let gone = remove_unused_initializers(g);
+    if !gone.is_empty() {
+        report.changed(
+            format!("{} initializers", gone.len()),
+            "removed (no longer used)",
+        );
+    }
+}
+
+/// Removes Identity and inference Dropout nodes by wiring their input straight to
+/// their readers. Returns the removed nodes' names.
+fn remove_pass_through(g: &mut GraphProto) -> Vec<String> {
+    let outputs: HashSet<String> = g.output.iter().map(|o| o.name().to_string()).collect();
+    let mut removed_names = Vec::new();
+    let mut i = 0;
+    while i < g.node.len() {
+        let n = &g.node[i];
+        let pass_through = match n.op_type() {
+            "Identity" => true,
+            // Dropout's optional mask output must be unused; training_mode absent or a constant false.
+            "Dropout" => n.output.iter().skip(1).all(String::is_empty) && n.input.len() < 3,
+            _ => false,
+        };
+        let read_by_subgraph = g
+            .node
+            .iter()
+            .any(|m| crate::graph::subgraph_free_values(m).contains(&n.output[0]));
+        if !pass_through || outputs.contains(&n.output[0]) || read_by_subgraph {
+            i += 1;
+            continue;
+        }
+        let (from, to) = (n.output[0].clone(), n.input[0].clone());
+        removed_names.push(if n.name().is_empty() {
+            n.op_type().to_string()
+        } else {
+            n.name().to_string()
+        });
+        g.node.remove(i);
+        for m in &mut g.node {
+            for inp in &mut m.input {
+                if *inp == from {
+                    *inp = to.clone();
+                }
+            }
+        }
+    }
+    removed_names
+}

@@ -1,0 +1,109 @@
+//! Graph rewrites, one pass a file, each with its math in the header comment, all
+//! behind one small trait. A pipeline runs them in order; each pass reports what
+//! it changed and what it left alone, and why.
+//!
+//! Passes edit the `ModelProto` through the helpers in [`crate::graph`] and read it
+//! through a fresh [`crate::graph::Graph`] view; the pipeline checks the graph after
+//! every pass, so a broken rewrite is caught where it happened.
+
+pub mod fold_bn;
+pub mod prune;
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::graph::Graph;
+use crate::onnx::Model;
+
+/// What passes may need besides the model.
+#[derive(Default)]
+pub struct Context<'a> {
+    /// Calibration images, preprocessed for the model's input (reweighted pruning, activation ranges).
+    pub calib: Option<&'a Dataset>,
+    /// The model input shape (batch 1) the calibration images were prepared for.
+    pub input_shape: Vec<usize>,
+    /// Worker threads for tract runs.
+    pub threads: usize,
+}
+
+/// One thing a pass did, or did not do.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Item {
+    /// The node or tensor concerned.
+    pub target: String,
+    /// What changed, or why it was left alone.
+    pub what: String,
+}
+
+/// A pass's account of its run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PassReport {
+    pub pass: String,
+    pub changed: Vec<Item>,
+    pub skipped: Vec<Item>,
+    pub seconds: f64,
+}
+
+impl PassReport {
+    pub fn new(pass: &str) -> Self {
+        PassReport {
+            pass: pass.to_string(),
+            changed: Vec::new(),
+            skipped: Vec::new(),
+            seconds: 0.0,
+        }
+    }
+
+    pub fn changed(&mut self, target: impl Into<String>, what: impl Into<String>) {
+        self.changed.push(Item {
+            target: target.into(),
+            what: what.into(),
+        });
+    }
+
+    pub fn skipped(&mut self, target: impl Into<String>, why: impl Into<String>) {
+        self.skipped.push(Item {
+            target: target.into(),
+            what: why.into(),
+        });
+    }
+}
+
+/// A graph rewrite.
+pub trait Pass {
+    /// Short name, as in recipes and reports ("fold-bn", "prune").
+    fn name(&self) -> &'static str;
+    /// Rewrites the model in place and reports what it did.
+    fn run(&self, model: &mut Model, cx: &Context) -> Result<PassReport>;
+}
+
+/// Passes in order.
+#[derive(Default)]
+pub struct Pipeline {
+    pub passes: Vec<Box<dyn Pass>>,
+}
+
+impl Pipeline {
+    /// Runs every pass, timing each and checking the graph after it.
+    pub fn run(&self, model: &mut Model, cx: &Context) -> Result<Vec<PassReport>> {
+        let mut reports = Vec::new();
+        for pass in &self.passes {
+            let start = Instant::now();
+            let mut report = pass.run(model, cx)?;
+            report.seconds = start.elapsed().as_secs_f64();
+            let graph = model.proto.graph.as_ref().expect("models have a graph");
+            Graph::new(graph)
+                .map_err(|e| Error::Graph(format!("after pass '{}': {e}", pass.name())))?;
+            reports.push(report);
+        }
+        Ok(reports)
+    }
+
+    /// The pass names, in order.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.passes.iter().map(|p| p.name()).collect()
+    }
+}

@@ -1,0 +1,137 @@
+//! Shell-style globs for node and tensor names: `*` (any run, `/` included),
+//! `?` (one character), `[abc]`, `[a-z]`, `[!a-z]` / `[^a-z]`, and `\` to take the
+//! next character literally. The whole name must match.
+
+enum Tok {
+    Star,
+    Any,
+    Lit(char),
+    Class {
+        ranges: Vec<(char, char)>,
+        negated: bool,
+    },
+}
+
+fn parse(pattern: &str) -> Vec<Tok> {
+    let chars: Vec<char> = pattern.chars().collect();
+    let mut toks = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        match chars[i] {
+            '*' => {
+                if !matches!(toks.last(), Some(Tok::Star)) {
+                    toks.push(Tok::Star);
+                }
+            }
+            '?' => toks.push(Tok::Any),
+            '\\' if i + 1 < chars.len() => {
+                i += 1;
+                toks.push(Tok::Lit(chars[i]));
+            }
+            '[' => {
+                // A class runs to the next ']' that is not its first member; unclosed: literal '['.
+                let mut j = i + 1;
+                let negated = j < chars.len() && matches!(chars[j], '!' | '^');
+                if negated {
+                    j += 1;
+                }
+                let start = j;
+                let mut end = None;
+                while j < chars.len() {
+                    if chars[j] == ']' && j > start {
+                        end = Some(j);
+                        break;
+                    }
+                    j += 1;
+                }
+                match end {
+                    None => toks.push(Tok::Lit('[')),
+                    Some(end) => {
+                        let body = &chars[start..end];
+                        let mut ranges = Vec::new();
+                        let mut k = 0;
+                        while k < body.len() {
+                            if k + 2 < body.len() && body[k + 1] == '-' {
+                                ranges.push((body[k], body[k + 2]));
+                                k += 3;
+                            } else {
+                                ranges.push((body[k], body[k]));
+                                k += 1;
+                            }
+                        }
+                        toks.push(Tok::Class { ranges, negated });
+                        i = end;
+                    }
+                }
+            }
+            c => toks.push(Tok::Lit(c)),
+        }
+        i += 1;
+    }
+    toks
+}
+
+fn one(t: &Tok, c: char) -> bool {
+    match t {
+        Tok::Star => true,
+        Tok::Any => true,
+        Tok::Lit(l) => *l == c,
+        Tok::Class { ranges, negated } => ranges.iter().any(|&(a, b)| a <= c && c <= b) != *negated,
+    }
+}
+
+/// Whether `name` matches the glob `pattern` (whole name).
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let toks = parse(pattern);
+    let s: Vec<char> = name.chars().collect();
+    // Greedy with one backtrack point (the last star): linear in practice.
+    let (mut t, mut i) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while i < s.len() {
+        match toks.get(t) {
+            Some(Tok::Star) => {
+                star = Some((t, i));
+                t += 1;
+            }
+            Some(tok) if one(tok, s[i]) => {
+                t += 1;
+                i += 1;
+            }
+            _ => match star {
+                Some((st, si)) => {
+                    t = st + 1;
+                    i = si + 1;
+                    star = Some((st, si + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    toks[t..].iter().all(|tok| matches!(tok, Tok::Star))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob_match;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*", "/features/features.0/Conv"));
+        assert!(glob_match("features.*.weight", "features.3.conv.weight"));
+        assert!(glob_match("/features/*/Conv", "/features/features.0/Conv"));
+        assert!(!glob_match("features.?.weight", "features.10.weight"));
+        assert!(glob_match("features.??.weight", "features.10.weight"));
+        assert!(glob_match("conv[0-2]", "conv1"));
+        assert!(!glob_match("conv[!0-2]", "conv1"));
+        assert!(glob_match("conv[!0-2]", "conv7"));
+        assert!(glob_match("a\\*b", "a*b"));
+        assert!(!glob_match("a\\*b", "axb"));
+        assert!(!glob_match("classifier", "classifier.0.weight"));
+        assert!(glob_match("*classifier*", "classifier.0.weight"));
+        assert!(glob_match("a*b*c", "aXbYbZc"));
+        assert!(!glob_match("a*b*c", "aXbYbZ"));
+        assert!(glob_match("[a", "[a"));
+        assert!(glob_match("", ""));
+        assert!(!glob_match("", "x"));
+    }
+}

@@ -1,0 +1,383 @@
+//! Gram matrices of layer inputs on calibration images: G = X^T X with X the
+//! rows a layer's weights multiply (im2col patches of a Conv, one Gram per group;
+//! the K-vectors of a Gemm/MatMul input). Captured with [`crate::engine::capture`],
+//! image by image, rows buffered per worker and added in f64; X is never held
+//! beyond a few hundred rows.
+
+use ndarray::{ArrayView2, ArrayViewD, ArrayViewMut2};
+
+use crate::engine;
+use crate::error::{Error, Result};
+use crate::onnx::Model;
+
+/// Images per capture chunk (fixed, so sums do not depend on the thread count).
+const CHUNK: usize = 8;
+/// Rows buffered per Gram before they are multiplied in.
+const FLUSH_ROWS: usize = 256;
+/// Bytes of Gram matrices alive at once during a capture (all workers).
+const BUDGET: usize = 1 << 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AutoPad {
+    NotSet,
+    Valid,
+    SameUpper,
+    SameLower,
+}
+
+/// A 2-D convolution's input geometry (1-D convs have height 1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConvGeom {
+    pub input: String,
+    pub cin_per_group: usize,
+    pub groups: usize,
+    pub kernel: [usize; 2],
+    pub strides: [usize; 2],
+    pub dilations: [usize; 2],
+    /// top, left, bottom, right
+    pub pads: [usize; 4],
+    pub auto_pad: AutoPad,
+}
+
+/// What a layer's input rows are.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Geom {
+    Conv(ConvGeom),
+    /// Gemm (A or A^T when trans_a) / MatMul input: rows of length k.
+    Dense {
+        input: String,
+        k: usize,
+        trans_a: bool,
+    },
+}
+
+impl Geom {
+    pub fn groups(&self) -> usize {
+        match self {
+            Geom::Conv(c) => c.groups,
+            Geom::Dense { .. } => 1,
+        }
+    }
+
+    /// Gram dimension: Cin/g kh kw, or K.
+    pub fn dim(&self) -> usize {
+        match self {
+            Geom::Conv(c) => c.cin_per_group * c.kernel[0] * c.kernel[1],
+            Geom::Dense { k, .. } => *k,
+        }
+    }
+
+    pub fn input(&self) -> &str {
+        match self {
+            Geom::Conv(c) => &c.input,
+            Geom::Dense { input, .. } => input,
+        }
+    }
+}
+
+/// Output size and begin padding along one axis.
+fn axis(
+    input: usize,
+    k: usize,
+    s: usize,
+    d: usize,
+    begin: usize,
+    end: usize,
+    auto: AutoPad,
+) -> (usize, usize) {
+    let span = (k - 1) * d + 1;
+    let (b, e) = match auto {
+        AutoPad::NotSet => (begin, end),
+        AutoPad::Valid => (0, 0),
+        AutoPad::SameUpper | AutoPad::SameLower => {
+            let out = input.div_ceil(s);
+            let total = ((out.max(1) - 1) * s + span).saturating_sub(input);
+            if auto == AutoPad::SameUpper {
+                (total / 2, total - total / 2)
+            } else {
+                (total - total / 2, total / 2)
+            }
+        }
+    };
+    let padded = input + b + e;
+    let out = if padded < span {
+        0
+    } else {
+        (padded - span) / s + 1
+    };
+    (out, b)
+}
+
+/// Appends the im2col rows of group `g` of a conv input [1, C, H, W] to `buf`.
+fn conv_rows(
+    c: &ConvGeom,
+    x: &ArrayViewD<f32>,
+    g: usize,
+    buf: &mut Vec<f32>,
+) -> std::result::Result<usize, String> {
+    let shape = x.shape();
+    let (ch, h, w) = match shape.len() {
+        3 => (shape[1], 1, shape[2]),
+        4 => (shape[1], shape[2], shape[3]),
+        _ => return Err(format!("conv input '{}' has shape {shape:?}", c.input)),
+    };
+    if ch != c.cin_per_group * c.groups || shape[0] != 1 {
+        return Err(format!(
+            "conv input '{}' has shape {shape:?}, expected {} channels",
+            c.input,
+            c.cin_per_group * c.groups
+        ));
+    }
+    let x = x
+        .view()
+        .into_shape_with_order((ch, h, w))
+        .map_err(|e| format!("conv input '{}': {e}", c.input))?;
+    let [kh, kw] = c.kernel;
+    let [sh, sw] = c.strides;
+    let [dh, dw] = c.dilations;
+    let (ho, pt) = axis(h, kh, sh, dh, c.pads[0], c.pads[2], c.auto_pad);
+    let (wo, pl) = axis(w, kw, sw, dw, c.pads[1], c.pads[3], c.auto_pad);
+    let c0 = g * c.cin_per_group;
+    for oy in 0..ho {
+        for ox in 0..wo {
+            for ci in c0..c0 + c.cin_per_group {
+                for ky in 0..kh {
+                    let iy = (oy * sh + ky * dh) as isize - pt as isize;
+                    for kx in 0..kw {
+                        let ix = (ox * sw + kx * dw) as isize - pl as isize;
+                        let v = if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
+                            x[[ci, iy as usize, ix as usize]]
+                        } else {
+                            0.0
+                        };
+                        buf.push(v);
+                    }
+                }
+            }
+        }
+    }
+    Ok(ho * wo)
+}
+
+/// Appends the K-rows of a dense input to `buf`.
+fn dense_rows(
+    input: &str,
+    k: usize,
+    trans_a: bool,
+    x: &ArrayViewD<f32>,
+    buf: &mut Vec<f32>,
+) -> std::result::Result<usize, String> {
+    let shape = x.shape();
+    if trans_a {
+        if shape.len() != 2 || shape[0] != k {
+            return Err(format!(
+                "input '{input}' has shape {shape:?}, expected [{k}, M]"
+            ));
+        }
+        let m = shape[1];
+        for r in 0..m {
+            for j in 0..k {
+                buf.push(x[[j, r]]);
+            }
+        }
+        return Ok(m);
+    }
+    if shape.last() != Some(&k) {
+        return Err(format!(
+            "input '{input}' has shape {shape:?}, expected last dimension {k}"
+        ));
+    }
+    buf.extend(x.iter().copied());
+    Ok(x.len() / k.max(1))
+}
+
+/// G += X^T X for the rows in `buf` (row-major, `dim` wide).
+fn flush(buf: &mut Vec<f32>, dim: usize, gram: &mut Vec<f64>) {
+    if buf.is_empty() {
+        return;
+    }
+    if gram.is_empty() {
+        *gram = vec![0.0; dim * dim];
+    }
+    let rows = buf.len() / dim;
+    if dim <= 16 {
+        for r in buf.chunks_exact(dim) {
+            for a in 0..dim {
+                let xa = r[a] as f64;
+                if xa == 0.0 {
+                    continue;
+                }
+                let ga = &mut gram[a * dim..(a + 1) * dim];
+                for (gb, &xb) in ga.iter_mut().zip(r) {
+                    *gb += xa * xb as f64;
+                }
+            }
+        }
+    } else {
+        let x: Vec<f64> = buf.iter().map(|&v| v as f64).collect();
+        let x = ArrayView2::from_shape((rows, dim), &x).expect("whole rows");
+        let mut g = ArrayViewMut2::from_shape((dim, dim), gram.as_mut_slice()).expect("square");
+        ndarray::linalg::general_mat_mul(1.0, &x.t(), &x, 1.0, &mut g);
+    }
+    buf.clear();
+}
+
+/// One chunk's partial sums.
+struct Acc {
+    /// [layer][group] d x d, empty until first used.
+    grams: Vec<Vec<Vec<f64>>>,
+    /// [layer][group] buffered rows.
+    bufs: Vec<Vec<Vec<f32>>>,
+    error: Option<String>,
+}
+
+/// Captures the Gram matrices of the `wanted` layers (index, one geometry per
+/// consuming node; all with the same groups and dim). Returns, per layer, one
+/// d x d matrix per group, scaled so the mean diagonal over the layer is 1, and
+/// the layers left out because their Grams alone exceed the memory budget.
+#[allow(clippy::type_complexity)]
+pub fn collect(
+    model: &Model,
+    input_shape: &[usize],
+    images: ndarray::ArrayView4<f32>,
+    threads: usize,
+    wanted: &[(usize, Vec<Geom>)],
+) -> Result<(Vec<(usize, Vec<Vec<f64>>)>, Vec<(usize, String)>)> {
+    let bytes = |gs: &[Geom]| gs[0].groups() * gs[0].dim() * gs[0].dim() * 8;
+    let mut too_big = Vec::new();
+    let mut batches: Vec<Vec<&(usize, Vec<Geom>)>> = Vec::new();
+    let mut used = 0usize;
+    for w in wanted {
+        let b = bytes(&w.1);
+        // A batch needs its Grams at least three times (accumulator, one chunk, one pending).
+        if 3 * b > BUDGET {
+            too_big.push((
+                w.0,
+                format!(
+                    "its Gram matrix ({} MB for dimension {}) is over the memory budget",
+                    b >> 20,
+                    w.1[0].dim()
+                ),
+            ));
+            continue;
+        }
+        if batches.is_empty() || 3 * (used + b) > BUDGET {
+            batches.push(Vec::new());
+            used = 0;
+        }
+        used += b;
+        batches.last_mut().expect("pushed").push(w);
+    }
+
+    let n = images.shape()[0];
+    let mut out = Vec::new();
+    for batch in batches {
+        let total: usize = batch.iter().map(|w| bytes(&w.1)).sum();
+        let threads = threads.min(((BUDGET / total.max(1)).saturating_sub(1) / 2).max(1));
+        let mut values: Vec<String> = Vec::new();
+        // (layer in batch, geometry, value slot)
+        let mut feeders: Vec<(usize, &Geom, usize)> = Vec::new();
+        for (li, w) in batch.iter().enumerate() {
+            for g in &w.1 {
+                let slot = match values.iter().position(|v| v == g.input()) {
+                    Some(s) => s,
+                    None => {
+                        values.push(g.input().to_string());
+                        values.len() - 1
+                    }
+                };
+                feeders.push((li, g, slot));
+            }
+        }
+        let dims: Vec<(usize, usize)> = batch
+            .iter()
+            .map(|w| (w.1[0].groups(), w.1[0].dim()))
+            .collect();
+        let init = || Acc {
+            grams: dims.iter().map(|&(g, _)| vec![Vec::new(); g]).collect(),
+            bufs: dims.iter().map(|&(g, _)| vec![Vec::new(); g]).collect(),
+            error: None,
+        };
+        let fold = |acc: &mut Acc, i: usize, acts: &[ArrayViewD<f32>]| {
+            if acc.error.is_some() {
+                return;
+            }
+            let last = (i + 1).is_multiple_of(CHUNK) || i + 1 == n;
+            for &(li, geom, slot) in &feeders {
+                let (groups, dim) = dims[li];
+                for g in 0..groups {
+                    let buf = &mut acc.bufs[li][g];
+                    let r = match geom {
+                        Geom::Conv(c) => conv_rows(c, &acts[slot], g, buf),
+                        Geom::Dense { input, k, trans_a } => {
+                            dense_rows(input, *k, *trans_a, &acts[slot], buf)
+                        }
+                    };
+                    if let Err(e) = r {
+                        acc.error = Some(e);
+                        return;
+                    }
+                    if buf.len() >= FLUSH_ROWS * dim {
+                        flush(buf, dim, &mut acc.grams[li][g]);
+                    }
+                }
+            }
+            if last {
+                for (li, &(_, dim)) in dims.iter().enumerate() {
+                    for (buf, gram) in acc.bufs[li].iter_mut().zip(acc.grams[li].iter_mut()) {
+                        flush(buf, dim, gram);
+                    }
+                }
+            }
+        };
+        let mut sums: Vec<Vec<Vec<f64>>> = dims
+            .iter()
+            .map(|&(g, d)| vec![vec![0.0; d * d]; g])
+            .collect();
+        let mut error: Option<String> = None;
+        let merge = |acc: Acc| {
+            if let Some(e) = acc.error {
+                error.get_or_insert(e);
+                return;
+            }
+            for (s, a) in sums.iter_mut().zip(acc.grams) {
+                for (sg, ag) in s.iter_mut().zip(a) {
+                    for (x, y) in sg.iter_mut().zip(ag) {
+                        *x += y;
+                    }
+                }
+            }
+        };
+        engine::capture(
+            model,
+            input_shape,
+            &values,
+            images,
+            threads,
+            CHUNK,
+            init,
+            fold,
+            merge,
+        )?;
+        if let Some(e) = error {
+            return Err(Error::Usage(format!(
+                "capturing calibration activations: {e}"
+            )));
+        }
+        for (w, mut grams) in batch.iter().zip(sums) {
+            let (groups, dim) = (w.1[0].groups(), w.1[0].dim());
+            let trace: f64 = grams
+                .iter()
+                .map(|g| (0..dim).map(|i| g[i * dim + i]).sum::<f64>())
+                .sum();
+            let scale = trace / (groups * dim) as f64;
+            if scale > 0.0 && scale.is_finite() {
+                for g in &mut grams {
+                    g.iter_mut().for_each(|x| *x /= scale);
+                }
+            }
+            out.push((w.0, grams));
+        }
+    }
+    Ok((out, too_big))
+}

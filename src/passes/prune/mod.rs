@@ -1,0 +1,806 @@
+//! Pruning: set weights of Conv, Gemm and MatMul layers to exact zeros.
+//!
+//! The weights stay dense float32; the mask is the set of zeros in the written
+//! tensor (the score counts them from there). Eligible: the constant weight input
+//! (input 1, an initializer) of Conv, Gemm and MatMul, float32, after BN folding.
+//! By default tensors under 1,000 elements and the first conv (in topological
+//! order) are left alone, as are names matching a skip pattern.
+//!
+//! Methods, for a layer with n weights and target sparsity s (k = round(s n)):
+//!
+//! - `magnitude`: zero the k smallest |w| of the layer (ties: lower flat index
+//!   first). Existing zeros have |w| = 0, so they count toward k.
+//! - `global`: the same over the pool of all eligible layers, k = round(s N) with
+//!   N the pool size: one magnitude threshold for the whole model. A layer given its
+//!   own sparsity by a rule is pruned alone by magnitude, outside the pool.
+//! - `nm:N:M`: each output unit's weights as a row (Conv [Cout, Cin/g kh kw]; Gemm
+//!   the column of B it multiplies, i.e. rows of B when transB = 1; MatMul [K, N]:
+//!   column n along K), cut into consecutive groups of M; each group keeps its N
+//!   largest |w| (a trailing partial group of length L keeps min(N, L)).
+//! - `reweighted`: reweighted L1 on the layer's output error. X is the layer's
+//!   input as rows (the im2col patches of a Conv, one Gram per group, dim
+//!   Cin/g kh kw; the rows of a Gemm/MatMul input, dim K), captured by running the
+//!   model in tract on calibration images and kept only as G = X^T X (f64,
+//!   accumulated image by image). G is scaled to mean diagonal 1 and damped,
+//!   Gd = G + rho I, rho = 1e-2 (so the layer's weights stay near the original
+//!   where the calibration data says nothing, as in SparseGPT/OBS dampening). Each
+//!   output unit's row w (original w0) solves
+//!
+//!   min_w (w - w0)^T Gd (w - w0) + lambda sum_i r_i |w_i|,   r_i = 1 / (|w_i'| + eps)
+//!
+//!   by coordinate descent (w_i <- soft(w0_i - q_i / c_i, lambda r_i / 2 c_i) with
+//!   q = Gd (w - w0) minus the i-th term and c_i = Gd_ii), w' the previous round's
+//!   solution (round 1: w0), over `rounds` rounds; eps = 0.1 mean |w0| of the
+//!   layer. lambda is shared by the layer and found by bisection (geometric, on up
+//!   to 64 evenly spread rows) so the zeros hit k; the full layer is then solved at
+//!   that lambda and lands exactly on k by ranking: zeros of the solution come
+//!   first, ordered by their unpenalized value |w0_i - q_i / c_i|, then nonzeros by
+//!   |w_i|; the k lowest are zeroed. Within one tensor and without data (G = I), the
+//!   problem separates per weight and the result is the magnitude mask, which is
+//!   why this method requires calibration data.
+//! - refit (always after `reweighted`, on request after the others): with S the
+//!   survivors of a row, the least-squares optimum on the mask,
+//!   w_S = w0_S + Gd_SS^{-1} Gd_{S,~S} w0_{~S}, by Jacobi-preconditioned conjugate
+//!   gradients (rows in blocks of 8 sharing the Gram, rayon over blocks).
+//!
+//! Reports give, per layer, the sparsity before and after and, when calibration
+//! data was used, the relative output error sum ||X (W - W0)||^2 / ||X W0||^2 on
+//! the calibration rows (with the magnitude mask alone, for comparison).
+//!
+//! Everything is deterministic: orders are total (ties by index), captured sums
+//! are merged in image-chunk order whatever the thread count, and per-row solves
+//! are independent.
+
+mod glob;
+mod gram;
+mod mask;
+mod solve;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+
+use ndarray::ArrayD;
+
+use super::{Context, Pass, PassReport};
+use crate::error::{Error, Result};
+use crate::graph::{set_initializer, Graph};
+use crate::onnx::proto::NodeProto;
+use crate::onnx::{DataType, Model, TensorData};
+
+pub use glob::glob_match;
+use gram::Geom;
+use mask::Rows;
+
+/// A pruning method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Each layer to its target by |w|.
+    Magnitude,
+    /// One |w| threshold over all eligible layers.
+    Global,
+    /// N:M structured: at most N nonzeros in every M consecutive weights of a row.
+    NM { n: usize, m: usize },
+    /// Reweighted L1 on the layer output error, with calibration data.
+    Reweighted,
+}
+
+impl Method {
+    pub const HELP: &'static str = "magnitude, global, nm:N:M (e.g. nm:2:4) or reweighted";
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Method::Magnitude => f.write_str("magnitude"),
+            Method::Global => f.write_str("global"),
+            Method::NM { n, m } => write!(f, "nm:{n}:{m}"),
+            Method::Reweighted => f.write_str("reweighted"),
+        }
+    }
+}
+
+impl FromStr for Method {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let norm = s.trim().to_ascii_lowercase();
+        let bad = || {
+            Error::Usage(format!(
+                "unknown pruning method '{s}': expected {}",
+                Method::HELP
+            ))
+        };
+        match norm.as_str() {
+            "magnitude" | "mag" => return Ok(Method::Magnitude),
+            "global" => return Ok(Method::Global),
+            "reweighted" | "reweighted-l1" | "rl1" => return Ok(Method::Reweighted),
+            _ => {}
+        }
+        let rest = norm.strip_prefix("nm:").ok_or_else(bad)?;
+        let (n, m) = rest.split_once(':').ok_or_else(|| {
+            Error::Usage(format!(
+                "pruning method '{s}': N:M needs two numbers, e.g. nm:2:4"
+            ))
+        })?;
+        let parse = |x: &str| {
+            x.trim().parse::<usize>().map_err(|_| {
+                Error::Usage(format!(
+                    "pruning method '{s}': '{x}' is not a whole number (e.g. nm:2:4)"
+                ))
+            })
+        };
+        let (n, m) = (parse(n)?, parse(m)?);
+        if n == 0 || n >= m {
+            return Err(Error::Usage(format!(
+                "pruning method '{s}': N:M needs 1 <= N < M (e.g. nm:2:4 keeps 2 of every 4)"
+            )));
+        }
+        Ok(Method::NM { n, m })
+    }
+}
+
+/// Parses `METHOD[:SPARSITY]` as given to `--prune`: `magnitude:0.5`, `global:70%`,
+/// `reweighted:0.6`, `nm:2:4` (N:M takes no sparsity). Returns the method and the
+/// sparsity when one was given.
+pub fn parse_spec(spec: &str) -> Result<(Method, Option<f64>)> {
+    let s = spec.trim();
+    let lower = s.to_ascii_lowercase();
+    if lower.starts_with("nm:") {
+        return Ok((lower.parse()?, None));
+    }
+    match s.split_once(':') {
+        None => Ok((s.parse()?, None)),
+        Some((m, sp)) => Ok((m.parse()?, Some(parse_sparsity(sp)?))),
+    }
+}
+
+/// A sparsity as a fraction (`0.5`) or a percentage (`50%`), in [0, 1].
+pub fn parse_sparsity(s: &str) -> Result<f64> {
+    let t = s.trim();
+    let v = match t.strip_suffix('%') {
+        Some(p) => p.trim().parse::<f64>().map(|v| v / 100.0),
+        None => t.parse::<f64>(),
+    }
+    .map_err(|_| Error::Usage(format!("sparsity '{s}' is not a number (e.g. 0.5 or 50%)")))?;
+    check_sparsity(v, "sparsity")?;
+    Ok(v)
+}
+
+fn check_sparsity(v: f64, what: &str) -> Result<()> {
+    if !(0.0..=1.0).contains(&v) {
+        return Err(Error::Usage(format!(
+            "{what} {v} is outside [0, 1] (a fraction of zeros, e.g. 0.5)"
+        )));
+    }
+    Ok(())
+}
+
+/// A per-layer rule (from a recipe): a glob on the node name or the weight
+/// initializer name (`*`, `?`, `[abc]`, `[!a-z]`, `\` escapes). For each layer,
+/// the matching rules apply in order, so later ones win: a rule sets the layer's
+/// skip flag to its `skip`, and its sparsity when it gives one. Rules do not lift
+/// the default skips (small tensors, first conv); set `min_elements` /
+/// `skip_first_conv` for that.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerRule {
+    pub pattern: String,
+    pub sparsity: Option<f64>,
+    pub skip: bool,
+}
+
+/// What to prune and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PruneConfig {
+    pub method: Method,
+    /// Target fraction of zeros per layer (global: over all eligible weights); ignored by N:M.
+    pub sparsity: f64,
+    /// Per-layer rules; later rules win.
+    pub rules: Vec<LayerRule>,
+    /// Glob patterns (node or initializer names) never pruned.
+    pub skip: Vec<String>,
+    /// Tensors with fewer elements are left alone.
+    pub min_elements: usize,
+    /// Leave the first Conv (in topological order) alone.
+    pub skip_first_conv: bool,
+    /// Least-squares refit of the surviving weights (needs calibration data); `reweighted` always refits.
+    pub refit: bool,
+    /// Reweighting rounds of `reweighted`.
+    pub rounds: usize,
+}
+
+impl Default for PruneConfig {
+    fn default() -> Self {
+        PruneConfig {
+            method: Method::Magnitude,
+            sparsity: 0.5,
+            rules: Vec::new(),
+            skip: Vec::new(),
+            min_elements: 1000,
+            skip_first_conv: true,
+            refit: false,
+            rounds: 3,
+        }
+    }
+}
+
+/// The pruning pass.
+pub struct Prune(pub PruneConfig);
+
+/// Why `reweighted` needs `--calib`.
+pub const REWEIGHTED_NEEDS_CALIB: &str =
+    "prune method 'reweighted' needs calibration images (--calib DATA): \
+within one tensor, reweighted L1 without data converges to exactly the magnitude mask, \
+so it minimizes each layer's output error on the calibration images' activations instead";
+
+/// Why `--refit` needs `--calib`.
+pub const REFIT_NEEDS_CALIB: &str = "--refit needs calibration images (--calib DATA): \
+the least-squares refit of the surviving weights solves on the Gram matrix of each layer's input activations";
+
+/// One eligible weight tensor (possibly read by several nodes).
+struct Layer {
+    init: String,
+    nodes: Vec<usize>,
+    node_names: Vec<String>,
+    shape: Vec<usize>,
+    w0: Vec<f32>,
+    /// Row layout for N:M and the solves; Err: why there is none.
+    rows: std::result::Result<Rows, String>,
+    /// Calibration geometry, one per consuming node; Err: why there is none.
+    geoms: std::result::Result<Vec<Geom>, String>,
+    target: f64,
+    /// The sparsity came from a rule (global: pruned alone).
+    own_target: bool,
+}
+
+impl Layer {
+    fn numel(&self) -> usize {
+        self.w0.len()
+    }
+}
+
+fn attr_i(n: &NodeProto, name: &str, default: i64) -> i64 {
+    n.attribute
+        .iter()
+        .find(|a| a.name() == name)
+        .map_or(default, |a| a.i())
+}
+
+fn attr_ints(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
+    n.attribute
+        .iter()
+        .find(|a| a.name() == name)
+        .map(|a| a.ints.clone())
+}
+
+fn attr_s(n: &NodeProto, name: &str) -> String {
+    n.attribute
+        .iter()
+        .find(|a| a.name() == name)
+        .map(|a| String::from_utf8_lossy(a.s()).to_string())
+        .unwrap_or_default()
+}
+
+/// The row layout a node reads its weight in.
+fn rows_of(node: &NodeProto, shape: &[usize]) -> std::result::Result<Rows, String> {
+    match node.op_type() {
+        "Conv" => {
+            if shape.len() < 2 {
+                return Err(format!("Conv weight of rank {}", shape.len()));
+            }
+            Ok(Rows::contiguous(shape[0], shape[1..].iter().product()))
+        }
+        "Gemm" => {
+            if shape.len() != 2 {
+                return Err(format!("Gemm weight of rank {}", shape.len()));
+            }
+            if attr_i(node, "transB", 0) != 0 {
+                Ok(Rows::contiguous(shape[0], shape[1]))
+            } else {
+                Ok(Rows::columns(shape[1], shape[0], 1))
+            }
+        }
+        "MatMul" => match shape.len() {
+            0 => Err("a scalar MatMul weight".into()),
+            1 => Ok(Rows::contiguous(1, shape[0])),
+            r => {
+                let batch: usize = shape[..r - 2].iter().product();
+                Ok(Rows::columns(shape[r - 1], shape[r - 2], batch))
+            }
+        },
+        op => Err(format!("{op} is not prunable")),
+    }
+}
+
+/// The calibration geometry of a node's weight: what its input rows look like.
+fn geom_of(node: &NodeProto, shape: &[usize]) -> std::result::Result<Geom, String> {
+    let input = node.input[0].clone();
+    match node.op_type() {
+        "Conv" => {
+            let spatial = shape.len().saturating_sub(2);
+            if !(1..=2).contains(&spatial) {
+                return Err(format!("{spatial}-D convolution"));
+            }
+            let to_usize = |v: Vec<i64>| -> std::result::Result<Vec<usize>, String> {
+                v.into_iter()
+                    .map(|x| {
+                        usize::try_from(x).map_err(|_| format!("negative attribute value {x}"))
+                    })
+                    .collect()
+            };
+            let group = attr_i(node, "group", 1).max(1) as usize;
+            let strides = to_usize(attr_ints(node, "strides").unwrap_or_else(|| vec![1; spatial]))?;
+            let dilations =
+                to_usize(attr_ints(node, "dilations").unwrap_or_else(|| vec![1; spatial]))?;
+            let pads = to_usize(attr_ints(node, "pads").unwrap_or_else(|| vec![0; 2 * spatial]))?;
+            if strides.len() != spatial || dilations.len() != spatial || pads.len() != 2 * spatial {
+                return Err("Conv attributes do not match the kernel rank".into());
+            }
+            let auto_pad = attr_s(node, "auto_pad");
+            let auto_pad = match auto_pad.as_str() {
+                "" | "NOTSET" => gram::AutoPad::NotSet,
+                "VALID" => gram::AutoPad::Valid,
+                "SAME_UPPER" => gram::AutoPad::SameUpper,
+                "SAME_LOWER" => gram::AutoPad::SameLower,
+                other => return Err(format!("auto_pad '{other}'")),
+            };
+            // Normalized to 2-D: a 1-D conv is a 2-D one of height 1.
+            let (kernel, strides, dilations, pads) = if spatial == 1 {
+                (
+                    [1, shape[2]],
+                    [1, strides[0]],
+                    [1, dilations[0]],
+                    [0, pads[0], 0, pads[1]],
+                )
+            } else {
+                (
+                    [shape[2], shape[3]],
+                    [strides[0], strides[1]],
+                    [dilations[0], dilations[1]],
+                    [pads[0], pads[1], pads[2], pads[3]],
+                )
+            };
+            if strides.contains(&0) || dilations.contains(&0) {
+                return Err("zero stride or dilation".into());
+            }
+            let cout = shape[0];
+            if !cout.is_multiple_of(group) {
+                return Err(format!("{cout} output channels in {group} groups"));
+            }
+            Ok(Geom::Conv(gram::ConvGeom {
+                input,
+                cin_per_group: shape[1],
+                groups: group,
+                kernel,
+                strides,
+                dilations,
+                pads,
+                auto_pad,
+            }))
+        }
+        "Gemm" => {
+            if shape.len() != 2 {
+                return Err(format!("Gemm weight of rank {}", shape.len()));
+            }
+            let trans_b = attr_i(node, "transB", 0) != 0;
+            let k = if trans_b { shape[1] } else { shape[0] };
+            Ok(Geom::Dense {
+                input,
+                k,
+                trans_a: attr_i(node, "transA", 0) != 0,
+            })
+        }
+        "MatMul" => {
+            if shape.len() != 2 {
+                return Err(format!("MatMul weight of rank {} (batched)", shape.len()));
+            }
+            Ok(Geom::Dense {
+                input,
+                k: shape[0],
+                trans_a: false,
+            })
+        }
+        op => Err(format!("{op} is not prunable")),
+    }
+}
+
+fn pct(zeros: usize, n: usize) -> String {
+    format!("{:.2}%", 100.0 * zeros as f64 / n.max(1) as f64)
+}
+
+/// The layers as found in the graph, plus skip items for the report.
+fn find_layers(graph: &Graph, cfg: &PruneConfig, report: &mut PassReport) -> Result<Vec<Layer>> {
+    let first_conv = graph.nodes_of_type("Conv").next();
+    // Weight initializer -> eligible consumers, in topological order of first use.
+    let mut order: Vec<String> = Vec::new();
+    let mut users: HashMap<String, Vec<usize>> = HashMap::new();
+    for &idx in graph.topo_order() {
+        let node = graph.node(idx);
+        let standard = node.domain().is_empty() || node.domain() == "ai.onnx";
+        if !matches!(node.op_type(), "Conv" | "Gemm" | "MatMul") || !standard {
+            continue;
+        }
+        let Some(w) = node.input.get(1).filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        if graph.initializer(w).is_none() {
+            report.skipped(
+                graph.node_name(idx),
+                format!("weight '{w}' is not an initializer"),
+            );
+            continue;
+        }
+        if !users.contains_key(w.as_str()) {
+            order.push(w.clone());
+        }
+        users.entry(w.clone()).or_default().push(idx);
+    }
+
+    let mut layers = Vec::new();
+    for init in order {
+        let nodes = users.remove(&init).expect("collected");
+        let node_names: Vec<String> = nodes
+            .iter()
+            .map(|&i| graph.node_name(i).to_string())
+            .collect();
+        let t = graph.initializer(&init).expect("checked");
+        // Any other use of the tensor (not as input 1 of an eligible node) would change too.
+        let other_use = graph
+            .consumers(&init)
+            .iter()
+            .copied()
+            .find(|&c| {
+                !nodes.contains(&c)
+                    || graph.node(c).input.iter().filter(|s| **s == init).count() > 1
+            })
+            .or_else(|| {
+                nodes
+                    .iter()
+                    .copied()
+                    .find(|&c| graph.node(c).input.first().is_some_and(|s| *s == init))
+            });
+        if let Some(c) = other_use {
+            report.skipped(
+                &init,
+                format!(
+                    "also read by node '{}' ({}) other than as its weight",
+                    graph.node_name(c),
+                    graph.node(c).op_type()
+                ),
+            );
+            continue;
+        }
+        if graph.is_output(&init) {
+            report.skipped(&init, "is a graph output");
+            continue;
+        }
+        if t.data_type() != DataType::Float as i32 {
+            report.skipped(&init, "not float32");
+            continue;
+        }
+        let names_match =
+            |pat: &str| glob_match(pat, &init) || node_names.iter().any(|n| glob_match(pat, n));
+        if let Some(p) = cfg.skip.iter().find(|p| names_match(p)) {
+            report.skipped(&init, format!("matches skip pattern '{p}'"));
+            continue;
+        }
+        let mut target = cfg.sparsity;
+        let mut own_target = false;
+        let mut rule_skip: Option<&str> = None;
+        for r in cfg.rules.iter().filter(|r| names_match(&r.pattern)) {
+            rule_skip = r.skip.then_some(r.pattern.as_str());
+            if let Some(s) = r.sparsity {
+                target = s;
+                own_target = true;
+            }
+        }
+        if let Some(p) = rule_skip {
+            report.skipped(&init, format!("matches skip pattern '{p}'"));
+            continue;
+        }
+        if cfg.skip_first_conv && first_conv.is_some_and(|f| nodes.contains(&f)) {
+            report.skipped(&init, "first conv");
+            continue;
+        }
+        let data = TensorData::from_proto(t)?;
+        let TensorData::F32(arr) = data else {
+            report.skipped(&init, "not float32");
+            continue;
+        };
+        if arr.len() < cfg.min_elements {
+            report.skipped(&init, format!("under {} elements", cfg.min_elements));
+            continue;
+        }
+        let shape = arr.shape().to_vec();
+        let w0: Vec<f32> = arr.iter().copied().collect();
+
+        let mut rows: std::result::Result<Rows, String> = Err(String::new());
+        let mut geoms: std::result::Result<Vec<Geom>, String> = Ok(Vec::new());
+        for (i, &n) in nodes.iter().enumerate() {
+            let node = graph.node(n);
+            let r = rows_of(node, &shape);
+            if i == 0 {
+                rows = r;
+            } else if let (Ok(a), Ok(b)) = (&rows, &r) {
+                if a != b {
+                    rows = Err("its nodes read it in different layouts".into());
+                }
+            }
+            if let Ok(gs) = geoms.as_mut() {
+                match geom_of(node, &shape) {
+                    Ok(g) => gs.push(g),
+                    Err(e) => geoms = Err(e),
+                }
+            }
+        }
+        if let Ok(gs) = &geoms {
+            let (g0, d0) = (gs[0].groups(), gs[0].dim());
+            if gs.iter().any(|g| g.groups() != g0 || g.dim() != d0) {
+                geoms = Err("its nodes read it in different layouts".into());
+            } else if let Ok(r) = &rows {
+                if r.len != d0 || r.count % g0 != 0 {
+                    geoms = Err("its rows do not match its input patches".into());
+                }
+            }
+        }
+        layers.push(Layer {
+            init,
+            nodes,
+            node_names,
+            shape,
+            w0,
+            rows,
+            geoms,
+            target,
+            own_target,
+        });
+    }
+    Ok(layers)
+}
+
+/// Calibration data for the solves of one layer.
+struct Calibrated {
+    grams: Vec<Vec<f64>>,
+    dim: usize,
+}
+
+impl Pass for Prune {
+    fn name(&self) -> &'static str {
+        "prune"
+    }
+
+    fn run(&self, model: &mut Model, cx: &Context) -> Result<PassReport> {
+        let cfg = &self.0;
+        check_sparsity(cfg.sparsity, "prune sparsity")?;
+        for r in &cfg.rules {
+            if let Some(s) = r.sparsity {
+                check_sparsity(s, &format!("sparsity of rule '{}'", r.pattern))?;
+            }
+        }
+        let needs_calib = cfg.method == Method::Reweighted || cfg.refit;
+        if needs_calib && cx.calib.is_none_or(|d| d.is_empty()) {
+            return Err(Error::Usage(
+                if cfg.method == Method::Reweighted {
+                    REWEIGHTED_NEEDS_CALIB
+                } else {
+                    REFIT_NEEDS_CALIB
+                }
+                .into(),
+            ));
+        }
+        let rounds = cfg.rounds.max(1);
+
+        let mut report = PassReport::new(self.name());
+        let layers = {
+            let g = model.proto.graph.as_ref().expect("models have a graph");
+            let view = Graph::new(g)?;
+            find_layers(&view, cfg, &mut report)?
+        };
+
+        // Masks (true = zero) of the layers that are pruned, by index into `layers`.
+        let mut masks: Vec<Option<Vec<bool>>> = vec![None; layers.len()];
+        let mut notes: Vec<Vec<String>> = vec![Vec::new(); layers.len()];
+
+        // Calibration: the Gram matrices of the layers that use them.
+        let mut calibrated: Vec<Option<Calibrated>> = (0..layers.len()).map(|_| None).collect();
+        if needs_calib {
+            let data = cx.calib.expect("checked above");
+            let input_shape = if cx.input_shape.is_empty() {
+                let mut s = data.images.shape().to_vec();
+                s[0] = 1;
+                s
+            } else {
+                cx.input_shape.clone()
+            };
+            let mut wanted = Vec::new();
+            for (i, l) in layers.iter().enumerate() {
+                match &l.geoms {
+                    Ok(gs) => wanted.push((i, gs.clone())),
+                    Err(e) => notes[i].push(format!("no calibration ({e})")),
+                }
+            }
+            let start = std::time::Instant::now();
+            let (grams, too_big) = gram::collect(
+                model,
+                &input_shape,
+                data.images.view(),
+                cx.threads.max(1),
+                &wanted,
+            )?;
+            report.changed(
+                "calibration",
+                format!(
+                    "{} images, input Gram matrices of {} layers captured in {:.2}s",
+                    data.len(),
+                    grams.len(),
+                    start.elapsed().as_secs_f64()
+                ),
+            );
+            for (i, why) in too_big {
+                notes[i].push(format!("no calibration ({why})"));
+            }
+            for (i, g) in grams {
+                let dim = layers[i].geoms.as_ref().expect("wanted")[0].dim();
+                calibrated[i] = Some(Calibrated { grams: g, dim });
+            }
+            notes.iter_mut().for_each(|n| n.dedup());
+        }
+
+        match cfg.method {
+            Method::Magnitude | Method::Reweighted => {
+                for (i, l) in layers.iter().enumerate() {
+                    let k = (l.target * l.numel() as f64).round() as usize;
+                    if cfg.method == Method::Reweighted {
+                        if let (Some(c), Ok(rows)) = (&calibrated[i], &l.rows) {
+                            let start = std::time::Instant::now();
+                            let p = solve::Problem::new(&l.w0, rows, &c.grams, c.dim);
+                            let (mask, lambda) = p.reweighted_mask(k, rounds);
+                            notes[i].push(format!(
+                                "reweighted L1, lambda {lambda:.3e}, {rounds} rounds, {:.2}s",
+                                start.elapsed().as_secs_f64()
+                            ));
+                            masks[i] = Some(mask);
+                            continue;
+                        }
+                        notes[i].push("magnitude mask".into());
+                    }
+                    masks[i] = Some(mask::magnitude(&l.w0, k));
+                }
+            }
+            Method::Global => {
+                let pool: Vec<usize> = (0..layers.len())
+                    .filter(|&i| !layers[i].own_target)
+                    .collect();
+                let total: usize = pool.iter().map(|&i| layers[i].numel()).sum();
+                let k = (cfg.sparsity * total as f64).round() as usize;
+                let weights: Vec<&[f32]> = pool.iter().map(|&i| layers[i].w0.as_slice()).collect();
+                let (pool_masks, threshold) = mask::global(&weights, k);
+                for (&i, m) in pool.iter().zip(pool_masks) {
+                    masks[i] = Some(m);
+                }
+                if !pool.is_empty() {
+                    let zeros: usize = pool
+                        .iter()
+                        .map(|&i| {
+                            masks[i]
+                                .as_ref()
+                                .expect("set")
+                                .iter()
+                                .filter(|z| **z)
+                                .count()
+                        })
+                        .sum();
+                    report.changed(
+                        "global",
+                        format!(
+                            "{} of {total} weights in {} layers zeroed ({}), |w| <= {threshold:.4e}",
+                            zeros,
+                            pool.len(),
+                            pct(zeros, total)
+                        ),
+                    );
+                }
+                for (i, l) in layers.iter().enumerate() {
+                    if l.own_target {
+                        let k = (l.target * l.numel() as f64).round() as usize;
+                        masks[i] = Some(mask::magnitude(&l.w0, k));
+                        notes[i].push("own sparsity from a rule, pruned alone by magnitude".into());
+                    }
+                }
+            }
+            Method::NM { n, m } => {
+                for (i, l) in layers.iter().enumerate() {
+                    match &l.rows {
+                        Ok(rows) => masks[i] = Some(mask::nm(&l.w0, rows, n, m)),
+                        Err(e) => report.skipped(&l.init, format!("no N:M row layout: {e}")),
+                    }
+                }
+            }
+        }
+
+        // Values: refit where calibrated, else the original survivors.
+        let refit = cfg.method == Method::Reweighted || cfg.refit;
+        let mut new_weights: Vec<Option<Vec<f32>>> = vec![None; layers.len()];
+        for (i, l) in layers.iter().enumerate() {
+            let Some(mask) = &masks[i] else { continue };
+            let mut w: Vec<f32> =
+                l.w0.iter()
+                    .zip(mask)
+                    .map(|(&x, &z)| if z { 0.0 } else { x })
+                    .collect();
+            if let (Some(c), Ok(rows)) = (&calibrated[i], &l.rows) {
+                let p = solve::Problem::new(&l.w0, rows, &c.grams, c.dim);
+                let base = p.output_error(&w);
+                if refit {
+                    let start = std::time::Instant::now();
+                    w = p.refit(mask);
+                    let secs = start.elapsed().as_secs_f64();
+                    let after = p.output_error(&w);
+                    let mag_err = if cfg.method == Method::Magnitude {
+                        String::new()
+                    } else {
+                        let k = mask.iter().filter(|z| **z).count();
+                        format!(
+                            ", {:.2}% with the magnitude mask",
+                            100.0 * p.output_error(&apply(&l.w0, &mask::magnitude(&l.w0, k)))
+                        )
+                    };
+                    notes[i].push(format!(
+                        "refit on {} images in {secs:.2}s: output error {:.2}% before refit, {:.2}% after{mag_err}",
+                        cx.calib.map_or(0, |d| d.len()),
+                        100.0 * base,
+                        100.0 * after
+                    ));
+                } else {
+                    notes[i].push(format!("output error {:.2}%", 100.0 * base));
+                }
+            }
+            new_weights[i] = Some(w);
+        }
+
+        let g = model.proto.graph.as_mut().expect("models have a graph");
+        for (i, l) in layers.iter().enumerate() {
+            let Some(w) = new_weights[i].take() else {
+                continue;
+            };
+            let before = l.w0.iter().filter(|x| **x == 0.0).count();
+            let after = w.iter().filter(|x| **x == 0.0).count();
+            let n = l.numel();
+            let mut what = String::new();
+            if l.nodes.len() > 1 {
+                let names: Vec<String> = l.node_names.iter().map(|s| format!("'{s}'")).collect();
+                what.push_str(&format!(
+                    "shared by nodes {}: pruned once; ",
+                    names.join(", ")
+                ));
+            }
+            what.push_str(&format!(
+                "sparsity {} -> {} ({after} of {n} zeroed)",
+                pct(before, n),
+                pct(after, n)
+            ));
+            if cfg.method != Method::Global && !matches!(cfg.method, Method::NM { .. }) {
+                let k = (l.target * n as f64).round() as usize;
+                if before > k {
+                    what.push_str(&format!("; already above the target {}", pct(k, n)));
+                }
+            }
+            for note in &notes[i] {
+                what.push_str("; ");
+                what.push_str(note);
+            }
+            let arr = ArrayD::from_shape_vec(l.shape.clone(), w).expect("same shape");
+            set_initializer(g, &l.init, &TensorData::F32(arr));
+            report.changed(&l.init, what);
+        }
+        Ok(report)
+    }
+}
+
+/// The weights with the masked ones zeroed.
+fn apply(w0: &[f32], mask: &[bool]) -> Vec<f32> {
+    w0.iter()
+        .zip(mask)
+        .map(|(&x, &z)| if z { 0.0 } else { x })
+        .collect()
+}

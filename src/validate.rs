@@ -1,0 +1,242 @@
+//! Accuracy in an independent runtime: run one or two models in tract on the same
+//! preprocessed images, and report top-1 / top-5 accuracy of each, their top-1
+//! agreement, and the largest and mean absolute logit difference.
+
+use std::time::Instant;
+
+use ndarray::{Array2, ArrayView1};
+use serde::Serialize;
+
+use crate::data::{self, Dataset, Layout, Preprocess};
+use crate::engine;
+use crate::error::{Error, Result};
+use crate::onnx::Model;
+
+/// One model's results on the dataset.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelRun {
+    pub model: String,
+    pub images: usize,
+    /// Fractions in [0, 1]; `None` when the data has no labels.
+    pub top1: Option<f64>,
+    pub top5: Option<f64>,
+    pub images_per_second: f64,
+    #[serde(skip)]
+    pub logits: Array2<f32>,
+}
+
+/// How far the second model is from the first.
+#[derive(Debug, Clone, Serialize)]
+pub struct Agreement {
+    /// Share of images where both models give the same top-1 class.
+    pub top1_agreement: f64,
+    pub max_abs_logit_diff: f64,
+    pub mean_abs_logit_diff: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub data: String,
+    pub labelled: usize,
+    pub threads: usize,
+    pub runs: Vec<ModelRun>,
+    pub agreement: Option<Agreement>,
+}
+
+/// The input shape a model is run with (batch 1) and the dataset preprocessing
+/// that matches it: layout NCHW unless the last dim looks like channels.
+pub fn input_geometry(
+    model: &Model,
+    overrides: &[Vec<usize>],
+) -> Result<(Vec<usize>, Layout, usize, usize, usize)> {
+    let inputs = engine::input_shapes(model, overrides)?;
+    let (name, shape, _) = inputs
+        .first()
+        .ok_or_else(|| Error::Usage("the model has no input".into()))?;
+    if shape.len() != 4 {
+        return Err(Error::Usage(format!(
+            "input '{name}' has shape {shape:?}; validate needs an image input [N, C, H, W] or [N, H, W, C]"
+        )));
+    }
+    let mut shape = shape.clone();
+    shape[0] = 1;
+    let nhwc = matches!(shape[3], 1 | 3) && !matches!(shape[1], 1 | 3);
+    let (c, h, w) = if nhwc {
+        (shape[3], shape[1], shape[2])
+    } else {
+        (shape[1], shape[2], shape[3])
+    };
+    Ok((
+        shape,
+        if nhwc { Layout::Nhwc } else { Layout::Nchw },
+        c,
+        h,
+        w,
+    ))
+}
+
+/// The preset a model's input most likely wants when none is given.
+pub fn default_preset(channels: usize, height: usize) -> &'static str {
+    if channels == 1 {
+        "mnist"
+    } else if height >= 128 {
+        "imagenet"
+    } else {
+        "cifar"
+    }
+}
+
+/// Runs every model on the dataset. The models must share an input geometry.
+pub fn validate(
+    models: &[(&str, &Model)],
+    input_shape: &[usize],
+    data: &Dataset,
+    threads: usize,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<Report> {
+    let mut runs = Vec::new();
+    for (k, (name, model)) in models.iter().enumerate() {
+        let plan = engine::plan(model, input_shape)?;
+        let start = Instant::now();
+        let images = if input_shape[1..] == data.images.shape()[1..] {
+            data.images.view()
+        } else {
+            return Err(Error::Usage(format!(
+                "the data was prepared as {:?} per image but '{name}' wants {:?}",
+                &data.images.shape()[1..],
+                &input_shape[1..]
+            )));
+        };
+        let logits = engine::run_images(&plan, images, threads, &|done| progress(k, done))?;
+        let secs = start.elapsed().as_secs_f64();
+        let (top1, top5) = accuracy(&logits, &data.labels);
+        runs.push(ModelRun {
+            model: name.to_string(),
+            images: logits.nrows(),
+            top1,
+            top5,
+            images_per_second: logits.nrows() as f64 / secs.max(1e-9),
+            logits,
+        });
+    }
+    let agreement = match runs.as_slice() {
+        [a, b, ..] => Some(agreement(&a.logits, &b.logits)?),
+        _ => None,
+    };
+    Ok(Report {
+        data: data.description.clone(),
+        labelled: data.labels.iter().filter(|l| l.is_some()).count(),
+        threads,
+        runs,
+        agreement,
+    })
+}
+
+fn argmax(row: ArrayView1<f32>) -> usize {
+    let mut best = 0;
+    for (i, v) in row.iter().enumerate() {
+        if v.total_cmp(&row[best]).is_gt() {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Top-1 and top-5 accuracy over the labelled images (`None` when none is labelled).
+pub fn accuracy(logits: &Array2<f32>, labels: &[Option<usize>]) -> (Option<f64>, Option<f64>) {
+    let (mut n, mut t1, mut t5) = (0usize, 0usize, 0usize);
+    for (row, label) in logits.rows().into_iter().zip(labels) {
+        let Some(label) = *label else { continue };
+        n += 1;
+        let target = row.get(label).copied();
+        let Some(target) = target else { continue };
+        // Rank of the true class: how many logits beat it (ties go to the lower index, as argmax).
+        let better = row
+            .iter()
+            .enumerate()
+            .filter(|(i, v)| {
+                v.total_cmp(&target).is_gt() || (v.total_cmp(&target).is_eq() && *i < label)
+            })
+            .count();
+        t1 += usize::from(better == 0);
+        t5 += usize::from(better < 5);
+    }
+    if n == 0 {
+        return (None, None);
+    }
+    (Some(t1 as f64 / n as f64), Some(t5 as f64 / n as f64))
+}
+
+/// Top-1 agreement and logit differences between two runs on the same images.
+pub fn agreement(a: &Array2<f32>, b: &Array2<f32>) -> Result<Agreement> {
+    if a.shape() != b.shape() {
+        return Err(Error::Usage(format!(
+            "the two models give outputs of different shapes: {:?} and {:?}",
+            a.shape(),
+            b.shape()
+        )));
+    }
+    let n = a.nrows().max(1) as f64;
+    let same = a
+        .rows()
+        .into_iter()
+        .zip(b.rows())
+        .filter(|(x, y)| argmax(*x) == argmax(*y))
+        .count();
+    let diffs = (a - b).mapv(|d| d.abs() as f64);
+    Ok(Agreement {
+        top1_agreement: same as f64 / n,
+        max_abs_logit_diff: diffs.iter().copied().fold(0.0, f64::max),
+        mean_abs_logit_diff: diffs.mean().unwrap_or(0.0),
+    })
+}
+
+/// Loads the dataset with the preprocessing the model's input implies.
+pub fn load_data(
+    path: &std::path::Path,
+    preset: &str,
+    format: Option<data::Format>,
+    limit: Option<usize>,
+    geometry: &(Vec<usize>, Layout, usize, usize, usize),
+) -> Result<Dataset> {
+    let (_, layout, c, h, w) = geometry;
+    let pre = Preprocess::preset(preset, *h, *w, *c, *layout)?;
+    data::load(path, &pre, format, limit)
+}
+
+impl Report {
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let pct = |x: Option<f64>| {
+            x.map(|v| format!("{:.2}%", 100.0 * v))
+                .unwrap_or_else(|| "-".into())
+        };
+        let _ = writeln!(
+            s,
+            "data: {} ({} labelled), {} threads",
+            self.data, self.labelled, self.threads
+        );
+        for r in &self.runs {
+            let _ = writeln!(
+                s,
+                "{}: top-1 {}  top-5 {}  ({} images, {:.1} images/s)",
+                r.model,
+                pct(r.top1),
+                pct(r.top5),
+                r.images,
+                r.images_per_second
+            );
+        }
+        if let Some(a) = &self.agreement {
+            let _ = writeln!(
+                s,
+                "agreement: top-1 {:.2}%, max |logit diff| {:.3e}, mean {:.3e}",
+                100.0 * a.top1_agreement,
+                a.max_abs_logit_diff,
+                a.mean_abs_logit_diff
+            );
+        }
+        s
+    }
+}
