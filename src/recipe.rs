@@ -65,7 +65,13 @@ impl Recipe {
     /// Reads a recipe; errors name the file and the line.
     pub fn from_file(path: &Path) -> Result<Recipe> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        toml::from_str(&text).map_err(|e| Error::Usage(format!("{}: {e}", path.display())))
+        toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let at = line.map(|l| format!(" line {l}")).unwrap_or_default();
+            Error::Usage(format!("{}{at}: {}", path.display(), e.message().trim()))
+        })
     }
 
     /// The pipeline the recipe describes, in the fixed order fold-bn, prune.
