@@ -222,19 +222,29 @@ fn flush(buf: &mut Vec<f32>, dim: usize, gram: &mut Vec<f64>) {
     buf.clear();
 }
 
+/// What a layer's calibration leaves for the solves, per group, scaled so the
+/// mean diagonal of G over the layer is 1.
+pub enum Stats {
+    /// G = X^T X, d x d row-major.
+    Gram(Vec<f64>),
+    /// X itself, kept when the layer sees no more rows than its dimension (so X
+    /// is smaller than G): column-major, x[i n + s] = row s, input i.
+    Rows { x: Vec<f64>, n: usize },
+}
+
 /// One chunk's partial sums.
 struct Acc {
     /// [layer][group] d x d, empty until first used.
     grams: Vec<Vec<Vec<f64>>>,
-    /// [layer][group] buffered rows.
+    /// [layer][group] buffered rows (all of them for a layer that keeps its rows).
     bufs: Vec<Vec<Vec<f32>>>,
     error: Option<String>,
 }
 
-/// Captures the Gram matrices of the `wanted` layers (index, one geometry per
-/// consuming node; all with the same groups and dim). Returns, per layer, one
-/// d x d matrix per group, scaled so the mean diagonal over the layer is 1, and
-/// the layers left out because their Grams alone exceed the memory budget.
+/// Captures the Gram matrices (or rows) of the `wanted` layers (index, one
+/// geometry per consuming node; all with the same groups and dim). Returns, per
+/// layer, one [`Stats`] per group, and the layers left out because their Grams
+/// alone exceed the memory budget.
 #[allow(clippy::type_complexity)]
 pub fn collect(
     model: &Model,
@@ -242,7 +252,7 @@ pub fn collect(
     images: ndarray::ArrayView4<f32>,
     threads: usize,
     wanted: &[(usize, Vec<Geom>)],
-) -> Result<(Vec<(usize, Vec<Vec<f64>>)>, Vec<(usize, String)>)> {
+) -> Result<(Vec<(usize, Vec<Stats>)>, Vec<(usize, String)>)> {
     let bytes = |gs: &[Geom]| gs[0].groups() * gs[0].dim() * gs[0].dim() * 8;
     let mut too_big = Vec::new();
     let mut batches: Vec<Vec<&(usize, Vec<Geom>)>> = Vec::new();
@@ -303,8 +313,11 @@ pub fn collect(
                 return;
             }
             let last = (i + 1).is_multiple_of(CHUNK) || i + 1 == n;
+            // Rows this image gave each layer: all images give the same, so the layer's
+            // total is known after the first and decides between G and X.
+            let mut per_image = vec![0usize; dims.len()];
             for &(li, geom, slot) in &feeders {
-                let (groups, dim) = dims[li];
+                let (groups, _) = dims[li];
                 for g in 0..groups {
                     let buf = &mut acc.bufs[li][g];
                     let r = match geom {
@@ -313,38 +326,50 @@ pub fn collect(
                             dense_rows(input, *k, *trans_a, &acts[slot], buf)
                         }
                     };
-                    if let Err(e) = r {
-                        acc.error = Some(e);
-                        return;
-                    }
-                    if buf.len() >= FLUSH_ROWS * dim {
-                        flush(buf, dim, &mut acc.grams[li][g]);
+                    match r {
+                        Ok(r) if g == 0 => per_image[li] += r,
+                        Ok(_) => {}
+                        Err(e) => {
+                            acc.error = Some(e);
+                            return;
+                        }
                     }
                 }
             }
-            if last {
-                for (li, &(_, dim)) in dims.iter().enumerate() {
-                    for (buf, gram) in acc.bufs[li].iter_mut().zip(acc.grams[li].iter_mut()) {
+            for (li, &(_, dim)) in dims.iter().enumerate() {
+                if per_image[li] * n <= dim {
+                    continue; // keeps its rows
+                }
+                for (buf, gram) in acc.bufs[li].iter_mut().zip(acc.grams[li].iter_mut()) {
+                    if last || buf.len() >= FLUSH_ROWS * dim {
                         flush(buf, dim, gram);
                     }
                 }
             }
         };
-        let mut sums: Vec<Vec<Vec<f64>>> = dims
-            .iter()
-            .map(|&(g, d)| vec![vec![0.0; d * d]; g])
-            .collect();
+        let mut grams: Vec<Vec<Vec<f64>>> =
+            dims.iter().map(|&(g, _)| vec![Vec::new(); g]).collect();
+        let mut rows: Vec<Vec<Vec<f32>>> = dims.iter().map(|&(g, _)| vec![Vec::new(); g]).collect();
         let mut error: Option<String> = None;
         let merge = |acc: Acc| {
             if let Some(e) = acc.error {
                 error.get_or_insert(e);
                 return;
             }
-            for (s, a) in sums.iter_mut().zip(acc.grams) {
+            for (s, a) in grams.iter_mut().zip(acc.grams) {
                 for (sg, ag) in s.iter_mut().zip(a) {
-                    for (x, y) in sg.iter_mut().zip(ag) {
-                        *x += y;
+                    if sg.is_empty() {
+                        *sg = ag;
+                    } else {
+                        for (x, y) in sg.iter_mut().zip(ag) {
+                            *x += y;
+                        }
                     }
+                }
+            }
+            for (s, a) in rows.iter_mut().zip(acc.bufs) {
+                for (sr, ar) in s.iter_mut().zip(a) {
+                    sr.extend_from_slice(&ar);
                 }
             }
         };
@@ -364,19 +389,47 @@ pub fn collect(
                 "capturing calibration activations: {e}"
             )));
         }
-        for (w, mut grams) in batch.iter().zip(sums) {
+        for ((w, layer_grams), layer_rows) in batch.iter().zip(grams).zip(rows) {
             let (groups, dim) = (w.1[0].groups(), w.1[0].dim());
-            let trace: f64 = grams
+            let mut stats: Vec<Stats> = Vec::with_capacity(groups);
+            for (mut g, mut r) in layer_grams.into_iter().zip(layer_rows) {
+                if g.is_empty() && !r.is_empty() {
+                    // Column-major copy of the rows.
+                    let count = r.len() / dim;
+                    let mut x = vec![0.0f64; dim * count];
+                    for (s, row) in r.chunks_exact(dim).enumerate() {
+                        for (i, &v) in row.iter().enumerate() {
+                            x[i * count + s] = v as f64;
+                        }
+                    }
+                    stats.push(Stats::Rows { x, n: count });
+                } else {
+                    // Rows left over (none in practice) join the Gram.
+                    if g.is_empty() {
+                        g = vec![0.0; dim * dim];
+                    }
+                    flush(&mut r, dim, &mut g);
+                    stats.push(Stats::Gram(g));
+                }
+            }
+            let trace: f64 = stats
                 .iter()
-                .map(|g| (0..dim).map(|i| g[i * dim + i]).sum::<f64>())
+                .map(|s| match s {
+                    Stats::Gram(g) => (0..dim).map(|i| g[i * dim + i]).sum::<f64>(),
+                    Stats::Rows { x, .. } => x.iter().map(|v| v * v).sum(),
+                })
                 .sum();
             let scale = trace / (groups * dim) as f64;
             if scale > 0.0 && scale.is_finite() {
-                for g in &mut grams {
-                    g.iter_mut().for_each(|x| *x /= scale);
+                let root = scale.sqrt();
+                for s in &mut stats {
+                    match s {
+                        Stats::Gram(g) => g.iter_mut().for_each(|v| *v /= scale),
+                        Stats::Rows { x, .. } => x.iter_mut().for_each(|v| *v /= root),
+                    }
                 }
             }
-            out.push((w.0, grams));
+            out.push((w.0, stats));
         }
     }
     Ok((out, too_big))

@@ -560,7 +560,7 @@ fn find_layers(graph: &Graph, cfg: &PruneConfig, report: &mut PassReport) -> Res
 
 /// Calibration data for the solves of one layer.
 struct Calibrated {
-    grams: Vec<Vec<f64>>,
+    stats: Vec<gram::Stats>,
     dim: usize,
 }
 
@@ -641,7 +641,7 @@ impl Pass for Prune {
             }
             for (i, g) in grams {
                 let dim = layers[i].geoms.as_ref().expect("wanted")[0].dim();
-                calibrated[i] = Some(Calibrated { grams: g, dim });
+                calibrated[i] = Some(Calibrated { stats: g, dim });
             }
             notes.iter_mut().for_each(|n| n.dedup());
         }
@@ -653,7 +653,7 @@ impl Pass for Prune {
                     if cfg.method == Method::Reweighted {
                         if let (Some(c), Ok(rows)) = (&calibrated[i], &l.rows) {
                             let start = std::time::Instant::now();
-                            let p = solve::Problem::new(&l.w0, rows, &c.grams, c.dim);
+                            let p = solve::Problem::new(&l.w0, rows, &c.stats, c.dim);
                             let (mask, lambda) = p.reweighted_mask(k, rounds);
                             notes[i].push(format!(
                                 "reweighted L1, lambda {lambda:.3e}, {rounds} rounds, {:.2}s",
@@ -729,7 +729,7 @@ impl Pass for Prune {
                     .map(|(&x, &z)| if z { 0.0 } else { x })
                     .collect();
             if let (Some(c), Ok(rows)) = (&calibrated[i], &l.rows) {
-                let p = solve::Problem::new(&l.w0, rows, &c.grams, c.dim);
+                let p = solve::Problem::new(&l.w0, rows, &c.stats, c.dim);
                 let base = p.output_error(&w);
                 if refit {
                     let start = std::time::Instant::now();
