@@ -343,6 +343,16 @@ pub fn capture<S: Send>(
     let merged = (Mutex::new(0usize), Condvar::new());
     let (tx, rx) = mpsc::channel::<(usize, Result<S>)>();
     let mut failure: Option<Error> = None;
+    // A panic (in `fold` on a worker, in `merge` here) must not leave workers waiting
+    // for a chunk that never comes: it stops them all; the scope then re-raises it.
+    struct OnPanic<F: Fn()>(F);
+    impl<F: Fn()> Drop for OnPanic<F> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                (self.0)();
+            }
+        }
+    }
     // Raising the flag under the lock, so no waiting worker misses the wake-up.
     let stop = || {
         let _held = merged.0.lock().expect("no poisoned lock");
@@ -355,6 +365,7 @@ pub fn capture<S: Send>(
             let (plan, slots, next, abort, merged, init, fold, stop) =
                 (&plan, &slots, &next, &abort, &merged, &init, &fold, &stop);
             s.spawn(move || {
+                let _on_panic = OnPanic(stop);
                 let mut state = match plan.as_ref().map(|p| p.spawn()).transpose() {
                     Ok(st) => st,
                     Err(e) => {
@@ -422,6 +433,7 @@ pub fn capture<S: Send>(
             });
         }
         drop(tx);
+        let _on_panic = OnPanic(&stop);
         let mut pending: BTreeMap<usize, S> = BTreeMap::new();
         let mut want = 0usize;
         for (k, r) in rx {

@@ -4,7 +4,7 @@
 //! image by image, rows buffered per worker and added in f64; X is never held
 //! beyond a few hundred rows.
 
-use ndarray::{ArrayView2, ArrayViewD, ArrayViewMut2};
+use ndarray::{ArrayView2, ArrayViewD};
 
 use crate::engine;
 use crate::error::{Error, Result};
@@ -214,10 +214,14 @@ fn flush(buf: &mut Vec<f32>, dim: usize, gram: &mut Vec<f64>) {
             }
         }
     } else {
-        let x: Vec<f64> = buf.iter().map(|&v| v as f64).collect();
-        let x = ArrayView2::from_shape((rows, dim), &x).expect("whole rows");
-        let mut g = ArrayViewMut2::from_shape((dim, dim), gram.as_mut_slice()).expect("square");
-        ndarray::linalg::general_mat_mul(1.0, &x.t(), &x, 1.0, &mut g);
+        // The product of one flush (a few hundred to a thousand rows) in f32, twice as
+        // fast as f64; the sums across flushes and images in f64.
+        let x = ArrayView2::from_shape((rows, dim), buf.as_slice()).expect("whole rows");
+        let mut part = ndarray::Array2::<f32>::zeros((dim, dim));
+        ndarray::linalg::general_mat_mul(1.0, &x.t(), &x, 0.0, &mut part);
+        for (g, p) in gram.iter_mut().zip(part.iter()) {
+            *g += *p as f64;
+        }
     }
     buf.clear();
 }

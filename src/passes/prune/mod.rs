@@ -19,37 +19,44 @@
 //!   largest |w| (a trailing partial group of length L keeps min(N, L)).
 //! - `reweighted`: reweighted L1 on the layer's output error. X is the layer's
 //!   input as rows (the im2col patches of a Conv, one Gram per group, dim
-//!   Cin/g kh kw; the rows of a Gemm/MatMul input, dim K), captured by running the
-//!   model in tract on calibration images and kept only as G = X^T X (f64,
-//!   accumulated image by image). G is scaled to mean diagonal 1 and damped,
-//!   Gd = G + rho I, rho = 1e-2 (so the layer's weights stay near the original
-//!   where the calibration data says nothing, as in SparseGPT/OBS dampening). Each
+//!   Cin/g kh kw, honouring pads, strides, dilations and auto_pad; the rows of a
+//!   Gemm/MatMul input, dim K), captured by running the model in tract on the
+//!   calibration images, image by image, and kept as G = X^T X (f64). A layer that
+//!   sees no more rows than its dim d (a dense layer: one row per image) keeps X
+//!   itself instead, n x d being smaller than d x d; this also makes its solves
+//!   O(n) per weight instead of O(d). G is scaled to mean diagonal 1 and damped,
+//!   Gd = G + rho I, rho = 1e-2 (the weights stay near the original in directions
+//!   the calibration data does not see, as in OBS/SparseGPT dampening). Each
 //!   output unit's row w (original w0) solves
 //!
 //!   min_w (w - w0)^T Gd (w - w0) + lambda sum_i r_i |w_i|,   r_i = 1 / (|w_i'| + eps)
 //!
 //!   by coordinate descent (w_i <- soft(w0_i - q_i / c_i, lambda r_i / 2 c_i) with
-//!   q = Gd (w - w0) minus the i-th term and c_i = Gd_ii), w' the previous round's
-//!   solution (round 1: w0), over `rounds` rounds; eps = 0.1 mean |w0| of the
-//!   layer. lambda is shared by the layer and found by bisection (geometric, on up
-//!   to 64 evenly spread rows) so the zeros hit k; the full layer is then solved at
-//!   that lambda and lands exactly on k by ranking: zeros of the solution come
-//!   first, ordered by their unpenalized value |w0_i - q_i / c_i|, then nonzeros by
-//!   |w_i|; the k lowest are zeroed. Within one tensor and without data (G = I), the
-//!   problem separates per weight and the result is the magnitude mask, which is
-//!   why this method requires calibration data.
+//!   q_i = (Gd (w - w0))_i minus its own term and c_i = Gd_ii; 4 sweeps a round),
+//!   w' the previous round's solution (round 1: w0), over `rounds` rounds; eps =
+//!   0.1 mean |w0| of the layer; existing zeros stay zero. lambda is shared by the
+//!   layer and found by bisection in log lambda (with interpolation of the zero
+//!   counts) on up to 64 evenly spread rows, to within 0.5% of the target; the full
+//!   layer is then solved at that lambda and lands exactly on k by ranking: zeros
+//!   of the solution first, ordered by their unpenalized value |w0_i - q_i / c_i|,
+//!   then nonzeros by |w_i|; the k lowest are zeroed. Within one tensor and without
+//!   data (G = I) the problem separates per weight, and every round keeps the
+//!   order of |w0|, so the result is the magnitude mask: this method requires
+//!   calibration data.
 //! - refit (always after `reweighted`, on request after the others): with S the
 //!   survivors of a row, the least-squares optimum on the mask,
-//!   w_S = w0_S + Gd_SS^{-1} Gd_{S,~S} w0_{~S}, by Jacobi-preconditioned conjugate
-//!   gradients (rows in blocks of 8 sharing the Gram, rayon over blocks).
+//!   w_S = w0_S + Gd_SS^{-1} Gd_{S,~S} w0_{~S}: Cholesky up to 256 survivors,
+//!   Jacobi-preconditioned conjugate gradients above; from rows X, the smaller of
+//!   the primal and the dual (Woodbury) system. Rows in parallel (rayon).
 //!
 //! Reports give, per layer, the sparsity before and after and, when calibration
 //! data was used, the relative output error sum ||X (W - W0)||^2 / ||X W0||^2 on
-//! the calibration rows (with the magnitude mask alone, for comparison).
+//! the calibration rows, before and after the refit (for `reweighted`, also with
+//! the magnitude mask alone, for comparison), and the seconds spent.
 //!
 //! Everything is deterministic: orders are total (ties by index), captured sums
-//! are merged in image-chunk order whatever the thread count, and per-row solves
-//! are independent.
+//! are merged in order of fixed 8-image chunks whatever the thread count, and
+//! per-row solves are independent of each other and of scheduling.
 
 mod glob;
 mod gram;
@@ -614,9 +621,9 @@ impl Pass for Prune {
             };
             let mut wanted = Vec::new();
             for (i, l) in layers.iter().enumerate() {
-                match &l.geoms {
-                    Ok(gs) => wanted.push((i, gs.clone())),
-                    Err(e) => notes[i].push(format!("no calibration ({e})")),
+                match (&l.geoms, &l.rows) {
+                    (Ok(gs), Ok(_)) => wanted.push((i, gs.clone())),
+                    (Err(e), _) | (_, Err(e)) => notes[i].push(format!("no calibration ({e})")),
                 }
             }
             let start = std::time::Instant::now();
@@ -627,15 +634,22 @@ impl Pass for Prune {
                 cx.threads.max(1),
                 &wanted,
             )?;
-            report.changed(
-                "calibration",
-                format!(
-                    "{} images, input Gram matrices of {} layers captured in {:.2}s",
-                    data.len(),
-                    grams.len(),
-                    start.elapsed().as_secs_f64()
-                ),
-            );
+            if !wanted.is_empty() {
+                let as_rows = grams
+                    .iter()
+                    .filter(|(_, s)| matches!(s.first(), Some(gram::Stats::Rows { .. })))
+                    .count();
+                report.changed(
+                    "calibration",
+                    format!(
+                        "{} images: inputs of {} layers captured in {:.2}s ({} as Gram matrices, {as_rows} as rows)",
+                        data.len(),
+                        grams.len(),
+                        start.elapsed().as_secs_f64(),
+                        grams.len() - as_rows
+                    ),
+                );
+            }
             for (i, why) in too_big {
                 notes[i].push(format!("no calibration ({why})"));
             }
@@ -736,12 +750,12 @@ impl Pass for Prune {
                     w = p.refit(mask);
                     let secs = start.elapsed().as_secs_f64();
                     let after = p.output_error(&w);
-                    let mag_err = if cfg.method == Method::Magnitude {
+                    let mag_err = if cfg.method != Method::Reweighted {
                         String::new()
                     } else {
                         let k = mask.iter().filter(|z| **z).count();
                         format!(
-                            ", {:.2}% with the magnitude mask",
+                            " (the magnitude mask alone: {:.2}%)",
                             100.0 * p.output_error(&apply(&l.w0, &mask::magnitude(&l.w0, k)))
                         )
                     };

@@ -42,7 +42,7 @@ const SWEEPS: usize = 4;
 const CHOLESKY_MAX: usize = 256;
 /// Conjugate-gradient iterations at most, and the relative residual to stop at.
 const CG_ITERS: usize = 300;
-const CG_TOL: f64 = 1e-4;
+const CG_TOL: f64 = 1e-3;
 
 /// One layer's weights, row layout and normalized quadratic forms (one per group).
 pub struct Problem<'a> {
