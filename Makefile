@@ -45,7 +45,7 @@ lint:
 	$(CARGO) clippy --all-targets --locked -- -D warnings
 
 bench: release $(VENV_STAMP)
-	ONNX_MICRONET_VENV=$(VENV) bench/run.sh
+	ONNX_MICRONET_VENV=$(VENV) tests/bench/run.sh
 
 fixtures:
 	fixtures/scripts/make_fixtures.sh

@@ -24,13 +24,7 @@ pub fn input_shapes(
     model: &Model,
     overrides: &[Vec<usize>],
 ) -> Result<Vec<(String, Vec<usize>, i32)>> {
-    let graph = Graph::new(
-        model
-            .proto
-            .graph
-            .as_ref()
-            .expect("loaded models have a graph"),
-    )?;
+    let graph = Graph::new(model.graph())?;
     let mut out = Vec::new();
     for (i, input) in graph.inputs().enumerate() {
         let elem = declared_elem_type(input).unwrap_or(DataType::Float as i32);
@@ -57,6 +51,13 @@ pub fn input_shapes(
                     )))
                 }
             }
+        }
+        // Images, not terabytes: past 2^40 elements the counts would overflow.
+        if crate::onnx::tensor::numel_of(&shape).is_none_or(|n| n > 1 << 40) {
+            return Err(Error::Usage(format!(
+                "input '{}' has shape {shape:?}: more than 2^40 elements; give a real one with --input-shape",
+                input.name()
+            )));
         }
         out.push((input.name().to_string(), shape, elem));
     }
@@ -91,9 +92,49 @@ fn tract_err(model: &Model, what: &str, e: impl std::fmt::Display) -> Error {
     Error::Usage(format!("{file}: {what}: {e}"))
 }
 
+thread_local! {
+    static IN_TRACT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is inside a call into tract whose panics [`guarded`] turns
+/// into errors (the CLI's panic hook stays quiet for those).
+pub fn in_guarded_call() -> bool {
+    IN_TRACT.with(|c| c.get())
+}
+
+/// Runs `f` (a call into tract), turning a panic into an error naming the model:
+/// tract's analysis indexes missing inputs and divides by zero strides on malformed
+/// graphs instead of returning errors.
+fn guarded<T>(model: &Model, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let outer = IN_TRACT.with(|c| c.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    IN_TRACT.with(|c| c.set(outer));
+    r.unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(tract_err(
+            model,
+            what,
+            format!("tract panicked ({msg}); the graph is malformed"),
+        ))
+    })
+}
+
 /// The concrete shape of every value tract can determine, by ONNX value name,
 /// for the given input shapes (from [`input_shapes`]).
 pub fn value_shapes(
+    model: &Model,
+    inputs: &[(String, Vec<usize>, i32)],
+) -> Result<HashMap<String, Vec<usize>>> {
+    guarded(model, "shape inference failed", || {
+        value_shapes_unguarded(model, inputs)
+    })
+}
+
+fn value_shapes_unguarded(
     model: &Model,
     inputs: &[(String, Vec<usize>, i32)],
 ) -> Result<HashMap<String, Vec<usize>>> {
@@ -132,6 +173,12 @@ pub struct Plan {
 
 /// Builds a plan for the model's first input with `input_shape` (batch 1).
 pub fn plan(model: &Model, input_shape: &[usize]) -> Result<Plan> {
+    guarded(model, "tract cannot load the model", || {
+        plan_unguarded(model, input_shape)
+    })
+}
+
+fn plan_unguarded(model: &Model, input_shape: &[usize]) -> Result<Plan> {
     let proto = tract_proto(model)?;
     let onnx = tract_onnx::onnx().with_ignore_value_info(true);
     let parsed = onnx
@@ -272,13 +319,7 @@ pub fn capture<S: Send>(
             input_shape
         )));
     }
-    let graph = Graph::new(
-        model
-            .proto
-            .graph
-            .as_ref()
-            .expect("loaded models have a graph"),
-    )?;
+    let graph = Graph::new(model.graph())?;
     let input_name = graph
         .inputs()
         .next()

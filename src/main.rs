@@ -166,30 +166,24 @@ enum Command {
         /// After pruning, refit the surviving weights by least squares on calibration data (needs --calib).
         #[arg(long)]
         refit: bool,
+        #[command(flatten)]
+        quant: QuantArgs,
         /// Calibration images (any --data format; labels not needed).
         #[arg(long, value_name = "PATH")]
         calib: Option<PathBuf>,
         /// How many calibration images to use.
         #[arg(long, value_name = "N", default_value_t = 256)]
         calib_samples: usize,
-        /// Weight storage: float (dense float32).
-        #[arg(long, value_name = "STORAGE", value_parser = ["float"])]
+        /// Weight storage: packed (a bitmask over pruned zeros + k-bit codes or float32
+        /// values, decoded by standard ONNX ops that runtimes fold at load; the default
+        /// when pruning or quantizing) or float (dense float32).
+        #[arg(long, value_name = "STORAGE", value_parser = ["packed", "float"])]
         storage: Option<String>,
         /// Labelled images: validate the original and the written model on them.
         #[arg(long, value_name = "PATH")]
         data: Option<PathBuf>,
-        /// Preprocessing preset for --data and --calib (see `validate --help`).
-        #[arg(long, value_name = "PRESET", value_parser = ["imagenet", "cifar", "mnist", "raw"])]
-        preprocess: Option<String>,
-        /// Force the data format of --data and --calib.
-        #[arg(long, value_name = "FORMAT")]
-        data_format: Option<onnx_micronet::data::Format>,
-        /// Use only the first N images of --data.
-        #[arg(long, value_name = "N")]
-        limit: Option<usize>,
-        /// Worker threads for tract runs (default: all cores).
-        #[arg(long, value_name = "N")]
-        threads: Option<usize>,
+        #[command(flatten)]
+        prep: PrepArgs,
         /// Fail (exit 3, no output) when the written model's top-1 is below this (0.75 or 75).
         #[arg(long, value_name = "X", requires = "data")]
         min_accuracy: Option<f64>,
@@ -216,6 +210,16 @@ struct DataArgs {
     /// Labelled images (see the formats above).
     #[arg(long, value_name = "PATH")]
     data: PathBuf,
+    #[command(flatten)]
+    prep: PrepArgs,
+    /// Model input shape when it is not fixed in the model (e.g. 1,3,32,32).
+    #[arg(long, value_name = "DIMS", value_parser = parse_shape)]
+    input_shape: Vec<Vec<usize>>,
+}
+
+/// How images are read and prepared, and how many threads run them (validate, optimize).
+#[derive(clap::Args, Debug, Clone)]
+struct PrepArgs {
     /// Preprocessing preset: imagenet (short side 256/224 of the input, centre crop, /255,
     /// ImageNet mean/std), cifar (/255, CIFAR mean/std), mnist (/255, 0.1307/0.3081),
     /// raw (0..255 floats). Default: mnist for 1-channel inputs, imagenet from 128 px, else cifar.
@@ -224,15 +228,116 @@ struct DataArgs {
     /// Force the data format instead of detecting it: cifar10, cifar100, idx, npy, npz, images.
     #[arg(long, value_name = "FORMAT")]
     data_format: Option<onnx_micronet::data::Format>,
-    /// Use only the first N images.
+    /// Use only the first N images of --data.
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
     /// Worker threads, each running one image at a time (default: all cores).
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
-    /// Model input shape when it is not fixed in the model (e.g. 1,3,32,32).
-    #[arg(long, value_name = "DIMS", value_parser = parse_shape)]
-    input_shape: Vec<Vec<usize>>,
+}
+
+/// Weight and activation quantization flags of `optimize` (shorthand for the recipe's
+/// [quantize] and [act_quant] sections, which they override).
+#[derive(clap::Args, Debug)]
+struct QuantArgs {
+    /// Quantize weights: linear:B, minmax:B, log:B, tanh:B (B bits), or ternary:twn,
+    /// ternary:msu, ternary:ec2t (e.g. --quantize linear:8).
+    #[arg(long, value_name = "SCHEME:BITS")]
+    quantize: Option<String>,
+    /// Bits for named layers: NAME=BITS,... (node or weight names, globs allowed; 32 = float).
+    #[arg(long, value_name = "NAME=BITS,..")]
+    layer_bits: Option<String>,
+    /// Bits per weighted layer in layer order (topological order of Conv/ConvTranspose/Gemm/MatMul
+    /// with a constant weight), e.g. 9,8,8,6; its length must equal the layer count.
+    #[arg(long, value_name = "B,B,..")]
+    qbn: Option<String>,
+    /// One grid per output channel (linear, minmax).
+    #[arg(long)]
+    per_channel: bool,
+    /// Fraction of values allowed to clip when choosing a range (weights and activations; default 0).
+    #[arg(long, value_name = "R")]
+    overflow_rate: Option<f64>,
+    /// Quantize biases too (linear, B bits); by default they stay float.
+    #[arg(long, value_name = "B")]
+    bias_bits: Option<u32>,
+    /// Quantize activations to B bits (8: QuantizeLinear/DequantizeLinear; else a fake-quant
+    /// chain), ranges calibrated on --calib.
+    #[arg(long, value_name = "B")]
+    act_bits: Option<u32>,
+    /// Activation range: maxabs (with --overflow-rate), percentile:P, mse.
+    #[arg(long, value_name = "RANGE")]
+    act_range: Option<String>,
+}
+
+impl QuantArgs {
+    fn apply(&self, r: &mut Recipe) -> anyhow::Result<()> {
+        use onnx_micronet::passes::act_quant::ActQuantSection;
+        use onnx_micronet::passes::quantize::{parse_layer_bits, parse_qbn, QuantizeSection};
+        if let Some(spec) = &self.quantize {
+            let mut section = QuantizeSection::from_flag(spec)?;
+            if let Some(old) = r.quantize.take() {
+                section = QuantizeSection {
+                    scheme: section.scheme,
+                    bits: section.bits,
+                    rule: section.rule,
+                    ..old
+                };
+            }
+            r.quantize = Some(section);
+        }
+        match r.quantize.as_mut() {
+            Some(q) => {
+                if let Some(b) = &self.layer_bits {
+                    q.layers.extend(parse_layer_bits(b)?);
+                }
+                if let Some(v) = &self.qbn {
+                    q.qbn = Some(parse_qbn(v)?);
+                }
+                if self.per_channel {
+                    q.per_channel = Some(true);
+                }
+                if self.overflow_rate.is_some() {
+                    q.overflow_rate = self.overflow_rate;
+                }
+                if self.bias_bits.is_some() {
+                    q.bias_bits = self.bias_bits;
+                }
+            }
+            None if self.layer_bits.is_some()
+                || self.qbn.is_some()
+                || self.per_channel
+                || self.bias_bits.is_some() =>
+            {
+                return Err(onnx_micronet::Error::Usage(
+                    "--layer-bits, --qbn, --per-channel and --bias-bits need --quantize (or a [quantize] section in the recipe)".into(),
+                )
+                .into());
+            }
+            None => {}
+        }
+        if let Some(b) = self.act_bits {
+            let old = r.act_quant.take().unwrap_or_default();
+            r.act_quant = Some(ActQuantSection { bits: b, ..old });
+        }
+        match r.act_quant.as_mut() {
+            Some(a) => {
+                if self.act_range.is_some() {
+                    a.range = self.act_range.clone();
+                }
+                if self.overflow_rate.is_some() {
+                    a.overflow_rate = self.overflow_rate;
+                }
+            }
+            None if self.act_range.is_some() => {
+                return Err(onnx_micronet::Error::Usage(
+                    "--act-range needs --act-bits (or an [act_quant] section in the recipe)".into(),
+                )
+                .into());
+            }
+            None => {}
+        }
+        Ok(())
+    }
 }
 
 /// The counting options (micronet-rules.md section 5.1), shared by `score` and `optimize`.
@@ -240,8 +345,9 @@ struct DataArgs {
 struct CountingArgs {
     /// Challenge track: its baseline normalizes the score.
     /// cifar100 = WideResNet-28-10 (36.5M params, 10.49B ops); imagenet = MobileNetV2-1.4 (6.9M, 1170M).
-    #[arg(long, value_enum, default_value = "cifar100")]
-    track: Track,
+    /// Default: imagenet for inputs from 128 px or 1000 classes, else cifar100 (the report says so).
+    #[arg(long, value_enum)]
+    track: Option<Track>,
     /// Custom baseline parameter count (overrides the track's).
     #[arg(long, value_name = "N")]
     baseline_params: Option<f64>,
@@ -288,10 +394,20 @@ struct CountingArgs {
 }
 
 impl CountingArgs {
-    fn options(&self) -> ScoreOptions {
+    /// The counting options for `model`; the track, when not given, is inferred from
+    /// the model (the report says so).
+    fn options(&self, model: &onnx::Model) -> anyhow::Result<ScoreOptions> {
+        let (track, inferred) = match self.track {
+            Some(t) => (t, None),
+            None => {
+                let (t, why) = Track::infer(model, &self.input_shape)?;
+                (t, Some(why))
+            }
+        };
         let mut o = ScoreOptions {
-            track: self.track,
-            baseline: self.track.baseline(),
+            track,
+            track_inferred: inferred,
+            baseline: track.baseline(),
             input_shapes: self.input_shape.clone(),
             freebie: !self.no_freebie,
             accumulation: self.accumulation,
@@ -313,7 +429,7 @@ impl CountingArgs {
         for (op, cost) in &self.act_cost {
             o.activations.insert(op.clone(), *cost);
         }
-        o
+        Ok(o)
     }
 }
 
@@ -379,12 +495,13 @@ fn run_validation(
     args: &DataArgs,
 ) -> anyhow::Result<validate::Report> {
     let geometry = validate::input_geometry(first, &args.input_shape)?;
-    let preset = args
+    let prep = &args.prep;
+    let preset = prep
         .preprocess
         .clone()
         .unwrap_or_else(|| validate::default_preset(geometry.2, geometry.3).to_string());
-    let data = validate::load_data(&args.data, &preset, args.data_format, args.limit, &geometry)?;
-    let threads = args
+    let data = validate::load_data(&args.data, &preset, prep.data_format, prep.limit, &geometry)?;
+    let threads = prep
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let mut models = vec![(first_path.display().to_string(), first)];
@@ -441,10 +558,29 @@ fn emit(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Panics inside tract are turned into errors by the engine: keep them quiet.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !onnx_micronet::engine::in_guarded_call() {
+            default_hook(info)
+        }
+    }));
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One line, whatever the model's names hold (control characters escaped).
+            let line: String = format!("{e:#}")
+                .chars()
+                .flat_map(|c| {
+                    let esc: Vec<char> = if c.is_control() {
+                        c.escape_default().collect()
+                    } else {
+                        vec![c]
+                    };
+                    esc
+                })
+                .collect();
+            eprintln!("error: {line}");
             let usage = e
                 .chain()
                 .any(|c| c.downcast_ref::<onnx_micronet::Error>().is_some());
@@ -517,14 +653,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             prune,
             prune_skip,
             refit,
+            quant,
             calib,
             calib_samples,
             storage,
             data,
-            preprocess,
-            data_format,
-            limit,
-            threads,
+            prep,
             min_accuracy,
             max_drop,
             dry_run,
@@ -565,13 +699,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if storage.is_some() {
                 r.storage = storage.clone();
             }
-            let opts = counting.options();
-            let threads = threads
+            quant.apply(&mut r)?;
+            let opts = counting.options(&original)?;
+            let threads = prep
+                .threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let geometry = validate::input_geometry(&original, &counting.input_shape);
             let preset_for =
                 |g: &(Vec<usize>, onnx_micronet::data::Layout, usize, usize, usize)| {
-                    preprocess
+                    prep.preprocess
                         .clone()
                         .unwrap_or_else(|| validate::default_preset(g.2, g.3).to_string())
                 };
@@ -583,7 +719,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     Some(validate::load_data(
                         p,
                         &preset_for(g),
-                        data_format,
+                        prep.data_format,
                         Some(calib_samples),
                         g,
                     )?)
@@ -601,10 +737,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(d) => {
                     let args = DataArgs {
                         data: d.clone(),
-                        preprocess: preprocess.clone(),
-                        data_format,
-                        limit,
-                        threads: Some(threads),
+                        prep: PrepArgs {
+                            threads: Some(threads),
+                            ..prep.clone()
+                        },
                         input_shape: counting.input_shape.clone(),
                     };
                     let out_name = output.display().to_string();
@@ -663,7 +799,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             markdown,
         } => {
             let m = onnx::load(&model)?;
-            let report = score::score(&m, &counting.options())?;
+            let report = score::score(&m, &counting.options(&m)?)?;
             let json_to_stdout = json.as_deref().is_some_and(|p| p.as_os_str() == "-");
             if !json_to_stdout {
                 out(&report.to_text())?;

@@ -90,6 +90,24 @@ impl OptimizeReport {
         );
         row(&mut s, "adds (32-bit units)", b.totals.adds, a.totals.adds);
         row(&mut s, "ops (32-bit units)", b.totals.ops, a.totals.ops);
+        row(
+            &mut s,
+            "storage bytes (params x 4)",
+            b.disk.score_bytes,
+            a.disk.score_bytes,
+        );
+        row(
+            &mut s,
+            "bytes on disk",
+            b.disk.file_bytes as f64,
+            a.disk.file_bytes as f64,
+        );
+        row(
+            &mut s,
+            "  of which decoders",
+            (b.disk.decoder_bytes + b.disk.shared_bytes) as f64,
+            (a.disk.decoder_bytes + a.disk.shared_bytes) as f64,
+        );
         let _ = writeln!(
             s,
             "  {:<22} {:>16.4} {:>16.4} {:>9.3}x   ({:?} track)",

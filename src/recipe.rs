@@ -3,6 +3,7 @@
 //!
 //! ```toml
 //! fold_bn = true                 # default
+//! storage = "packed"             # packed (default when pruning or quantizing) | float
 //!
 //! [prune]
 //! method = "magnitude"           # magnitude | global | nm:2:4 | reweighted
@@ -16,6 +17,23 @@
 //! [[prune.layer]]                # later entries win
 //! match = "*classifier*"
 //! sparsity = 0.8
+//!
+//! [quantize]                     # weights (passes/quantize/)
+//! scheme = "linear"              # linear | minmax | log | tanh | ternary (rule = twn | msu | ec2t)
+//! bits = 8
+//! qbn = [9, 8, 8, 6]             # per layer, in layer order (32 = float)
+//! per_channel = false            # linear, minmax
+//! overflow_rate = 0.0            # fraction of |w| allowed to clip
+//! bias_bits = 16                 # optional: biases linear too
+//! [[quantize.layer]]             # later entries win
+//! match = "*classifier*"
+//! bits = 6                       # and/or scheme = "...", skip = true
+//!
+//! [act_quant]                    # activations (passes/act_quant.rs; needs --calib)
+//! bits = 8                       # 8: QuantizeLinear/DequantizeLinear; else fake-quant
+//! range = "maxabs"               # maxabs | percentile:99.99 | mse
+//! overflow_rate = 0.0
+//! placement = "inputs"           # inputs (of weighted layers) | outputs
 //! ```
 
 use std::path::Path;
@@ -23,8 +41,11 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::passes::act_quant::{ActQuant, ActQuantSection};
 use crate::passes::fold_bn::FoldBatchNorm;
+use crate::passes::pack::Pack;
 use crate::passes::prune::{LayerRule, Method, Prune, PruneConfig};
+use crate::passes::quantize::{Quantize, QuantizeSection};
 use crate::passes::Pipeline;
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -33,7 +54,12 @@ pub struct Recipe {
     /// Fold BatchNormalization into the preceding layer (default true).
     pub fold_bn: Option<bool>,
     pub prune: Option<PruneSection>,
-    /// Weight storage: "float" (dense float32; the only one so far).
+    /// Weight quantization.
+    pub quantize: Option<QuantizeSection>,
+    /// Calibrated activation quantization.
+    pub act_quant: Option<ActQuantSection>,
+    /// Weight storage: "packed" (bitmask + k-bit codes, decoded by standard ops; the
+    /// default when pruning or quantizing) or "float" (dense float32).
     pub storage: Option<String>,
 }
 
@@ -74,7 +100,7 @@ impl Recipe {
         })
     }
 
-    /// The pipeline the recipe describes, in the fixed order fold-bn, prune.
+    /// The pipeline the recipe describes, in the fixed order fold-bn, prune, quantize, act-quant.
     pub fn pipeline(&self) -> Result<Pipeline> {
         let mut p = Pipeline::default();
         if self.fold_bn.unwrap_or(true) {
@@ -83,13 +109,25 @@ impl Recipe {
         if let Some(s) = &self.prune {
             p.passes.push(Box::new(Prune(s.config()?)));
         }
-        match self.storage.as_deref() {
-            None | Some("float") => {}
+        if let Some(s) = &self.quantize {
+            p.passes.push(Box::new(Quantize(s.config()?)));
+        }
+        if let Some(s) = &self.act_quant {
+            p.passes.push(Box::new(ActQuant(s.config()?)));
+        }
+        // Packed storage is the default whenever something is pruned or quantized.
+        let pack = match self.storage.as_deref() {
+            Some("packed") => true,
+            Some("float") => false,
+            None => self.prune.is_some() || self.quantize.is_some(),
             Some(other) => {
                 return Err(Error::Usage(format!(
-                "storage '{other}': only 'float' exists so far (packed storage is not built yet)"
-            )))
+                    "storage '{other}': expected 'packed' (bitmask + k-bit codes) or 'float' (dense float32)"
+                )))
             }
+        };
+        if pack {
+            p.passes.push(Box::new(Pack));
         }
         Ok(p)
     }

@@ -640,3 +640,54 @@ fn ref_output_size_reproduces_the_even_kernel_quirk() {
     // ref: 8 x 9 x 2 = 144.
     close(layer(&run(m, &opts), "conv").raw_mults, 144.0);
 }
+
+#[test]
+fn track_is_inferred_from_the_input_size_unless_given() {
+    let d = tempfile::tempdir().unwrap();
+    let track_of = |args: &[&str]| {
+        let o = cli(args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        (
+            j["track"].as_str().unwrap().to_string(),
+            j["options"]["track_inferred"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        )
+    };
+    // MNIST, 28 px: the 32 x 32 track.
+    let f = fixture("mnist_ccexam.onnx");
+    let (t, why) = track_of(&["score", f.to_str().unwrap(), "--json", "-"]);
+    assert_eq!(t, "cifar100");
+    assert_eq!(why, "input 28 px high");
+    // The same 3x3 conv at 224 x 224: ImageNet (baseline 6.9M params).
+    let mut m = tiny_conv();
+    let input = &mut m.graph.as_mut().unwrap().input[0];
+    *input = value_info("x", &[1, 2, 224, 224]);
+    let out = &mut m.graph.as_mut().unwrap().output[0];
+    *out = value_info("y", &[1, 3, 224, 224]);
+    let p = d.path().join("big.onnx");
+    write_model(&p, &m);
+    let (t, why) = track_of(&["score", p.to_str().unwrap(), "--json", "-"]);
+    assert_eq!(t, "imagenet");
+    assert_eq!(why, "input 224 px high");
+    // Given, it wins and nothing is inferred.
+    let (t, why) = track_of(&[
+        "score",
+        p.to_str().unwrap(),
+        "--track",
+        "cifar100",
+        "--json",
+        "-",
+    ]);
+    assert_eq!(t, "cifar100");
+    assert_eq!(why, "");
+    // The text report says it too.
+    let o = cli(&["score", p.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("inferred from the model: input 224 px high; --track to choose"),
+        "{text}"
+    );
+}

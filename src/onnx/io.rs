@@ -24,7 +24,9 @@ use std::path::{Component, Path, PathBuf};
 use bytes::Bytes;
 use prost::Message;
 
-use super::proto::{tensor_proto::DataLocation, ModelProto, StringStringEntryProto, TensorProto};
+use super::proto::{
+    tensor_proto::DataLocation, GraphProto, ModelProto, StringStringEntryProto, TensorProto,
+};
 use super::tensor::{check_stored_size, is_external, raw_len, TensorData};
 use super::visit::{self, Site};
 use crate::error::{Error, Result};
@@ -40,6 +42,24 @@ pub struct Model {
     pub path: Option<PathBuf>,
     /// Side files whose data was read (canonical paths), in first-use order.
     pub external_files: Vec<PathBuf>,
+}
+
+impl Model {
+    /// The main graph (loading refuses models without one).
+    pub fn graph(&self) -> &GraphProto {
+        self.proto
+            .graph
+            .as_ref()
+            .expect("loaded models have a graph")
+    }
+
+    /// The main graph, to edit.
+    pub fn graph_mut(&mut self) -> &mut GraphProto {
+        self.proto
+            .graph
+            .as_mut()
+            .expect("loaded models have a graph")
+    }
 }
 
 /// How to load.

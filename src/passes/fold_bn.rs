@@ -106,7 +106,7 @@ impl Pass for FoldBatchNorm {
 
     fn run(&self, model: &mut Model, _cx: &Context) -> Result<PassReport> {
         let mut report = PassReport::new(self.name());
-        let g = model.proto.graph.as_mut().expect("models have a graph");
+        let g = model.graph_mut();
         let folds = plan(g, &mut report)?;
         apply(g, folds, &mut report);
         Ok(report)
@@ -147,8 +147,22 @@ impl From<Error> for Skip {
     }
 }
 
+/// Whether the node has its first `n` inputs (non-empty) and an output: malformed
+/// nodes are left alone, not indexed into.
+fn has_inputs(n: &NodeProto, count: usize) -> bool {
+    n.input.len() >= count
+        && n.input[..count].iter().all(|v| !v.is_empty())
+        && n.output.first().is_some_and(|o| !o.is_empty())
+}
+
 fn plan_bn(g: &Graph, i: usize) -> std::result::Result<Fold, Skip> {
     let bn = g.node(i);
+    if !has_inputs(bn, 5) {
+        return Err(Skip(format!(
+            "has {} inputs; BatchNormalization needs X, scale, B, mean and var",
+            bn.input.len()
+        )));
+    }
     if attr_i(bn, "training_mode", 0) != 0 || bn.output.iter().skip(1).any(|o| !o.is_empty()) {
         return Err(Skip(
             "runs in training mode (running statistics are outputs)".into(),
@@ -162,6 +176,12 @@ fn plan_bn(g: &Graph, i: usize) -> std::result::Result<Fold, Skip> {
     };
     let layer = g.node(p);
     let op = layer.op_type();
+    if !has_inputs(layer, 2) {
+        return Err(Skip(format!(
+            "follows '{}', which lacks its weight input",
+            g.node_name(p)
+        )));
+    }
     if !matches!(op, "Conv" | "ConvTranspose" | "Gemm" | "MatMul") {
         return Err(Skip(format!(
             "follows {op} '{}', not a Conv, ConvTranspose, Gemm or MatMul",
@@ -215,10 +235,14 @@ fn plan_bn(g: &Graph, i: usize) -> std::result::Result<Fold, Skip> {
 /// The Conv -> Mul(m) -> Add(a) form.
 fn plan_mul_add(g: &Graph, mul_idx: usize) -> Result<Option<Fold>> {
     let mul = g.node(mul_idx);
+    if !has_inputs(mul, 2) {
+        return Ok(None);
+    }
     let Some((p, _)) = g.producer(&mul.input[0]) else {
         return Ok(None);
     };
     if g.node(p).op_type() != "Conv"
+        || !has_inputs(g.node(p), 2)
         || g.use_count(&mul.input[0]) != 1
         || g.use_count(&mul.output[0]) != 1
     {
@@ -228,7 +252,7 @@ fn plan_mul_add(g: &Graph, mul_idx: usize) -> Result<Option<Fold>> {
         return Ok(None);
     };
     let add = g.node(*add_idx);
-    if add.op_type() != "Add" || add.input[0] != mul.output[0] {
+    if add.op_type() != "Add" || !has_inputs(add, 2) || add.input[0] != mul.output[0] {
         return Ok(None);
     }
     let w = match f32_const(g, &g.node(p).input[1])? {

@@ -6,8 +6,11 @@
 //! through a fresh [`crate::graph::Graph`] view; the pipeline checks the graph after
 //! every pass, so a broken rewrite is caught where it happened.
 
+pub mod act_quant;
 pub mod fold_bn;
+pub mod pack;
 pub mod prune;
+pub mod quantize;
 
 use std::time::Instant;
 
@@ -94,7 +97,7 @@ impl Pipeline {
             let start = Instant::now();
             let mut report = pass.run(model, cx)?;
             report.seconds = start.elapsed().as_secs_f64();
-            let graph = model.proto.graph.as_ref().expect("models have a graph");
+            let graph = model.graph();
             Graph::new(graph)
                 .map_err(|e| Error::Graph(format!("after pass '{}': {e}", pass.name())))?;
             reports.push(report);

@@ -10,7 +10,37 @@
 //!   it: at most 2^k distinct values, all on the scheme's grid. A claim the values
 //!   contradict is an error, never silently believed;
 //! - `DequantizeLinear(q, scale, zero_point)` with a constant integer `q` counts
-//!   the bits of q's element type (int8 -> 8), its values being (q - zp) * scale.
+//!   the bits of q's element type (int8 -> 8), its values being (q - zp) * scale;
+//! - a packed weight (bitmask + k-bit codes or float32 values + a decoding subgraph,
+//!   `passes/pack/format.rs`) counts the width its structure stores: k for codes
+//!   (2 and ternary for mask + sign bit + two centroids), 32 for float32 values.
+//!
+//! The claim contract (written by the `quantize` pass, read here and by packing).
+//! Quantized weights stay float32 initializers whose values lie exactly on their
+//! grid, computed in f32 as `((code - zp) as f32) * scale`, so a DequantizeLinear
+//! of the codes reproduces them bit for bit; exact zeros (pruned weights) stay
+//! exactly 0.0 under every scheme (the mask is the zeros). `metadata_props` keys:
+//! - `onnx_micronet.scheme` = linear | minmax | log | tanh | ternary, and
+//!   `onnx_micronet.bits` = k (ternary: 2, and may be omitted);
+//! - linear: `onnx_micronet.step` = scale (2^-sf), zp = 0, signed codes in
+//!   [-2^(k-1), 2^(k-1) - 1];
+//! - minmax: `onnx_micronet.step` = scale and `onnx_micronet.zero_point` = zp, an
+//!   integer; unsigned codes in [0, 2^k - 1] (ONNX uint8 style at k = 8; the grid
+//!   is nudged so 0.0 is code zp);
+//! - per-channel linear/minmax: `onnx_micronet.axis` = the tensor's output-channel
+//!   axis (Conv 0, ConvTranspose 1, Gemm 0 with transB = 1 else 1, MatMul the last),
+//!   and step / zero_point as comma-separated lists, one per channel;
+//! - log: every nonzero value is a signed power of two, the exponents spanning at
+//!   most 2^(k-1) values (an exponent on k - 1 bits plus a sign bit);
+//! - tanh: at most 2^k distinct values;
+//! - ternary: `onnx_micronet.rule` = twn | msu | ec2t; values in {w_n, 0, w_p},
+//!   twn and msu symmetric (w_n = -w_p).
+//!
+//! Verification: the distinct count (per channel when per-channel) is at most 2^k
+//! (ternary 3), and each value is on its stated grid: v / step within 1e-3 of an
+//! integer code in range (so values computed a float ulp away still pass; the
+//! pass itself writes them exactly). Any contradiction is an error naming the
+//! tensor and the claim.
 //!
 //! Activations: the output of `DequantizeLinear(QuantizeLinear(x))` counts the
 //! bits of the quantized type; a float fake-quant chain
@@ -32,6 +62,9 @@ use crate::onnx::{DataType, TensorData, TensorProto};
 pub const META_SCHEME: &str = "onnx_micronet.scheme";
 pub const META_BITS: &str = "onnx_micronet.bits";
 pub const META_STEP: &str = "onnx_micronet.step";
+pub const META_ZERO_POINT: &str = "onnx_micronet.zero_point";
+pub const META_AXIS: &str = "onnx_micronet.axis";
+pub const META_RULE: &str = "onnx_micronet.rule";
 
 /// A weight as the score sees it.
 #[derive(Debug, Clone)]
@@ -75,6 +108,11 @@ pub fn weight(g: &Graph, value: &str) -> Result<Option<Weight>> {
     let Some((idx, _)) = g.producer(value) else {
         return Ok(None);
     };
+    // Packed storage (mask + codes + decoding subgraph): read by its structure,
+    // valued by evaluating its ops (`passes/pack/format.rs` defines the format).
+    if let Some(w) = crate::passes::pack::format::read(g, value)? {
+        return Ok(Some(w));
+    }
     let node = g.node(idx);
     match node.op_type() {
         "Identity" => weight(g, &node.input[0]),
@@ -146,7 +184,7 @@ fn float_weight(t: &TensorProto) -> Result<Weight> {
     let data = TensorData::from_proto(t)?;
     let storage_bits = data.elem_bits() as u32;
     let values = data.to_f32();
-    let Some(scheme) = meta(t, META_SCHEME) else {
+    let Some(c) = verify_claim(t, &values)? else {
         return Ok(Weight {
             values,
             bits: storage_bits,
@@ -154,6 +192,46 @@ fn float_weight(t: &TensorProto) -> Result<Weight> {
             quantized: false,
             ternary: false,
         });
+    };
+    Ok(Weight {
+        values,
+        bits: c.bits,
+        quantized: c.bits < 16,
+        ternary: c.scheme == "ternary",
+        scheme: c.scheme,
+    })
+}
+
+/// A scheme claim on a float tensor, proved by its values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    pub scheme: String,
+    pub bits: u32,
+    /// Ternary: twn | msu | ec2t.
+    pub rule: Option<String>,
+    /// Per-channel grids (linear, minmax): the output-channel axis.
+    pub axis: Option<usize>,
+}
+
+/// Parses one number, or a comma-separated list of them, from a metadata value.
+fn meta_list(t: &TensorProto, key: &str) -> Option<std::result::Result<Vec<f64>, String>> {
+    let raw = meta(t, key)?;
+    Some(
+        raw.split(',')
+            .map(|s| {
+                s.trim()
+                    .parse::<f64>()
+                    .map_err(|_| format!("{key} = '{raw}' is not a number or a list of numbers"))
+            })
+            .collect(),
+    )
+}
+
+/// Reads and checks the scheme claim in a tensor's `metadata_props` against its
+/// values (see the module doc for the contract). `Ok(None)`: no claim.
+pub fn verify_claim(t: &TensorProto, values: &ArrayD<f32>) -> Result<Option<Claim>> {
+    let Some(scheme) = meta(t, META_SCHEME) else {
+        return Ok(None);
     };
     let name = t.name();
     let claim_err = |m: String| Error::tensor(name, format!("claims {scheme} but {m}"));
@@ -168,69 +246,179 @@ fn float_weight(t: &TensorProto) -> Result<Weight> {
     if !(1..=32).contains(&bits) {
         return Err(claim_err(format!("{bits} bits is out of range")));
     }
-    // Distinct values: the proof every scheme shares.
-    let distinct: BTreeSet<u32> = values
-        .iter()
-        .map(|v| if *v == 0.0 { 0 } else { v.to_bits() })
-        .collect();
+    let axis = match meta(t, META_AXIS) {
+        None => None,
+        Some(a) => {
+            let a: usize = a
+                .parse()
+                .map_err(|_| claim_err(format!("{META_AXIS} = '{a}' is not an axis")))?;
+            if a >= values.ndim() {
+                return Err(claim_err(format!(
+                    "{META_AXIS} = {a} is not an axis of a rank-{} tensor",
+                    values.ndim()
+                )));
+            }
+            Some(a)
+        }
+    };
+    // The slices that share one grid: the channels along `axis`, or the whole tensor.
+    let slices: Vec<Vec<f32>> = match axis {
+        Some(a) => values
+            .axis_iter(Axis(a))
+            .map(|s| s.iter().copied().collect())
+            .collect(),
+        None => vec![values.iter().copied().collect()],
+    };
+    // One parameter per slice (or one for all).
+    let per_slice = |key: &str| -> Result<Option<Vec<f64>>> {
+        let Some(list) = meta_list(t, key) else {
+            return Ok(None);
+        };
+        let list = list.map_err(claim_err)?;
+        if list.len() != slices.len() {
+            return Err(claim_err(format!(
+                "{key} lists {} values for {} {}",
+                list.len(),
+                slices.len(),
+                if axis.is_some() {
+                    "channels"
+                } else {
+                    "tensor (no axis)"
+                }
+            )));
+        }
+        Ok(Some(list))
+    };
+    // Distinct values: the proof every scheme shares (per channel when per-channel).
     let allowed: u64 = if ternary { 3 } else { 1u64 << bits.min(63) };
-    if distinct.len() as u64 > allowed {
-        return Err(claim_err(format!(
-            "holds {} distinct values (a {bits}-bit code has at most {allowed})",
-            distinct.len()
-        )));
+    for s in &slices {
+        let distinct: BTreeSet<u32> = s
+            .iter()
+            .map(|v| if *v == 0.0 { 0 } else { v.to_bits() })
+            .collect();
+        if distinct.len() as u64 > allowed {
+            return Err(claim_err(format!(
+                "holds {} distinct values{} (a {bits}-bit code has at most {allowed})",
+                distinct.len(),
+                if axis.is_some() {
+                    " in one channel"
+                } else {
+                    ""
+                }
+            )));
+        }
     }
+    // k = v / step within 1e-3 of an integer in [lo, hi].
+    let on_grid = |v: f32, step: f64, zp: f64, lo: f64, hi: f64| -> bool {
+        let k = v as f64 / step;
+        (k - k.round()).abs() <= 1e-3 && k.round() + zp >= lo && k.round() + zp <= hi
+    };
+    let mut rule = None;
     match scheme {
-        "linear" => {
-            let step: f32 = meta(t, META_STEP)
-                .and_then(|s| s.parse().ok())
+        "linear" | "minmax" => {
+            let steps = per_slice(META_STEP)?
                 .ok_or_else(|| claim_err(format!("has no valid {META_STEP}")))?;
-            let (lo, hi) = (
-                -(2f64.powi(bits as i32 - 1)),
-                2f64.powi(bits as i32 - 1) - 1.0,
-            );
-            for v in values.iter() {
-                let k = (*v as f64) / step as f64;
-                if (k - k.round()).abs() > 1e-3 || k.round() < lo || k.round() > hi {
+            let zps = if scheme == "minmax" {
+                per_slice(META_ZERO_POINT)?
+                    .ok_or_else(|| claim_err(format!("has no valid {META_ZERO_POINT}")))?
+            } else {
+                vec![0.0; slices.len()]
+            };
+            // linear: signed codes; minmax: unsigned codes, as ONNX uint8 with a zero point.
+            let (lo, hi) = if scheme == "linear" {
+                (
+                    -(2f64.powi(bits as i32 - 1)),
+                    2f64.powi(bits as i32 - 1) - 1.0,
+                )
+            } else {
+                (0.0, 2f64.powi(bits as i32) - 1.0)
+            };
+            for ((s, &step), &zp) in slices.iter().zip(&steps).zip(&zps) {
+                if !(step > 0.0 && step.is_finite()) {
+                    return Err(claim_err(format!("{META_STEP} {step} is not positive")));
+                }
+                if zp.fract() != 0.0 || zp < lo || zp > hi {
                     return Err(claim_err(format!(
-                        "value {v} is not on the grid k * {step}, k in [{lo}, {hi}]"
+                        "{META_ZERO_POINT} {zp} is not an integer code in [{lo}, {hi}]"
                     )));
+                }
+                if let Some(v) = s.iter().find(|v| !on_grid(**v, step, zp, lo, hi)) {
+                    return Err(claim_err(if scheme == "linear" {
+                        format!("value {v} is not on the grid k * {step}, k in [{lo}, {hi}]")
+                    } else {
+                        format!(
+                            "value {v} is not on the grid (q - {zp}) * {step}, q in [{lo}, {hi}]"
+                        )
+                    }));
                 }
             }
         }
         "log" => {
+            let mut exps = BTreeSet::new();
             for v in values.iter().filter(|v| **v != 0.0) {
                 let e = v.abs().log2();
                 if (e - e.round()).abs() > 1e-4 {
                     return Err(claim_err(format!("value {v} is not a signed power of two")));
                 }
+                exps.insert(e.round() as i64);
+            }
+            if let (Some(lo), Some(hi)) = (exps.first(), exps.last()) {
+                let span = (hi - lo + 1) as u64;
+                if bits < 2 || span > 1u64 << (bits - 1).min(62) {
+                    return Err(claim_err(format!(
+                        "its exponents span 2^{lo}..2^{hi} ({span} exponents; {} bits of exponent give {})",
+                        bits.saturating_sub(1),
+                        1u64 << bits.saturating_sub(1).min(62)
+                    )));
+                }
             }
         }
         "ternary" => {
-            let neg = distinct
+            let r = meta(t, META_RULE);
+            if let Some(r) = r.filter(|r| !matches!(*r, "twn" | "msu" | "ec2t")) {
+                return Err(claim_err(format!(
+                    "{META_RULE} = '{r}' is not twn, msu or ec2t"
+                )));
+            }
+            let levels: BTreeSet<u32> = values
                 .iter()
-                .filter(|b| f32::from_bits(**b) < 0.0)
-                .count();
-            let pos = distinct
+                .filter(|v| **v != 0.0)
+                .map(|v| v.to_bits())
+                .collect();
+            let neg: Vec<f32> = levels
                 .iter()
-                .filter(|b| f32::from_bits(**b) > 0.0)
-                .count();
-            if neg > 1 || pos > 1 {
+                .map(|b| f32::from_bits(*b))
+                .filter(|v| *v < 0.0)
+                .collect();
+            let pos: Vec<f32> = levels
+                .iter()
+                .map(|b| f32::from_bits(*b))
+                .filter(|v| *v > 0.0)
+                .collect();
+            if neg.len() > 1 || pos.len() > 1 {
                 return Err(claim_err(
                     "holds more than one negative or positive level".into(),
                 ));
             }
+            if let (Some("twn" | "msu"), [n], [p]) = (r, &neg[..], &pos[..]) {
+                if *n != -*p {
+                    return Err(claim_err(format!(
+                        "rule {} is symmetric, yet its levels are {n} and {p}",
+                        r.unwrap_or_default()
+                    )));
+                }
+            }
+            rule = r.map(str::to_string);
         }
-        // minmax, tanh and others: proved by the distinct count above.
+        // tanh and others: proved by the distinct count above.
         _ => {}
     }
-    Ok(Weight {
-        values,
-        bits,
+    Ok(Some(Claim {
         scheme: scheme.to_string(),
-        quantized: bits < 16,
-        ternary,
-    })
+        bits,
+        rule,
+        axis,
+    }))
 }
 
 /// Ops whose output holds only values of their (first) input: bits pass through.

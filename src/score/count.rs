@@ -291,7 +291,8 @@ pub(crate) fn count_graph(
 }
 
 fn numel(s: &[usize]) -> f64 {
-    s.iter().product::<usize>() as f64
+    // In f64: a malformed graph's shapes may overflow usize.
+    s.iter().map(|&d| d as f64).product()
 }
 
 fn count_node(ctx: &mut Ctx, idx: usize) -> Result<Option<Layer>> {

@@ -48,6 +48,30 @@ impl Track {
     }
 }
 
+impl Track {
+    /// The track a model was most likely made for, and why: ImageNet when its
+    /// (first) input is at least 128 pixels high or it has 1000 (or 1001) classes,
+    /// else CIFAR-100 (the challenge's 32 x 32 track).
+    pub fn infer(model: &Model, input_shapes: &[Vec<usize>]) -> Result<(Track, String)> {
+        let inputs = engine::input_shapes(model, input_shapes)?;
+        let height = inputs
+            .first()
+            .and_then(|(_, s, _)| (s.len() == 4).then(|| s[2].min(s[3])));
+        let classes = model
+            .graph()
+            .output
+            .first()
+            .and_then(crate::graph::declared_shape)
+            .and_then(|d| d.last().copied().flatten());
+        Ok(match (height, classes) {
+            (Some(h), _) if h >= 128 => (Track::Imagenet, format!("input {h} px high")),
+            (_, Some(c @ (1000 | 1001))) => (Track::Imagenet, format!("{c} classes")),
+            (Some(h), _) => (Track::Cifar100, format!("input {h} px high")),
+            _ => (Track::Cifar100, "no image input shape to go by".to_string()),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Baseline {
     pub params: f64,
@@ -155,6 +179,9 @@ pub struct ScoreOptions {
     pub count_max_pool: bool,
     /// An op the table does not know is an error instead of a listed omission.
     pub strict: bool,
+    /// Why the track was chosen when it was inferred ([`Track::infer`]), not given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub track_inferred: Option<String>,
 }
 
 impl Default for ScoreOptions {
@@ -173,6 +200,7 @@ impl Default for ScoreOptions {
             output_size: OutputSize::Graph,
             count_max_pool: true,
             strict: false,
+            track_inferred: None,
         }
     }
 }
@@ -240,16 +268,13 @@ pub struct Report {
     pub options: ScoreOptions,
     pub layers: Vec<Layer>,
     pub uncounted: Vec<Uncounted>,
+    /// Bytes on disk per layer beside the score's storage (`passes/pack/disk.rs`).
+    pub disk: crate::passes::pack::disk::DiskReport,
 }
 
 /// Scores a loaded model.
 pub fn score(model: &Model, opts: &ScoreOptions) -> Result<Report> {
-    let graph_proto = model
-        .proto
-        .graph
-        .as_ref()
-        .expect("loaded models have a graph");
-    let g = Graph::new(graph_proto)?;
+    let g = Graph::new(model.graph())?;
     let inputs = engine::input_shapes(model, &opts.input_shapes)?;
     let shapes = engine::value_shapes(model, &inputs)?;
     let (layers, uncounted, quantized, freebie_applied) = count::count_graph(&g, &shapes, opts)?;
@@ -275,6 +300,7 @@ pub fn score(model: &Model, opts: &ScoreOptions) -> Result<Report> {
     totals.ops = totals.mults + totals.adds;
     let score_params = totals.params / opts.baseline.params;
     let score_ops = totals.ops / opts.baseline.ops;
+    let disk = crate::passes::pack::disk::measure(model, &layers)?;
     Ok(Report {
         model: model.path.as_ref().map(|p| p.display().to_string()),
         track: opts.track,
@@ -288,6 +314,7 @@ pub fn score(model: &Model, opts: &ScoreOptions) -> Result<Report> {
         score_ops,
         options: opts.clone(),
         layers,
+        disk,
         uncounted,
     })
 }

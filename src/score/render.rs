@@ -36,6 +36,22 @@ fn sparsity(l: &Layer) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// A layer's descriptive cells, as both renderings print them: op, output shape,
+/// weight shape, sparsity, weight bits, activation bits.
+fn describe(l: &Layer) -> [String; 6] {
+    [
+        l.op_type.clone(),
+        fmt_shape(&l.output_shape),
+        l.weight_shape
+            .as_deref()
+            .map(fmt_shape)
+            .unwrap_or_else(|| "-".into()),
+        sparsity(l),
+        opt_bits(l.weight_bits),
+        l.act_bits.to_string(),
+    ]
+}
+
 impl Report {
     /// The terminal table: one row per counted node, then totals and the score.
     pub fn to_text(&self) -> String {
@@ -57,6 +73,9 @@ impl Report {
             si(self.baseline.ops),
             shapes.join(", ")
         );
+        if let Some(why) = &self.options.track_inferred {
+            let _ = writeln!(w, "      inferred from the model: {why}; --track to choose");
+        }
         let _ = writeln!(
             w,
             "precision: {}",
@@ -93,19 +112,10 @@ impl Report {
             } else {
                 l.name.clone()
             };
+            let [op, out, wshape, sp, wb, ab] = describe(l);
             let _ = writeln!(
                 w,
-                "{:<name_w$} {:<18} {:<14} {:<14} {:>6} {:>4} {:>4} {:>10} {:>10} {:>10}",
-                name,
-                l.op_type,
-                fmt_shape(&l.output_shape),
-                l.weight_shape
-                    .as_deref()
-                    .map(fmt_shape)
-                    .unwrap_or_else(|| "-".into()),
-                sparsity(l),
-                opt_bits(l.weight_bits),
-                l.act_bits,
+                "{name:<name_w$} {op:<18} {out:<14} {wshape:<14} {sp:>6} {wb:>4} {ab:>4} {:>10} {:>10} {:>10}",
                 si(l.params),
                 si(l.mults),
                 si(l.adds)
@@ -137,6 +147,7 @@ impl Report {
             self.score_ops,
             self.score
         );
+        w.push_str(&self.disk.to_text());
         if !self.uncounted.is_empty() {
             let _ = writeln!(
                 w,
@@ -179,22 +190,11 @@ impl Report {
         );
         let _ = writeln!(w, "|---|---|---|---|---:|---:|---:|---:|---:|---:|");
         for l in &self.layers {
+            let [op, out, wshape, sp, wb, ab] = describe(l);
             let _ = writeln!(
                 w,
-                "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.0} | {:.0} |",
-                l.name,
-                l.op_type,
-                fmt_shape(&l.output_shape),
-                l.weight_shape
-                    .as_deref()
-                    .map(fmt_shape)
-                    .unwrap_or_else(|| "-".into()),
-                sparsity(l),
-                opt_bits(l.weight_bits),
-                l.act_bits,
-                l.params,
-                l.mults,
-                l.adds
+                "| {} | {op} | {out} | {wshape} | {sp} | {wb} | {ab} | {:.1} | {:.0} | {:.0} |",
+                l.name, l.params, l.mults, l.adds
             );
         }
         s

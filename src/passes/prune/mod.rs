@@ -599,7 +599,7 @@ impl Pass for Prune {
 
         let mut report = PassReport::new(self.name());
         let layers = {
-            let g = model.proto.graph.as_ref().expect("models have a graph");
+            let g = model.graph();
             let view = Graph::new(g)?;
             find_layers(&view, cfg, &mut report)?
         };
@@ -772,7 +772,7 @@ impl Pass for Prune {
             new_weights[i] = Some(w);
         }
 
-        let g = model.proto.graph.as_mut().expect("models have a graph");
+        let g = model.graph_mut();
         for (i, l) in layers.iter().enumerate() {
             let Some(w) = new_weights[i].take() else {
                 continue;

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Runs one command and reports its wall time and its own peak RSS (stdlib only).
 
-    python3 -I -S bench/measure.py [--stdout FILE] [--stderr FILE] -- CMD [ARG...]
+    python3 -I -S tests/bench/measure.py [--stdout FILE] [--stderr FILE] -- CMD [ARG...]
 
 prints one JSON line: exit (the child's exit code, or -SIGNAL), wall_s, user_s,
 sys_s, maxrss_kib (the child's peak resident set, from os.wait4's rusage of that one

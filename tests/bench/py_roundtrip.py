@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The Python side of `make bench`: onnx.load + onnx.save of one model.
 
-    python bench/py_roundtrip.py IN.onnx OUT.onnx [--external]
+    python tests/bench/py_roundtrip.py IN.onnx OUT.onnx [--external]
 
 onnx.load reads external data by default. With --external (used when the input
 has external data) the output is saved with save_as_external_data=True into one

@@ -1,6 +1,6 @@
 //! The baseline of `make bench`: a plain protobuf round trip of an ONNX file.
 //!
-//!     cargo run --release --example plain_roundtrip -- IN.onnx OUT.onnx
+//!     cargo run --release --example plain_roundtrip -- IN.onnx OUT.onnx   (declared in Cargo.toml)
 //!
 //! Reads the whole file into a `Vec`, decodes it with the crate's generated prost
 //! types, encodes it again and writes it. Nothing else: no memory map, no external

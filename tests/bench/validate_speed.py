@@ -1,7 +1,7 @@
 """Inference throughput of `onnx-micronet validate` (tract) against onnxruntime on the
 same images, batch 1, with 1 and 2 threads. Run by `make bench` after bench.py.
 
-Data: a deterministic CIFAR-10 binary file of N random records (bench/out/cifar_random.bin)
+Data: a deterministic CIFAR-10 binary file of N random records (tests/bench/out/cifar_random_N.bin)
 for the CIFAR-sized MobileNetV2 fixture. Both runtimes see the same preprocessed tensors
 (ours reads the file with its CIFAR reader and the `cifar` preset; the ORT side applies
 the same preset in numpy). Speed only: random pixels carry no accuracy meaning.
@@ -15,10 +15,10 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.join(ROOT, "target", "release", "onnx-micronet")
 MODEL = os.path.join(ROOT, "fixtures", "mobilenetv2_cifar_bn.onnx")
-OUT = os.path.join(ROOT, "bench", "out")
+OUT = os.path.join(ROOT, "tests", "bench", "out")
 N = int(os.environ.get("BENCH_IMAGES", "600"))
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generates the bench's ResNet-50 with unfused BatchNormalization.
 
-    python bench/gen_resnet50.py --out-dir bench/out
+    python tests/bench/gen_resnet50.py --out-dir tests/bench/out
 
 writes (through a temporary folder, so an interrupted run leaves nothing behind):
 
@@ -138,7 +138,7 @@ def build(seed):
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="onnx-micronet bench/gen_resnet50.py",
+        producer_name="onnx-micronet tests/bench/gen_resnet50.py",
         producer_version="1",
         doc_string=f"ResNet-50 v1 with unfused BatchNormalization, random weights (seed {seed})",
     )

@@ -1,0 +1,670 @@
+//! Activation quantization, calibrated: the model runs in tract on the
+//! calibration images, each chosen activation's range is measured, and a
+//! quantizer is inserted on it:
+//!
+//! - at 8 bits, `QuantizeLinear -> DequantizeLinear` (uint8 when the calibration
+//!   saw no negative value, else int8; zero point 0; per tensor), which tract and
+//!   onnxruntime both run (tract-notes section 3: both round half to even and
+//!   saturate; tract multiplies by 1/scale where ORT divides, so a power-of-two
+//!   scale, the default, makes them agree exactly);
+//! - at other widths (2..=16), the float fake-quant chain
+//!   `Mul(Clip(Round(Div(x, s)), lo, hi), s)` with [lo, hi] = [-2^(b-1), 2^(b-1) - 1]
+//!   (signed) or [0, 2^b - 1] (unsigned).
+//!
+//! `score` reads both forms back as b-bit activations (`score/bits.rs`).
+//!
+//! Where (`placement`):
+//! - `inputs` (default): the data input of every weighted layer (Conv,
+//!   ConvTranspose, Gemm, MatMul with a constant weight), one quantizer per value
+//!   shared by all its weighted consumers; other readers (residual Adds, the graph
+//!   outputs) keep the float value. The MicroNet rules count a multiply at
+//!   max(weight bits, input bits), so this is where quantizing pays: every
+//!   multiply reads an 8-bit operand;
+//! - `outputs`: after each weighted layer's and each average pool's output, for
+//!   all readers (seed 000's `duplicate_model_with_quant` places its quantizers
+//!   after Conv/Linear/BatchNorm/AvgPool); graph outputs stay float.
+//!
+//! Values that already read as quantized (a DequantizeLinear or fake-quant
+//! output, or passed through Relu/MaxPool/Reshape from one) are left alone.
+//!
+//! Ranges (k bits; signed qmax = 2^(k-1) - 1, unsigned qmax = 2^k - 1):
+//! - `maxabs` (default), seed 000's `LinearQuant`: v = the |x| at the overflow
+//!   rank over all calibration values (rate 0: the max), I = ceil(log2(v + 1e-12)),
+//!   scale = 2^-(k - 1 - I) signed, 2^-(k - I) unsigned (a power of two);
+//! - `percentile:P`: v = the P-th percentile of |x|, scale = v / qmax;
+//! - `mse`: scale = v / qmax for the v among max|x| 2^(-i/32), i = 0..320, that
+//!   minimizes the quantization MSE estimated from the |x| histogram (clipped
+//!   mass: exact squared excess; inside: s^2/12 per value above s/2, x^2 below).
+//!
+//! |x| is kept in a log histogram, 32 bins per octave from 2^-40 to 2^24
+//! (quantiles are taken at a bin's upper edge: at most 2.2% above the exact
+//! value, so the range errs wide), beside the exact min, max and max |x|.
+//! Chunks of 4 images are merged in order, so results do not depend on threads.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::prune::glob_match;
+use super::{Context, Pass, PassReport};
+use crate::error::{Error, Result};
+use crate::graph::{fresh_name, Graph};
+use crate::onnx::proto::NodeProto;
+use crate::onnx::{Model, TensorData};
+use crate::score::bits::ActBits;
+
+const PER_OCTAVE: f64 = 32.0;
+const LOW_EXP: f64 = -40.0;
+const BINS: usize = 64 * 32;
+
+/// How the range of an activation is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Range {
+    MaxAbs,
+    Percentile(f64),
+    Mse,
+}
+
+impl fmt::Display for Range {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Range::MaxAbs => f.write_str("maxabs"),
+            Range::Percentile(p) => write!(f, "percentile:{p}"),
+            Range::Mse => f.write_str("mse"),
+        }
+    }
+}
+
+impl FromStr for Range {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "maxabs" | "max-abs" | "max" => return Ok(Range::MaxAbs),
+            "mse" => return Ok(Range::Mse),
+            _ => {}
+        }
+        let bad = || {
+            Error::Usage(format!(
+                "--act-range '{s}': expected maxabs, percentile:P (0 < P <= 100, e.g. percentile:99.99) or mse"
+            ))
+        };
+        let p: f64 = t
+            .strip_prefix("percentile:")
+            .ok_or_else(bad)?
+            .parse()
+            .map_err(|_| bad())?;
+        if !(p > 0.0 && p <= 100.0) {
+            return Err(bad());
+        }
+        Ok(Range::Percentile(p))
+    }
+}
+
+/// Where quantizers go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    Inputs,
+    Outputs,
+}
+
+/// The `[act_quant]` recipe section.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActQuantSection {
+    pub bits: u32,
+    /// maxabs | percentile:P | mse
+    pub range: Option<String>,
+    /// Fraction of |x| allowed to clip (maxabs); default 0.
+    pub overflow_rate: Option<f64>,
+    /// inputs | outputs
+    pub placement: Option<String>,
+    /// Glob patterns on value or layer names left float.
+    #[serde(default)]
+    pub skip: Vec<String>,
+}
+
+impl ActQuantSection {
+    pub fn config(&self) -> Result<ActQuantConfig> {
+        if !(2..=16).contains(&self.bits) {
+            return Err(Error::Usage(format!(
+                "--act-bits {}: activations take 2 to 16 bits (8: QuantizeLinear/DequantizeLinear, others: a float fake-quant chain)",
+                self.bits
+            )));
+        }
+        let range = match &self.range {
+            Some(r) => r.parse()?,
+            None => Range::MaxAbs,
+        };
+        let overflow_rate = self.overflow_rate.unwrap_or(0.0);
+        if !(0.0..1.0).contains(&overflow_rate) {
+            return Err(Error::Usage(format!(
+                "act_quant overflow rate {overflow_rate}: must be in [0, 1)"
+            )));
+        }
+        let placement = match self.placement.as_deref() {
+            None | Some("inputs") => Placement::Inputs,
+            Some("outputs") => Placement::Outputs,
+            Some(p) => {
+                return Err(Error::Usage(format!(
+                    "act_quant placement '{p}': expected inputs or outputs"
+                )))
+            }
+        };
+        Ok(ActQuantConfig {
+            bits: self.bits,
+            range,
+            overflow_rate,
+            placement,
+            skip: self.skip.clone(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActQuantConfig {
+    pub bits: u32,
+    pub range: Range,
+    pub overflow_rate: f64,
+    pub placement: Placement,
+    pub skip: Vec<String>,
+}
+
+/// Why activation quantization needs `--calib`.
+pub const NEEDS_CALIB: &str =
+    "activation quantization (--act-bits) needs calibration images (--calib DATA): \
+the ranges are measured by running the model on them";
+
+/// Range statistics of one value.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub min: f64,
+    pub max: f64,
+    pub absmax: f64,
+    pub count: u64,
+    /// hist[0]: |x| below 2^-40 (zeros); hist[i]: [2^((i-1)/32 - 40), 2^(i/32 - 40)).
+    pub hist: Vec<u64>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            absmax: 0.0,
+            count: 0,
+            hist: vec![0; BINS + 1],
+        }
+    }
+}
+
+fn bin_of(a: f32) -> usize {
+    if a.is_nan() || a < 2f32.powi(-40) {
+        return 0;
+    }
+    let i = ((a.log2() as f64 - LOW_EXP) * PER_OCTAVE).floor() as usize + 1;
+    i.min(BINS)
+}
+
+fn upper_edge(i: usize) -> f64 {
+    2f64.powf(i as f64 / PER_OCTAVE + LOW_EXP)
+}
+
+fn center(i: usize) -> f64 {
+    if i == 0 {
+        0.0
+    } else {
+        2f64.powf((i as f64 - 0.5) / PER_OCTAVE + LOW_EXP)
+    }
+}
+
+impl Stats {
+    pub fn add(&mut self, xs: impl Iterator<Item = f32>) {
+        let (mut lo, mut hi, mut am) = (f32::INFINITY, f32::NEG_INFINITY, 0f32);
+        let mut n = 0u64;
+        for x in xs {
+            lo = lo.min(x);
+            hi = hi.max(x);
+            let a = x.abs();
+            am = am.max(a);
+            self.hist[bin_of(a)] += 1;
+            n += 1;
+        }
+        if n > 0 {
+            self.min = self.min.min(lo as f64);
+            self.max = self.max.max(hi as f64);
+            self.absmax = self.absmax.max(am as f64);
+            self.count += n;
+        }
+    }
+
+    pub fn merge(&mut self, o: &Stats) {
+        self.min = self.min.min(o.min);
+        self.max = self.max.max(o.max);
+        self.absmax = self.absmax.max(o.absmax);
+        self.count += o.count;
+        for (a, b) in self.hist.iter_mut().zip(&o.hist) {
+            *a += b;
+        }
+    }
+
+    /// |x| at rank floor(rate * count) from the top (rate 0: the exact max).
+    pub fn quantile_from_top(&self, rate: f64) -> f64 {
+        let rank = (rate * self.count as f64).floor() as u64;
+        if rank == 0 {
+            return self.absmax;
+        }
+        let mut seen = 0u64;
+        for i in (0..self.hist.len()).rev() {
+            seen += self.hist[i];
+            if seen > rank {
+                return if i == 0 {
+                    0.0
+                } else {
+                    upper_edge(i).min(self.absmax)
+                };
+            }
+        }
+        0.0
+    }
+
+    /// Estimated values above `limit`, as a fraction.
+    pub fn fraction_above(&self, limit: f64) -> f64 {
+        if self.count == 0 || self.absmax <= limit {
+            return 0.0;
+        }
+        let above: u64 = (1..self.hist.len())
+            .filter(|&i| center(i) > limit)
+            .map(|i| self.hist[i])
+            .sum();
+        above as f64 / self.count as f64
+    }
+
+    fn mse_estimate(&self, s: f64, qmax: f64) -> f64 {
+        let top = s * qmax;
+        (0..self.hist.len())
+            .filter(|&i| self.hist[i] > 0)
+            .map(|i| {
+                let c = center(i).min(self.absmax);
+                let e = if c > top {
+                    (c - top).powi(2)
+                } else if c >= s / 2.0 {
+                    s * s / 12.0
+                } else {
+                    c * c
+                };
+                e * self.hist[i] as f64
+            })
+            .sum()
+    }
+}
+
+/// The quantizer for one value: (scale, signed).
+pub fn choose_scale(st: &Stats, bits: u32, range: Range, overflow_rate: f64) -> (f32, bool) {
+    let signed = st.min < 0.0;
+    let qmax = if signed {
+        2f64.powi(bits as i32 - 1) - 1.0
+    } else {
+        2f64.powi(bits as i32) - 1.0
+    };
+    let scale = match range {
+        Range::MaxAbs => {
+            let v = st.quantile_from_top(overflow_rate);
+            let i = (v + 1e-12).log2().ceil() as i32;
+            let sf = if signed {
+                bits as i32 - 1 - i
+            } else {
+                bits as i32 - i
+            };
+            2f64.powi(-sf.clamp(-126, 126))
+        }
+        Range::Percentile(p) => st.quantile_from_top(1.0 - p / 100.0) / qmax,
+        Range::Mse => {
+            let mut best = (f64::INFINITY, st.absmax / qmax);
+            for i in 0..=320 {
+                let v = st.absmax * 2f64.powf(-(i as f64) / 32.0);
+                let s = v / qmax;
+                let e = st.mse_estimate(s, qmax);
+                if e < best.0 {
+                    best = (e, s);
+                }
+            }
+            best.1
+        }
+    };
+    let scale = if scale > 0.0 && scale.is_finite() {
+        scale as f32
+    } else {
+        1.0
+    };
+    (scale.max(f32::MIN_POSITIVE), signed)
+}
+
+/// The activation quantization pass.
+pub struct ActQuant(pub ActQuantConfig);
+
+struct Target {
+    value: String,
+    /// (node index, input slot) to rewire to the quantized value.
+    uses: Vec<(usize, usize)>,
+    /// Node after which the quantizer goes (None: at the start, for graph inputs).
+    after: Option<usize>,
+    /// For the report.
+    readers: Vec<String>,
+}
+
+fn node(op: &str, name: String, inputs: Vec<String>, output: String) -> NodeProto {
+    NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name),
+        input: inputs,
+        output: vec![output],
+        ..Default::default()
+    }
+}
+
+impl Pass for ActQuant {
+    fn name(&self) -> &'static str {
+        "act-quant"
+    }
+
+    fn run(&self, model: &mut Model, cx: &Context) -> Result<PassReport> {
+        let cfg = &self.0;
+        let mut report = PassReport::new(self.name());
+        let Some(data) = cx.calib.filter(|d| !d.is_empty()) else {
+            return Err(Error::Usage(NEEDS_CALIB.into()));
+        };
+        let opset = model
+            .proto
+            .opset_import
+            .iter()
+            .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
+            .map(|o| o.version())
+            .unwrap_or(1);
+        if opset < 11 {
+            return Err(Error::Usage(format!(
+                "activation quantization needs ai.onnx opset 11 or later (QuantizeLinear, Round, Clip with min/max inputs); the model imports opset {opset}"
+            )));
+        }
+
+        // Which values, and who reads them.
+        let targets: Vec<Target> = {
+            let view = Graph::new(model.graph())?;
+            let mut act = ActBits::new(&view);
+            let layers = super::quantize::layer_order(&view, None);
+            let weighted: HashSet<usize> =
+                layers.iter().flat_map(|(_, n)| n.iter().copied()).collect();
+            let mut by_value: BTreeMap<usize, Target> = BTreeMap::new();
+            let mut order: HashMap<String, usize> = HashMap::new();
+            let mut left: HashSet<String> = HashSet::new();
+            let mut add = |value: &str,
+                           uses: Vec<(usize, usize)>,
+                           readers: Vec<String>,
+                           report: &mut PassReport| {
+                if left.contains(value) {
+                    return;
+                }
+                if let Some(&k) = order.get(value) {
+                    let t = by_value.get_mut(&k).expect("indexed");
+                    t.uses.extend(uses);
+                    t.readers.extend(readers);
+                    return;
+                }
+                let skip = cfg
+                    .skip
+                    .iter()
+                    .find(|p| glob_match(p, value) || readers.iter().any(|r| glob_match(p, r)));
+                let why = match (skip, act.of(value)) {
+                    (Some(p), _) => Some(format!("left float: matches skip pattern '{p}'")),
+                    (None, Some(b)) => Some(format!("already a {b}-bit activation")),
+                    _ => None,
+                };
+                if let Some(why) = why {
+                    report.skipped(value, why);
+                    left.insert(value.to_string());
+                    return;
+                }
+                let after = view.producer(value).map(|(p, _)| p);
+                let key = order.len();
+                order.insert(value.to_string(), key);
+                by_value.insert(
+                    key,
+                    Target {
+                        value: value.into(),
+                        uses,
+                        after,
+                        readers,
+                    },
+                );
+            };
+            for &i in view.topo_order() {
+                let n = view.node(i);
+                match cfg.placement {
+                    Placement::Inputs if weighted.contains(&i) => {
+                        add(
+                            &n.input[0],
+                            vec![(i, 0)],
+                            vec![view.node_name(i).to_string()],
+                            &mut report,
+                        );
+                    }
+                    Placement::Outputs
+                        if weighted.contains(&i)
+                            || matches!(n.op_type(), "AveragePool" | "GlobalAveragePool") =>
+                    {
+                        let v = &n.output[0];
+                        let uses: Vec<(usize, usize)> = view
+                            .consumers(v)
+                            .iter()
+                            .flat_map(|&c| {
+                                view.node(c)
+                                    .input
+                                    .iter()
+                                    .enumerate()
+                                    .filter(|(_, s)| *s == v)
+                                    .map(move |(k, _)| (c, k))
+                            })
+                            .collect::<HashSet<_>>()
+                            .into_iter()
+                            .collect();
+                        if uses.is_empty() {
+                            report.skipped(v, "left float: only a graph output reads it");
+                            continue;
+                        }
+                        add(v, uses, vec![view.node_name(i).to_string()], &mut report);
+                    }
+                    _ => {}
+                }
+            }
+            by_value
+                .into_values()
+                .filter(|t| !t.uses.is_empty())
+                .collect()
+        };
+        if targets.is_empty() {
+            return Ok(report);
+        }
+
+        // Calibration.
+        let input_shape = if cx.input_shape.is_empty() {
+            let mut s = data.images.shape().to_vec();
+            s[0] = 1;
+            s
+        } else {
+            cx.input_shape.clone()
+        };
+        let values: Vec<String> = targets.iter().map(|t| t.value.clone()).collect();
+        let start = std::time::Instant::now();
+        let mut stats: Vec<Stats> = vec![Stats::default(); values.len()];
+        crate::engine::capture(
+            model,
+            &input_shape,
+            &values,
+            data.images.view(),
+            cx.threads.max(1),
+            4,
+            || vec![Stats::default(); values.len()],
+            |acc: &mut Vec<Stats>, _i, views| {
+                for (s, v) in acc.iter_mut().zip(views) {
+                    s.add(v.iter().copied());
+                }
+            },
+            |acc| {
+                for (s, a) in stats.iter_mut().zip(&acc) {
+                    s.merge(a);
+                }
+            },
+        )
+        .map_err(|e| Error::Usage(format!("act-quant calibration: {e}")))?;
+        report.changed(
+            "calibration",
+            format!(
+                "{} images: {} activations measured in {:.2}s, range {}{}",
+                data.len(),
+                values.len(),
+                start.elapsed().as_secs_f64(),
+                cfg.range,
+                if cfg.range == Range::MaxAbs {
+                    format!(" with overflow rate {}", cfg.overflow_rate)
+                } else {
+                    String::new()
+                }
+            ),
+        );
+
+        // Rewrite.
+        let bits = cfg.bits;
+        let g = model.graph_mut();
+        let mut before: HashMap<Option<usize>, Vec<NodeProto>> = HashMap::new();
+        let mut rewires: Vec<(usize, usize, String)> = Vec::new();
+        for (t, st) in targets.iter().zip(&stats) {
+            let (scale, signed) = choose_scale(st, bits, cfg.range, cfg.overflow_rate);
+            let base = t.value.replace(['/', ':'], "_");
+            let base = base.trim_start_matches('_');
+            let s_name = fresh_name(g, &format!("{base}_act_scale"));
+            g.initializer
+                .push(TensorData::F32(ndarray::arr0(scale).into_dyn()).to_proto(&s_name));
+            let (lo, hi) = if signed {
+                (
+                    -(2f64.powi(bits as i32 - 1)),
+                    2f64.powi(bits as i32 - 1) - 1.0,
+                )
+            } else {
+                (0.0, 2f64.powi(bits as i32) - 1.0)
+            };
+            let out;
+            let mut nodes = Vec::new();
+            let form;
+            if bits == 8 {
+                let zp_name = fresh_name(g, &format!("{base}_act_zp"));
+                let zp = if signed {
+                    TensorData::I8(ndarray::arr0(0i8).into_dyn())
+                } else {
+                    TensorData::U8(ndarray::arr0(0u8).into_dyn())
+                };
+                g.initializer.push(zp.to_proto(&zp_name));
+                let q = fresh_name(g, &format!("{base}_q"));
+                out = fresh_name(g, &format!("{base}_dq"));
+                nodes.push(node(
+                    "QuantizeLinear",
+                    format!("{q}_node"),
+                    vec![t.value.clone(), s_name.clone(), zp_name.clone()],
+                    q.clone(),
+                ));
+                nodes.push(node(
+                    "DequantizeLinear",
+                    format!("{out}_node"),
+                    vec![q, s_name, zp_name],
+                    out.clone(),
+                ));
+                form = if signed { "int8 Q/DQ" } else { "uint8 Q/DQ" };
+            } else {
+                let lo_name = fresh_name(g, &format!("{base}_act_lo"));
+                let hi_name = fresh_name(g, &format!("{base}_act_hi"));
+                g.initializer
+                    .push(TensorData::F32(ndarray::arr0(lo as f32).into_dyn()).to_proto(&lo_name));
+                g.initializer
+                    .push(TensorData::F32(ndarray::arr0(hi as f32).into_dyn()).to_proto(&hi_name));
+                let d = fresh_name(g, &format!("{base}_fq_div"));
+                let r = fresh_name(g, &format!("{base}_fq_round"));
+                let c = fresh_name(g, &format!("{base}_fq_clip"));
+                out = fresh_name(g, &format!("{base}_fq"));
+                nodes.push(node(
+                    "Div",
+                    format!("{d}_node"),
+                    vec![t.value.clone(), s_name.clone()],
+                    d.clone(),
+                ));
+                nodes.push(node("Round", format!("{r}_node"), vec![d], r.clone()));
+                nodes.push(node(
+                    "Clip",
+                    format!("{c}_node"),
+                    vec![r, lo_name, hi_name],
+                    c.clone(),
+                ));
+                nodes.push(node(
+                    "Mul",
+                    format!("{out}_node"),
+                    vec![c, s_name],
+                    out.clone(),
+                ));
+                form = if signed {
+                    "signed fake-quant"
+                } else {
+                    "unsigned fake-quant"
+                };
+            }
+            before.entry(t.after).or_default().extend(nodes.clone());
+            // Until the nodes are placed, a placeholder keeps their output names taken for fresh_name.
+            g.node.push(NodeProto {
+                output: nodes.iter().flat_map(|n| n.output.clone()).collect(),
+                op_type: Some("__pending".into()),
+                ..Default::default()
+            });
+            for &(n, k) in &t.uses {
+                rewires.push((n, k, out.clone()));
+            }
+            let top = scale as f64 * hi;
+            let step = if (scale.log2()).fract() == 0.0 {
+                format!("2^{} = {scale:?}", scale.log2() as i32)
+            } else {
+                format!("{scale:?}")
+            };
+            let mut readers = t.readers.clone();
+            readers.dedup();
+            report.changed(
+                &t.value,
+                format!(
+                    "{bits}-bit {form}, scale {step}, seen [{:.4}, {:.4}], clipped ~{:.3}% (read by {})",
+                    st.min,
+                    st.max,
+                    100.0 * st.fraction_above(top),
+                    if readers.len() > 3 {
+                        format!("{} and {} more", readers[..3].join(", "), readers.len() - 3)
+                    } else {
+                        readers.join(", ")
+                    }
+                ),
+            );
+        }
+        g.node.retain(|n| n.op_type() != "__pending");
+        for (n, k, v) in rewires {
+            g.node[n].input[k] = v;
+        }
+        let old = std::mem::take(&mut g.node);
+        let mut new = Vec::with_capacity(old.len() + before.values().map(Vec::len).sum::<usize>());
+        if let Some(v) = before.remove(&None) {
+            new.extend(v);
+        }
+        for (i, n) in old.into_iter().enumerate() {
+            new.push(n);
+            if let Some(v) = before.remove(&Some(i)) {
+                new.extend(v);
+            }
+        }
+        g.node = new;
+        Ok(report)
+    }
+}

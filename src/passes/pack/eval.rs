@@ -1,0 +1,574 @@
+//! A small constant evaluator: computes a value of the graph that depends on
+//! initializers only, with ONNX semantics, for the ops weight-decoding subgraphs
+//! use (Identity, Reshape, Unsqueeze, Squeeze, Slice, Cast, BitShift, Mod,
+//! BitwiseAnd, Add, Sub, Mul, ReduceSum, CumSum, Gather, Where, ConstantOfShape).
+//!
+//! The score reads a packed weight's values from here, so the values it counts are
+//! the values a runtime computes, not what a format is supposed to decode to.
+//! Integers are held as i64 tagged with their ONNX type and wrapped to it after
+//! every op; floats are f32 (other float types are not evaluated). An op, type or
+//! attribute outside that set makes the value "not evaluable" (`None`), never a guess.
+
+use std::collections::HashMap;
+
+use ndarray::{ArrayD, Axis, IxDyn, Slice};
+
+use crate::error::Result;
+use crate::graph::Graph;
+use crate::onnx::{DataType, NodeProto, TensorData};
+
+/// An evaluated value.
+#[derive(Debug, Clone)]
+pub enum Val {
+    F(ArrayD<f32>),
+    /// Integer values with their ONNX element type.
+    I(ArrayD<i64>, DataType),
+    B(ArrayD<bool>),
+}
+
+impl Val {
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Val::F(a) => a.shape(),
+            Val::I(a, _) => a.shape(),
+            Val::B(a) => a.shape(),
+        }
+    }
+
+    fn from_data(d: TensorData) -> Option<Val> {
+        Some(match d {
+            TensorData::F32(a) => Val::F(a),
+            TensorData::Bool(a) => Val::B(a),
+            TensorData::F64(_) | TensorData::F16(_) | TensorData::BF16(_) => return None,
+            other => {
+                let t = other.data_type();
+                Val::I(other.to_i64()?, t)
+            }
+        })
+    }
+
+    fn ints(&self) -> Option<Vec<i64>> {
+        match self {
+            Val::I(a, _) => Some(a.iter().copied().collect()),
+            _ => None,
+        }
+    }
+}
+
+/// Wraps an integer to the range of an ONNX integer type.
+fn wrap(x: i64, t: DataType) -> i64 {
+    match t {
+        DataType::Uint8 => x as u8 as i64,
+        DataType::Int8 => x as i8 as i64,
+        DataType::Uint16 => x as u16 as i64,
+        DataType::Int16 => x as i16 as i64,
+        DataType::Uint32 => x as u32 as i64,
+        DataType::Int32 => x as i32 as i64,
+        _ => x,
+    }
+}
+
+fn attr_i(n: &NodeProto, name: &str) -> Option<i64> {
+    n.attribute.iter().find(|a| a.name() == name).map(|a| a.i())
+}
+
+fn attr_ints(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
+    n.attribute
+        .iter()
+        .find(|a| a.name() == name)
+        .map(|a| a.ints.clone())
+}
+
+fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let r = a.len().max(b.len());
+    let mut out = vec![0; r];
+    for i in 0..r {
+        let x = if i + a.len() >= r {
+            a[i + a.len() - r]
+        } else {
+            1
+        };
+        let y = if i + b.len() >= r {
+            b[i + b.len() - r]
+        } else {
+            1
+        };
+        out[i] = match (x, y) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return None,
+        };
+    }
+    Some(out)
+}
+
+fn zip2<A: Clone, B: Clone, C>(
+    a: &ArrayD<A>,
+    b: &ArrayD<B>,
+    f: impl Fn(A, B) -> C,
+) -> Option<ArrayD<C>> {
+    let s = broadcast_shape(a.shape(), b.shape())?;
+    let (a, b) = (a.broadcast(IxDyn(&s))?, b.broadcast(IxDyn(&s))?);
+    Some(
+        ndarray::Zip::from(&a)
+            .and(&b)
+            .map_collect(|x, y| f(x.clone(), y.clone())),
+    )
+}
+
+fn norm_axis(axis: i64, rank: usize) -> Option<usize> {
+    let a = if axis < 0 { axis + rank as i64 } else { axis };
+    (0..rank as i64).contains(&a).then_some(a as usize)
+}
+
+/// Evaluates `value` if it is computed from initializers (and `Constant` nodes) only.
+pub fn eval(g: &Graph, value: &str) -> Result<Option<Val>> {
+    let mut memo = HashMap::new();
+    eval_memo(g, value, &mut memo, 0)
+}
+
+fn eval_memo(
+    g: &Graph,
+    value: &str,
+    memo: &mut HashMap<String, Option<Val>>,
+    depth: usize,
+) -> Result<Option<Val>> {
+    if let Some(v) = memo.get(value) {
+        return Ok(v.clone());
+    }
+    if depth > 64 {
+        return Ok(None);
+    }
+    let v = eval_uncached(g, value, memo, depth)?;
+    memo.insert(value.to_string(), v.clone());
+    Ok(v)
+}
+
+fn eval_uncached(
+    g: &Graph,
+    value: &str,
+    memo: &mut HashMap<String, Option<Val>>,
+    depth: usize,
+) -> Result<Option<Val>> {
+    if let Some(d) = g.constant(value)? {
+        return Ok(Val::from_data(d));
+    }
+    let Some((idx, slot)) = g.producer(value) else {
+        return Ok(None);
+    };
+    if slot != 0 {
+        return Ok(None);
+    }
+    let n = g.node(idx);
+    let mut ins = Vec::new();
+    for i in &n.input {
+        if i.is_empty() {
+            ins.push(None);
+            continue;
+        }
+        match eval_memo(g, i, memo, depth + 1)? {
+            Some(v) => ins.push(Some(v)),
+            None => return Ok(None),
+        }
+    }
+    Ok(apply(g, n, &ins))
+}
+
+fn apply(g: &Graph, n: &NodeProto, ins: &[Option<Val>]) -> Option<Val> {
+    let x = || ins.first().cloned().flatten();
+    let input = |i: usize| ins.get(i).cloned().flatten();
+    match n.op_type() {
+        "Identity" => x(),
+        "Reshape" => {
+            let x = x()?;
+            let shape = input(1)?.ints()?;
+            let allow_zero = attr_i(n, "allowzero") == Some(1);
+            let len: usize = x.shape().iter().product();
+            let mut dims: Vec<i64> = shape
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| {
+                    if d == 0 && !allow_zero {
+                        x.shape().get(i).map(|&s| s as i64).unwrap_or(-2)
+                    } else {
+                        d
+                    }
+                })
+                .collect();
+            if dims.iter().any(|&d| d < -1) || dims.iter().filter(|&&d| d == -1).count() > 1 {
+                return None;
+            }
+            let known: i64 = dims.iter().filter(|&&d| d >= 0).product();
+            if let Some(p) = dims.iter().position(|&d| d == -1) {
+                if known == 0 || len as i64 % known != 0 {
+                    return None;
+                }
+                dims[p] = len as i64 / known;
+            }
+            let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+            reshape(x, &dims)
+        }
+        "Unsqueeze" | "Squeeze" => {
+            let x = x()?;
+            let axes = match input(1) {
+                Some(a) => a.ints()?,
+                None => attr_ints(n, "axes").unwrap_or_default(),
+            };
+            let mut dims = x.shape().to_vec();
+            if n.op_type() == "Unsqueeze" {
+                let r = dims.len() + axes.len();
+                let mut ax: Vec<usize> = axes
+                    .iter()
+                    .map(|&a| norm_axis(a, r))
+                    .collect::<Option<_>>()?;
+                ax.sort();
+                for a in ax {
+                    dims.insert(a, 1);
+                }
+            } else if axes.is_empty() {
+                dims.retain(|&d| d != 1);
+            } else {
+                let r = dims.len();
+                let mut ax: Vec<usize> = axes
+                    .iter()
+                    .map(|&a| norm_axis(a, r))
+                    .collect::<Option<_>>()?;
+                ax.sort();
+                for a in ax.into_iter().rev() {
+                    if dims[a] != 1 {
+                        return None;
+                    }
+                    dims.remove(a);
+                }
+            }
+            reshape(x, &dims)
+        }
+        "Slice" => {
+            let x = x()?;
+            let rank = x.shape().len();
+            let starts = input(1)?.ints()?;
+            let ends = input(2)?.ints()?;
+            let axes = match input(3) {
+                Some(a) => a.ints()?,
+                None => (0..starts.len() as i64).collect(),
+            };
+            let steps = match input(4) {
+                Some(s) => s.ints()?,
+                None => vec![1; starts.len()],
+            };
+            if ends.len() != starts.len() || axes.len() != starts.len() {
+                return None;
+            }
+            let mut out = x;
+            for i in 0..starts.len() {
+                if steps.get(i) != Some(&1) {
+                    return None;
+                }
+                let a = norm_axis(axes[i], rank)?;
+                let d = out.shape()[a] as i64;
+                let clamp = |v: i64| (if v < 0 { v + d } else { v }).clamp(0, d);
+                let (s, e) = (clamp(starts[i]), clamp(ends[i]));
+                let sl = Slice::from(s as isize..(e.max(s)) as isize);
+                out = match out {
+                    Val::F(a0) => Val::F(a0.slice_axis(Axis(a), sl).to_owned()),
+                    Val::I(a0, t) => Val::I(a0.slice_axis(Axis(a), sl).to_owned(), t),
+                    Val::B(a0) => Val::B(a0.slice_axis(Axis(a), sl).to_owned()),
+                };
+            }
+            Some(out)
+        }
+        "Cast" => {
+            let to = DataType::try_from(attr_i(n, "to")? as i32).ok()?;
+            let x = x()?;
+            Some(match (x, to) {
+                (Val::F(a), DataType::Float) => Val::F(a),
+                (Val::I(a, _), DataType::Float) => Val::F(a.mapv(|v| v as f32)),
+                (Val::B(a), DataType::Float) => Val::F(a.mapv(|v| v as u8 as f32)),
+                (Val::F(a), DataType::Bool) => Val::B(a.mapv(|v| v != 0.0)),
+                (Val::I(a, _), DataType::Bool) => Val::B(a.mapv(|v| v != 0)),
+                (Val::B(a), DataType::Bool) => Val::B(a),
+                (v, t) if is_int(t) => {
+                    let a = match v {
+                        Val::F(a) => {
+                            if a.iter().any(|x| !x.is_finite()) {
+                                return None;
+                            }
+                            a.mapv(|x| x.trunc() as i64)
+                        }
+                        Val::I(a, _) => a,
+                        Val::B(a) => a.mapv(|x| x as i64),
+                    };
+                    Val::I(a.mapv(|v| wrap(v, t)), t)
+                }
+                _ => return None,
+            })
+        }
+        "BitShift" => {
+            let (Val::I(a, t), Val::I(b, _)) = (x()?, input(1)?) else {
+                return None;
+            };
+            let bits = match t {
+                DataType::Uint8 => 8,
+                DataType::Uint16 => 16,
+                DataType::Uint32 => 32,
+                DataType::Uint64 => 64,
+                _ => return None,
+            };
+            let left = match n
+                .attribute
+                .iter()
+                .find(|a| a.name() == "direction")
+                .map(|a| a.s())
+            {
+                Some(b"LEFT") => true,
+                Some(b"RIGHT") => false,
+                _ => return None,
+            };
+            let out = zip2(&a, &b, |x, s| {
+                let x = x as u64;
+                let r = if !(0..bits).contains(&s) {
+                    0
+                } else if left {
+                    x << s
+                } else {
+                    x >> s
+                };
+                r as i64
+            })?;
+            Some(Val::I(out.mapv(|v| wrap(v, t)), t))
+        }
+        "Mod" | "BitwiseAnd" | "Add" | "Sub" | "Mul" => {
+            let op = n.op_type();
+            match (x()?, input(1)?) {
+                (Val::F(a), Val::F(b)) => Some(Val::F(match op {
+                    "Add" => zip2(&a, &b, |x, y| x + y)?,
+                    "Sub" => zip2(&a, &b, |x, y| x - y)?,
+                    "Mul" => zip2(&a, &b, |x, y| x * y)?,
+                    _ => return None,
+                })),
+                (Val::I(a, t), Val::I(b, t2)) if t == t2 => {
+                    let out = match op {
+                        "Add" => zip2(&a, &b, |x, y| x.wrapping_add(y))?,
+                        "Sub" => zip2(&a, &b, |x, y| x.wrapping_sub(y))?,
+                        "Mul" => zip2(&a, &b, |x, y| x.wrapping_mul(y))?,
+                        "BitwiseAnd" => zip2(&a, &b, |x, y| x & y)?,
+                        _ => {
+                            // Mod with fmod = 0: the result takes the divisor's sign.
+                            if attr_i(n, "fmod") == Some(1) || b.iter().any(|&y| y == 0) {
+                                return None;
+                            }
+                            zip2(&a, &b, |x, y| {
+                                let r = x % y;
+                                if r != 0 && ((r < 0) != (y < 0)) {
+                                    r + y
+                                } else {
+                                    r
+                                }
+                            })?
+                        }
+                    };
+                    Some(Val::I(out.mapv(|v| wrap(v, t)), t))
+                }
+                _ => None,
+            }
+        }
+        "ReduceSum" => {
+            let x = x()?;
+            let rank = x.shape().len();
+            let axes = match input(1) {
+                Some(a) => a.ints()?,
+                None => attr_ints(n, "axes").unwrap_or_default(),
+            };
+            let keep = attr_i(n, "keepdims").unwrap_or(1) == 1;
+            let mut ax: Vec<usize> = if axes.is_empty() {
+                if attr_i(n, "noop_with_empty_axes") == Some(1) {
+                    return Some(x);
+                }
+                (0..rank).collect()
+            } else {
+                axes.iter()
+                    .map(|&a| norm_axis(a, rank))
+                    .collect::<Option<_>>()?
+            };
+            ax.sort();
+            ax.dedup();
+            let mut out = x;
+            for &a in ax.iter().rev() {
+                out = match out {
+                    Val::F(v) => Val::F(sum_axis(&v, a, keep, 0.0f32, |s, x| s + x)),
+                    Val::I(v, t) => Val::I(
+                        sum_axis(&v, a, keep, 0i64, |s, x| wrap(s.wrapping_add(x), t)),
+                        t,
+                    ),
+                    Val::B(_) => return None,
+                };
+            }
+            Some(out)
+        }
+        "CumSum" => {
+            let x = x()?;
+            let axis = norm_axis(*input(1)?.ints()?.first()?, x.shape().len())?;
+            let exclusive = attr_i(n, "exclusive") == Some(1);
+            let reverse = attr_i(n, "reverse") == Some(1);
+            match x {
+                Val::F(mut a) => {
+                    cumsum(&mut a, axis, exclusive, reverse, 0.0, |s, x| s + x);
+                    Some(Val::F(a))
+                }
+                Val::I(mut a, t) => {
+                    cumsum(&mut a, axis, exclusive, reverse, 0, |s, x| {
+                        wrap(s.wrapping_add(x), t)
+                    });
+                    Some(Val::I(a, t))
+                }
+                Val::B(_) => None,
+            }
+        }
+        "Gather" => {
+            let data = x()?;
+            let idx = input(1)?;
+            let Val::I(ix, it) = idx else { return None };
+            if !matches!(it, DataType::Int32 | DataType::Int64) {
+                return None;
+            }
+            let rank = data.shape().len();
+            let axis = norm_axis(attr_i(n, "axis").unwrap_or(0), rank)?;
+            let dim = data.shape()[axis] as i64;
+            let flat: Vec<usize> = ix
+                .iter()
+                .map(|&i| {
+                    let j = if i < 0 { i + dim } else { i };
+                    (0..dim).contains(&j).then_some(j as usize)
+                })
+                .collect::<Option<_>>()?;
+            let mut shape = data.shape()[..axis].to_vec();
+            shape.extend_from_slice(ix.shape());
+            shape.extend_from_slice(&data.shape()[axis + 1..]);
+            let picked = match data {
+                Val::F(a) => Val::F(a.select(Axis(axis), &flat)),
+                Val::I(a, t) => Val::I(a.select(Axis(axis), &flat), t),
+                Val::B(a) => Val::B(a.select(Axis(axis), &flat)),
+            };
+            reshape(picked, &shape)
+        }
+        "Where" => {
+            let Val::B(c) = x()? else { return None };
+            let (a, b) = (input(1)?, input(2)?);
+            let s = broadcast_shape(&broadcast_shape(c.shape(), a.shape())?, b.shape())?;
+            let c = c.broadcast(IxDyn(&s))?;
+            Some(match (a, b) {
+                (Val::F(a), Val::F(b)) => {
+                    let (a, b) = (a.broadcast(IxDyn(&s))?, b.broadcast(IxDyn(&s))?);
+                    Val::F(
+                        ndarray::Zip::from(&c)
+                            .and(&a)
+                            .and(&b)
+                            .map_collect(|&c, &x, &y| if c { x } else { y }),
+                    )
+                }
+                (Val::I(a, t), Val::I(b, t2)) if t == t2 => {
+                    let (a, b) = (a.broadcast(IxDyn(&s))?, b.broadcast(IxDyn(&s))?);
+                    Val::I(
+                        ndarray::Zip::from(&c)
+                            .and(&a)
+                            .and(&b)
+                            .map_collect(|&c, &x, &y| if c { x } else { y }),
+                        t,
+                    )
+                }
+                _ => return None,
+            })
+        }
+        "ConstantOfShape" => {
+            let dims: Vec<usize> = x()?
+                .ints()?
+                .iter()
+                .map(|&d| usize::try_from(d).ok())
+                .collect::<Option<_>>()?;
+            let fill = match n.attribute.iter().find(|a| a.name() == "value") {
+                Some(a) => Val::from_data(TensorData::from_proto(a.t.as_ref()?).ok()?)?,
+                None => Val::F(ArrayD::zeros(IxDyn(&[1]))),
+            };
+            Some(match fill {
+                Val::F(v) => Val::F(ArrayD::from_elem(IxDyn(&dims), *v.iter().next()?)),
+                Val::I(v, t) => Val::I(ArrayD::from_elem(IxDyn(&dims), *v.iter().next()?), t),
+                Val::B(v) => Val::B(ArrayD::from_elem(IxDyn(&dims), *v.iter().next()?)),
+            })
+        }
+        _ => {
+            let _ = g;
+            None
+        }
+    }
+}
+
+fn is_int(t: DataType) -> bool {
+    matches!(
+        t,
+        DataType::Uint8
+            | DataType::Int8
+            | DataType::Uint16
+            | DataType::Int16
+            | DataType::Uint32
+            | DataType::Int32
+            | DataType::Uint64
+            | DataType::Int64
+    )
+}
+
+fn reshape(x: Val, dims: &[usize]) -> Option<Val> {
+    let len: usize = x.shape().iter().product();
+    if dims.iter().product::<usize>() != len {
+        return None;
+    }
+    fn re<T: Clone>(a: ArrayD<T>, d: &[usize]) -> Option<ArrayD<T>> {
+        let v: Vec<T> = a.iter().cloned().collect();
+        ArrayD::from_shape_vec(IxDyn(d), v).ok()
+    }
+    Some(match x {
+        Val::F(a) => Val::F(re(a, dims)?),
+        Val::I(a, t) => Val::I(re(a, dims)?, t),
+        Val::B(a) => Val::B(re(a, dims)?),
+    })
+}
+
+fn sum_axis<T: Copy>(
+    a: &ArrayD<T>,
+    axis: usize,
+    keep: bool,
+    zero: T,
+    add: impl Fn(T, T) -> T,
+) -> ArrayD<T> {
+    let out = a.map_axis(Axis(axis), |lane| lane.iter().fold(zero, |s, &x| add(s, x)));
+    if keep {
+        out.insert_axis(Axis(axis))
+    } else {
+        out
+    }
+}
+
+fn cumsum<T: Copy>(
+    a: &mut ArrayD<T>,
+    axis: usize,
+    exclusive: bool,
+    reverse: bool,
+    zero: T,
+    add: impl Fn(T, T) -> T,
+) {
+    for mut lane in a.lanes_mut(Axis(axis)) {
+        let n = lane.len();
+        let mut s = zero;
+        for k in 0..n {
+            let i = if reverse { n - 1 - k } else { k };
+            let x = lane[i];
+            if exclusive {
+                lane[i] = s;
+                s = add(s, x);
+            } else {
+                s = add(s, x);
+                lane[i] = s;
+            }
+        }
+    }
+}

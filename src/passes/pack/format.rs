@@ -1,0 +1,709 @@
+//! The packed weight format: how a weight W (shape S, n elements) is written as
+//! standard ONNX ops, and how it is recognized when read back. Both directions
+//! live here so the knowledge of representations stays in one place; the score
+//! (`score::bits::weight`) calls [`read`].
+//!
+//! Storage: a bitmask M (n bits, one per element, 1 = nonzero) packed into
+//! uint8, present when the tensor has zeros, plus the m stored values (m = nnz
+//! with a mask, n without) in one of three stores:
+//!   float    m float32 values                                    (32 bits each)
+//!   affine   m k-bit codes u, W = (u - zp) * scale               (k bits each, k = 1..16)
+//!            per tensor, or per channel along one axis (zp, scale broadcast)
+//!   codebook m k-bit codes u, W = book[u], book <= 2^k floats    (k bits each)
+//!            ternary = mask + 1-bit codes into [w_n, w_p]         (mask + sign bit per nonzero)
+//! An all-zero tensor is `ConstantOfShape(S)`.
+//!
+//! Bit streams are LSB first: bit p of the stream is bit (p mod 8) of byte p / 8;
+//! code j occupies stream bits j*k .. j*k+k-1, its bit i worth 2^i.
+//!
+//! Decoding, every step an ONNX op that tract 0.23.9 and onnxruntime run, opset >= 11:
+//!   bits(P, L)  = Slice(Reshape(Mod(BitShift(Reshape(P, [-1,1]), [[0..7]], RIGHT), 2), [-1]), 0, L)
+//!   codes(P, k) = Cast(P, float)                                        k = 8
+//!               = Cast(bits(P, m), float)                               k = 1
+//!               = ReduceSum(Reshape(Cast(bits(P, m k), float), [-1,k]) * [1,2,..,2^(k-1)], axis -1)
+//!   mask        = Reshape(Cast(bits(M, n), bool), S)
+//!   idx         = CumSum(Cast(bits(M, n), int32), 0) - 1      position of each element's value
+//!   float       W = Where(mask, Reshape(Gather(V, idx), S), 0)
+//!   codebook    W = Where(mask, Reshape(Gather(Gather(book, Cast(codes, int32)), idx), S), 0)
+//!   affine      W = Where(mask, (Reshape(Gather(codes, idx), S) - zp) * scale, 0)
+//! and without a mask the Gather(., idx) and Where steps are left out. Codes are
+//! integers below 2^16, exact in float32, so (u - zp) is exact and W is the one
+//! rounding of ((u - zp) as f32) * scale the quantizer made. Gather by idx = -1
+//! (elements before the first nonzero) wraps to the last value; Where discards it.
+//! The decoded value keeps the name of the initializer it replaces, so consumers
+//! are untouched. Every node depends on initializers only: runtimes fold it at load.
+
+use std::collections::{HashMap, HashSet};
+
+use ndarray::{arr0, ArrayD, IxDyn};
+
+use super::eval::{self, Val};
+use crate::error::Result;
+use crate::graph::Graph;
+use crate::onnx::proto::{AttributeProto, NodeProto, TensorProto};
+use crate::onnx::{AttributeType, DataType, TensorData};
+use crate::score::bits::Weight;
+
+/// Widest code packed.
+pub const MAX_CODE_BITS: u32 = 16;
+
+/// How the stored values are kept.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Store {
+    Float(Vec<f32>),
+    Affine {
+        k: u32,
+        codes: Vec<u32>,
+        /// One value (per tensor) or one per channel along `axis`.
+        scale: Vec<f32>,
+        zp: Vec<f32>,
+        axis: Option<usize>,
+    },
+    Codebook {
+        k: u32,
+        codes: Vec<u32>,
+        book: Vec<f32>,
+    },
+}
+
+/// A weight as it will be stored.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    pub shape: Vec<usize>,
+    /// One flag per element (true: a value is stored); `None`: every element is stored.
+    pub mask: Option<Vec<bool>>,
+    /// `None`: all zeros.
+    pub store: Option<Store>,
+}
+
+impl Packed {
+    /// Bits of the payload: mask bits + stored values x their width (+ scales, codebooks).
+    pub fn payload_bits(&self) -> u64 {
+        let mask = self.mask.as_ref().map_or(0, |m| m.len() as u64);
+        mask + match &self.store {
+            None => 0,
+            Some(Store::Float(v)) => 32 * v.len() as u64,
+            Some(Store::Affine {
+                k,
+                codes,
+                scale,
+                zp,
+                ..
+            }) => *k as u64 * codes.len() as u64 + 32 * (scale.len() + zp.len()) as u64,
+            Some(Store::Codebook { k, codes, book }) => {
+                *k as u64 * codes.len() as u64 + 32 * book.len() as u64
+            }
+        }
+    }
+
+    /// A one-line description for reports.
+    pub fn describe(&self) -> String {
+        let n: usize = self.shape.iter().product();
+        let mask = match &self.mask {
+            Some(m) => format!("{n}-bit mask + {} ", m.iter().filter(|b| **b).count()),
+            None => format!("{n} "),
+        };
+        match &self.store {
+            None => "all zeros: ConstantOfShape".into(),
+            Some(Store::Float(_)) => format!("{mask}float32 values"),
+            Some(Store::Affine { k, scale, axis, .. }) => format!(
+                "{mask}{k}-bit codes x {}",
+                match axis {
+                    Some(a) => format!("{} scales along axis {a}", scale.len()),
+                    None => "one scale".into(),
+                }
+            ),
+            Some(Store::Codebook { k, book, .. }) => {
+                format!("{mask}{k}-bit codes into a {}-entry codebook", book.len())
+            }
+        }
+    }
+}
+
+/// Packs k-bit codes LSB first.
+pub fn pack_codes(codes: &[u32], k: u32) -> Vec<u8> {
+    let mut out = vec![0u8; (codes.len() * k as usize).div_ceil(8)];
+    let mut p = 0usize;
+    for &c in codes {
+        for i in 0..k {
+            if (c >> i) & 1 == 1 {
+                out[p / 8] |= 1 << (p % 8);
+            }
+            p += 1;
+        }
+    }
+    out
+}
+
+/// Packs a mask, one bit per element, LSB first.
+pub fn pack_mask(mask: &[bool]) -> Vec<u8> {
+    let mut out = vec![0u8; mask.len().div_ceil(8)];
+    for (p, _) in mask.iter().enumerate().filter(|(_, b)| **b) {
+        out[p / 8] |= 1 << (p % 8);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// Writing.
+
+/// Constants every decoder shares, created once per model.
+pub struct Shared {
+    names: HashMap<String, String>,
+    taken: HashSet<String>,
+    /// The shared initializers created so far.
+    pub inits: Vec<TensorProto>,
+}
+
+impl Shared {
+    /// `taken`: every value and initializer name in the graph.
+    pub fn new(taken: HashSet<String>) -> Self {
+        Shared {
+            names: HashMap::new(),
+            taken,
+            inits: Vec::new(),
+        }
+    }
+
+    fn get(&mut self, key: &str, make: impl FnOnce() -> TensorData) -> String {
+        if let Some(n) = self.names.get(key) {
+            return n.clone();
+        }
+        let base = format!("pk_{key}");
+        let name = fresh(&self.taken, &base);
+        self.taken.insert(name.clone());
+        self.inits.push(make().to_proto(&name));
+        self.names.insert(key.to_string(), name.clone());
+        name
+    }
+
+    /// Forgets the shared constants created after the first `keep`.
+    pub fn truncate(&mut self, keep: usize) {
+        let gone: Vec<String> = self
+            .inits
+            .drain(keep.min(self.inits.len())..)
+            .map(|t| t.name().to_string())
+            .collect();
+        self.names.retain(|_, v| !gone.contains(v));
+        for g in gone {
+            self.taken.remove(&g);
+        }
+    }
+
+    /// A short prefix no existing name starts with, for one tensor's decoder values
+    /// (short: every value name is written twice in the file).
+    pub fn prefix(&mut self) -> String {
+        let mut k = self.names.len() + self.taken.len();
+        loop {
+            let p = format!("pk{k:x}");
+            if !self.taken.iter().any(|t| t.starts_with(&format!("{p}."))) {
+                self.taken.insert(format!("{p}."));
+                return p;
+            }
+            k += 1;
+        }
+    }
+}
+
+fn fresh(taken: &HashSet<String>, base: &str) -> String {
+    if !taken.contains(base) {
+        return base.to_string();
+    }
+    (1..)
+        .map(|k| format!("{base}_{k}"))
+        .find(|n| !taken.contains(n))
+        .expect("some name is free")
+}
+
+fn i64s(v: &[i64]) -> TensorData {
+    TensorData::I64(ArrayD::from_shape_vec(IxDyn(&[v.len()]), v.to_vec()).expect("1-D"))
+}
+
+fn attr_int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
+}
+
+/// The nodes and per-tensor initializers that decode one weight.
+pub struct Decoder {
+    pub nodes: Vec<NodeProto>,
+    pub inits: Vec<TensorProto>,
+}
+
+struct Builder<'a> {
+    out: Decoder,
+    prefix: String,
+    count: usize,
+    shared: &'a mut Shared,
+    opset: i64,
+}
+
+impl Builder<'_> {
+    fn init(&mut self, tag: &str, d: TensorData) -> String {
+        let name = format!("{}.{tag}", self.prefix);
+        self.out.inits.push(d.to_proto(&name));
+        name
+    }
+
+    fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+        self.count += 1;
+        let out = format!("{}.{}", self.prefix, self.count);
+        self.node_to(op, inputs, attrs, &out);
+        out
+    }
+
+    fn node_to(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, out: &str) {
+        // Unnamed nodes: the output names them, and names cost bytes.
+        self.out.nodes.push(NodeProto {
+            op_type: Some(op.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.to_string()],
+            attribute: attrs,
+            ..Default::default()
+        });
+    }
+
+    fn cast(&mut self, x: &str, to: DataType) -> String {
+        self.node("Cast", &[x], vec![attr_int("to", to as i64)])
+    }
+
+    /// uint8 bits [len] of the stream in initializer `leaf` ([bytes] uint8).
+    fn bits(&mut self, leaf: &str, len: usize, bytes: usize) -> String {
+        let col = self.shared.get("shape_col", || i64s(&[-1, 1]));
+        let shifts = self.shared.get("shifts", || {
+            TensorData::U8(ArrayD::from_shape_vec(IxDyn(&[1, 8]), (0..8).collect()).expect("1x8"))
+        });
+        let two = self.shared.get("two", || {
+            TensorData::U8(ArrayD::from_shape_vec(IxDyn(&[1]), vec![2]).expect("1"))
+        });
+        let flat = self.shared.get("shape_flat", || i64s(&[-1]));
+        let r = self.node("Reshape", &[leaf, &col], vec![]);
+        let dir = AttributeProto {
+            name: Some("direction".into()),
+            r#type: Some(AttributeType::String as i32),
+            s: Some(b"RIGHT".to_vec()),
+            ..Default::default()
+        };
+        let s = self.node("BitShift", &[&r, &shifts], vec![dir]);
+        let b = self.node("Mod", &[&s, &two], vec![]);
+        let f = self.node("Reshape", &[&b, &flat], vec![]);
+        if len == bytes * 8 {
+            return f;
+        }
+        let zero = self.shared.get("starts", || i64s(&[0]));
+        let end = self
+            .shared
+            .get(&format!("len{len}"), || i64s(&[len as i64]));
+        self.node("Slice", &[&f, &zero, &end], vec![])
+    }
+
+    /// float codes [m] from k-bit codes packed in `leaf`.
+    fn codes(&mut self, leaf: &str, m: usize, k: u32, bytes: usize) -> String {
+        if k == 8 {
+            return self.cast(leaf, DataType::Float);
+        }
+        let t = self.bits(leaf, m * k as usize, bytes);
+        let c = self.cast(&t, DataType::Float);
+        if k == 1 {
+            return c;
+        }
+        let shape = self
+            .shared
+            .get(&format!("shape_k{k}"), || i64s(&[-1, k as i64]));
+        let pow = self.shared.get(&format!("pow{k}"), || {
+            TensorData::F32(
+                ArrayD::from_shape_vec(
+                    IxDyn(&[k as usize]),
+                    (0..k).map(|i| (1u32 << i) as f32).collect(),
+                )
+                .expect("1-D"),
+            )
+        });
+        let r = self.node("Reshape", &[&c, &shape], vec![]);
+        let w = self.node("Mul", &[&r, &pow], vec![]);
+        let keep = attr_int("keepdims", 0);
+        if self.opset >= 13 {
+            let axes = self.shared.get("axes_last", || i64s(&[-1]));
+            self.node("ReduceSum", &[&w, &axes], vec![keep])
+        } else {
+            let axes = AttributeProto {
+                name: Some("axes".into()),
+                r#type: Some(AttributeType::Ints as i32),
+                ints: vec![-1],
+                ..Default::default()
+            };
+            self.node("ReduceSum", &[&w], vec![axes, keep])
+        }
+    }
+}
+
+/// Builds the decoder of `p`; its last node writes `output`. `opset` is the
+/// model's default-domain opset (>= 11).
+pub fn build(p: &Packed, output: &str, prefix: &str, opset: i64, shared: &mut Shared) -> Decoder {
+    let mut b = Builder {
+        out: Decoder {
+            nodes: Vec::new(),
+            inits: Vec::new(),
+        },
+        prefix: prefix.to_string(),
+        count: 0,
+        shared,
+        opset,
+    };
+    let shape: Vec<i64> = p.shape.iter().map(|&d| d as i64).collect();
+    let key: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_name = b
+        .shared
+        .get(&format!("shape_{}", key.join("x")), || i64s(&shape));
+    let Some(store) = &p.store else {
+        let value = AttributeProto {
+            name: Some("value".into()),
+            r#type: Some(AttributeType::Tensor as i32),
+            t: Some(TensorData::F32(ArrayD::zeros(IxDyn(&[1]))).to_proto("")),
+            ..Default::default()
+        };
+        b.node_to("ConstantOfShape", &[&shape_name], vec![value], output);
+        return b.out;
+    };
+    let n: usize = p.shape.iter().product();
+    // Mask: condition and value index.
+    let masked = p.mask.as_ref().map(|m| {
+        let bytes = pack_mask(m);
+        let nb = bytes.len();
+        let leaf = b.init(
+            "mask",
+            TensorData::U8(ArrayD::from_shape_vec(IxDyn(&[nb]), bytes).expect("1-D")),
+        );
+        let t = b.bits(&leaf, n, nb);
+        let c = b.cast(&t, DataType::Bool);
+        let cond = b.node("Reshape", &[&c, &shape_name], vec![]);
+        let ti = b.cast(&t, DataType::Int32);
+        let axis0 = b
+            .shared
+            .get("axis0", || TensorData::I32(arr0(0).into_dyn()));
+        let one = b
+            .shared
+            .get("one_i32", || TensorData::I32(arr0(1).into_dyn()));
+        let cs = b.node("CumSum", &[&ti, &axis0], vec![]);
+        let idx = b.node("Sub", &[&cs, &one], vec![]);
+        (cond, idx)
+    });
+    let zero = b
+        .shared
+        .get("zero_f32", || TensorData::F32(arr0(0.0).into_dyn()));
+    let code_leaf = |b: &mut Builder, codes: &[u32], k: u32| {
+        let bytes = pack_codes(codes, k);
+        let nb = bytes.len();
+        let leaf = b.init(
+            "codes",
+            TensorData::U8(ArrayD::from_shape_vec(IxDyn(&[nb]), bytes).expect("1-D")),
+        );
+        b.codes(&leaf, codes.len(), k, nb)
+    };
+    let finish = |b: &mut Builder, values: &str| match &masked {
+        Some((cond, idx)) => {
+            let g = b.node("Gather", &[values, idx], vec![]);
+            let x = b.node("Reshape", &[&g, &shape_name], vec![]);
+            b.node_to("Where", &[cond, &x, &zero], vec![], output);
+        }
+        None => b.node_to("Reshape", &[values, &shape_name], vec![], output),
+    };
+    match store {
+        Store::Float(v) => {
+            let vals = b.init(
+                "values",
+                TensorData::F32(ArrayD::from_shape_vec(IxDyn(&[v.len()]), v.clone()).expect("1-D")),
+            );
+            finish(&mut b, &vals);
+        }
+        Store::Codebook { k, codes, book } => {
+            let cf = code_leaf(&mut b, codes, *k);
+            let ci = b.cast(&cf, DataType::Int32);
+            let bk = b.init(
+                "book",
+                TensorData::F32(
+                    ArrayD::from_shape_vec(IxDyn(&[book.len()]), book.clone()).expect("1-D"),
+                ),
+            );
+            let v = b.node("Gather", &[&bk, &ci], vec![]);
+            finish(&mut b, &v);
+        }
+        Store::Affine {
+            k,
+            codes,
+            scale,
+            zp,
+            axis,
+        } => {
+            let cf = code_leaf(&mut b, codes, *k);
+            let bshape: Vec<usize> = match axis {
+                Some(a) => (0..p.shape.len())
+                    .map(|i| if i == *a { scale.len() } else { 1 })
+                    .collect(),
+                None => vec![],
+            };
+            let arr = |v: &[f32]| {
+                TensorData::F32(ArrayD::from_shape_vec(IxDyn(&bshape), v.to_vec()).expect("shape"))
+            };
+            let zp_name = b.init("zero_point", arr(zp));
+            let sc_name = b.init("scale", arr(scale));
+            let g = match &masked {
+                Some((_, idx)) => b.node("Gather", &[&cf, idx], vec![]),
+                None => cf,
+            };
+            let x = b.node("Reshape", &[&g, &shape_name], vec![]);
+            let d = b.node("Sub", &[&x, &zp_name], vec![]);
+            match &masked {
+                Some((cond, _)) => {
+                    let y = b.node("Mul", &[&d, &sc_name], vec![]);
+                    b.node_to("Where", &[cond, &y, &zero], vec![], output);
+                }
+                None => b.node_to("Mul", &[&d, &sc_name], vec![], output),
+            }
+        }
+    }
+    b.out
+}
+
+// ---------------------------------------------------------------------------
+// Reading.
+
+/// What the structure of a decoder says about storage.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Zeros,
+    Float,
+    Affine(u32),
+    Codebook { k: u32, ternary: bool },
+}
+
+fn prod<'g>(g: &Graph<'g>, v: &str, op: &str) -> Option<&'g NodeProto> {
+    let (i, slot) = g.producer(v)?;
+    let n = g.node(i);
+    (slot == 0 && n.op_type() == op).then_some(n)
+}
+
+fn strip(g: &Graph, v: &str) -> String {
+    let mut v = v.to_string();
+    while let Some((i, _)) = g.producer(&v) {
+        let n = g.node(i);
+        if matches!(
+            n.op_type(),
+            "Reshape" | "Identity" | "Unsqueeze" | "Squeeze"
+        ) {
+            v = n.input[0].clone();
+        } else {
+            break;
+        }
+    }
+    v
+}
+
+fn const_ints(g: &Graph, v: &str) -> Option<Vec<i64>> {
+    let d = g.constant(v).ok()??;
+    Some(d.to_i64()?.iter().copied().collect())
+}
+
+fn const_f32(g: &Graph, v: &str) -> Option<Vec<f32>> {
+    let t = g.constant_proto(v)?;
+    if t.data_type() != DataType::Float as i32 {
+        return None;
+    }
+    Some(g.constant_f32(v).ok()??.iter().copied().collect())
+}
+
+fn is_u8_leaf(g: &Graph, v: &str) -> bool {
+    g.constant_proto(v)
+        .is_some_and(|t| t.data_type() == DataType::Uint8 as i32)
+}
+
+/// The uint8 initializer whose bit stream `v` is (0/1 uint8 values), if it is one.
+fn bit_stream(g: &Graph, v: &str) -> Option<String> {
+    let mut v = v.to_string();
+    if let Some(s) = prod(g, &v, "Slice") {
+        let starts = const_ints(g, s.input.get(1)?)?;
+        if starts != [0] || s.input.len() > 3 {
+            return None;
+        }
+        v = s.input[0].clone();
+    }
+    let v = strip(g, &v);
+    let (i, _) = g.producer(&v)?;
+    let m = g.node(i);
+    let one_bit = match m.op_type() {
+        "Mod" => const_ints(g, &m.input[1])? == [2],
+        "BitwiseAnd" => const_ints(g, &m.input[1])? == [1],
+        _ => false,
+    };
+    if !one_bit {
+        return None;
+    }
+    let s = prod(g, &m.input[0], "BitShift")?;
+    let right = s
+        .attribute
+        .iter()
+        .any(|a| a.name() == "direction" && a.s() == b"RIGHT");
+    if !right || const_ints(g, &s.input[1])? != (0..8).collect::<Vec<i64>>() {
+        return None;
+    }
+    let leaf = strip(g, &s.input[0]);
+    is_u8_leaf(g, &leaf).then_some(leaf)
+}
+
+fn cast_to(n: &NodeProto) -> Option<i64> {
+    n.attribute.iter().find(|a| a.name() == "to").map(|a| a.i())
+}
+
+/// Width of the float codes `v`, and the initializer holding them.
+fn code_width(g: &Graph, v: &str) -> Option<(u32, String)> {
+    if let Some(c) = prod(g, v, "Cast") {
+        if cast_to(c)? != DataType::Float as i64 {
+            return None;
+        }
+        let x = &c.input[0];
+        if is_u8_leaf(g, x) {
+            return Some((8, x.clone()));
+        }
+        return bit_stream(g, x).map(|l| (1, l));
+    }
+    let r = prod(g, v, "ReduceSum")?;
+    let m = prod(g, &r.input[0], "Mul")?;
+    let pow = const_f32(g, &m.input[1])?;
+    let k = pow.len() as u32;
+    if !(2..=MAX_CODE_BITS).contains(&k)
+        || pow
+            .iter()
+            .enumerate()
+            .any(|(i, &p)| p != (1u32 << i) as f32)
+    {
+        return None;
+    }
+    let shape = const_ints(g, &prod(g, &m.input[0], "Reshape")?.input[1])?;
+    if shape.last() != Some(&(k as i64)) {
+        return None;
+    }
+    let c = prod(g, &strip(g, &m.input[0]), "Cast")?;
+    if cast_to(c)? != DataType::Float as i64 {
+        return None;
+    }
+    bit_stream(g, &c.input[0]).map(|l| (k, l))
+}
+
+/// `book[Cast(codes)]`: the width of the codes and the codebook.
+fn codebook(g: &Graph, v: &str) -> Option<(u32, Vec<f32>)> {
+    let gn = prod(g, v, "Gather")?;
+    let book = const_f32(g, &gn.input[0])?;
+    let c = prod(g, &gn.input[1], "Cast")?;
+    if !matches!(cast_to(c)?, x if x == DataType::Int32 as i64 || x == DataType::Int64 as i64) {
+        return None;
+    }
+    let (k, _) = code_width(g, &c.input[0])?;
+    (book.len() as u64 <= 1u64 << k).then_some((k, book))
+}
+
+/// `(x - zp) * scale` with constant zp and scale: x.
+fn affine(g: &Graph, v: &str) -> Option<String> {
+    let m = prod(g, v, "Mul")?;
+    const_f32(g, &m.input[1])?;
+    let s = prod(g, &m.input[0], "Sub")?;
+    const_f32(g, &s.input[1])?;
+    Some(strip(g, &s.input[0]))
+}
+
+/// The bit stream a mask index `CumSum(Cast(bits)) - 1` counts.
+fn mask_index(g: &Graph, v: &str) -> Option<String> {
+    let s = prod(g, v, "Sub")?;
+    if const_ints(g, &s.input[1])? != [1] {
+        return None;
+    }
+    let cs = prod(g, &s.input[0], "CumSum")?;
+    if const_ints(g, &cs.input[1])? != [0] || cs.attribute.iter().any(|a| a.i() != 0) {
+        return None;
+    }
+    let c = prod(g, &cs.input[0], "Cast")?;
+    bit_stream(g, &c.input[0])
+}
+
+fn classify(g: &Graph, value: &str) -> Option<Kind> {
+    let (i, _) = g.producer(value)?;
+    let n = g.node(i);
+    match n.op_type() {
+        "ConstantOfShape" => {
+            const_ints(g, &n.input[0])?;
+            Some(Kind::Zeros)
+        }
+        "Where" => {
+            let zero = const_f32(g, &n.input[2])?;
+            if zero.iter().any(|z| *z != 0.0) {
+                return None;
+            }
+            let cond = prod(g, &strip(g, &n.input[0]), "Cast")?;
+            if cast_to(cond)? != DataType::Bool as i64 {
+                return None;
+            }
+            let mask_leaf = bit_stream(g, &cond.input[0])?;
+            let x = strip(g, &n.input[1]);
+            // Values gathered behind the mask: Gather(store, idx) with idx counting the same mask.
+            let gathered = |v: &str| -> Option<String> {
+                let gn = prod(g, v, "Gather")?;
+                (mask_index(g, &gn.input[1])? == mask_leaf).then(|| gn.input[0].clone())
+            };
+            if let Some(inner) = affine(g, &x) {
+                let codes = gathered(&inner)?;
+                return code_width(g, &codes).map(|(k, _)| Kind::Affine(k));
+            }
+            let store = gathered(&x)?;
+            if let Some(t) = g.constant_proto(&store) {
+                return (t.data_type() == DataType::Float as i32).then_some(Kind::Float);
+            }
+            let (k, book) = codebook(g, &store)?;
+            let ternary = k == 1
+                && book.len() == 2
+                && book.iter().filter(|v| **v < 0.0).count() == 1
+                && book.iter().filter(|v| **v > 0.0).count() == 1;
+            Some(Kind::Codebook { k, ternary })
+        }
+        "Mul" => {
+            let codes = affine(g, value)?;
+            code_width(g, &codes).map(|(k, _)| Kind::Affine(k))
+        }
+        "Reshape" => {
+            let (k, _) = codebook(g, &n.input[0])?;
+            Some(Kind::Codebook { k, ternary: false })
+        }
+        _ => None,
+    }
+}
+
+/// A packed weight, recognized by the structure of its decoder and evaluated
+/// by the ops it consists of. `None` when `value` is not a packed weight.
+pub fn read(g: &Graph, value: &str) -> Result<Option<Weight>> {
+    let Some(kind) = classify(g, value) else {
+        return Ok(None);
+    };
+    let Some(Val::F(values)) = eval::eval(g, value)? else {
+        return Ok(None);
+    };
+    let (bits, scheme, ternary) = match kind {
+        Kind::Zeros => (32, "all zeros (packed: ConstantOfShape)".to_string(), false),
+        Kind::Float => (32, "float32 (packed: mask + values)".into(), false),
+        Kind::Affine(k) => (k, format!("{k}-bit codes x scale (packed)"), false),
+        Kind::Codebook { ternary: true, .. } => (
+            2,
+            "ternary (packed: mask + sign bit + 2 centroids)".into(),
+            true,
+        ),
+        Kind::Codebook { k, .. } => (k, format!("{k}-bit codebook (packed)"), false),
+    };
+    Ok(Some(Weight {
+        values,
+        bits,
+        scheme,
+        quantized: bits < 16,
+        ternary,
+    }))
+}

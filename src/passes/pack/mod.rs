@@ -1,0 +1,453 @@
+//! Packed storage: the file holds what the MicroNet score counts.
+//!
+//! A pruned or quantized weight W (n elements, nnz nonzeros, a verified k-bit
+//! claim or plain float32) is replaced by initializers holding
+//!   mask  n bits (when W has zeros; always for ternary)
+//!   values  nnz (masked) or n (dense) of: float32 (32 bits), k-bit affine codes
+//!           ((u - zp) * scale, scale/zp per tensor or per channel), or k-bit codes
+//!           into a codebook of <= 2^k floats (ternary: 1 bit into [w_n, w_p])
+//! and a decoding subgraph of standard ops whose output keeps W's name (see
+//! [`format`] for the encoding and the decoder). Per tensor:
+//!   payload bits = [n] + m * k (+ 32 per scale, zero point, codebook entry)
+//! against the score's storage nnz * k + n (masked) or n * k. A quantized weight
+//! takes the mask only when n + nnz*k < n*k, i.e. sparsity > 1/k; an unquantized
+//! one whenever it has a zero (k = 32). Codes are written at the claimed width k,
+//! so the score reads back the same bits from the structure.
+//!
+//! A tensor is packed only when its encoded initializers and decoder nodes take
+//! fewer protobuf bytes than the float initializer, and only after the decoder,
+//! evaluated by the score's reader, gives back every value bit for bit (-0.0
+//! comes back as +0.0, the same number); otherwise it is left alone, with why.
+//! Candidates are the float32 initializers read only by Conv, ConvTranspose,
+//! Gemm and MatMul nodes. Quantized values come from the claims the quantizer
+//! writes (`onnx_micronet.scheme/bits/step/zero_point/axis`), verified by the
+//! score first: linear/minmax become affine codes when every value is exactly
+//! ((u - zp) as f32) * scale; any claimed scheme falls back to a codebook.
+
+pub mod disk;
+pub mod eval;
+pub mod format;
+
+use std::collections::{BTreeSet, HashSet};
+
+use prost::Message;
+
+use super::{Context, Pass, PassReport};
+use crate::error::Result;
+use crate::graph::Graph;
+use crate::onnx::proto::{GraphProto, TensorProto};
+use crate::onnx::{DataType, Model, TensorData};
+use crate::score::bits::{self as sbits, META_AXIS, META_SCHEME, META_STEP, META_ZERO_POINT};
+use format::{Packed, Shared, Store, MAX_CODE_BITS};
+
+const WEIGHTED: &[&str] = &["Conv", "ConvTranspose", "Gemm", "MatMul"];
+
+/// The packing pass.
+#[derive(Debug, Clone, Default)]
+pub struct Pack;
+
+fn meta<'a>(t: &'a TensorProto, key: &str) -> Option<&'a str> {
+    t.metadata_props
+        .iter()
+        .find(|p| p.key() == key)
+        .map(|p| p.value())
+}
+
+fn default_opset(g: &Model) -> i64 {
+    g.proto
+        .opset_import
+        .iter()
+        .find(|o| matches!(o.domain(), "" | "ai.onnx"))
+        .map(|o| o.version())
+        .unwrap_or(1)
+}
+
+/// Chooses the representation of one float32 weight. `Err` says why it stays float.
+pub fn choose(
+    t: &TensorProto,
+    values: &[f32],
+    shape: &[usize],
+    claim_bits: Option<(u32, bool)>,
+) -> std::result::Result<Packed, String> {
+    let n = values.len();
+    let mask: Vec<bool> = values.iter().map(|v| *v != 0.0).collect();
+    let nnz = mask.iter().filter(|b| **b).count();
+    let shape = shape.to_vec();
+    if nnz == 0 {
+        return Ok(Packed {
+            shape,
+            mask: None,
+            store: None,
+        });
+    }
+    let Some((k, ternary)) = claim_bits else {
+        if nnz == n {
+            return Err("dense float32 without zeros: nothing to pack".into());
+        }
+        let v = values.iter().copied().filter(|v| *v != 0.0).collect();
+        return Ok(Packed {
+            shape,
+            mask: Some(mask),
+            store: Some(Store::Float(v)),
+        });
+    };
+    if ternary {
+        let neg = values.iter().copied().find(|v| *v < 0.0);
+        let pos = values.iter().copied().find(|v| *v > 0.0);
+        let (neg, pos) = match (neg, pos) {
+            (Some(a), Some(b)) => (a, b),
+            (Some(a), None) => (a, -a),
+            (None, Some(b)) => (-b, b),
+            (None, None) => unreachable!("nnz > 0"),
+        };
+        let codes = values
+            .iter()
+            .filter(|v| **v != 0.0)
+            .map(|v| u32::from(*v > 0.0))
+            .collect();
+        return Ok(Packed {
+            shape,
+            mask: Some(mask),
+            store: Some(Store::Codebook {
+                k: 1,
+                codes,
+                book: vec![neg, pos],
+            }),
+        });
+    }
+    if k > MAX_CODE_BITS {
+        return Err(format!(
+            "{k}-bit claim: codes wider than {MAX_CODE_BITS} bits are not packed"
+        ));
+    }
+    let use_mask = nnz < n && (n as u64 + nnz as u64 * k as u64) < n as u64 * k as u64;
+    let stored: Vec<(usize, f32)> = values
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(_, v)| !use_mask || *v != 0.0)
+        .collect();
+    let store = affine(t, &stored, &shape, k)
+        .or_else(|| codebook(&stored, k))
+        .ok_or_else(|| {
+            format!("its {k}-bit claim fits neither affine codes nor a {k}-bit codebook")
+        })?;
+    Ok(Packed {
+        shape,
+        mask: use_mask.then_some(mask),
+        store: Some(store),
+    })
+}
+
+fn parse_list(s: &str) -> Option<Vec<f32>> {
+    s.split(',').map(|x| x.trim().parse::<f32>().ok()).collect()
+}
+
+/// Affine codes from a linear / minmax claim, when they reproduce every value exactly.
+fn affine(t: &TensorProto, stored: &[(usize, f32)], shape: &[usize], k: u32) -> Option<Store> {
+    let scheme = meta(t, META_SCHEME)?;
+    let linear = match scheme {
+        "linear" => true,
+        "minmax" => false,
+        _ => return None,
+    };
+    let scale = parse_list(meta(t, META_STEP)?)?;
+    let zp = match meta(t, META_ZERO_POINT) {
+        Some(z) => parse_list(z)?,
+        None => vec![0.0; scale.len()],
+    };
+    if zp.len() != scale.len() || zp.iter().any(|z| z.fract() != 0.0) {
+        return None;
+    }
+    let axis = if scale.len() > 1 {
+        let a: i64 = meta(t, META_AXIS).map_or(Some(0), |a| a.trim().parse().ok())?;
+        let a = if a < 0 { a + shape.len() as i64 } else { a };
+        if !(0..shape.len() as i64).contains(&a) || shape[a as usize] != scale.len() {
+            return None;
+        }
+        Some(a as usize)
+    } else {
+        None
+    };
+    let bias = if linear {
+        (1i64 << (k - 1)) as f32
+    } else {
+        0.0
+    };
+    let zp: Vec<f32> = zp.iter().map(|z| z + bias).collect();
+    let inner: usize = axis.map_or(1, |a| shape[a + 1..].iter().product());
+    let max = (1u64 << k) as f32;
+    let mut codes = Vec::with_capacity(stored.len());
+    for &(i, v) in stored {
+        let c = axis.map_or(0, |_| (i / inner) % scale.len());
+        let (s, z) = (scale[c], zp[c]);
+        if s == 0.0 || !s.is_finite() {
+            return None;
+        }
+        let u = (v / s).round() + z;
+        if !(0.0..max).contains(&u) {
+            return None;
+        }
+        let back = (u - z) * s;
+        if back.to_bits() != v.to_bits() && !(back == 0.0 && v == 0.0) {
+            return None;
+        }
+        codes.push(u as u32);
+    }
+    Some(Store::Affine {
+        k,
+        codes,
+        scale,
+        zp,
+        axis,
+    })
+}
+
+/// A codebook of the distinct stored values (sorted), when there are at most 2^k.
+fn codebook(stored: &[(usize, f32)], k: u32) -> Option<Store> {
+    let distinct: BTreeSet<u32> = stored
+        .iter()
+        .map(|(_, v)| if *v == 0.0 { 0 } else { v.to_bits() })
+        .collect();
+    if distinct.len() as u64 > 1u64 << k {
+        return None;
+    }
+    let mut book: Vec<f32> = distinct.into_iter().map(f32::from_bits).collect();
+    book.sort_by(|a, b| a.total_cmp(b));
+    let codes = stored
+        .iter()
+        .map(|(_, v)| {
+            let v = if *v == 0.0 { 0.0 } else { *v };
+            book.iter()
+                .position(|b| b.to_bits() == v.to_bits())
+                .expect("in the book") as u32
+        })
+        .collect();
+    Some(Store::Codebook { k, codes, book })
+}
+
+impl Pass for Pack {
+    fn name(&self) -> &'static str {
+        "pack"
+    }
+
+    fn run(&self, model: &mut Model, _cx: &Context) -> Result<PassReport> {
+        let mut report = PassReport::new(self.name());
+        let opset = default_opset(model);
+        // Plan on a read-only view.
+        let mut plans: Vec<(String, Packed)> = Vec::new();
+        {
+            let g = Graph::new(model.graph())?;
+            if opset < 11 {
+                for t in &model.graph().initializer {
+                    if candidate(&g, t).is_ok() {
+                        report.skipped(
+                            t.name(),
+                            format!("opset {opset} < 11 has no BitShift/CumSum: left as float"),
+                        );
+                    }
+                }
+                return Ok(report);
+            }
+            for t in &model.graph().initializer {
+                match candidate(&g, t) {
+                    Err(None) => continue,
+                    Err(Some(why)) => {
+                        report.skipped(t.name(), why);
+                        continue;
+                    }
+                    Ok(()) => {}
+                }
+                let claim = match sbits::weight(&g, t.name()) {
+                    Ok(Some(w)) => w,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        report.skipped(t.name(), format!("left as float: {e}"));
+                        continue;
+                    }
+                };
+                let claim_bits = meta(t, META_SCHEME).map(|_| (claim.bits, claim.ternary));
+                let values: Vec<f32> = claim.values.iter().copied().collect();
+                match choose(t, &values, claim.values.shape(), claim_bits) {
+                    Ok(p) => plans.push((t.name().to_string(), p)),
+                    Err(why) => report.skipped(t.name(), why),
+                }
+            }
+        }
+        if plans.is_empty() {
+            return Ok(report);
+        }
+        let graph = model.graph_mut();
+        let mut taken: HashSet<String> = graph
+            .initializer
+            .iter()
+            .map(|t| t.name().to_string())
+            .chain(graph.node.iter().flat_map(|n| n.output.iter().cloned()))
+            .chain(graph.input.iter().map(|i| i.name().to_string()))
+            .collect();
+        taken.extend(graph.node.iter().map(|n| n.name().to_string()));
+        let mut shared = Shared::new(taken);
+        let mut new_nodes = Vec::new();
+        let mut new_inits = Vec::new();
+        let mut removed: HashSet<String> = HashSet::new();
+        for (name, p) in plans {
+            let old = graph
+                .initializer
+                .iter()
+                .find(|t| t.name() == name)
+                .expect("planned from this graph");
+            let old_bytes = old.encoded_len();
+            let prefix = shared.prefix();
+            let shared_before = shared.inits.len();
+            let dec = format::build(&p, &name, &prefix, opset, &mut shared);
+            let new_bytes: usize = dec.inits.iter().map(|t| t.encoded_len()).sum::<usize>()
+                + dec.nodes.iter().map(|n| n.encoded_len()).sum::<usize>();
+            if new_bytes >= old_bytes {
+                // Constants created only for this tensor are not needed.
+                shared_rollback(&mut shared, shared_before);
+                report.skipped(
+                    &name,
+                    format!(
+                        "{} would take {new_bytes} bytes, not fewer than the {old_bytes} of float32: left as float",
+                        p.describe()
+                    ),
+                );
+                continue;
+            }
+            // The decoder must give back every value, as the score reads it.
+            let check = verify(old, &dec, &shared.inits, &name)?;
+            if let Err(why) = check {
+                shared_rollback(&mut shared, shared_before);
+                report.skipped(
+                    &name,
+                    format!("decoder check failed ({why}): left as float"),
+                );
+                continue;
+            }
+            report.changed(
+                &name,
+                format!(
+                    "{}: {new_bytes} bytes (payload {} bytes + decoder {} bytes) instead of {old_bytes}, {:.1}x smaller",
+                    p.describe(),
+                    p.payload_bits().div_ceil(8),
+                    new_bytes.saturating_sub(p.payload_bits().div_ceil(8) as usize),
+                    old_bytes as f64 / new_bytes as f64
+                ),
+            );
+            removed.insert(name);
+            new_nodes.extend(dec.nodes);
+            new_inits.extend(dec.inits);
+        }
+        if removed.is_empty() {
+            return Ok(report);
+        }
+        graph.initializer.retain(|t| !removed.contains(t.name()));
+        graph.initializer.extend(shared.inits);
+        graph.initializer.extend(new_inits);
+        // Decoders read initializers only: they go first, ahead of every consumer.
+        let rest = std::mem::take(&mut graph.node);
+        graph.node = new_nodes;
+        graph.node.extend(rest);
+        Ok(report)
+    }
+}
+
+fn shared_rollback(shared: &mut Shared, keep: usize) {
+    shared.truncate(keep);
+}
+
+/// Whether an initializer is a packing candidate: `Err(None)` not a weight at all
+/// (not reported), `Err(Some(why))` a weight left alone.
+fn candidate(g: &Graph, t: &TensorProto) -> std::result::Result<(), Option<String>> {
+    let consumers = g.consumers(t.name());
+    if consumers.is_empty() {
+        return Err(None);
+    }
+    if let Some(&c) = consumers
+        .iter()
+        .find(|&&c| !WEIGHTED.contains(&g.node(c).op_type()))
+    {
+        return if consumers
+            .iter()
+            .any(|&c| WEIGHTED.contains(&g.node(c).op_type()))
+        {
+            Err(Some(format!(
+                "also read by '{}' ({}): only weights of Conv/ConvTranspose/Gemm/MatMul are packed",
+                g.node_name(c),
+                g.node(c).op_type()
+            )))
+        } else {
+            Err(None)
+        };
+    }
+    if g.proto().input.iter().any(|i| i.name() == t.name()) || g.is_output(t.name()) {
+        return Err(Some(
+            "a graph input or output: a runtime may override it".into(),
+        ));
+    }
+    if t.data_type() != DataType::Float as i32 {
+        return Err(Some(format!(
+            "stored as {}: only float32 weights are packed",
+            crate::onnx::tensor::dtype_name(t.data_type())
+        )));
+    }
+    if crate::onnx::tensor::is_external(t) {
+        return Err(Some(
+            "external data: load the model with its data inline first".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Decodes the packed tensor with the score's reader, in a scratch graph, and
+/// compares with the float values and the claim.
+fn verify(
+    old: &TensorProto,
+    dec: &format::Decoder,
+    shared: &[TensorProto],
+    name: &str,
+) -> Result<std::result::Result<(), String>> {
+    let scratch = GraphProto {
+        node: dec.nodes.clone(),
+        initializer: dec.inits.iter().chain(shared).cloned().collect(),
+        ..Default::default()
+    };
+    let g = Graph::new(&scratch)?;
+    let Some(w) = format::read(&g, name)? else {
+        return Ok(Err("the reader does not recognize it".into()));
+    };
+    let orig = TensorData::from_proto(old)?.to_f32();
+    if w.values.shape() != orig.shape() {
+        return Ok(Err(format!(
+            "shape {:?} instead of {:?}",
+            w.values.shape(),
+            orig.shape()
+        )));
+    }
+    if let Some((i, (a, b))) = w
+        .values
+        .iter()
+        .zip(orig.iter())
+        .enumerate()
+        .find(|(_, (a, b))| a.to_bits() != b.to_bits() && !(**a == 0.0 && **b == 0.0))
+    {
+        return Ok(Err(format!("element {i} decodes to {a}, not {b}")));
+    }
+    let g0 = GraphProto {
+        initializer: vec![old.clone()],
+        ..Default::default()
+    };
+    let g0v = Graph::new(&g0)?;
+    if let Some(c) = sbits::weight(&g0v, name)? {
+        if c.bits != w.bits || c.ternary != w.ternary {
+            return Ok(Err(format!(
+                "reads as {} bits{} instead of the claimed {}{}",
+                w.bits,
+                if w.ternary { " ternary" } else { "" },
+                c.bits,
+                if c.ternary { " ternary" } else { "" }
+            )));
+        }
+    }
+    Ok(Ok(()))
+}

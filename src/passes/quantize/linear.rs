@@ -1,0 +1,111 @@
+//! Uniform grids: `linear` (seed 000's fixed point, power-of-two step) and
+//! `minmax` (an asymmetric grid over [min, max] with an integer zero point).
+//!
+//! linear, k bits, overflow rate r (seed 000's `compute_integral_part` and
+//! `linear_quantize`):
+//!
+//!   v  = the value at index floor(r n) of |x| sorted descending (r = 0: max |x|)
+//!   I  = ceil(log2(v + 1e-12))            integral bits (computed in f64)
+//!   sf = k - 1 - I,  d = 2^-sf            fraction bits and step
+//!   q  = clamp(floor(x / d + 1/2), -2^(k-1), 2^(k-1) - 1),  Xq = (q as f32) * d
+//!
+//! d is a power of two, so x / d and q * d are exact in f32: the written value
+//! is the code times the step bit for bit, and 0.0 stays 0.0. A value whose
+//! rounded code left the range is counted as clipped (with r = 0 only the top
+//! half-step of a positive maximum can clip).
+//!
+//! minmax, k bits: seed 000's `min_max_quantize` spreads 2^k levels from min to
+//! max; here the range is first widened to hold 0 and the grid nudged so that
+//! 0.0 is a level exactly (ONNX / TFLite style), so pruned zeros stay zero and a
+//! DequantizeLinear of the codes reproduces the values:
+//!
+//!   lo = min(min x, 0), hi = max(max x, 0), n = 2^k - 1
+//!   s  = (f32) ((hi - lo) / n)            scale
+//!   z  = clamp(round(-lo / s), 0, n)      zero point (an integer code)
+//!   q  = clamp(floor(x / s + 1/2) + z, 0, n),  Xq = ((q - z) as f32) * s
+//!
+//! Codes are unsigned, [0, 2^k - 1] (uint8 at k = 8). An all-zero tensor gets
+//! s = 1, z = 0.
+
+/// Integral bits of seed 000: ceil(log2(v + 1e-12)), v the |x| at the overflow rank.
+pub fn integral_part(w: &[f32], overflow_rate: f64) -> i32 {
+    let n = w.len();
+    if n == 0 {
+        return 0;
+    }
+    let idx = ((overflow_rate * n as f64).floor() as usize).min(n - 1);
+    let v = if idx == 0 {
+        w.iter().fold(0f32, |m, x| m.max(x.abs()))
+    } else {
+        let mut a: Vec<f32> = w.iter().map(|x| x.abs()).collect();
+        let (_, v, _) = a.select_nth_unstable_by(idx, |p, q| q.total_cmp(p));
+        *v
+    };
+    (v as f64 + 1e-12).log2().ceil() as i32
+}
+
+/// Linear quantization with `sf` fraction bits: (values, step, clipped count).
+pub fn linear_with_sf(w: &[f32], sf: i32, bits: u32) -> (Vec<f32>, f32, usize) {
+    // Keep the step a normal f32 (2^-126 .. 2^127).
+    let sf = sf.clamp(-127, 126);
+    let d = 2f32.powi(-sf);
+    let lo = -(2f64.powi(bits as i32 - 1));
+    let hi = 2f64.powi(bits as i32 - 1) - 1.0;
+    let mut clipped = 0;
+    let out = w
+        .iter()
+        .map(|&x| {
+            let r = (x as f64 / d as f64 + 0.5).floor();
+            if r < lo || r > hi {
+                clipped += 1;
+            }
+            (r.clamp(lo, hi) as f32) * d
+        })
+        .collect();
+    (out, d, clipped)
+}
+
+/// Seed 000's linear quantizer: (values, step, sf, clipped count).
+pub fn linear(w: &[f32], bits: u32, overflow_rate: f64) -> (Vec<f32>, f32, i32, usize) {
+    let sf = bits as i32 - 1 - integral_part(w, overflow_rate);
+    let sf = sf.clamp(-127, 126);
+    let (v, d, c) = linear_with_sf(w, sf, bits);
+    (v, d, sf, c)
+}
+
+/// The minmax grid of `w`: (scale, zero point).
+pub fn minmax_grid(w: &[f32], bits: u32) -> (f32, i64) {
+    let n = 2f64.powi(bits as i32) - 1.0;
+    let lo = w.iter().fold(0f32, |m, x| m.min(*x)) as f64;
+    let hi = w.iter().fold(0f32, |m, x| m.max(*x)) as f64;
+    if hi - lo <= 0.0 {
+        return (1.0, 0);
+    }
+    let s = ((hi - lo) / n) as f32;
+    let z = (-lo / s as f64).round().clamp(0.0, n) as i64;
+    (s, z)
+}
+
+/// Values on a minmax grid: (values, clipped count).
+pub fn minmax_with(w: &[f32], bits: u32, s: f32, z: i64) -> (Vec<f32>, usize) {
+    let n = 2f64.powi(bits as i32) - 1.0;
+    let mut clipped = 0;
+    let out = w
+        .iter()
+        .map(|&x| {
+            let q = (x as f64 / s as f64 + 0.5).floor() + z as f64;
+            if q < 0.0 || q > n {
+                clipped += 1;
+            }
+            ((q.clamp(0.0, n) as i64 - z) as f32) * s
+        })
+        .collect();
+    (out, clipped)
+}
+
+/// The minmax quantizer: (values, scale, zero point, clipped count).
+pub fn minmax(w: &[f32], bits: u32) -> (Vec<f32>, f32, i64, usize) {
+    let (s, z) = minmax_grid(w, bits);
+    let (v, c) = minmax_with(w, bits, s, z);
+    (v, s, z, c)
+}

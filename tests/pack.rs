@@ -1,0 +1,843 @@
+//! Packed storage (passes/pack): every representation decodes bit for bit to the
+//! float-stored weights in tract and in onnxruntime, the score counts a packed
+//! model exactly as the float-stored one, edge cases, and the CLI end to end.
+
+mod common;
+
+use common::*;
+use onnx_micronet::graph::Graph;
+use onnx_micronet::onnx::proto::{GraphProto, ModelProto, StringStringEntryProto, TensorProto};
+use onnx_micronet::onnx::Model;
+use onnx_micronet::passes::pack::format::{self, pack_codes, pack_mask, Packed, Shared, Store};
+use onnx_micronet::passes::pack::Pack;
+use onnx_micronet::passes::{Context, Pass};
+use onnx_micronet::score::{self, ScoreOptions};
+use prost::Message;
+
+fn as_model(m: ModelProto) -> Model {
+    Model {
+        proto: m,
+        path: None,
+        external_files: Vec::new(),
+    }
+}
+
+/// Deterministic pseudo-random numbers in [0, 1).
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> f64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn int(&mut self, lo: i64, hi: i64) -> i64 {
+        lo + (self.next() * (hi - lo + 1) as f64) as i64
+    }
+}
+
+fn with_claims(mut t: TensorProto, kv: &[(&str, String)]) -> TensorProto {
+    for (k, v) in kv {
+        t.metadata_props.push(StringStringEntryProto {
+            key: Some(k.to_string()),
+            value: Some(v.clone()),
+        });
+    }
+    t
+}
+
+/// Runs a model in tract the way `engine::plan` does (typed, constants folded,
+/// optimized) and returns every output.
+fn tract_outputs(m: &ModelProto, x: &[f32], shape: &[usize]) -> Vec<Vec<f32>> {
+    use tract_onnx::prelude::*;
+    let bytes = m.encode_to_vec();
+    let mut model = tract_onnx::onnx()
+        .with_ignore_value_info(true)
+        .model_for_read(&mut &bytes[..])
+        .expect("tract loads");
+    model
+        .set_input_fact(0, f32::fact(shape).into())
+        .expect("input fact");
+    let mut typed = model.into_typed().expect("typed");
+    typed.compute_const_facts().expect("const facts");
+    let plan = typed
+        .into_optimized()
+        .expect("optimized")
+        .into_runnable()
+        .expect("runnable");
+    let input = tract_ndarray::ArrayD::from_shape_vec(shape.to_vec(), x.to_vec()).unwrap();
+    let out = plan
+        .run(tvec!(Tensor::from(input).into_tvalue()))
+        .expect("tract runs");
+    out.iter()
+        .map(|t| {
+            t.to_plain_array_view::<f32>()
+                .expect("f32 output")
+                .iter()
+                .copied()
+                .collect()
+        })
+        .collect()
+}
+
+/// Bitwise equality with -0.0 taken as +0.0.
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| (x + 0.0).to_bits() == (y + 0.0).to_bits())
+}
+
+/// In onnxruntime: runs both models on the same random input, compares every
+/// output bit for bit, and checks the second model with the full checker.
+const ORT_SAME: &str = r#"
+import sys, numpy as np, onnx, onnxruntime as ort
+a, b = sys.argv[1], sys.argv[2]
+onnx.checker.check_model(onnx.load(b), full_check=True)
+def run(p):
+    s = ort.InferenceSession(p, providers=["CPUExecutionProvider"])
+    feeds = {}
+    for i in s.get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in i.shape]
+        feeds[i.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    return [o.name for o in s.get_outputs()], s.run(None, feeds)
+na, ra = run(a)
+nb, rb = run(b)
+assert na == nb, (na, nb)
+for n, x, y in zip(na, ra, rb):
+    x = (x.astype(np.float32) + np.float32(0)).view(np.uint32)
+    y = (y.astype(np.float32) + np.float32(0)).view(np.uint32)
+    if x.shape != y.shape or not np.array_equal(x, y):
+        print("DIFF", n, x.shape, y.shape)
+        sys.exit(1)
+print("same", len(na))
+"#;
+
+fn ort_same(a: &ModelProto, b: &ModelProto, tag: &str) {
+    let Some(py) = venv_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (
+        dir.path().join(format!("{tag}_a.onnx")),
+        dir.path().join(format!("{tag}_b.onnx")),
+    );
+    write_model(&pa, a);
+    write_model(&pb, b);
+    let out = run_python(&py, ORT_SAME, &[pa.to_str().unwrap(), pb.to_str().unwrap()]);
+    assert!(out.starts_with("same"), "{out}");
+}
+
+// ---------------------------------------------------------------------------
+// The format itself, on hand-made tensors, one decoder per representation.
+
+/// (name, shape, expected values, packed form): every representation and edge case.
+fn format_cases() -> Vec<(String, Vec<usize>, Vec<f32>, Packed)> {
+    let mut r = Lcg(7);
+    let mut cases = Vec::new();
+    let mut add =
+        |name: &str, shape: Vec<usize>, values: Vec<f32>, mask: bool, store: Option<Store>| {
+            let m = mask.then(|| values.iter().map(|v| *v != 0.0).collect());
+            cases.push((
+                name.to_string(),
+                shape.clone(),
+                values,
+                Packed {
+                    shape,
+                    mask: m,
+                    store,
+                },
+            ));
+        };
+    // Float values behind a mask, 135 elements (not a multiple of 8).
+    let v: Vec<f32> = (0..135)
+        .map(|i| {
+            if i % 3 == 0 {
+                0.0
+            } else {
+                (i as f32 - 60.0) * 0.0173
+            }
+        })
+        .collect();
+    let nz: Vec<f32> = v.iter().copied().filter(|x| *x != 0.0).collect();
+    add(
+        "float_masked",
+        vec![5, 3, 3, 3],
+        v,
+        true,
+        Some(Store::Float(nz)),
+    );
+    // k-bit affine codes, k = 1..=16, masked and dense, per tensor, sizes 1..
+    for k in [1u32, 2, 3, 4, 5, 7, 8, 9, 12, 16] {
+        for masked in [false, true] {
+            let n = 1 + (k as usize * 37) % 61 + if masked { 40 } else { 0 };
+            let s = 0.0123f32 * k as f32;
+            let zp = (1i64 << (k - 1)) as f32;
+            let codes: Vec<u32> = (0..n)
+                .map(|_| r.int(0, (1i64 << k) - 1) as u32)
+                .map(|c| if masked && c as f32 == zp { c ^ 1 } else { c })
+                .collect();
+            let mut values: Vec<f32> = codes.iter().map(|&c| (c as f32 - zp) * s).collect();
+            let mut stored = codes.clone();
+            if masked {
+                for i in (0..n).step_by(3) {
+                    values[i] = 0.0;
+                }
+                stored = codes
+                    .iter()
+                    .zip(&values)
+                    .filter(|(_, v)| **v != 0.0)
+                    .map(|(c, _)| *c)
+                    .collect();
+            }
+            add(
+                &format!("affine{k}_{}", if masked { "masked" } else { "dense" }),
+                vec![n],
+                values,
+                masked,
+                Some(Store::Affine {
+                    k,
+                    codes: stored,
+                    scale: vec![s],
+                    zp: vec![zp],
+                    axis: None,
+                }),
+            );
+        }
+    }
+    // Per-channel affine (axis 1 of 3x4x5), minmax-style zero points, masked.
+    let (scale, zp) = (
+        vec![0.5f32, 0.013, 0.75, 0.031],
+        vec![3.0f32, 0.0, 5.0, 7.0],
+    );
+    let mut values = Vec::new();
+    let mut stored = Vec::new();
+    for i in 0..60 {
+        let c = (i / 5) % 4;
+        let code = r.int(0, 7) as u32;
+        let v = (code as f32 - zp[c]) * scale[c];
+        values.push(v);
+        if v != 0.0 {
+            stored.push(code);
+        }
+    }
+    add(
+        "affine3_per_channel",
+        vec![3, 4, 5],
+        values,
+        true,
+        Some(Store::Affine {
+            k: 3,
+            codes: stored,
+            scale,
+            zp,
+            axis: Some(1),
+        }),
+    );
+    // Codebook (log-style powers of two), masked, and dense (tanh-style) with a zero in the book.
+    let book = vec![-0.5f32, -0.125, 0.0625, 0.25, 1.0];
+    let codes: Vec<u32> = (0..77).map(|_| r.int(0, 4) as u32).collect();
+    let mut values: Vec<f32> = codes.iter().map(|&c| book[c as usize]).collect();
+    for i in (0..77).step_by(2) {
+        values[i] = 0.0;
+    }
+    let stored: Vec<u32> = codes
+        .iter()
+        .zip(&values)
+        .filter(|(_, v)| **v != 0.0)
+        .map(|(c, _)| *c)
+        .collect();
+    add(
+        "codebook4_masked",
+        vec![7, 11],
+        values,
+        true,
+        Some(Store::Codebook {
+            k: 4,
+            codes: stored,
+            book: book.clone(),
+        }),
+    );
+    let book = vec![-0.7f32, -0.21, 0.0, 0.33, 0.9];
+    let codes: Vec<u32> = (0..50).map(|_| r.int(0, 4) as u32).collect();
+    let values = codes.iter().map(|&c| book[c as usize]).collect();
+    add(
+        "codebook3_dense",
+        vec![50],
+        values,
+        false,
+        Some(Store::Codebook { k: 3, codes, book }),
+    );
+    // Ternary: mask + sign bit per nonzero + two centroids.
+    let values: Vec<f32> = (0..30).map(|i| [0.0, -0.3, 0.7][(i * 7 % 5) % 3]).collect();
+    let codes = values
+        .iter()
+        .filter(|v| **v != 0.0)
+        .map(|v| u32::from(*v > 0.0))
+        .collect();
+    add(
+        "ternary",
+        vec![2, 3, 5],
+        values,
+        true,
+        Some(Store::Codebook {
+            k: 1,
+            codes,
+            book: vec![-0.3, 0.7],
+        }),
+    );
+    // One element, all zero, one nonzero behind a mask (Gather index -1 before it).
+    add(
+        "one_element",
+        vec![1, 1, 1, 1],
+        vec![0.375],
+        false,
+        Some(Store::Affine {
+            k: 4,
+            codes: vec![11],
+            scale: vec![0.125],
+            zp: vec![8.0],
+            axis: None,
+        }),
+    );
+    add("all_zero", vec![3, 4], vec![0.0; 12], false, None);
+    let mut v = vec![0.0f32; 19];
+    v[17] = -1.5;
+    add(
+        "last_only",
+        vec![19],
+        v,
+        true,
+        Some(Store::Float(vec![-1.5])),
+    );
+    cases
+}
+
+/// x -> Identity -> y, plus one output per case: Identity of the weight.
+fn format_model(cases: &[(String, Vec<usize>, Vec<f32>, Packed)], packed: bool) -> ModelProto {
+    let mut nodes = vec![node("Identity", "id", &["x"], &["y"])];
+    let mut outputs = vec![value_info("y", &[1])];
+    let mut inits = Vec::new();
+    let mut shared = Shared::new(Default::default());
+    for (name, shape, values, p) in cases {
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        if packed {
+            let dec = format::build(p, name, &format!("p_{name}"), 13, &mut shared);
+            nodes.extend(dec.nodes);
+            inits.extend(dec.inits);
+        } else {
+            inits.push(tensor_f32(name, &dims, values));
+        }
+        let out = format!("out_{name}");
+        nodes.push(node("Identity", &format!("id_{name}"), &[name], &[&out]));
+        outputs.push(value_info(&out, &dims));
+    }
+    inits.extend(shared.inits);
+    model(
+        GraphProto {
+            name: Some("format".into()),
+            node: nodes,
+            initializer: inits,
+            input: vec![value_info("x", &[1])],
+            output: outputs,
+            ..Default::default()
+        },
+        13,
+    )
+}
+
+#[test]
+fn every_representation_decodes_bit_exactly_in_tract_onnxruntime_and_the_reader() {
+    let cases = format_cases();
+    let float = format_model(&cases, false);
+    let packed = format_model(&cases, true);
+
+    // The reader (what the score uses) gives back every value and the stored width.
+    let g = Graph::new(packed.graph.as_ref().unwrap()).unwrap();
+    for (name, _, values, p) in &cases {
+        let w = onnx_micronet::score::bits::weight(&g, name)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name}: not recognized"));
+        let got: Vec<f32> = w.values.iter().copied().collect();
+        assert!(same_bits(&got, values), "{name}: {got:?} vs {values:?}");
+        let want_bits = match &p.store {
+            None | Some(Store::Float(_)) => 32,
+            Some(Store::Codebook { k: 1, .. }) if name == "ternary" => 2,
+            Some(Store::Affine { k, .. }) | Some(Store::Codebook { k, .. }) => *k,
+        };
+        assert_eq!(w.bits, want_bits, "{name}: {}", w.scheme);
+        assert_eq!(w.ternary, name == "ternary", "{name}");
+    }
+
+    // Payloads hold exactly the mask and the codes: e.g. a 4-bit masked affine
+    // tensor of n elements and m values stores ceil(n/8) + ceil(4m/8) bytes.
+    assert_eq!(
+        pack_mask(&[true, false, true, true, false, false, false, false, true]),
+        vec![0b0000_1101, 0b1]
+    );
+    // codes 5 = 0b101, 3 = 0b011, 6 = 0b110 at 3 bits, each LSB first: stream bits
+    // 1,0,1, 1,1,0, 0,1,1 -> byte 0 holds stream bits 0..7 = 1,0,1,1,1,0,0,1
+    // = 1 + 4 + 8 + 16 + 128 = 157 = 0b1001_1101, byte 1 holds bit 8 = 1.
+    assert_eq!(pack_codes(&[5, 3, 6], 3), vec![0b1001_1101, 0b1]);
+
+    // tract: every decoded output equals the float initializer, bit for bit.
+    let a = tract_outputs(&float, &[1.0], &[1]);
+    let b = tract_outputs(&packed, &[1.0], &[1]);
+    assert_eq!(a.len(), cases.len() + 1);
+    for (i, (name, _, values, _)) in cases.iter().enumerate() {
+        assert!(same_bits(&a[i + 1], values), "{name}: tract float");
+        assert!(
+            same_bits(&b[i + 1], values),
+            "{name}: tract packed {:?}",
+            &b[i + 1]
+        );
+    }
+    // onnxruntime: the same, plus the full checker on the packed model.
+    ort_same(&float, &packed, "format");
+}
+
+// ---------------------------------------------------------------------------
+// The pass on a model whose weights carry the quantizer's claims.
+
+/// x[1,4,6,6] -> one Conv per weight (7x4x5x5 = 700 elements, not a multiple of 8) -> outputs.
+fn claimed_model() -> (ModelProto, Vec<String>) {
+    let mut r = Lcg(42);
+    let shape = [7i64, 4, 5, 5];
+    let n = 700;
+    let chan = |i: usize| i / 100;
+    let mut ws: Vec<TensorProto> = Vec::new();
+    // float32 pruned 50% (unclaimed).
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                0.0
+            } else {
+                (r.next() as f32 - 0.5) * 0.4
+            }
+        })
+        .collect();
+    ws.push(tensor_f32("w_f32", &shape, &v));
+    // linear 4-bit per tensor, step 2^-4, 70% zeros: value = (code as f32) * step.
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            if i % 10 < 7 {
+                0.0
+            } else {
+                let c = r.int(-8, 6);
+                (if c >= 0 { c + 1 } else { c }) as f32 * 0.0625
+            }
+        })
+        .collect();
+    ws.push(with_claims(
+        tensor_f32("w_lin4", &shape, &v),
+        &[
+            ("onnx_micronet.scheme", "linear".into()),
+            ("onnx_micronet.bits", "4".into()),
+            ("onnx_micronet.step", "0.0625".into()),
+        ],
+    ));
+    // linear 8-bit per channel (axis 0), 30% zeros.
+    let steps: Vec<f32> = (0..7).map(|c| 0.0021 * (c + 1) as f32).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            if i % 10 < 3 {
+                0.0
+            } else {
+                r.int(-128, 127) as f32 * steps[chan(i)]
+            }
+        })
+        .collect();
+    let list = |x: &[f32]| {
+        x.iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    ws.push(with_claims(
+        tensor_f32("w_lin8pc", &shape, &v),
+        &[
+            ("onnx_micronet.scheme", "linear".into()),
+            ("onnx_micronet.bits", "8".into()),
+            ("onnx_micronet.step", list(&steps)),
+            ("onnx_micronet.axis", "0".into()),
+        ],
+    ));
+    // minmax 3-bit per channel with zero points, dense.
+    let zps: Vec<f32> = (0..7).map(|c| (c % 8) as f32).collect();
+    let v: Vec<f32> = (0..n)
+        .map(|i| (r.int(0, 7) as f32 - zps[chan(i)]) * steps[chan(i)])
+        .collect();
+    ws.push(with_claims(
+        tensor_f32("w_mm3pc", &shape, &v),
+        &[
+            ("onnx_micronet.scheme", "minmax".into()),
+            ("onnx_micronet.bits", "3".into()),
+            ("onnx_micronet.step", list(&steps)),
+            (
+                "onnx_micronet.zero_point",
+                zps.iter()
+                    .map(|z| format!("{z}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            ("onnx_micronet.axis", "0".into()),
+        ],
+    ));
+    // linear 1-bit: codes {-1, 0} -> values {-0.25, 0}; dense 1-bit codes (a mask never pays at k = 1).
+    let v: Vec<f32> = (0..n)
+        .map(|_| if r.next() < 0.5 { -0.25 } else { 0.0 })
+        .collect();
+    ws.push(with_claims(
+        tensor_f32("w_lin1", &shape, &v),
+        &[
+            ("onnx_micronet.scheme", "linear".into()),
+            ("onnx_micronet.bits", "1".into()),
+            ("onnx_micronet.step", "0.25".into()),
+        ],
+    ));
+    // linear 16-bit, no zeros.
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let c = r.int(-32768, 32767);
+            (if c == 0 { 1 } else { c }) as f32 * 3.0517578e-5
+        })
+        .collect();
+    ws.push(with_claims(
+        tensor_f32("w_lin16", &shape, &v),
+        &[
+            ("onnx_micronet.scheme", "linear".into()),
+            ("onnx_micronet.bits", "16".into()),
+            ("onnx_micronet.step", "3.0517578e-5".into()),
+        ],
+    ));
+    // log 4-bit: signed powers of two 2^-6..2^0, 60% zeros (14 levels + 0 <= 16).
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            if i % 5 < 3 {
+                0.0
+            } else {
+                let s = if r.next() < 0.5 { -1.0 } else { 1.0 };
+                s * 2f32.powi(r.int(-6, 0) as i32)
+            }
+        })
+        .collect();
+    ws.push(with_claims(
+        tensor_f32("w_log4", &shape, &v),
+        &[
+            ("onnx_micronet.scheme", "log".into()),
+            ("onnx_micronet.bits", "4".into()),
+        ],
+    ));
+    // tanh 3-bit: 8 levels, dense.
+    let levels = [-0.9f32, -0.5, -0.2, -0.05, 0.07, 0.3, 0.6, 0.95];
+    let v: Vec<f32> = (0..n).map(|_| levels[r.int(0, 7) as usize]).collect();
+    ws.push(with_claims(
+        tensor_f32("w_tanh3", &shape, &v),
+        &[
+            ("onnx_micronet.scheme", "tanh".into()),
+            ("onnx_micronet.bits", "3".into()),
+        ],
+    ));
+    // ternary (ec2t, asymmetric centroids).
+    let v: Vec<f32> = (0..n)
+        .map(|_| [-0.31f32, 0.0, 0.0, 0.52][r.int(0, 3) as usize])
+        .collect();
+    ws.push(with_claims(
+        tensor_f32("w_ternary", &shape, &v),
+        &[
+            ("onnx_micronet.scheme", "ternary".into()),
+            ("onnx_micronet.bits", "2".into()),
+            ("onnx_micronet.rule", "ec2t".into()),
+        ],
+    ));
+    // all zeros (unclaimed).
+    ws.push(tensor_f32("w_zero", &shape, &[0.0; 700]));
+    // dense float without zeros: left alone.
+    let v: Vec<f32> = (0..n).map(|_| r.next() as f32 - 0.5).collect();
+    ws.push(tensor_f32("w_dense", &shape, &v));
+    // a one-element pruned bias: never smaller packed, left alone.
+    let names: Vec<String> = ws.iter().map(|t| t.name().to_string()).collect();
+    let mut nodes = Vec::new();
+    let mut outputs = Vec::new();
+    for (i, w) in names.iter().enumerate() {
+        let out = format!("y{i}");
+        let mut ins = vec!["x", w.as_str()];
+        if i == 0 {
+            ins.push("b0");
+        }
+        nodes.push(node("Conv", &format!("conv{i}"), &ins, &[&out]));
+        outputs.push(value_info(&out, &[1, 7, 2, 2]));
+    }
+    let mut inits = ws;
+    inits.push(tensor_f32(
+        "b0",
+        &[7],
+        &[0.0, 0.5, 0.0, 0.0, 0.0, 0.0, -0.5],
+    ));
+    let m = model(
+        GraphProto {
+            name: Some("claimed".into()),
+            node: nodes,
+            initializer: inits,
+            input: vec![value_info("x", &[1, 4, 6, 6])],
+            output: outputs,
+            ..Default::default()
+        },
+        13,
+    );
+    (m, names)
+}
+
+#[test]
+fn pass_packs_claimed_weights_scores_the_same_and_runs_identically() {
+    let (float, names) = claimed_model();
+    let mut packed = as_model(float.clone());
+    let report = Pack.run(&mut packed, &Context::default()).unwrap();
+    let changed: Vec<&str> = report.changed.iter().map(|c| c.target.as_str()).collect();
+    let skipped: Vec<(&str, &str)> = report
+        .skipped
+        .iter()
+        .map(|c| (c.target.as_str(), c.what.as_str()))
+        .collect();
+    for n in &names[..10] {
+        assert!(changed.contains(&n.as_str()), "{n} not packed: {skipped:?}");
+    }
+    assert!(
+        skipped
+            .iter()
+            .any(|(t, w)| *t == "w_dense" && w.contains("nothing to pack")),
+        "{skipped:?}"
+    );
+    // b0: 7 floats with 5 zeros: 7 mask bits + 2 x 32 bits is smaller as payload, but
+    // the decoder's nodes make it bigger than the 28-byte float tensor.
+    assert!(
+        skipped
+            .iter()
+            .any(|(t, w)| *t == "b0" && w.contains("not fewer")),
+        "{skipped:?}"
+    );
+    let what = |n: &str| {
+        report
+            .changed
+            .iter()
+            .find(|c| c.target == n)
+            .unwrap()
+            .what
+            .clone()
+    };
+    // 700 elements, 210 nonzeros: 700 mask bits + 210 x 4 bits = 88 + 105 bytes.
+    assert!(
+        what("w_lin4").contains("700-bit mask + 210 4-bit codes x one scale"),
+        "{}",
+        what("w_lin4")
+    );
+    assert!(
+        what("w_lin1").starts_with("700 1-bit codes"),
+        "{}",
+        what("w_lin1")
+    );
+    assert!(
+        what("w_lin8pc").contains("8-bit codes x 7 scales along axis 0"),
+        "{}",
+        what("w_lin8pc")
+    );
+    assert!(
+        what("w_mm3pc").starts_with("700 3-bit codes x 7 scales"),
+        "{}",
+        what("w_mm3pc")
+    );
+    assert!(
+        what("w_lin16").starts_with("700 16-bit codes"),
+        "{}",
+        what("w_lin16")
+    );
+    assert!(
+        what("w_log4").contains("4-bit codes into a 14-entry codebook"),
+        "{}",
+        what("w_log4")
+    );
+    assert!(
+        what("w_tanh3").starts_with("700 3-bit codes into a 8-entry codebook"),
+        "{}",
+        what("w_tanh3")
+    );
+    assert!(
+        what("w_ternary").contains("1-bit codes into a 2-entry codebook"),
+        "{}",
+        what("w_ternary")
+    );
+    assert!(
+        what("w_zero").starts_with("all zeros"),
+        "{}",
+        what("w_zero")
+    );
+    let packed = packed.proto;
+    assert!(
+        packed.encoded_len() * 2 < float.encoded_len(),
+        "{} vs {}",
+        packed.encoded_len(),
+        float.encoded_len()
+    );
+
+    // The score: the same figures, layer by layer.
+    let opts = ScoreOptions::default();
+    let a = score::score(&as_model(float.clone()), &opts).unwrap();
+    let b = score::score(&as_model(packed.clone()), &opts).unwrap();
+    assert_eq!(a.totals, b.totals);
+    assert_eq!(a.quantized, b.quantized);
+    assert!(b.uncounted.is_empty(), "{:?}", b.uncounted);
+    assert_eq!(a.layers.len(), b.layers.len());
+    for (x, y) in a.layers.iter().zip(&b.layers) {
+        assert_eq!(
+            (
+                &x.name,
+                x.params,
+                x.mults,
+                x.adds,
+                x.weight_bits,
+                x.sparsity
+            ),
+            (
+                &y.name,
+                y.params,
+                y.mults,
+                y.adds,
+                y.weight_bits,
+                y.sparsity
+            )
+        );
+    }
+    // conv1 (w_lin4): 210 nonzeros x 4 bits + 700 mask bits = 1540 bits = 48.125 params.
+    assert_eq!(a.layers[1].params, 1540.0 / 32.0);
+    // Bytes on disk for conv1: the score's 1540 bits = 192.5 bytes; stored: mask
+    // ceil(700/8) = 88 bytes + codes ceil(210 x 4 / 8) = 105 bytes + scale and zero
+    // point (4 bytes each), plus a protobuf header (name, dims, type) per tensor.
+    let d = &b.disk.layers[1];
+    assert_eq!(d.score_bytes, 192.5);
+    assert!(
+        (88 + 105 + 8..88 + 105 + 8 + 4 * 24).contains(&d.stored_bytes),
+        "{d:?}"
+    );
+    assert!(
+        d.decoder_bytes > 0 && a.disk.layers[1].decoder_bytes == 0,
+        "{d:?}"
+    );
+    // Float storage: 700 x 4 bytes + header and the claim metadata.
+    assert!(
+        (2800..2950).contains(&a.disk.layers[1].stored_bytes),
+        "{:?}",
+        a.disk.layers[1]
+    );
+    assert_eq!(b.disk.file_bytes as usize, packed.encoded_len());
+    // conv8 (ternary): 700 mask + 350ish sign bits + one 32-bit scale, as float-stored.
+    assert_eq!(a.layers[8].note, b.layers[8].note);
+
+    // tract and onnxruntime: every conv output identical to the float-stored model's.
+    let x: Vec<f32> = (0..144)
+        .map(|i| ((i * 37 % 29) as f32 - 14.0) / 7.0)
+        .collect();
+    let ya = tract_outputs(&float, &x, &[1, 4, 6, 6]);
+    let yb = tract_outputs(&packed, &x, &[1, 4, 6, 6]);
+    for (i, (p, q)) in ya.iter().zip(&yb).enumerate() {
+        assert!(same_bits(p, q), "conv{i}: {p:?} vs {q:?}");
+    }
+    ort_same(&float, &packed, "claimed");
+}
+
+#[test]
+fn packing_is_idempotent_and_float_storage_is_untouched() {
+    let (float, _) = claimed_model();
+    let mut once = as_model(float);
+    Pack.run(&mut once, &Context::default()).unwrap();
+    let mut twice = once.clone();
+    let r = Pack.run(&mut twice, &Context::default()).unwrap();
+    assert!(r.changed.is_empty(), "{:?}", r.changed);
+    assert_eq!(once.proto, twice.proto);
+}
+
+// ---------------------------------------------------------------------------
+// The CLI, end to end on a real fixture.
+
+#[test]
+fn optimize_storage_packed_and_float_score_the_same_and_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("mobilenetv2_cifar_bn.onnx");
+    let mut outs = Vec::new();
+    for storage in ["packed", "float"] {
+        let out = dir.path().join(format!("{storage}.onnx"));
+        let rep = dir.path().join(format!("{storage}.json"));
+        let mut args = vec![
+            "optimize",
+            src.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--prune",
+            "magnitude:0.7",
+            "--report",
+            rep.to_str().unwrap(),
+        ];
+        if storage == "float" {
+            args.extend(["--storage", "float"]);
+        }
+        let o = cli(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        assert_eq!(text.contains("\npack ("), storage == "packed", "{text}");
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+        outs.push((out, json));
+    }
+    let (p, f) = (&outs[0], &outs[1]);
+    assert_eq!(p.1["after"]["totals"], f.1["after"]["totals"]);
+    assert_eq!(p.1["after"]["score"], f.1["after"]["score"]);
+    let (sp, sf) = (
+        std::fs::metadata(&p.0).unwrap().len(),
+        std::fs::metadata(&f.0).unwrap().len(),
+    );
+    // Unquantized, 70% sparse: about 1 mask bit + 0.3 x 32 bits per weight instead of 32.
+    assert!(sp * 2 < sf, "packed {sp} bytes, float {sf}");
+    // Both run, and give the same logits, in tract (validate) and onnxruntime.
+    let v = cli(&[
+        "validate",
+        f.0.to_str().unwrap(),
+        p.0.to_str().unwrap(),
+        "--data",
+        fixture("data/foolbox/cifar100").to_str().unwrap(),
+        "--limit",
+        "8",
+        "--json",
+        "-",
+    ]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    let vj: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
+    let text = vj.to_string();
+    assert_eq!(vj["agreement"]["max_abs_logit_diff"], 0.0, "{text}");
+    let fp = onnx_micronet::onnx::load(&f.0).unwrap();
+    let pp = onnx_micronet::onnx::load(&p.0).unwrap();
+    ort_same(&fp.proto, &pp.proto, "cli");
+}
+
+#[test]
+fn storage_option_errors_are_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(&recipe, "storage = \"sparse\"\n").unwrap();
+    let out = dir.path().join("o.onnx");
+    let o = cli(&[
+        "optimize",
+        fixture("mnist_ccexam.onnx").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--recipe",
+        recipe.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let last = err.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: storage 'sparse': expected 'packed'"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let o = cli(&["optimize", "x.onnx", "-o", "y.onnx", "--storage", "sparse"]);
+    assert_eq!(o.status.code(), Some(2));
+}

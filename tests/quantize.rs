@@ -1,0 +1,731 @@
+//! Weight quantization (passes/quantize/) and calibrated activation quantization
+//! (passes/act_quant.rs): each grid by hand, the QBN order, the claims `score`
+//! reads back, Q/DQ numerics in tract (against a hand computation and
+//! onnxruntime), recipe errors and the CLI end to end.
+
+mod common;
+
+use common::*;
+use ndarray::{Array4, ArrayD, IxDyn};
+use onnx_micronet::data::Dataset;
+use onnx_micronet::onnx::proto::{GraphProto, ModelProto};
+use onnx_micronet::onnx::{Model, TensorData};
+use onnx_micronet::passes::act_quant::{ActQuant, ActQuantSection};
+use onnx_micronet::passes::quantize::{
+    linear, log, quantize_tensor, tanh, ternary, QuantConfig, Quantize, QuantizeSection, Scheme,
+    TernaryRule,
+};
+use onnx_micronet::passes::{Context, Pass};
+use onnx_micronet::recipe::Recipe;
+use onnx_micronet::score::{self, ScoreOptions};
+
+fn arr(shape: &[usize], v: &[f32]) -> ArrayD<f32> {
+    ArrayD::from_shape_vec(IxDyn(shape), v.to_vec()).unwrap()
+}
+
+fn close(a: f64, b: f64) {
+    assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} != {b}");
+}
+
+fn wrap(proto: ModelProto) -> Model {
+    Model {
+        proto,
+        path: None,
+        external_files: vec![],
+    }
+}
+
+fn claims(m: &Model, name: &str) -> Vec<(String, String)> {
+    let t = m
+        .graph()
+        .initializer
+        .iter()
+        .find(|t| t.name() == name)
+        .unwrap();
+    onnx_micronet::passes::quantize::claim_keys(t)
+}
+
+fn meta_of(m: &Model, name: &str, key: &str) -> Option<String> {
+    claims(m, name)
+        .into_iter()
+        .find(|(k, _)| k == &format!("onnx_micronet.{key}"))
+        .map(|(_, v)| v)
+}
+
+fn values(m: &Model, name: &str) -> Vec<f32> {
+    let t = m
+        .graph()
+        .initializer
+        .iter()
+        .find(|t| t.name() == name)
+        .unwrap();
+    TensorData::from_proto(t)
+        .unwrap()
+        .to_f32()
+        .iter()
+        .copied()
+        .collect()
+}
+
+#[test]
+fn linear_grid_and_overflow_rule_by_hand() {
+    // max|w| = 1.5: I = ceil(log2(1.5 + 1e-12)) = 1, sf = 4 - 1 - 1 = 2, d = 0.25, codes in [-8, 7].
+    // 0.3/0.25 + 0.5 = 1.7 -> 1; -0.7 -> -2.3 -> -3; 1.2 -> 5.3 -> 5; 0.05 -> 0.7 -> 0; -1.5 -> -5.5 -> -6.
+    let w = [0.3, -0.7, 1.2, 0.05, 0.0, -1.5];
+    let (q, d, sf, clipped) = linear::linear(&w, 4, 0.0);
+    assert_eq!((d, sf, clipped), (0.25, 2, 0));
+    assert_eq!(q, vec![0.25, -0.75, 1.25, 0.0, 0.0, -1.5]);
+
+    // Overflow rule: 10 values, rate 0.1 -> index floor(0.1 * 10) = 1 of |w| sorted descending
+    // (4.0, 0.9, ...) -> v = 0.9, I = ceil(log2 0.9) = 0, sf = 3, d = 0.125. 4.0 / 0.125 = 32 -> clipped to 7
+    // -> 0.875; 0.9 -> 7.7 -> 7 -> 0.875; -0.8 -> -5.9 -> -6 -> -0.75; 0.1 -> 1.3 -> 1 -> 0.125.
+    let w = [4.0, 0.9, -0.8, 0.7, 0.6, 0.5, -0.4, 0.3, 0.2, 0.1];
+    assert_eq!(linear::integral_part(&w, 0.1), 0);
+    let (q, d, sf, clipped) = linear::linear(&w, 4, 0.1);
+    assert_eq!((d, sf, clipped), (0.125, 3, 1));
+    assert_eq!(q[..3], [0.875, 0.875, -0.75]);
+    assert_eq!(q[9], 0.125);
+    // Rate 0: v = 4.0 exactly, and seed 000's +1e-12 makes I = ceil(log2(4 + 1e-12)) = 3, not 2:
+    // sf = 0, d = 1; 0.9 -> 1.4 -> 1; -0.8 -> -0.3 -> -1; 0.4 -> 0.9 -> 0.
+    assert_eq!(linear::integral_part(&w, 0.0), 3);
+    let (q, d, _, clipped) = linear::linear(&w, 4, 0.0);
+    assert_eq!((d, clipped), (1.0, 0));
+    assert_eq!(q[..4], [4.0, 1.0, -1.0, 1.0]);
+    assert_eq!(q[6], 0.0);
+}
+
+#[test]
+fn minmax_grid_by_hand() {
+    // [-1, 2], 2 bits: n = 3, s = 3/3 = 1, z = round(1/1) = 1. -1 -> floor(-0.5) + 1 = 0 -> -1;
+    // 0 -> 1 -> 0; 0.5 -> floor(1.0) + 1 = 2 -> 1; 2 -> 3 -> 2.
+    let (q, s, z, c) = linear::minmax(&[-1.0, 0.0, 0.5, 2.0], 2);
+    assert_eq!((s, z, c), (1.0, 1, 0));
+    assert_eq!(q, vec![-1.0, 0.0, 1.0, 2.0]);
+    // [-0.3, 0.9], 2 bits: s = f32(1.2 / 3) = 0.4, z = round(0.3 / 0.4 = 0.75) = 1 (0 nudged onto code 1);
+    // -0.3 -> floor(-0.25) + 1 = 0 -> (0 - 1) * 0.4; 0.9 -> floor(2.75) + 1 = 3 -> (3 - 1) * 0.4.
+    let (q, s, z, _) = linear::minmax(&[-0.3, 0.9, 0.0], 2);
+    assert_eq!((s, z), (0.4f32, 1));
+    assert_eq!(q, vec![-0.4f32, 2.0 * 0.4f32, 0.0]);
+}
+
+#[test]
+fn per_channel_against_per_tensor() {
+    // Conv weight [2,1,1,2]: channel 0 = [0.1, -0.2], channel 1 = [3.0, 1.0]; linear 4 bits.
+    let w = arr(&[2, 1, 1, 2], &[0.1, -0.2, 3.0, 1.0]);
+    let cfg = QuantConfig::default();
+    // Per tensor: max 3 -> I = 2, sf = 1, d = 0.5: 0.1 -> 0.7 -> 0; -0.2 -> 0.1 -> 0; channel 0 vanishes.
+    let t = quantize_tensor(&w, Scheme::Linear, 4, &cfg, Some(0), 9);
+    assert_eq!(
+        t.values.iter().copied().collect::<Vec<_>>(),
+        vec![0.0, 0.0, 3.0, 1.0]
+    );
+    // Per channel: channel 0 max 0.2 -> I = ceil(log2 0.2) = -2, sf = 5, d = 1/32: 0.1 * 32 + 0.5 = 3.7 -> 3
+    // -> 0.09375; -0.2 * 32 + 0.5 = -5.9 -> -6 -> -0.1875. Channel 1 as per tensor.
+    let pc = QuantConfig {
+        per_channel: true,
+        ..Default::default()
+    };
+    let t = quantize_tensor(&w, Scheme::Linear, 4, &pc, Some(0), 9);
+    assert_eq!(
+        t.values.iter().copied().collect::<Vec<_>>(),
+        vec![0.09375, -0.1875, 3.0, 1.0]
+    );
+    let meta: Vec<(String, String)> = t
+        .meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    assert!(
+        meta.contains(&("onnx_micronet.axis".into(), "0".into())),
+        "{meta:?}"
+    );
+    assert!(
+        meta.contains(&("onnx_micronet.step".into(), "0.03125,0.5".into())),
+        "{meta:?}"
+    );
+    // minmax per channel: channel 1 [3, 1] widens to [0, 3]: s = 0.2, z = 0 for 4 bits (15 levels).
+    let t = quantize_tensor(&w, Scheme::MinMax, 4, &pc, Some(0), 9);
+    let zp = t
+        .meta
+        .iter()
+        .find(|(k, _)| *k == "onnx_micronet.zero_point")
+        .unwrap();
+    // channel 0: [-0.2, 0.1]: s = f32(0.3/15) = 0.02, z = round(0.2/0.02) = 10.
+    assert_eq!(zp.1, "10,0");
+}
+
+#[test]
+fn log_and_tanh_by_hand() {
+    // 3 bits: L = 2^2 - 1 = 3 exponents, emax = round(log2 1.0) = 0, emin = -2.
+    // -0.3: round(log2 0.3 = -1.74) = -2 -> -0.25; 0.2: round(-2.32) = -2 -> 0.25;
+    // 0.13 < 2^-2 range: 0.13 >= 2^-3 -> 2^-2; 0.1 < 2^-3 -> 0; 3.0: round(1.58) = 2 > emax -> 1 (clipped).
+    let w = [1.0, -0.3, 0.2, 0.13, 0.1, 0.0, 3.0];
+    let (q, emax, emin, clipped) = log::log(&w, 3, 1.0 / 7.0);
+    // overflow rate 1/7: index 1 of |w| sorted descending (3.0, 1.0, ...) -> v = 1.0.
+    assert_eq!((emax, emin, clipped), (0, -2, 1));
+    assert_eq!(q, vec![1.0, -0.25, 0.25, 0.25, 0.0, 0.0, 1.0]);
+
+    // tanh, 2 bits: n = 3. 0.5: tanh = 0.46212, (1.46212)/2 * 3 + 0.5 = 2.693 -> code 2 -> 2*2/3 - 1 = 1/3
+    // -> artanh(1/3) = 0.346574; -2: tanh = -0.96403 -> 0.054 + 0.5 -> code 0, clamped to 1 (clipped) -> -1/3.
+    let (q, clipped) = tanh::tanh(&[0.5, -2.0, 0.0], 2);
+    assert_eq!(clipped, 1);
+    let a = (1.0f64 / 3.0).atanh() as f32;
+    assert_eq!(q, vec![a, -a, 0.0]);
+    assert!((a - 0.346_573_6).abs() < 1e-6);
+}
+
+#[test]
+fn ternary_rules_by_hand() {
+    // twn: mean|w| = (0.9 + 0.5 + 0.1 + 0.05 + 0 + 0.45) / 6 = 1/3, delta = 0.7/3 = 0.2333;
+    // survivors 0.9, -0.5, 0.45 -> alpha = 1.85 / 3 = 0.616667.
+    let w = [0.9, -0.5, 0.1, -0.05, 0.0, 0.45];
+    let (q, delta, alpha) = ternary::twn(&w);
+    close(delta, 0.7 / 3.0);
+    close(alpha, 1.85 / 3.0);
+    let a = (1.85f64 / 3.0) as f32;
+    assert_eq!(q, vec![a, -a, 0.0, 0.0, 0.0, a]);
+
+    // msu: w = [2, -2, 0.5, -0.5, 0, 0], mean 0, std (n - 1) = sqrt(8.5 / 5) = 1.30384;
+    // z = +-1.534 (kept, > 0.67749) and +-0.3835 (dropped); zeros stay. nnz = 2, fan_in = 3 (w [2,3,1,1]):
+    // m = sqrt(2/3 * 6/2) = sqrt(2).
+    let w = [2.0, -2.0, 0.5, -0.5, 0.0, 0.0];
+    let (q, m) = ternary::msu(&w, 3, 0.67749);
+    close(m, 2f64.sqrt());
+    let s = 2f64.sqrt() as f32;
+    assert_eq!(q, vec![s, -s, 0.0, 0.0, 0.0, 0.0]);
+
+    // ec2t, lambda 0: twn's start (mean|w| = 3.17/6, delta = 0.36983) puts 1.0, 1.2 in w_p = 1.1 and
+    // -0.9 in w_n = -0.9; plain nearest-centroid keeps that. A large lambda (100) makes a nonzero
+    // code cost 100 * s2 * log2(1/P) >> any distortion: everything goes to the zero cluster.
+    let w = [1.0, 1.2, -0.9, 0.05, -0.02, 0.0];
+    let (q, wn, wp, _) = ternary::ec2t(&w, 0.0);
+    close(wn, -0.9f32 as f64);
+    close(wp, (1.0f32 as f64 + 1.2f32 as f64) / 2.0);
+    assert_eq!(q[3..], [0.0, 0.0, 0.0]);
+    assert_eq!(q[0], q[1]);
+    let (q, ..) = ternary::ec2t(&w, 100.0);
+    assert!(q.iter().all(|v| *v == 0.0), "{q:?}");
+}
+
+#[test]
+fn zeros_stay_zero_under_every_scheme() {
+    let w: Vec<f32> = (0..64)
+        .map(|i| {
+            if i % 3 == 0 {
+                0.0
+            } else {
+                ((i * 37 % 29) as f32 - 14.0) / 9.0
+            }
+        })
+        .collect();
+    let a = arr(&[4, 16], &w);
+    let cfg = QuantConfig::default();
+    for (s, b) in [
+        (Scheme::Linear, 3),
+        (Scheme::MinMax, 3),
+        (Scheme::Log, 3),
+        (Scheme::Tanh, 3),
+        (Scheme::Ternary(TernaryRule::Twn), 2),
+        (Scheme::Ternary(TernaryRule::Msu), 2),
+        (Scheme::Ternary(TernaryRule::Ec2t), 2),
+    ] {
+        let q = quantize_tensor(&a, s, b, &cfg, Some(0), 16);
+        for (x, y) in w.iter().zip(q.values.iter()) {
+            if *x == 0.0 {
+                assert_eq!(*y, 0.0, "{s}: a zero moved");
+            }
+        }
+        let distinct: std::collections::BTreeSet<u32> =
+            q.values.iter().map(|v| v.to_bits()).collect();
+        assert!(distinct.len() <= 1 << b, "{s}: {} values", distinct.len());
+    }
+}
+
+/// mnist_ccexam: Conv, Conv, Gemm, Gemm (4 weighted layers).
+fn mnist() -> Model {
+    onnx_micronet::onnx::load(&fixture("mnist_ccexam.onnx")).unwrap()
+}
+
+#[test]
+fn qbn_follows_layer_order_and_must_match_its_length() {
+    let mut m = mnist();
+    let cfg = QuantConfig {
+        qbn: vec![9, 8, 32, 6],
+        ..Default::default()
+    };
+    let r = Quantize(cfg).run(&mut m, &Context::default()).unwrap();
+    // The report lists the layers in order, [#0] .. [#3]; #2 is left float (32).
+    assert!(
+        r.changed[0]
+            .target
+            .starts_with("[#0] /features/features.0/Conv"),
+        "{:?}",
+        r.changed
+    );
+    assert!(r.changed[1]
+        .target
+        .starts_with("[#1] /features/features.3/Conv"));
+    assert!(r
+        .skipped
+        .iter()
+        .any(|s| s.target.starts_with("[#2]") && s.what.contains("32 bits")));
+    assert_eq!(
+        meta_of(&m, "features.0.weight", "bits").as_deref(),
+        Some("9")
+    );
+    assert_eq!(
+        meta_of(&m, "features.3.weight", "bits").as_deref(),
+        Some("8")
+    );
+    assert_eq!(meta_of(&m, "classifier.0.weight", "bits"), None);
+    assert_eq!(
+        meta_of(&m, "classifier.2.weight", "bits").as_deref(),
+        Some("6")
+    );
+    // The score reads the same widths back.
+    let rep = score::score(&m, &ScoreOptions::default()).unwrap();
+    let bits: Vec<Option<u32>> = rep
+        .layers
+        .iter()
+        .filter(|l| l.weight_bits.is_some())
+        .map(|l| l.weight_bits)
+        .collect();
+    assert_eq!(bits, vec![Some(9), Some(8), Some(32), Some(6)]);
+
+    // Re-running is a no-op: every tensor already carries a verified claim.
+    let before = m.proto.clone();
+    let cfg = QuantConfig {
+        qbn: vec![9, 8, 32, 6],
+        ..Default::default()
+    };
+    let r = Quantize(cfg).run(&mut m, &Context::default()).unwrap();
+    assert!(r.changed.is_empty(), "{:?}", r.changed);
+    assert_eq!(m.proto, before);
+
+    let err = Quantize(QuantConfig {
+        qbn: vec![8, 8, 8],
+        ..Default::default()
+    })
+    .run(&mut mnist(), &Context::default())
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("--qbn has 3 entries but the model has 4 weighted layers"),
+        "{err}"
+    );
+}
+
+/// x[1,1,4,4] -> Conv(w[2,1,3,3]) -> y[1,2,2,2]; w_i = ((5i mod 9) - 4) / 4, so zeros at i = 8, 17.
+fn conv_model() -> ModelProto {
+    let w: Vec<f32> = (0..18).map(|i| ((i * 5 % 9) as f32 - 4.0) / 4.0).collect();
+    model(
+        GraphProto {
+            name: Some("c".into()),
+            node: vec![node("Conv", "conv", &["x", "w"], &["y"])],
+            initializer: vec![tensor_f32("w", &[2, 1, 3, 3], &w)],
+            input: vec![value_info("x", &[1, 1, 4, 4])],
+            output: vec![value_info("y", &[1, 2, 2, 2])],
+            ..Default::default()
+        },
+        13,
+    )
+}
+
+fn calib_set() -> Dataset {
+    // One image, x = i / 4 for i in 0..16: [0, 3.75], never negative.
+    let x: Vec<f32> = (0..16).map(|i| i as f32 / 4.0).collect();
+    Dataset {
+        images: Array4::from_shape_vec((1, 1, 4, 4), x).unwrap(),
+        labels: vec![None],
+        names: vec!["calib".into()],
+        description: "hand-made".into(),
+    }
+}
+
+fn quantize_conv(act_bits: u32) -> Model {
+    let mut m = wrap(conv_model());
+    Quantize(QuantConfig {
+        bits: 4,
+        ..Default::default()
+    })
+    .run(&mut m, &Context::default())
+    .unwrap();
+    let data = calib_set();
+    let cx = Context {
+        calib: Some(&data),
+        input_shape: vec![1, 1, 4, 4],
+        threads: 1,
+    };
+    let cfg = ActQuantSection {
+        bits: act_bits,
+        ..Default::default()
+    }
+    .config()
+    .unwrap();
+    ActQuant(cfg).run(&mut m, &cx).unwrap();
+    m
+}
+
+fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 {
+        2.0 * (x / 2.0).round()
+    } else {
+        r
+    }
+}
+
+/// conv(clamp(round(x / s), 0, hi) * s, w) by hand, in f64.
+fn conv_by_hand(x: &[f32], w: &[f32], s: f64, hi: f64) -> Vec<f64> {
+    let xq: Vec<f64> = x
+        .iter()
+        .map(|v| round_half_even(*v as f64 / s).clamp(0.0, hi) * s)
+        .collect();
+    let mut out = Vec::new();
+    for c in 0..2 {
+        for oy in 0..2 {
+            for ox in 0..2 {
+                let mut acc = 0.0;
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        acc += xq[(oy + ky) * 4 + ox + kx] * w[c * 9 + ky * 3 + kx] as f64;
+                    }
+                }
+                out.push(acc);
+            }
+        }
+    }
+    out
+}
+
+fn tract_run(m: &Model, x: &[f32]) -> Vec<f32> {
+    let plan = onnx_micronet::engine::plan(m, &[1, 1, 4, 4]).unwrap();
+    let images = Array4::from_shape_vec((1, 1, 4, 4), x.to_vec()).unwrap();
+    let y = onnx_micronet::engine::run_images(&plan, images.view(), 1, &|_| {}).unwrap();
+    y.iter().copied().collect()
+}
+
+#[test]
+fn qdq_at_8_bits_runs_in_tract_and_onnxruntime_as_computed_by_hand() {
+    let m = quantize_conv(8);
+    // Calibration max 3.75, unsigned: I = ceil(log2 3.75) = 2, sf = 8 - 2 = 6, scale 2^-6, uint8 zero point.
+    let ops: Vec<&str> = m.graph().node.iter().map(|n| n.op_type()).collect();
+    assert_eq!(ops, vec!["QuantizeLinear", "DequantizeLinear", "Conv"]);
+    let scale = values(&m, "x_act_scale");
+    assert_eq!(scale, vec![0.015625]);
+    let zp = m
+        .graph()
+        .initializer
+        .iter()
+        .find(|t| t.name() == "x_act_zp")
+        .unwrap();
+    assert_eq!(zp.data_type(), onnx_micronet::onnx::DataType::Uint8 as i32);
+
+    // A test image with values outside the calibrated range: -0.2 clips to 0, 4.3 to 255/64.
+    let x: Vec<f32> = (0..16).map(|i| ((i as f32 * 0.37) % 4.5) - 0.2).collect();
+    let w = values(&m, "w");
+    let want = conv_by_hand(&x, &w, 1.0 / 64.0, 255.0);
+    let got = tract_run(&m, &x);
+    for (g, h) in got.iter().zip(&want) {
+        assert!(
+            (*g as f64 - h).abs() < 1e-5,
+            "tract {got:?} vs hand {want:?}"
+        );
+    }
+
+    // The score reads 4-bit weights and 8-bit inputs: 16 nonzeros * 4 bits + 18 mask bits = 82 bits
+    // = 2.5625 params; 16 nonzero taps * 4 positions = 64 multiplies at max(4, 8) = 8 bits -> 16.
+    let rep = score::score(&m, &ScoreOptions::default()).unwrap();
+    let conv = rep.layers.iter().find(|l| l.name == "conv").unwrap();
+    assert_eq!((conv.weight_bits, conv.act_bits), (Some(4), 8));
+    close(conv.params, 2.5625);
+    close(conv.raw_mults, 64.0);
+    close(conv.mults, 16.0);
+    assert!(rep.quantized && !rep.freebie_applied);
+
+    // onnxruntime on the same file and image.
+    if let Some(py) = venv_python() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qdq.onnx");
+        onnx_micronet::onnx::save(&m, &path, &Default::default()).unwrap();
+        let xs: Vec<String> = x.iter().map(|v| format!("{v:?}")).collect();
+        let code = "import sys, numpy as np, onnxruntime as ort\n\
+o = ort.SessionOptions(); o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL\n\
+s = ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n\
+x = np.array([float(v) for v in sys.argv[2].split(',')], dtype=np.float32).reshape(1, 1, 4, 4)\n\
+print(','.join(repr(float(v)) for v in s.run(None, {'x': x})[0].ravel()))";
+        let out = run_python(&py, code, &[path.to_str().unwrap(), &xs.join(",")]);
+        let ort: Vec<f64> = out.trim().split(',').map(|v| v.parse().unwrap()).collect();
+        for (g, o) in got.iter().zip(&ort) {
+            assert!((*g as f64 - o).abs() < 1e-5, "tract {got:?} vs ort {ort:?}");
+        }
+    }
+}
+
+#[test]
+fn fake_quant_at_6_bits_is_read_back_and_runs_as_computed() {
+    let m = quantize_conv(6);
+    // Unsigned, 6 bits: sf = 6 - 2 = 4, scale 1/16, Clip [0, 63].
+    let ops: Vec<&str> = m.graph().node.iter().map(|n| n.op_type()).collect();
+    assert_eq!(ops, vec!["Div", "Round", "Clip", "Mul", "Conv"]);
+    assert_eq!(values(&m, "x_act_scale"), vec![0.0625]);
+    assert_eq!(values(&m, "x_act_hi"), vec![63.0]);
+    let x: Vec<f32> = (0..16).map(|i| ((i as f32 * 0.37) % 4.5) - 0.2).collect();
+    let want = conv_by_hand(&x, &values(&m, "w"), 1.0 / 16.0, 63.0);
+    let got = tract_run(&m, &x);
+    for (g, h) in got.iter().zip(&want) {
+        assert!(
+            (*g as f64 - h).abs() < 1e-5,
+            "tract {got:?} vs hand {want:?}"
+        );
+    }
+    // 64 multiplies at max(4, 6) = 6 bits -> 12.
+    let rep = score::score(&m, &ScoreOptions::default()).unwrap();
+    let conv = rep.layers.iter().find(|l| l.name == "conv").unwrap();
+    assert_eq!(conv.act_bits, 6);
+    close(conv.mults, 12.0);
+}
+
+#[test]
+fn score_rejects_contradicting_claims() {
+    let mut m = wrap(conv_model());
+    Quantize(QuantConfig {
+        scheme: Scheme::MinMax,
+        bits: 4,
+        ..Default::default()
+    })
+    .run(&mut m, &Context::default())
+    .unwrap();
+    // w in [-1, 1]: s = f32(2/15) = 0.13333334, a hair above 2/15, so -lo/s = 7.4999996 and z = 7.
+    assert_eq!(meta_of(&m, "w", "zero_point").as_deref(), Some("7"));
+    assert!(score::score(&m, &ScoreOptions::default()).is_ok());
+    let t = m
+        .graph_mut()
+        .initializer
+        .iter_mut()
+        .find(|t| t.name() == "w")
+        .unwrap();
+    for p in t.metadata_props.iter_mut() {
+        if p.key() == "onnx_micronet.step" {
+            p.value = Some("0.3".into());
+        }
+    }
+    let err = score::score(&m, &ScoreOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tensor 'w': claims minmax but value"), "{err}");
+
+    // A symmetric ternary rule with asymmetric levels.
+    let mut m = wrap(conv_model());
+    Quantize(QuantConfig {
+        scheme: Scheme::Ternary(TernaryRule::Ec2t),
+        bits: 2,
+        ..Default::default()
+    })
+    .run(&mut m, &Context::default())
+    .unwrap();
+    assert_eq!(meta_of(&m, "w", "rule").as_deref(), Some("ec2t"));
+    let t = m
+        .graph_mut()
+        .initializer
+        .iter_mut()
+        .find(|t| t.name() == "w")
+        .unwrap();
+    let mut v: Vec<f32> = TensorData::from_proto(t)
+        .unwrap()
+        .to_f32()
+        .iter()
+        .copied()
+        .collect();
+    let neg = v.iter().copied().find(|x| *x < 0.0).unwrap();
+    let pos = v.iter().copied().find(|x| *x > 0.0).unwrap();
+    v.iter_mut()
+        .filter(|x| **x < 0.0)
+        .for_each(|x| *x = -pos * 0.5);
+    let _ = neg;
+    let new = tensor_f32("w", &[2, 1, 3, 3], &v);
+    t.raw_data = new.raw_data;
+    for p in t.metadata_props.iter_mut() {
+        if p.key() == "onnx_micronet.rule" {
+            p.value = Some("twn".into());
+        }
+    }
+    let err = score::score(&m, &ScoreOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rule twn is symmetric"), "{err}");
+}
+
+#[test]
+fn recipe_errors_name_the_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[quantize]\nscheme = \"linear\"\nbitz = 8\n", "line 3"),
+        (
+            "[quantize]\nscheme = \"cubic\"\nbits = 8\n",
+            "unknown quantization scheme 'cubic'",
+        ),
+        (
+            "[quantize]\nscheme = \"ternary\"\nbits = 4\n",
+            "ternary weights take 2 bits",
+        ),
+        (
+            "[quantize]\nscheme = \"log\"\nbits = 6\nper_channel = true\n",
+            "--per-channel is for linear and minmax",
+        ),
+        ("[quantize]\nscheme = \"linear\"\n", "needs bits"),
+        (
+            "[quantize]\nscheme = \"linear\"\nbits = 40\n",
+            "linear takes 2 to 24 bits",
+        ),
+        (
+            "[act_quant]\nbits = 8\nrange = \"median\"\n",
+            "--act-range 'median'",
+        ),
+        ("[act_quant]\nbits = 1\n", "--act-bits 1"),
+    ];
+    for (text, want) in cases {
+        let p = dir.path().join("r.toml");
+        std::fs::write(&p, text).unwrap();
+        let err = Recipe::from_file(&p)
+            .and_then(|r| r.pipeline().map(|_| ()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{text:?}: {err}");
+    }
+    // The shipped example recipes parse.
+    for e in std::fs::read_dir(root().join("fixtures/recipes")).unwrap() {
+        let p = e.unwrap().path();
+        let r = Recipe::from_file(&p).unwrap();
+        r.pipeline()
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
+    let s = QuantizeSection::from_flag("ternary:msu").unwrap();
+    assert_eq!(
+        s.config().unwrap().scheme,
+        Scheme::Ternary(TernaryRule::Msu)
+    );
+}
+
+#[test]
+fn cli_end_to_end_on_mnist() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q.onnx");
+    let data = fixture("data/mnist-digits-1000");
+    let (o, d) = (out.to_str().unwrap(), data.to_str().unwrap());
+    let r = cli(&[
+        "optimize",
+        fixture("mnist_ccexam.onnx").to_str().unwrap(),
+        "-o",
+        o,
+        "--quantize",
+        "linear:8",
+        "--layer-bits",
+        "*classifier.0*=6",
+        "--act-bits",
+        "8",
+        "--calib",
+        d,
+        "--calib-samples",
+        "16",
+        "--data",
+        d,
+        "--limit",
+        "100",
+    ]);
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(
+        stdout.contains("[#2] /classifier/classifier.0/Gemm: linear 6-bit"),
+        "{stdout}"
+    );
+    let m = onnx_micronet::onnx::load(&out).unwrap();
+    let rep = score::score(&m, &ScoreOptions::default()).unwrap();
+    let w: Vec<(Option<u32>, u32)> = rep
+        .layers
+        .iter()
+        .filter(|l| l.weight_bits.is_some())
+        .map(|l| (l.weight_bits, l.act_bits))
+        .collect();
+    assert_eq!(
+        w,
+        vec![(Some(8), 8), (Some(8), 8), (Some(6), 8), (Some(8), 8)]
+    );
+    // Top-1 of both models on 100 real digits is printed; the quantized one keeps within a point.
+    let acc: Vec<f64> = stdout
+        .lines()
+        .filter(|l| l.contains("top-1 ") && !l.starts_with("agreement"))
+        .map(|l| {
+            l.split("top-1 ")
+                .nth(1)
+                .unwrap()
+                .split('%')
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(acc.len(), 2, "{stdout}");
+    assert!(acc[1] >= acc[0] - 1.0, "{acc:?}");
+
+    // Usage errors: exit 2, one line, no output written.
+    let bad = dir.path().join("bad.onnx");
+    let b = bad.to_str().unwrap();
+    let m = fixture("mnist_ccexam.onnx");
+    let m = m.to_str().unwrap();
+    let e = cli_fails(&[
+        "optimize",
+        m,
+        "-o",
+        b,
+        "--track",
+        "cifar100",
+        "--quantize",
+        "linear:8",
+        "--qbn",
+        "8,8",
+    ]);
+    assert!(
+        e.contains("--qbn has 2 entries but the model has 4 weighted layers"),
+        "{e}"
+    );
+    let e = cli_fails(&[
+        "optimize",
+        m,
+        "-o",
+        b,
+        "--track",
+        "cifar100",
+        "--act-bits",
+        "8",
+    ]);
+    assert!(e.contains("needs calibration images (--calib DATA)"), "{e}");
+    let e = cli_fails(&[
+        "optimize",
+        m,
+        "-o",
+        b,
+        "--track",
+        "cifar100",
+        "--per-channel",
+    ]);
+    assert!(e.contains("need --quantize"), "{e}");
+    let e = cli_fails(&[
+        "optimize",
+        m,
+        "-o",
+        b,
+        "--track",
+        "cifar100",
+        "--quantize",
+        "linear:x",
+    ]);
+    assert!(e.contains("--quantize 'linear:x'"), "{e}");
+    assert!(!bad.exists());
+}
