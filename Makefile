@@ -11,6 +11,7 @@ VENV := $(CURDIR)/.venv
 VENV_STAMP := $(VENV)/.installed-$(shell cksum < tests/conformance/requirements.txt | cut -d' ' -f1)
 BIN := target/release/onnx-micronet
 DEMO_MODEL := fixtures/mobilenetv2_cifar_bn.onnx
+DEMO_MNIST := fixtures/mnist_ccexam.onnx
 
 .PHONY: demo test bench fixtures fixtures-extra lint venv release clean-venv
 
@@ -20,12 +21,19 @@ release:
 demo: release
 	@echo "== inspect $(DEMO_MODEL)"
 	$(BIN) inspect $(DEMO_MODEL)
-	@echo "== convert (lossless round trip) and inspect again"
+	@echo "== convert (lossless round trip)"
 	mkdir -p target/demo
 	$(BIN) convert $(DEMO_MODEL) -o target/demo/roundtrip.onnx
 	cmp $(DEMO_MODEL) target/demo/roundtrip.onnx && echo "byte-identical round trip"
-	@echo "== score (MicroNet, CIFAR-100 track)"
-	$(BIN) score $(DEMO_MODEL) --markdown target/demo/score.md --json target/demo/score.json
+	@echo "== optimize: fold BN, prune 70%, 4-bit linear weights, 8-bit activations (calibrated on"
+	@echo "   the 20 foolbox MNIST digits), packed storage; accuracy on 1,000 other real digits"
+	$(BIN) optimize $(DEMO_MNIST) -o target/demo/mnist_small.onnx \
+	  --prune magnitude:0.7 --quantize linear:4 --act-bits 8 --act-range mse \
+	  --calib fixtures/data/foolbox/mnist --data fixtures/data/mnist-digits-1000 \
+	  --report target/demo/optimize.json
+	@echo "== score of the written model (MicroNet, CIFAR-100 track)"
+	$(BIN) score target/demo/mnist_small.onnx --markdown target/demo/score.md --json target/demo/score.json
+	ls -l $(DEMO_MNIST) target/demo/mnist_small.onnx
 
 $(VENV_STAMP): tests/conformance/requirements.txt
 	rm -rf $(VENV)

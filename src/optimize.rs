@@ -62,13 +62,16 @@ impl OptimizeReport {
         }
         let (b, a) = (&self.before, &self.after);
         let row = |s: &mut String, what: &str, x: f64, y: f64| {
-            let ratio = if x != 0.0 { y / x } else { f64::NAN };
+            let ratio = if x != 0.0 {
+                format!("{:.3}x", y / x)
+            } else {
+                "-".to_string()
+            };
             let _ = writeln!(
                 s,
-                "  {what:<22} {:>16} {:>16} {:>9.3}x",
+                "  {what:<22} {:>16} {:>16} {ratio:>10}",
                 crate::score::render::si(x),
                 crate::score::render::si(y),
-                ratio
             );
         };
         let _ = writeln!(

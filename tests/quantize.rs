@@ -679,53 +679,20 @@ fn cli_end_to_end_on_mnist() {
     let b = bad.to_str().unwrap();
     let m = fixture("mnist_ccexam.onnx");
     let m = m.to_str().unwrap();
-    let e = cli_fails(&[
-        "optimize",
-        m,
-        "-o",
-        b,
-        "--track",
-        "cifar100",
-        "--quantize",
-        "linear:8",
-        "--qbn",
-        "8,8",
-    ]);
-    assert!(
-        e.contains("--qbn has 2 entries but the model has 4 weighted layers"),
-        "{e}"
-    );
-    let e = cli_fails(&[
-        "optimize",
-        m,
-        "-o",
-        b,
-        "--track",
-        "cifar100",
-        "--act-bits",
-        "8",
-    ]);
-    assert!(e.contains("needs calibration images (--calib DATA)"), "{e}");
-    let e = cli_fails(&[
-        "optimize",
-        m,
-        "-o",
-        b,
-        "--track",
-        "cifar100",
-        "--per-channel",
-    ]);
-    assert!(e.contains("need --quantize"), "{e}");
-    let e = cli_fails(&[
-        "optimize",
-        m,
-        "-o",
-        b,
-        "--track",
-        "cifar100",
-        "--quantize",
-        "linear:x",
-    ]);
-    assert!(e.contains("--quantize 'linear:x'"), "{e}");
+    for (args, want) in [
+        (
+            &["--quantize", "linear:8", "--qbn", "8,8"][..],
+            "--qbn has 2 entries but the model has 4 weighted layers",
+        ),
+        (
+            &["--act-bits", "8"],
+            "needs calibration images (--calib DATA)",
+        ),
+        (&["--per-channel"], "need --quantize"),
+        (&["--quantize", "linear:x"], "--quantize 'linear:x'"),
+    ] {
+        let e = cli_fails(&[&["optimize", m, "-o", b][..], args].concat());
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
     assert!(!bad.exists());
 }
