@@ -264,7 +264,8 @@ struct QuantArgs {
     /// chain), ranges calibrated on --calib.
     #[arg(long, value_name = "B")]
     act_bits: Option<u32>,
-    /// Activation range: maxabs (with --overflow-rate), percentile:P, mse.
+    /// Activation range: maxabs (with --overflow-rate; power-of-two scales), percentile:P,
+    /// mse, or minmax (asymmetric, with a zero point: for shifted ranges like BN after ReLU).
     #[arg(long, value_name = "RANGE")]
     act_range: Option<String>,
 }

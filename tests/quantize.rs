@@ -696,3 +696,119 @@ fn cli_end_to_end_on_mnist() {
     }
     assert!(!bad.exists());
 }
+
+/// Activation quantization with the asymmetric `minmax` range on a shifted input.
+fn quantize_conv_minmax(act_bits: u32) -> Model {
+    let mut m = wrap(conv_model());
+    // Calibration x = i / 4 - 1 for i in 0..16: [-1, 2.75].
+    let x: Vec<f32> = (0..16).map(|i| i as f32 / 4.0 - 1.0).collect();
+    let data = Dataset {
+        images: Array4::from_shape_vec((1, 1, 4, 4), x).unwrap(),
+        labels: vec![None],
+        names: vec!["calib".into()],
+        description: "hand-made".into(),
+    };
+    let cx = Context {
+        calib: Some(&data),
+        input_shape: vec![1, 1, 4, 4],
+        threads: 1,
+    };
+    let cfg = ActQuantSection {
+        bits: act_bits,
+        range: Some("minmax".into()),
+        ..Default::default()
+    }
+    .config()
+    .unwrap();
+    ActQuant(cfg).run(&mut m, &cx).unwrap();
+    m
+}
+
+/// conv(x, w) in f64, x already on its grid.
+fn conv_f64(x: &[f64], w: &[f32]) -> Vec<f64> {
+    let mut out = Vec::new();
+    for c in 0..2 {
+        for oy in 0..2 {
+            for ox in 0..2 {
+                let mut acc = 0.0;
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        acc += x[(oy + ky) * 4 + ox + kx] * w[c * 9 + ky * 3 + kx] as f64;
+                    }
+                }
+                out.push(acc);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn minmax_activation_range_is_asymmetric_with_a_zero_point() {
+    // 8 bits: [lo, hi] = [-1, 2.75], scale = 3.75 / 255, zero point = round(1 / scale)
+    // = round(255 / 3.75) = 68; uint8 Q/DQ.
+    let m = quantize_conv_minmax(8);
+    let ops: Vec<&str> = m.graph().node.iter().map(|n| n.op_type()).collect();
+    assert_eq!(ops, vec!["QuantizeLinear", "DequantizeLinear", "Conv"]);
+    let s = (3.75f64 / 255.0) as f32;
+    assert_eq!(values(&m, "x_act_scale"), vec![s]);
+    let zp = m
+        .graph()
+        .initializer
+        .iter()
+        .find(|t| t.name() == "x_act_zp")
+        .unwrap();
+    assert_eq!(zp.data_type(), onnx_micronet::onnx::DataType::Uint8 as i32);
+    assert_eq!(
+        TensorData::from_proto(zp).unwrap().to_f32()[IxDyn(&[])],
+        68.0
+    );
+    // Inputs a quarter step off the grid (no rounding ties, whether a runtime divides
+    // or multiplies by 1/s): k = round(x / s) is exact; codes k + 68 clip to [0, 255],
+    // so k in [-68, 187]; k = -80 clips to -68 (= -1.0), k = 200 to 187 (= 2.75).
+    let ks: Vec<i32> = vec![
+        -80, -68, -40, -1, 0, 1, 7, 30, 64, 100, 150, 186, 187, 200, -3, 12,
+    ];
+    let x: Vec<f32> = ks.iter().map(|&k| (k as f32 + 0.25) * s).collect();
+    let xq: Vec<f64> = ks
+        .iter()
+        .map(|&k| k.clamp(-68, 187) as f64 * s as f64)
+        .collect();
+    let want = conv_f64(&xq, &values(&m, "w"));
+    let got = tract_run(&m, &x);
+    for (g, h) in got.iter().zip(&want) {
+        assert!(
+            (*g as f64 - h).abs() < 1e-5,
+            "tract {got:?} vs hand {want:?}"
+        );
+    }
+    // The score still reads 8-bit activations (uint8), whatever the zero point.
+    let rep = score::score(&m, &ScoreOptions::default()).unwrap();
+    let conv = rep.layers.iter().find(|l| l.name == "conv").unwrap();
+    assert_eq!(conv.act_bits, 8);
+    if let Some(py) = venv_python() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qdq_zp.onnx");
+        onnx_micronet::onnx::save(&m, &path, &Default::default()).unwrap();
+        let xs: Vec<String> = x.iter().map(|v| format!("{v:?}")).collect();
+        let code = "import sys, numpy as np, onnxruntime as ort\n\
+s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n\
+x = np.array([float(v) for v in sys.argv[2].split(',')], dtype=np.float32).reshape(1, 1, 4, 4)\n\
+print(','.join(repr(float(v)) for v in s.run(None, {'x': x})[0].ravel()))";
+        let out = run_python(&py, code, &[path.to_str().unwrap(), &xs.join(",")]);
+        let ort: Vec<f64> = out.trim().split(',').map(|v| v.parse().unwrap()).collect();
+        for (o, h) in ort.iter().zip(&want) {
+            assert!((o - h).abs() < 1e-5, "ort {ort:?} vs hand {want:?}");
+        }
+    }
+
+    // 6 bits: scale = 3.75 / 63, zero point round(63 / 3.75) = round(16.8) = 17, so
+    // round(x / s) clips to [-17, 63 - 17] = [-17, 46]: still 64 levels, read as 6 bits.
+    let m = quantize_conv_minmax(6);
+    assert_eq!(values(&m, "x_act_scale"), vec![(3.75f64 / 63.0) as f32]);
+    assert_eq!(values(&m, "x_act_lo"), vec![-17.0]);
+    assert_eq!(values(&m, "x_act_hi"), vec![46.0]);
+    let rep = score::score(&m, &ScoreOptions::default()).unwrap();
+    let conv = rep.layers.iter().find(|l| l.name == "conv").unwrap();
+    assert_eq!(conv.act_bits, 6);
+}

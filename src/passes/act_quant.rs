@@ -3,7 +3,7 @@
 //! quantizer is inserted on it:
 //!
 //! - at 8 bits, `QuantizeLinear -> DequantizeLinear` (uint8 when the calibration
-//!   saw no negative value, else int8; zero point 0; per tensor), which tract and
+//!   saw no negative value, else int8; zero point 0 except for `minmax`; per tensor), which tract and
 //!   onnxruntime both run (tract-notes section 3: both round half to even and
 //!   saturate; tract multiplies by 1/scale where ORT divides, so a power-of-two
 //!   scale, the default, makes them agree exactly);
@@ -32,6 +32,11 @@
 //!   rank over all calibration values (rate 0: the max), I = ceil(log2(v + 1e-12)),
 //!   scale = 2^-(k - 1 - I) signed, 2^-(k - I) unsigned (a power of two);
 //! - `percentile:P`: v = the P-th percentile of |x|, scale = v / qmax;
+//! - `minmax`: asymmetric, [lo, hi] = [min(seen min, 0), max(seen max, 0)] on
+//!   2^k levels: scale = (hi - lo) / (2^k - 1), zero point zp = round(-lo / scale)
+//!   (uint8 Q/DQ with that zero point at 8 bits; at other widths the chain clips
+//!   round(x / s) to [-zp, 2^k - 1 - zp], still 2^k levels). For one-sided,
+//!   shifted ranges such as a BatchNorm after a ReLU;
 //! - `mse`: scale = v / qmax for the v among max|x| 2^(-i/32), i = 0..320, that
 //!   minimizes the quantization MSE estimated from the |x| histogram (clipped
 //!   mass: exact squared excess; inside: s^2/12 per value above s/2, x^2 below).
@@ -65,6 +70,8 @@ pub enum Range {
     MaxAbs,
     Percentile(f64),
     Mse,
+    /// Asymmetric: the seen [min, max] (widened to hold 0) on 2^k levels, with a zero point.
+    MinMax,
 }
 
 impl fmt::Display for Range {
@@ -73,6 +80,7 @@ impl fmt::Display for Range {
             Range::MaxAbs => f.write_str("maxabs"),
             Range::Percentile(p) => write!(f, "percentile:{p}"),
             Range::Mse => f.write_str("mse"),
+            Range::MinMax => f.write_str("minmax"),
         }
     }
 }
@@ -84,11 +92,12 @@ impl FromStr for Range {
         match t.as_str() {
             "maxabs" | "max-abs" | "max" => return Ok(Range::MaxAbs),
             "mse" => return Ok(Range::Mse),
+            "minmax" | "min-max" => return Ok(Range::MinMax),
             _ => {}
         }
         let bad = || {
             Error::Usage(format!(
-                "--act-range '{s}': expected maxabs, percentile:P (0 < P <= 100, e.g. percentile:99.99) or mse"
+                "--act-range '{s}': expected maxabs, percentile:P (0 < P <= 100, e.g. percentile:99.99), mse or minmax"
             ))
         };
         let p: f64 = t
@@ -115,7 +124,7 @@ pub enum Placement {
 #[serde(deny_unknown_fields)]
 pub struct ActQuantSection {
     pub bits: u32,
-    /// maxabs | percentile:P | mse
+    /// maxabs | percentile:P | mse | minmax
     pub range: Option<String>,
     /// Fraction of |x| allowed to clip (maxabs); default 0.
     pub overflow_rate: Option<f64>,
@@ -301,8 +310,46 @@ impl Stats {
     }
 }
 
-/// The quantizer for one value: (scale, signed).
-pub fn choose_scale(st: &Stats, bits: u32, range: Range, overflow_rate: f64) -> (f32, bool) {
+/// One activation's grid: x ~ (q - zero_point) * scale with q in [qmin, qmax]
+/// (unsigned: [0, 2^k - 1]; signed: [-2^(k-1), 2^(k-1) - 1]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Grid {
+    pub scale: f32,
+    pub signed: bool,
+    pub zero_point: i32,
+}
+
+impl Grid {
+    /// The integer range of round(x / scale), the zero point taken out: [qmin - zp, qmax - zp].
+    pub fn levels(&self, bits: u32) -> (f64, f64) {
+        let (qmin, qmax) = if self.signed {
+            (
+                -(2f64.powi(bits as i32 - 1)),
+                2f64.powi(bits as i32 - 1) - 1.0,
+            )
+        } else {
+            (0.0, 2f64.powi(bits as i32) - 1.0)
+        };
+        let zp = self.zero_point as f64;
+        (qmin - zp, qmax - zp)
+    }
+}
+
+/// The quantizer for one value.
+pub fn choose_grid(st: &Stats, bits: u32, range: Range, overflow_rate: f64) -> Grid {
+    if range == Range::MinMax {
+        // [lo, hi] holds 0 so that 0 (ReLU's floor, padding) is exact:
+        // scale = (hi - lo) / (2^k - 1), zero point = round(-lo / scale).
+        let (lo, hi) = (st.min.min(0.0), st.max.max(0.0));
+        let levels = 2f64.powi(bits as i32) - 1.0;
+        let scale = finite_scale((hi - lo) / levels);
+        let zp = (-lo / scale as f64).round().clamp(0.0, levels) as i32;
+        return Grid {
+            scale,
+            signed: false,
+            zero_point: zp,
+        };
+    }
     let signed = st.min < 0.0;
     let qmax = if signed {
         2f64.powi(bits as i32 - 1) - 1.0
@@ -333,13 +380,23 @@ pub fn choose_scale(st: &Stats, bits: u32, range: Range, overflow_rate: f64) -> 
             }
             best.1
         }
+        Range::MinMax => unreachable!("handled above"),
     };
+    Grid {
+        scale: finite_scale(scale),
+        signed,
+        zero_point: 0,
+    }
+}
+
+/// A usable f32 scale: positive, finite, at least the smallest normal (1 otherwise).
+fn finite_scale(scale: f64) -> f32 {
     let scale = if scale > 0.0 && scale.is_finite() {
         scale as f32
     } else {
         1.0
     };
-    (scale.max(f32::MIN_POSITIVE), signed)
+    scale.max(f32::MIN_POSITIVE)
 }
 
 /// The activation quantization pass.
@@ -540,29 +597,23 @@ impl Pass for ActQuant {
         let mut before: HashMap<Option<usize>, Vec<NodeProto>> = HashMap::new();
         let mut rewires: Vec<(usize, usize, String)> = Vec::new();
         for (t, st) in targets.iter().zip(&stats) {
-            let (scale, signed) = choose_scale(st, bits, cfg.range, cfg.overflow_rate);
+            let grid = choose_grid(st, bits, cfg.range, cfg.overflow_rate);
+            let (scale, signed) = (grid.scale, grid.signed);
             let base = t.value.replace(['/', ':'], "_");
             let base = base.trim_start_matches('_');
             let s_name = fresh_name(g, &format!("{base}_act_scale"));
             g.initializer
                 .push(TensorData::F32(ndarray::arr0(scale).into_dyn()).to_proto(&s_name));
-            let (lo, hi) = if signed {
-                (
-                    -(2f64.powi(bits as i32 - 1)),
-                    2f64.powi(bits as i32 - 1) - 1.0,
-                )
-            } else {
-                (0.0, 2f64.powi(bits as i32) - 1.0)
-            };
+            let (lo, hi) = grid.levels(bits);
             let out;
             let mut nodes = Vec::new();
             let form;
             if bits == 8 {
                 let zp_name = fresh_name(g, &format!("{base}_act_zp"));
                 let zp = if signed {
-                    TensorData::I8(ndarray::arr0(0i8).into_dyn())
+                    TensorData::I8(ndarray::arr0(grid.zero_point as i8).into_dyn())
                 } else {
-                    TensorData::U8(ndarray::arr0(0u8).into_dyn())
+                    TensorData::U8(ndarray::arr0(grid.zero_point as u8).into_dyn())
                 };
                 g.initializer.push(zp.to_proto(&zp_name));
                 let q = fresh_name(g, &format!("{base}_q"));
@@ -627,11 +678,14 @@ impl Pass for ActQuant {
                 rewires.push((n, k, out.clone()));
             }
             let top = scale as f64 * hi;
-            let step = if (scale.log2()).fract() == 0.0 {
+            let mut step = if (scale.log2()).fract() == 0.0 {
                 format!("2^{} = {scale:?}", scale.log2() as i32)
             } else {
                 format!("{scale:?}")
             };
+            if grid.zero_point != 0 {
+                step += &format!(", zero point {}", grid.zero_point);
+            }
             let mut readers = t.readers.clone();
             readers.dedup();
             report.changed(
