@@ -134,11 +134,95 @@ pub fn value_shapes(
     })
 }
 
+/// Ops whose output shapes depend on a float operand's shape only, never on its values.
+const SHAPE_ONLY_READERS: &[&str] = &[
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "BatchNormalization",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "PRelu",
+];
+
+/// The model for shape inference only: large float initializers that only
+/// [`SHAPE_ONLY_READERS`] read become graph inputs of the same type and shape, so
+/// the weights are neither copied into tract's protobuf nor decoded by it (the
+/// shapes do not depend on them). Returns the proto and the moved tensors' shapes,
+/// in the order they were appended to the inputs.
+fn shape_proto(model: &Model) -> Result<(tract_onnx::pb::ModelProto, Vec<Vec<usize>>)> {
+    use crate::onnx::proto::{type_proto, TensorShapeProto, TypeProto, ValueInfoProto};
+    const MIN_ELEMENTS: i64 = 1024;
+    let g = model.graph();
+    let mut only_shape: HashMap<&str, bool> = HashMap::new();
+    for n in &g.node {
+        let ok = SHAPE_ONLY_READERS.contains(&n.op_type());
+        for v in &n.input {
+            let e = only_shape.entry(v.as_str()).or_insert(true);
+            *e &= ok;
+        }
+    }
+    let outputs: std::collections::HashSet<&str> = g.output.iter().map(|o| o.name()).collect();
+    let movable = |t: &crate::onnx::TensorProto| {
+        t.data_type() == DataType::Float as i32
+            && t.dims.iter().product::<i64>() >= MIN_ELEMENTS
+            && t.dims.iter().all(|d| *d >= 0)
+            && only_shape.get(t.name()).copied().unwrap_or(false)
+            && !outputs.contains(t.name())
+    };
+    let moved: Vec<&crate::onnx::TensorProto> =
+        g.initializer.iter().filter(|t| movable(t)).collect();
+    if moved.is_empty() {
+        return Ok((tract_proto(model)?, Vec::new()));
+    }
+    let names: std::collections::HashSet<String> =
+        moved.iter().map(|t| t.name().to_string()).collect();
+    // Tensor payloads are reference-counted `Bytes`: this clone does not copy weights.
+    let mut proto = model.proto.clone();
+    let graph = proto.graph.as_mut().expect("loaded models have a graph");
+    graph.initializer.retain(|t| !names.contains(t.name()));
+    graph.input.retain(|i| !names.contains(i.name()));
+    let mut shapes = Vec::new();
+    for t in &moved {
+        let dims: Vec<usize> = t.dims.iter().map(|d| *d as usize).collect();
+        graph.input.push(ValueInfoProto {
+            name: Some(t.name().to_string()),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(DataType::Float as i32),
+                    shape: Some(TensorShapeProto {
+                        dim: t
+                            .dims
+                            .iter()
+                            .map(|d| crate::onnx::proto::tensor_shape_proto::Dimension {
+                                value: Some(
+                                    crate::onnx::proto::tensor_shape_proto::dimension::Value::DimValue(*d),
+                                ),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        shapes.push(dims);
+    }
+    let bytes = proto.encode_to_vec();
+    let parsed = tract_onnx::pb::ModelProto::decode(&bytes[..])
+        .map_err(|e| Error::Usage(format!("tract cannot decode the model: {e}")))?;
+    Ok((parsed, shapes))
+}
+
 fn value_shapes_unguarded(
     model: &Model,
     inputs: &[(String, Vec<usize>, i32)],
 ) -> Result<HashMap<String, Vec<usize>>> {
-    let proto = tract_proto(model)?;
+    let (proto, moved) = shape_proto(model)?;
     let onnx = tract_onnx::onnx().with_ignore_value_info(true);
     let parsed = onnx
         .parse(&proto, None)
@@ -147,6 +231,13 @@ fn value_shapes_unguarded(
     for (i, (_, shape, elem)) in inputs.iter().enumerate() {
         m.set_input_fact(i, InferenceFact::dt_shape(datum_type(*elem), shape))
             .map_err(|e| tract_err(model, "setting the input shape", e))?;
+    }
+    for (j, shape) in moved.iter().enumerate() {
+        m.set_input_fact(
+            inputs.len() + j,
+            InferenceFact::dt_shape(f32::datum_type(), shape),
+        )
+        .map_err(|e| tract_err(model, "setting a weight's shape", e))?;
     }
     m.analyse(false)
         .map_err(|e| tract_err(model, "shape inference failed", format!("{e:#}")))?;

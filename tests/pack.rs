@@ -815,3 +815,39 @@ fn storage_option_errors_are_one_line() {
     let o = cli(&["optimize", "x.onnx", "-o", "y.onnx", "--storage", "sparse"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn packed_models_carry_no_unread_initializers() {
+    // Regression: quantized and packed without a mask, the shared zero constant made
+    // for masked decoders was left in the file unread (onnxruntime warns about it).
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q8.onnx");
+    let src = fixture("cifar10_keras_bn.onnx");
+    let o = cli(&[
+        "optimize",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--quantize",
+        "linear:8",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = onnx_micronet::onnx::load(&out).unwrap();
+    let read: std::collections::HashSet<&str> = m
+        .graph()
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().map(String::as_str))
+        .collect();
+    let unread: Vec<&str> = m
+        .graph()
+        .initializer
+        .iter()
+        .map(|t| t.name())
+        .filter(|n| !read.contains(n))
+        .collect();
+    assert!(unread.is_empty(), "unread initializers: {unread:?}");
+    // The 9 weights are stored as 8-bit codes (byte-aligned: Cast, Sub, Mul decode them).
+    let casts = m.graph().node.iter().filter(|n| n.op_type() == "Cast").count();
+    assert_eq!(casts, 9);
+}

@@ -246,6 +246,9 @@ def run_case(args, case, log_dir, counted):
         case.check_results.append(first_difference(expected, produced))
     if counted:
         case.runs.append(r)
+        # Kept as they come: a later failure does not lose the measurements.
+        with open(os.path.join(log_dir, "..", "measurements.jsonl"), "a") as f:
+            f.write(json.dumps({"case": case.label, "argv": case.argv, **r}) + "\n")
         if case.report and os.path.exists(case.report):
             with open(case.report) as f:
                 rep = json.load(f)
@@ -254,9 +257,10 @@ def run_case(args, case, log_dir, counted):
 
 def post_checks(args, m):
     """Untimed checks of the external-data model's outputs."""
-    if not m.external:
+    ext = [c for c in m.cases if c.tool == "ours_ext"]
+    if not m.external or not ext:
         return
-    oe = next(c for c in m.cases if c.tool == "ours_ext").outputs[0]
+    oe = ext[0].outputs[0]
     if m.reference and os.path.exists(m.reference) and os.path.exists(oe):
         back = os.path.join(os.path.dirname(os.path.dirname(oe)), "ours_ext_back.onnx")
         clean([back])

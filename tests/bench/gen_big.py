@@ -81,11 +81,17 @@ def main():
         initializer=inits)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
                           producer_name="onnx-micronet tests/bench/gen_big.py")
-    onnx.checker.check_model(m)
     tmp_model = model_path + ".partial"
     with open(tmp_model, "wb") as f:
         f.write(m.SerializeToString())
     os.replace(tmp_data, data_path)
+    try:
+        # By path: the checker then finds the side file beside the model.
+        onnx.checker.check_model(tmp_model)
+    except Exception:
+        os.remove(tmp_model)
+        os.remove(data_path)
+        raise
     os.replace(tmp_model, model_path)
     size = os.path.getsize(model_path) + os.path.getsize(data_path)
     print(f"gen_big: wrote {model_path} + {data_name} ({size / 2**30:.2f} GiB, {a.layers} x Conv {c}x{c} + BN)")

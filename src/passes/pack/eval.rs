@@ -109,11 +109,61 @@ fn zip2<A: Clone, B: Clone, C>(
     f: impl Fn(A, B) -> C,
 ) -> Option<ArrayD<C>> {
     let s = broadcast_shape(a.shape(), b.shape())?;
+    // Fast paths (decoders are mostly element-wise on one long axis, or against a
+    // scalar): plain slices instead of the general broadcasting Zip over IxDyn.
+    if let (Some(xa), Some(xb)) = (a.as_slice(), b.as_slice()) {
+        let v: Option<Vec<C>> = if a.shape() == b.shape() {
+            Some(
+                xa.iter()
+                    .zip(xb)
+                    .map(|(x, y)| f(x.clone(), y.clone()))
+                    .collect(),
+            )
+        } else if xb.len() == 1 && a.shape() == s.as_slice() {
+            Some(xa.iter().map(|x| f(x.clone(), xb[0].clone())).collect())
+        } else if xa.len() == 1 && b.shape() == s.as_slice() {
+            Some(xb.iter().map(|y| f(xa[0].clone(), y.clone())).collect())
+        } else {
+            None
+        };
+        if let Some(v) = v {
+            return ArrayD::from_shape_vec(IxDyn(&s), v).ok();
+        }
+    }
     let (a, b) = (a.broadcast(IxDyn(&s))?, b.broadcast(IxDyn(&s))?);
     Some(
         ndarray::Zip::from(&a)
             .and(&b)
             .map_collect(|x, y| f(x.clone(), y.clone())),
+    )
+}
+
+/// Where(c, a, b) with broadcasting; `c` already broadcast to `s`. Fast path for
+/// contiguous operands of the full shape or single values (the mask decoder's form).
+fn select<T: Copy>(
+    c: &ndarray::ArrayViewD<bool>,
+    a: &ArrayD<T>,
+    b: &ArrayD<T>,
+    s: &[usize],
+) -> Option<ArrayD<T>> {
+    let full_or_one = |x: &ArrayD<T>| x.len() == 1 || x.shape() == s;
+    if let (Some(xc), Some(xa), Some(xb)) = (c.as_slice(), a.as_slice(), b.as_slice()) {
+        if full_or_one(a) && full_or_one(b) {
+            let pick = |x: &[T], i: usize| if x.len() == 1 { x[0] } else { x[i] };
+            let v: Vec<T> = xc
+                .iter()
+                .enumerate()
+                .map(|(i, &k)| if k { pick(xa, i) } else { pick(xb, i) })
+                .collect();
+            return ArrayD::from_shape_vec(IxDyn(s), v).ok();
+        }
+    }
+    let (a, b) = (a.broadcast(IxDyn(s))?, b.broadcast(IxDyn(s))?);
+    Some(
+        ndarray::Zip::from(c)
+            .and(&a)
+            .and(&b)
+            .map_collect(|&c, &x, &y| if c { x } else { y }),
     )
 }
 
@@ -458,25 +508,8 @@ fn apply(g: &Graph, n: &NodeProto, ins: &[Option<Val>]) -> Option<Val> {
             let s = broadcast_shape(&broadcast_shape(c.shape(), a.shape())?, b.shape())?;
             let c = c.broadcast(IxDyn(&s))?;
             Some(match (a, b) {
-                (Val::F(a), Val::F(b)) => {
-                    let (a, b) = (a.broadcast(IxDyn(&s))?, b.broadcast(IxDyn(&s))?);
-                    Val::F(
-                        ndarray::Zip::from(&c)
-                            .and(&a)
-                            .and(&b)
-                            .map_collect(|&c, &x, &y| if c { x } else { y }),
-                    )
-                }
-                (Val::I(a, t), Val::I(b, t2)) if t == t2 => {
-                    let (a, b) = (a.broadcast(IxDyn(&s))?, b.broadcast(IxDyn(&s))?);
-                    Val::I(
-                        ndarray::Zip::from(&c)
-                            .and(&a)
-                            .and(&b)
-                            .map_collect(|&c, &x, &y| if c { x } else { y }),
-                        t,
-                    )
-                }
+                (Val::F(a), Val::F(b)) => Val::F(select(&c, &a, &b, &s)?),
+                (Val::I(a, t), Val::I(b, t2)) if t == t2 => Val::I(select(&c, &a, &b, &s)?, t),
                 _ => return None,
             })
         }

@@ -342,7 +342,17 @@ impl Pass for Pack {
             return Ok(report);
         }
         graph.initializer.retain(|t| !removed.contains(t.name()));
-        graph.initializer.extend(shared.inits);
+        // Shared constants no kept decoder reads (made for a tensor later left float).
+        let read: HashSet<&str> = new_nodes
+            .iter()
+            .flat_map(|n| n.input.iter().map(String::as_str))
+            .collect();
+        let shared_inits: Vec<TensorProto> = shared
+            .inits
+            .into_iter()
+            .filter(|t| read.contains(t.name()))
+            .collect();
+        graph.initializer.extend(shared_inits);
         graph.initializer.extend(new_inits);
         // Decoders read initializers only: they go first, ahead of every consumer.
         let rest = std::mem::take(&mut graph.node);
