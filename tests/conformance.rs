@@ -9,8 +9,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::*;
 use onnx_micronet::{engine, validate};
@@ -61,26 +60,6 @@ const COMBOS: &[Combo] = &[
 enum Which {
     All,
     Only(&'static [&'static str]),
-}
-
-/// Writes an f32 array as a NumPy .npy file (v1.0, little-endian, C order).
-fn write_npy<D: ndarray::Dimension>(path: &Path, a: &ndarray::Array<f32, D>) {
-    let shape: Vec<String> = a.shape().iter().map(|d| d.to_string()).collect();
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
-        shape.join(", ")
-    );
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    f.write_all(b"\x93NUMPY\x01\x00").unwrap();
-    f.write_all(&(header.len() as u16).to_le_bytes()).unwrap();
-    f.write_all(header.as_bytes()).unwrap();
-    for v in a.iter() {
-        f.write_all(&v.to_le_bytes()).unwrap();
-    }
 }
 
 /// Runs every combination on one fixture and checks the results in one Python process.

@@ -848,6 +848,11 @@ fn packed_models_carry_no_unread_initializers() {
         .collect();
     assert!(unread.is_empty(), "unread initializers: {unread:?}");
     // The 9 weights are stored as 8-bit codes (byte-aligned: Cast, Sub, Mul decode them).
-    let casts = m.graph().node.iter().filter(|n| n.op_type() == "Cast").count();
+    let casts = m
+        .graph()
+        .node
+        .iter()
+        .filter(|n| n.op_type() == "Cast")
+        .count();
     assert_eq!(casts, 9);
 }

@@ -381,21 +381,7 @@ fn conv_by_hand(x: &[f32], w: &[f32], s: f64, hi: f64) -> Vec<f64> {
         .iter()
         .map(|v| round_half_even(*v as f64 / s).clamp(0.0, hi) * s)
         .collect();
-    let mut out = Vec::new();
-    for c in 0..2 {
-        for oy in 0..2 {
-            for ox in 0..2 {
-                let mut acc = 0.0;
-                for ky in 0..3 {
-                    for kx in 0..3 {
-                        acc += xq[(oy + ky) * 4 + ox + kx] * w[c * 9 + ky * 3 + kx] as f64;
-                    }
-                }
-                out.push(acc);
-            }
-        }
-    }
-    out
+    conv_f64(&xq, w)
 }
 
 fn tract_run(m: &Model, x: &[f32]) -> Vec<f32> {

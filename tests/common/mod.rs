@@ -196,3 +196,25 @@ pub fn write_model(path: &Path, m: &ModelProto) {
     use prost::Message;
     std::fs::write(path, m.encode_to_vec()).unwrap();
 }
+
+/// Writes an f32 array as a NumPy .npy file (v1.0, little-endian, C order), for the
+/// onnxruntime side of a comparison.
+pub fn write_npy<D: ndarray::Dimension>(path: &Path, a: &ndarray::Array<f32, D>) {
+    use std::io::Write;
+    let shape: Vec<String> = a.shape().iter().map(|d| d.to_string()).collect();
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
+        shape.join(", ")
+    );
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    f.write_all(b"\x93NUMPY\x01\x00").unwrap();
+    f.write_all(&(header.len() as u16).to_le_bytes()).unwrap();
+    f.write_all(header.as_bytes()).unwrap();
+    for v in a.iter() {
+        f.write_all(&v.to_le_bytes()).unwrap();
+    }
+}
