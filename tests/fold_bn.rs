@@ -8,8 +8,8 @@ use common::*;
 use ndarray::{Array4, ArrayD};
 use onnx_micronet::engine;
 use onnx_micronet::graph::Graph;
-use onnx_micronet::onnx::proto::{AttributeProto, GraphProto, ModelProto};
-use onnx_micronet::onnx::{AttributeType, Model, TensorData};
+use onnx_micronet::onnx::proto::{GraphProto, ModelProto};
+use onnx_micronet::onnx::{Model, TensorData};
 use onnx_micronet::passes::{fold_bn::FoldBatchNorm, Context, Pass, PassReport};
 
 fn as_model(m: ModelProto) -> Model {
@@ -113,12 +113,7 @@ fn depthwise_conv_without_bias_and_convtranspose() {
     let w: Vec<f32> = (0..18).map(|i| (i as f32 - 9.0) / 7.0).collect();
     let mut conv = node("Conv", "dw", &["x", "w"], &["c"]);
     conv.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
-    conv.attribute.push(AttributeProto {
-        name: Some("group".into()),
-        r#type: Some(AttributeType::Int as i32),
-        i: Some(2),
-        ..Default::default()
-    });
+    conv.attribute.push(attr_int("group", 2));
     let mut inits = vec![tensor_f32("w", &[2, 1, 3, 3], &w)];
     inits.extend(bn_inits(2));
     let m = as_model(model(
@@ -170,18 +165,8 @@ fn fc_bn(op: &str) -> Model {
     let (layer, wdims) = match op {
         "Gemm" => {
             let mut n = node("Gemm", "fc", &["f", "w", "b"], &["c"]);
-            n.attribute.push(AttributeProto {
-                name: Some("transB".into()),
-                r#type: Some(AttributeType::Int as i32),
-                i: Some(1),
-                ..Default::default()
-            });
-            n.attribute.push(AttributeProto {
-                name: Some("alpha".into()),
-                r#type: Some(AttributeType::Float as i32),
-                f: Some(0.5),
-                ..Default::default()
-            });
+            n.attribute.push(attr_int("transB", 1));
+            n.attribute.push(attr_float("alpha", 0.5));
             (n, [4i64, 8])
         }
         _ => (node("MatMul", "fc", &["f", "w"], &["c"]), [8, 4]),

@@ -35,15 +35,6 @@ fn fixture_model(name: &str) -> Model {
     onnx_micronet::onnx::load(&fixture(name)).unwrap()
 }
 
-fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Int as i32),
-        i: Some(v),
-        ..Default::default()
-    }
-}
-
 fn weight(m: &Model, name: &str) -> Vec<f32> {
     let g = m.proto.graph.as_ref().unwrap();
     let t = g.initializer.iter().find(|t| t.name() == name).unwrap();

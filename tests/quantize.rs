@@ -391,6 +391,32 @@ fn tract_run(m: &Model, x: &[f32]) -> Vec<f32> {
     y.iter().copied().collect()
 }
 
+/// `got` equals `want` within 1e-5, element by element.
+fn assert_close(got: &[f64], want: &[f64], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(want) {
+        assert!((g - w).abs() < 1e-5, "{what}: {got:?} vs {want:?}");
+    }
+}
+
+/// The model run in onnxruntime on one 1x1x4x4 image (None without the venv).
+fn ort_run(m: &Model, x: &[f32], optimizations: bool) -> Option<Vec<f64>> {
+    let py = venv_python()?;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.onnx");
+    onnx_micronet::onnx::save(m, &path, &Default::default()).unwrap();
+    let xs: Vec<String> = x.iter().map(|v| format!("{v:?}")).collect();
+    let code = "import sys, numpy as np, onnxruntime as ort\n\
+o = ort.SessionOptions()\n\
+if sys.argv[3] == 'off': o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL\n\
+s = ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n\
+x = np.array([float(v) for v in sys.argv[2].split(',')], dtype=np.float32).reshape(1, 1, 4, 4)\n\
+print(','.join(repr(float(v)) for v in s.run(None, {'x': x})[0].ravel()))";
+    let opt = if optimizations { "on" } else { "off" };
+    let out = run_python(&py, code, &[path.to_str().unwrap(), &xs.join(","), opt]);
+    Some(out.trim().split(',').map(|v| v.parse().unwrap()).collect())
+}
+
 #[test]
 fn qdq_at_8_bits_runs_in_tract_and_onnxruntime_as_computed_by_hand() {
     let m = quantize_conv(8);
@@ -411,13 +437,8 @@ fn qdq_at_8_bits_runs_in_tract_and_onnxruntime_as_computed_by_hand() {
     let x: Vec<f32> = (0..16).map(|i| ((i as f32 * 0.37) % 4.5) - 0.2).collect();
     let w = values(&m, "w");
     let want = conv_by_hand(&x, &w, 1.0 / 64.0, 255.0);
-    let got = tract_run(&m, &x);
-    for (g, h) in got.iter().zip(&want) {
-        assert!(
-            (*g as f64 - h).abs() < 1e-5,
-            "tract {got:?} vs hand {want:?}"
-        );
-    }
+    let got: Vec<f64> = tract_run(&m, &x).iter().map(|v| *v as f64).collect();
+    assert_close(&got, &want, "tract vs hand");
 
     // The score reads 4-bit weights and 8-bit inputs: 16 nonzeros * 4 bits + 18 mask bits = 82 bits
     // = 2.5625 params; 16 nonzero taps * 4 positions = 64 multiplies at max(4, 8) = 8 bits -> 16.
@@ -430,21 +451,8 @@ fn qdq_at_8_bits_runs_in_tract_and_onnxruntime_as_computed_by_hand() {
     assert!(rep.quantized && !rep.freebie_applied);
 
     // onnxruntime on the same file and image.
-    if let Some(py) = venv_python() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("qdq.onnx");
-        onnx_micronet::onnx::save(&m, &path, &Default::default()).unwrap();
-        let xs: Vec<String> = x.iter().map(|v| format!("{v:?}")).collect();
-        let code = "import sys, numpy as np, onnxruntime as ort\n\
-o = ort.SessionOptions(); o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL\n\
-s = ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])\n\
-x = np.array([float(v) for v in sys.argv[2].split(',')], dtype=np.float32).reshape(1, 1, 4, 4)\n\
-print(','.join(repr(float(v)) for v in s.run(None, {'x': x})[0].ravel()))";
-        let out = run_python(&py, code, &[path.to_str().unwrap(), &xs.join(",")]);
-        let ort: Vec<f64> = out.trim().split(',').map(|v| v.parse().unwrap()).collect();
-        for (g, o) in got.iter().zip(&ort) {
-            assert!((*g as f64 - o).abs() < 1e-5, "tract {got:?} vs ort {ort:?}");
-        }
+    if let Some(ort) = ort_run(&m, &x, false) {
+        assert_close(&got, &ort, "tract vs onnxruntime");
     }
 }
 
@@ -458,13 +466,8 @@ fn fake_quant_at_6_bits_is_read_back_and_runs_as_computed() {
     assert_eq!(values(&m, "x_act_hi"), vec![63.0]);
     let x: Vec<f32> = (0..16).map(|i| ((i as f32 * 0.37) % 4.5) - 0.2).collect();
     let want = conv_by_hand(&x, &values(&m, "w"), 1.0 / 16.0, 63.0);
-    let got = tract_run(&m, &x);
-    for (g, h) in got.iter().zip(&want) {
-        assert!(
-            (*g as f64 - h).abs() < 1e-5,
-            "tract {got:?} vs hand {want:?}"
-        );
-    }
+    let got: Vec<f64> = tract_run(&m, &x).iter().map(|v| *v as f64).collect();
+    assert_close(&got, &want, "tract vs hand");
     // 64 multiplies at max(4, 6) = 6 bits -> 12.
     let rep = score::score(&m, &ScoreOptions::default()).unwrap();
     let conv = rep.layers.iter().find(|l| l.name == "conv").unwrap();
@@ -761,31 +764,15 @@ fn minmax_activation_range_is_asymmetric_with_a_zero_point() {
         .map(|&k| k.clamp(-68, 187) as f64 * s as f64)
         .collect();
     let want = conv_f64(&xq, &values(&m, "w"));
-    let got = tract_run(&m, &x);
-    for (g, h) in got.iter().zip(&want) {
-        assert!(
-            (*g as f64 - h).abs() < 1e-5,
-            "tract {got:?} vs hand {want:?}"
-        );
-    }
+    let got: Vec<f64> = tract_run(&m, &x).iter().map(|v| *v as f64).collect();
+    assert_close(&got, &want, "tract vs hand");
     // The score still reads 8-bit activations (uint8), whatever the zero point.
     let rep = score::score(&m, &ScoreOptions::default()).unwrap();
     let conv = rep.layers.iter().find(|l| l.name == "conv").unwrap();
     assert_eq!(conv.act_bits, 8);
-    if let Some(py) = venv_python() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("qdq_zp.onnx");
-        onnx_micronet::onnx::save(&m, &path, &Default::default()).unwrap();
-        let xs: Vec<String> = x.iter().map(|v| format!("{v:?}")).collect();
-        let code = "import sys, numpy as np, onnxruntime as ort\n\
-s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n\
-x = np.array([float(v) for v in sys.argv[2].split(',')], dtype=np.float32).reshape(1, 1, 4, 4)\n\
-print(','.join(repr(float(v)) for v in s.run(None, {'x': x})[0].ravel()))";
-        let out = run_python(&py, code, &[path.to_str().unwrap(), &xs.join(",")]);
-        let ort: Vec<f64> = out.trim().split(',').map(|v| v.parse().unwrap()).collect();
-        for (o, h) in ort.iter().zip(&want) {
-            assert!((o - h).abs() < 1e-5, "ort {ort:?} vs hand {want:?}");
-        }
+    // onnxruntime with its default optimizations.
+    if let Some(ort) = ort_run(&m, &x, true) {
+        assert_close(&ort, &want, "onnxruntime vs hand");
     }
 
     // 6 bits: scale = 3.75 / 63, zero point round(63 / 3.75) = round(16.8) = 17, so

@@ -412,12 +412,7 @@ fn pooling_and_fully_connected() {
     mp.attribute.push(attr_ints("kernel_shape", &[2, 2]));
     mp.attribute.push(attr_ints("strides", &[2, 2]));
     let mut gemm = node("Gemm", "fc", &["f", "w", "b"], &["y"]);
-    gemm.attribute.push(onnx_micronet::onnx::AttributeProto {
-        name: Some("transB".into()),
-        r#type: Some(onnx_micronet::onnx::AttributeType::Int as i32),
-        i: Some(1),
-        ..Default::default()
-    });
+    gemm.attribute.push(attr_int("transB", 1));
     // w: 60 values, the first 12 (unit 0) all zero -> unit 0 has 0 nonzeros, the others 12.
     let w: Vec<f32> = (0..60).map(|i| if i < 12 { 0.0 } else { 1.0 }).collect();
     let m = chain(
