@@ -363,6 +363,10 @@ fn topological_order(deps: &[Vec<usize>]) -> std::result::Result<Vec<usize>, usi
     Ok(order)
 }
 
+/// The ops that carry a weight (their second input): the layers the MicroNet
+/// counts, the passes quantize and pack, and BatchNormalization folds into.
+pub const WEIGHTED_OPS: &[&str] = &["Conv", "ConvTranspose", "Gemm", "MatMul"];
+
 /// Tensor shape of a value as declared in the graph's type information (inputs,
 /// outputs, value_info): `Some(dim)` for a fixed dim, `None` for a symbolic or
 /// unknown one. `None` overall when the value has no declared tensor shape.

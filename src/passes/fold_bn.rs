@@ -182,7 +182,7 @@ fn plan_bn(g: &Graph, i: usize) -> std::result::Result<Fold, Skip> {
             g.node_name(p)
         )));
     }
-    if !matches!(op, "Conv" | "ConvTranspose" | "Gemm" | "MatMul") {
+    if !crate::graph::WEIGHTED_OPS.contains(&op) {
         return Err(Skip(format!(
             "follows {op} '{}', not a Conv, ConvTranspose, Gemm or MatMul",
             g.node_name(p)

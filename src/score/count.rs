@@ -30,7 +30,7 @@ use super::{
     AccMode, BnMode, Layer, OutputSize, ScoreOptions, SparsePolicy, TernaryMode, Uncounted,
 };
 use crate::error::{Error, Result};
-use crate::graph::Graph;
+use crate::graph::{Graph, WEIGHTED_OPS};
 use crate::onnx::NodeProto;
 
 /// Per-element (mults, adds) of activation ops. REF knows relu, sigmoid and swish;
@@ -90,8 +90,6 @@ const FREE: &[&str] = &[
     "SpaceToDepth",
     "DepthToSpace",
 ];
-
-const WEIGHTED: &[&str] = &["Conv", "ConvTranspose", "Gemm", "MatMul"];
 
 fn attr_i(n: &NodeProto, name: &str, default: i64) -> i64 {
     n.attribute
@@ -222,7 +220,7 @@ pub(crate) fn count_graph(
     let mut weights = HashMap::new();
     for &i in g.topo_order() {
         let n = g.node(i);
-        if WEIGHTED.contains(&n.op_type()) && n.input.len() >= 2 {
+        if WEIGHTED_OPS.contains(&n.op_type()) && n.input.len() >= 2 {
             if let Some(w) = bits::weight(g, &n.input[1])? {
                 weights.insert(i, w);
             }

@@ -34,13 +34,11 @@ use prost::Message;
 
 use super::{Context, Pass, PassReport};
 use crate::error::Result;
-use crate::graph::Graph;
+use crate::graph::{Graph, WEIGHTED_OPS};
 use crate::onnx::proto::{GraphProto, TensorProto};
 use crate::onnx::{DataType, Model, TensorData};
 use crate::score::bits::{self as sbits, META_AXIS, META_SCHEME, META_STEP, META_ZERO_POINT};
 use format::{Packed, Shared, Store, MAX_CODE_BITS};
-
-const WEIGHTED: &[&str] = &["Conv", "ConvTranspose", "Gemm", "MatMul"];
 
 /// The packing pass.
 #[derive(Debug, Clone, Default)]
@@ -375,11 +373,11 @@ fn candidate(g: &Graph, t: &TensorProto) -> std::result::Result<(), Option<Strin
     }
     if let Some(&c) = consumers
         .iter()
-        .find(|&&c| !WEIGHTED.contains(&g.node(c).op_type()))
+        .find(|&&c| !WEIGHTED_OPS.contains(&g.node(c).op_type()))
     {
         return if consumers
             .iter()
-            .any(|&c| WEIGHTED.contains(&g.node(c).op_type()))
+            .any(|&c| WEIGHTED_OPS.contains(&g.node(c).op_type()))
         {
             Err(Some(format!(
                 "also read by '{}' ({}): only weights of Conv/ConvTranspose/Gemm/MatMul are packed",

@@ -644,7 +644,7 @@ pub fn layer_order(graph: &Graph, report: Option<&mut PassReport>) -> Vec<(Strin
     for &idx in graph.topo_order() {
         let node = graph.node(idx);
         let standard = node.domain().is_empty() || node.domain() == "ai.onnx";
-        if !matches!(node.op_type(), "Conv" | "ConvTranspose" | "Gemm" | "MatMul") || !standard {
+        if !crate::graph::WEIGHTED_OPS.contains(&node.op_type()) || !standard {
             continue;
         }
         let Some(w) = node.input.get(1).filter(|s| !s.is_empty()) else {
