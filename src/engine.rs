@@ -17,19 +17,29 @@ use crate::error::{Error, Result};
 use crate::graph::{declared_elem_type, declared_shape, Graph};
 use crate::onnx::{DataType, Model};
 
+/// A graph input with the concrete shape it is analysed and run with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputShape {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// ONNX element type (`DataType` as i32).
+    pub elem_type: i32,
+}
+
 /// The concrete input shapes to analyse the model with: the declared ones, with a
 /// symbolic leading (batch) dim set to 1; `overrides` (by input position) win.
 /// Any other symbolic dim without an override is an error naming the input.
-pub fn input_shapes(
-    model: &Model,
-    overrides: &[Vec<usize>],
-) -> Result<Vec<(String, Vec<usize>, i32)>> {
+pub fn input_shapes(model: &Model, overrides: &[Vec<usize>]) -> Result<Vec<InputShape>> {
     let graph = Graph::new(model.graph())?;
     let mut out = Vec::new();
     for (i, input) in graph.inputs().enumerate() {
         let elem = declared_elem_type(input).unwrap_or(DataType::Float as i32);
         if let Some(shape) = overrides.get(i) {
-            out.push((input.name().to_string(), shape.clone(), elem));
+            out.push(InputShape {
+                name: input.name().to_string(),
+                shape: shape.clone(),
+                elem_type: elem,
+            });
             continue;
         }
         let dims = declared_shape(input).ok_or_else(|| {
@@ -59,7 +69,11 @@ pub fn input_shapes(
                 input.name()
             )));
         }
-        out.push((input.name().to_string(), shape, elem));
+        out.push(InputShape {
+            name: input.name().to_string(),
+            shape,
+            elem_type: elem,
+        });
     }
     Ok(out)
 }
@@ -125,10 +139,7 @@ fn guarded<T>(model: &Model, what: &str, f: impl FnOnce() -> Result<T>) -> Resul
 
 /// The concrete shape of every value tract can determine, by ONNX value name,
 /// for the given input shapes (from [`input_shapes`]).
-pub fn value_shapes(
-    model: &Model,
-    inputs: &[(String, Vec<usize>, i32)],
-) -> Result<HashMap<String, Vec<usize>>> {
+pub fn value_shapes(model: &Model, inputs: &[InputShape]) -> Result<HashMap<String, Vec<usize>>> {
     guarded(model, "shape inference failed", || {
         value_shapes_unguarded(model, inputs)
     })
@@ -220,7 +231,7 @@ fn shape_proto(model: &Model) -> Result<(tract_onnx::pb::ModelProto, Vec<Vec<usi
 
 fn value_shapes_unguarded(
     model: &Model,
-    inputs: &[(String, Vec<usize>, i32)],
+    inputs: &[InputShape],
 ) -> Result<HashMap<String, Vec<usize>>> {
     let (proto, moved) = shape_proto(model)?;
     let onnx = tract_onnx::onnx().with_ignore_value_info(true);
@@ -228,9 +239,12 @@ fn value_shapes_unguarded(
         .parse(&proto, None)
         .map_err(|e| tract_err(model, "tract cannot load the model", format!("{e:#}")))?;
     let mut m = parsed.model;
-    for (i, (_, shape, elem)) in inputs.iter().enumerate() {
-        m.set_input_fact(i, InferenceFact::dt_shape(datum_type(*elem), shape))
-            .map_err(|e| tract_err(model, "setting the input shape", e))?;
+    for (i, input) in inputs.iter().enumerate() {
+        m.set_input_fact(
+            i,
+            InferenceFact::dt_shape(datum_type(input.elem_type), &input.shape),
+        )
+        .map_err(|e| tract_err(model, "setting the input shape", e))?;
     }
     for (j, shape) in moved.iter().enumerate() {
         m.set_input_fact(
@@ -278,20 +292,26 @@ fn plan_unguarded(model: &Model, input_shape: &[usize]) -> Result<Plan> {
     let mut m = parsed.model;
     m.set_input_fact(0, f32::fact(input_shape).into())
         .map_err(|e| tract_err(model, "setting the input shape", e))?;
+    let plan = runnable(model, m)?;
+    Ok(Plan {
+        plan,
+        input_shape: input_shape.to_vec(),
+    })
+}
+
+/// Types the inference model, folds its constant subgraphs (weight decoders) and
+/// optimizes it into a runnable plan.
+fn runnable(model: &Model, m: InferenceModel) -> Result<Arc<TypedRunnableModel>> {
     let mut typed = m
         .into_typed()
         .map_err(|e| tract_err(model, "tract cannot type the model", format!("{e:#}")))?;
     typed
         .compute_const_facts()
         .map_err(|e| tract_err(model, "folding constants", format!("{e:#}")))?;
-    let plan = typed
+    typed
         .into_optimized()
         .and_then(|m| m.into_runnable())
-        .map_err(|e| tract_err(model, "tract cannot optimize the model", format!("{e:#}")))?;
-    Ok(Plan {
-        plan,
-        input_shape: input_shape.to_vec(),
-    })
+        .map_err(|e| tract_err(model, "tract cannot optimize the model", format!("{e:#}")))
 }
 
 /// (image index, its flattened first output) pairs computed by one worker.
@@ -451,20 +471,7 @@ pub fn capture<S: Send>(
             .map_err(|e| tract_err(model, "setting the input shape", e))?;
         m.select_output_outlets(&outlets)
             .map_err(|e| tract_err(model, "selecting the captured values", e))?;
-        let mut typed = m
-            .into_typed()
-            .map_err(|e| tract_err(model, "tract cannot type the model", format!("{e:#}")))?;
-        typed
-            .compute_const_facts()
-            .map_err(|e| tract_err(model, "folding constants", format!("{e:#}")))?;
-        Some(
-            typed
-                .into_optimized()
-                .and_then(|m| m.into_runnable())
-                .map_err(|e| {
-                    tract_err(model, "tract cannot optimize the model", format!("{e:#}"))
-                })?,
-        )
+        Some(runnable(model, m)?)
     };
 
     let chunk = chunk.max(1);

@@ -44,6 +44,14 @@ pub enum Error {
     #[error("{0}")]
     Graph(String),
 
+    /// A node attribute of the wrong type, or with a value the operator does not allow.
+    #[error("node '{node}': attribute '{attribute}' {message}")]
+    Attribute {
+        node: String,
+        attribute: String,
+        message: String,
+    },
+
     /// A request that cannot be carried out as asked (bad option value, output over input, ...).
     #[error("{0}")]
     Usage(String),

@@ -1,5 +1,7 @@
 //! Recipes: which passes `optimize` runs, with per-layer settings, in a TOML file.
-//! The command-line flags are shorthand for the same settings and win over the file.
+//! Each section is owned by its pass (`passes::prune::PruneSection`, ...); the
+//! command-line flags ([`Overrides`]) are shorthand for the same settings and win
+//! over the file; `--set section.key=value` sets any key that has no flag.
 //!
 //! ```toml
 //! fold_bn = true                 # default
@@ -18,8 +20,8 @@
 //! match = "*classifier*"
 //! sparsity = 0.8
 //!
-//! [quantize]                     # weights (passes/quantize/)
-//! scheme = "linear"              # linear | minmax | log | tanh | ternary (rule = twn | msu | ec2t)
+//! [quantize]                     # weights (passes/quantize.rs, grids in repr/scheme/)
+//! scheme = "linear"              # linear | minmax | log | tanh | fp16 | ternary (rule = twn | msu | ec2t)
 //! bits = 8
 //! qbn = [9, 8, 8, 6]             # per layer, in layer order (32 = float)
 //! per_channel = false            # linear, minmax
@@ -30,8 +32,8 @@
 //! bits = 6                       # and/or scheme = "...", skip = true
 //!
 //! [act_quant]                    # activations (passes/act_quant.rs; needs --calib)
-//! bits = 8                       # 8: QuantizeLinear/DequantizeLinear; else fake-quant
-//! range = "maxabs"               # maxabs | percentile:99.99 | mse
+//! bits = 8                       # 8: QuantizeLinear/DequantizeLinear; 16: float16; else fake-quant
+//! range = "maxabs"               # maxabs | percentile:99.99 | mse | minmax
 //! overflow_rate = 0.0
 //! placement = "inputs"           # inputs (of weighted layers) | outputs
 //! ```
@@ -41,12 +43,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::passes::act_quant::{ActQuant, ActQuantSection};
-use crate::passes::fold_bn::FoldBatchNorm;
-use crate::passes::pack::Pack;
-use crate::passes::prune::{LayerRule, Method, Prune, PruneConfig};
-use crate::passes::quantize::{Quantize, QuantizeSection};
-use crate::passes::Pipeline;
+use crate::passes::act_quant::ActQuantSection;
+use crate::passes::prune::PruneSection;
+use crate::passes::quantize::{parse_layer_bits, parse_qbn, QuantizeSection};
+use crate::passes::{self, Pipeline};
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -63,58 +63,85 @@ pub struct Recipe {
     pub storage: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PruneSection {
-    pub method: String,
-    pub sparsity: Option<f64>,
-    #[serde(default)]
-    pub skip: Vec<String>,
-    pub min_elements: Option<usize>,
-    pub skip_first_conv: Option<bool>,
-    pub refit: Option<bool>,
-    pub rounds: Option<usize>,
-    #[serde(default, rename = "layer")]
-    pub layers: Vec<LayerSection>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct LayerSection {
-    #[serde(rename = "match")]
-    pub pattern: String,
-    pub sparsity: Option<f64>,
-    pub skip: Option<bool>,
+/// The flags of `optimize` that set recipe keys (clap derives them from this
+/// struct). They win over the recipe file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Overrides {
+    /// Do not fold BatchNormalization (folding is on by default).
+    #[arg(long)]
+    pub no_fold_bn: bool,
+    /// Prune: magnitude:S (each layer to sparsity S, a fraction or a percentage: 0.5, 50%),
+    /// global:S (one threshold), nm:N:M (N of every M kept), reweighted:S (reweighted L1 on
+    /// calibration data, needs --calib).
+    #[arg(long, value_name = "METHOD:SPARSITY")]
+    pub prune: Option<String>,
+    /// Never prune weights whose node or initializer name matches this glob (repeatable).
+    #[arg(long, value_name = "PATTERN")]
+    pub prune_skip: Vec<String>,
+    /// After pruning, refit the surviving weights by least squares on calibration data (needs --calib).
+    #[arg(long)]
+    pub refit: bool,
+    /// Quantize weights: linear:B, minmax:B, log:B, tanh:B (B bits), fp16, or ternary:twn,
+    /// ternary:msu, ternary:ec2t (e.g. --quantize linear:8).
+    #[arg(long, value_name = "SCHEME:BITS")]
+    pub quantize: Option<String>,
+    /// Bits for named layers: NAME=BITS,... (node or weight names, globs allowed;
+    /// 16 = float16 storage, 32 = float; NAME=SCHEME[:BITS] sets the layer's scheme too).
+    #[arg(long, value_name = "NAME=BITS,..")]
+    pub layer_bits: Option<String>,
+    /// Bits per weighted layer in layer order (topological order of Conv/ConvTranspose/Gemm/MatMul
+    /// with a constant weight), e.g. 9,8,8,6; its length must equal the layer count.
+    #[arg(long, value_name = "B,B,..")]
+    pub qbn: Option<String>,
+    /// One grid per output channel (linear, minmax).
+    #[arg(long)]
+    pub per_channel: bool,
+    /// Fraction of values allowed to clip when choosing a range (weights and activations; default 0).
+    #[arg(long, value_name = "R")]
+    pub overflow_rate: Option<f64>,
+    /// Quantize biases too (linear, B bits); by default they stay float.
+    #[arg(long, value_name = "B")]
+    pub bias_bits: Option<u32>,
+    /// Quantize activations to B bits (8: QuantizeLinear/DequantizeLinear; 16: float16;
+    /// else a fake-quant chain), ranges calibrated on --calib.
+    #[arg(long, value_name = "B")]
+    pub act_bits: Option<u32>,
+    /// Activation range: maxabs (with --overflow-rate; power-of-two scales), percentile:P,
+    /// mse, or minmax (asymmetric, with a zero point: for shifted ranges like BN after ReLU).
+    #[arg(long, value_name = "RANGE")]
+    pub act_range: Option<String>,
+    /// Weight storage: packed (a bitmask over pruned zeros + k-bit codes or float32
+    /// values, decoded by standard ONNX ops that runtimes fold at load; the default
+    /// when pruning or quantizing) or float (dense float32).
+    #[arg(long, value_name = "STORAGE", value_parser = ["packed", "float"])]
+    pub storage: Option<String>,
+    /// Set any recipe key: SECTION.KEY=VALUE or KEY=VALUE, the value in TOML
+    /// (repeatable; applied after the file, before the flags above). Example:
+    /// --set prune.rounds=5 --set 'quantize.skip=["*classifier*"]'
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
 }
 
 impl Recipe {
     /// Reads a recipe; errors name the file and the line.
     pub fn from_file(path: &Path) -> Result<Recipe> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        toml::from_str(&text).map_err(|e| {
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Parses a recipe; errors name `origin` and the line.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Recipe> {
+        toml::from_str(text).map_err(|e| {
             let line = e
                 .span()
                 .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             let at = line.map(|l| format!(" line {l}")).unwrap_or_default();
-            Error::Usage(format!("{}{at}: {}", path.display(), e.message().trim()))
+            Error::Usage(format!("{origin}{at}: {}", e.message().trim()))
         })
     }
 
-    /// The pipeline the recipe describes, in the fixed order fold-bn, prune, quantize, act-quant.
+    /// The pipeline the recipe describes, in the fixed order of [`passes::pipeline`].
     pub fn pipeline(&self) -> Result<Pipeline> {
-        let mut p = Pipeline::default();
-        if self.fold_bn.unwrap_or(true) {
-            p.passes.push(Box::new(FoldBatchNorm));
-        }
-        if let Some(s) = &self.prune {
-            p.passes.push(Box::new(Prune(s.config()?)));
-        }
-        if let Some(s) = &self.quantize {
-            p.passes.push(Box::new(Quantize(s.config()?)));
-        }
-        if let Some(s) = &self.act_quant {
-            p.passes.push(Box::new(ActQuant(s.config()?)));
-        }
         // Packed storage is the default whenever something is pruned or quantized.
         let pack = match self.storage.as_deref() {
             Some("packed") => true,
@@ -126,82 +153,151 @@ impl Recipe {
                 )))
             }
         };
-        if pack {
-            p.passes.push(Box::new(Pack));
-        }
-        Ok(p)
-    }
-}
-
-impl PruneSection {
-    /// Parses the `--prune METHOD:SPARSITY` shorthand ("magnitude:0.5", "nm:2:4").
-    pub fn from_flag(s: &str) -> Result<PruneSection> {
-        let bad = || {
-            Error::Usage(format!(
-                "--prune '{s}': expected METHOD:SPARSITY (magnitude:0.5, global:0.7, reweighted:0.5) or nm:N:M"
-            ))
-        };
-        if s.starts_with("nm:") {
-            return Ok(PruneSection {
-                method: s.to_string(),
-                ..Default::default()
-            });
-        }
-        let (method, sparsity) = s.rsplit_once(':').ok_or_else(bad)?;
-        let sparsity: f64 = sparsity.parse().map_err(|_| bad())?;
-        Ok(PruneSection {
-            method: method.to_string(),
-            sparsity: Some(sparsity),
-            ..Default::default()
-        })
+        Ok(passes::pipeline(passes::Plan {
+            fold_bn: self.fold_bn.unwrap_or(true),
+            prune: self.prune.as_ref().map(PruneSection::config).transpose()?,
+            quantize: self.quantize.as_ref().map(|s| s.config()).transpose()?,
+            act_quant: self.act_quant.as_ref().map(|s| s.config()).transpose()?,
+            pack,
+        }))
     }
 
-    fn config(&self) -> Result<PruneConfig> {
-        let method: Method = self
-            .method
-            .parse()
-            .map_err(|e| Error::Usage(format!("prune method '{}': {e}", self.method)))?;
-        let defaults = PruneConfig::default();
-        let sparsity = match (&method, self.sparsity) {
-            (Method::NM { .. }, _) => 0.0,
-            (_, Some(s)) if (0.0..1.0).contains(&s) => s,
-            (_, Some(s)) => {
-                return Err(Error::Usage(format!(
-                    "prune sparsity {s}: must be in [0, 1)"
-                )))
-            }
-            (_, None) => {
-                return Err(Error::Usage(format!(
-                    "prune method '{}' needs a sparsity",
-                    self.method
-                )))
-            }
-        };
-        for l in &self.layers {
-            if let Some(s) = l.sparsity.filter(|s| !(0.0..1.0).contains(s)) {
-                return Err(Error::Usage(format!(
-                    "prune layer '{}': sparsity {s} must be in [0, 1)",
-                    l.pattern
-                )));
-            }
+    /// Applies `--set KEY=VALUE` overrides: each is merged into the recipe's TOML
+    /// (a dotted key names a section's key) and the result parsed again, so a bad
+    /// key or value is the same error a recipe file gives.
+    pub fn set(&mut self, sets: &[String]) -> Result<()> {
+        if sets.is_empty() {
+            return Ok(());
         }
-        Ok(PruneConfig {
-            method,
-            sparsity,
-            rules: self
-                .layers
-                .iter()
-                .map(|l| LayerRule {
-                    pattern: l.pattern.clone(),
-                    sparsity: l.sparsity,
-                    skip: l.skip.unwrap_or(false),
-                })
-                .collect(),
-            skip: self.skip.clone(),
-            min_elements: self.min_elements.unwrap_or(defaults.min_elements),
-            skip_first_conv: self.skip_first_conv.unwrap_or(defaults.skip_first_conv),
-            refit: self.refit.unwrap_or(defaults.refit),
-            rounds: self.rounds.unwrap_or(defaults.rounds),
-        })
+        let mut doc =
+            toml::Table::try_from(&*self).map_err(|e| Error::Usage(format!("recipe: {e}")))?;
+        for s in sets {
+            let (key, value) = s.split_once('=').ok_or_else(|| {
+                Error::Usage(format!(
+                    "--set '{s}': expected KEY=VALUE (e.g. prune.rounds=5 or fold_bn=false)"
+                ))
+            })?;
+            // The value in TOML; a bare word is taken as a string.
+            let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.trim().to_string()));
+            let path: Vec<&str> = key.trim().split('.').collect();
+            let (last, sections) = path.split_last().expect("split gives one part");
+            let mut table = &mut doc;
+            for sec in sections {
+                let entry = table
+                    .entry(sec.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                table = entry.as_table_mut().ok_or_else(|| {
+                    Error::Usage(format!("--set '{s}': '{sec}' is not a section"))
+                })?;
+            }
+            table.insert(last.to_string(), value);
+        }
+        let text = toml::to_string(&doc).map_err(|e| Error::Usage(format!("recipe: {e}")))?;
+        *self = toml::from_str(&text)
+            .map_err(|e| Error::Usage(format!("--set: {}", e.message().trim())))?;
+        Ok(())
+    }
+
+    /// Merges the command-line flags into the recipe (flags win; a flag that sets a
+    /// key of a section the recipe lacks, other than the section's own flag, is an error).
+    pub fn apply(&mut self, o: &Overrides) -> Result<()> {
+        self.set(&o.set)?;
+        if o.no_fold_bn {
+            self.fold_bn = Some(false);
+        }
+        if let Some(p) = &o.prune {
+            let mut section = PruneSection::from_flag(p)?;
+            if let Some(old) = self.prune.take() {
+                section = PruneSection {
+                    method: section.method,
+                    sparsity: section.sparsity,
+                    ..old
+                };
+            }
+            self.prune = Some(section);
+        }
+        match self.prune.as_mut() {
+            Some(section) => {
+                section.skip.extend(o.prune_skip.iter().cloned());
+                if o.refit {
+                    section.refit = Some(true);
+                }
+            }
+            None if o.refit || !o.prune_skip.is_empty() => {
+                return Err(Error::Usage(
+                    "--refit and --prune-skip need --prune (or a [prune] section in the recipe)"
+                        .into(),
+                ))
+            }
+            None => {}
+        }
+        if o.storage.is_some() {
+            self.storage = o.storage.clone();
+        }
+        if let Some(spec) = &o.quantize {
+            let mut section = QuantizeSection::from_flag(spec)?;
+            if let Some(old) = self.quantize.take() {
+                section = QuantizeSection {
+                    scheme: section.scheme,
+                    bits: section.bits,
+                    rule: section.rule,
+                    ..old
+                };
+            }
+            self.quantize = Some(section);
+        }
+        match self.quantize.as_mut() {
+            Some(q) => {
+                if let Some(b) = &o.layer_bits {
+                    q.layers.extend(parse_layer_bits(b)?);
+                }
+                if let Some(v) = &o.qbn {
+                    q.qbn = Some(parse_qbn(v)?);
+                }
+                if o.per_channel {
+                    q.per_channel = Some(true);
+                }
+                if o.overflow_rate.is_some() {
+                    q.overflow_rate = o.overflow_rate;
+                }
+                if o.bias_bits.is_some() {
+                    q.bias_bits = o.bias_bits;
+                }
+            }
+            None if o.layer_bits.is_some()
+                || o.qbn.is_some()
+                || o.per_channel
+                || o.bias_bits.is_some() =>
+            {
+                return Err(Error::Usage(
+                    "--layer-bits, --qbn, --per-channel and --bias-bits need --quantize (or a [quantize] section in the recipe)".into(),
+                ));
+            }
+            None => {}
+        }
+        if let Some(b) = o.act_bits {
+            let old = self.act_quant.take().unwrap_or_default();
+            self.act_quant = Some(ActQuantSection { bits: b, ..old });
+        }
+        match self.act_quant.as_mut() {
+            Some(a) => {
+                if o.act_range.is_some() {
+                    a.range = o.act_range.clone();
+                }
+                if o.overflow_rate.is_some() {
+                    a.overflow_rate = o.overflow_rate;
+                }
+            }
+            None if o.act_range.is_some() => {
+                return Err(Error::Usage(
+                    "--act-range needs --act-bits (or an [act_quant] section in the recipe)".into(),
+                ));
+            }
+            None => {}
+        }
+        Ok(())
     }
 }

@@ -43,16 +43,32 @@ pub struct Report {
     pub agreement: Option<Agreement>,
 }
 
+/// A model's image input: the shape it runs with and what preprocessing must match.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Geometry {
+    /// The input shape with batch 1.
+    pub shape: Vec<usize>,
+    pub layout: Layout,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Geometry {
+    /// The preset this input most likely wants when none is given ([`default_preset`]).
+    pub fn default_preset(&self) -> &'static str {
+        default_preset(self.channels, self.height)
+    }
+}
+
 /// The input shape a model is run with (batch 1) and the dataset preprocessing
 /// that matches it: layout NCHW unless the last dim looks like channels.
-pub fn input_geometry(
-    model: &Model,
-    overrides: &[Vec<usize>],
-) -> Result<(Vec<usize>, Layout, usize, usize, usize)> {
+pub fn input_geometry(model: &Model, overrides: &[Vec<usize>]) -> Result<Geometry> {
     let inputs = engine::input_shapes(model, overrides)?;
-    let (name, shape, _) = inputs
+    let first = inputs
         .first()
         .ok_or_else(|| Error::Usage("the model has no input".into()))?;
+    let (name, shape) = (&first.name, &first.shape);
     if shape.len() != 4 {
         return Err(Error::Usage(format!(
             "input '{name}' has shape {shape:?}; validate needs an image input [N, C, H, W] or [N, H, W, C]"
@@ -66,13 +82,13 @@ pub fn input_geometry(
     } else {
         (shape[1], shape[2], shape[3])
     };
-    Ok((
+    Ok(Geometry {
         shape,
-        if nhwc { Layout::Nhwc } else { Layout::Nchw },
-        c,
-        h,
-        w,
-    ))
+        layout: if nhwc { Layout::Nhwc } else { Layout::Nchw },
+        channels: c,
+        height: h,
+        width: w,
+    })
 }
 
 /// The preset a model's input most likely wants when none is given.
@@ -197,10 +213,10 @@ pub fn load_data(
     preset: &str,
     format: Option<data::Format>,
     limit: Option<usize>,
-    geometry: &(Vec<usize>, Layout, usize, usize, usize),
+    geometry: &Geometry,
 ) -> Result<Dataset> {
-    let (_, layout, c, h, w) = geometry;
-    let pre = Preprocess::preset(preset, *h, *w, *c, *layout)?;
+    let g = geometry;
+    let pre = Preprocess::preset(preset, g.height, g.width, g.channels, g.layout)?;
     data::load(path, &pre, format, limit)
 }
 

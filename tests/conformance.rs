@@ -67,7 +67,7 @@ fn conform(model_rel: &str, data_rel: &str, preset: &str, images: usize, which: 
     let Some(py) = venv_python() else { return };
     let model = fixture(model_rel);
     let data = fixture(data_rel);
-    let original = onnx_micronet::onnx::load(&model).unwrap();
+    let original = onnx_micronet::load(&model).unwrap();
     let geometry = validate::input_geometry(&original, &[]).unwrap();
     let d = validate::load_data(&data, preset, None, Some(images), &geometry).unwrap();
     let dir = tempfile::tempdir_in(root().join("target")).unwrap();
@@ -106,7 +106,7 @@ fn conform(model_rel: &str, data_rel: &str, preset: &str, images: usize, which: 
             name,
             String::from_utf8_lossy(&o.stderr)
         );
-        let written = onnx_micronet::onnx::load(&out).unwrap();
+        let written = onnx_micronet::load(&out).unwrap();
         if flags.contains("--external-data") {
             assert!(
                 !written.external_files.is_empty(),
@@ -114,7 +114,7 @@ fn conform(model_rel: &str, data_rel: &str, preset: &str, images: usize, which: 
                 name
             );
         }
-        let plan = engine::plan(&written, &geometry.0).unwrap();
+        let plan = engine::plan(&written, &geometry.shape).unwrap();
         let y = engine::run_images(&plan, d.images.view(), 1, &|_| {}).unwrap();
         let tract = sub.join("tract.npy");
         write_npy(&tract, &y);

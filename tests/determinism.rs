@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use onnx_micronet::onnx::{self, TensorData};
+use onnx_micronet::onnx::TensorData;
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir_in(root().join("target")).unwrap()
@@ -94,7 +94,7 @@ fn elide_seconds(s: &str) -> String {
 
 /// Every initializer's name -> (element type, dims, bytes).
 fn weights(path: &Path) -> BTreeMap<String, (i32, Vec<i64>, Vec<u8>)> {
-    let m = onnx::load(path).unwrap();
+    let m = onnx_micronet::load(path).unwrap();
     m.graph()
         .initializer
         .iter()

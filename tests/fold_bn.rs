@@ -312,7 +312,7 @@ fn real_fixtures_fold_and_agree_in_tract() {
             "data/foolbox/imagenet",
         ),
     ] {
-        let m = onnx_micronet::onnx::load(&fixture(file)).unwrap();
+        let m = onnx_micronet::load(&fixture(file)).unwrap();
         let (folded, report) = fold(&m);
         let left = ops(&folded)
             .iter()
@@ -325,7 +325,7 @@ fn real_fixtures_fold_and_agree_in_tract() {
             "{file}: every BN is folded or reported"
         );
         let shape = onnx_micronet::validate::input_geometry(&m, &[]).unwrap();
-        let (_, layout, c, h, w) = shape.clone();
+        let (layout, c, h, w) = (shape.layout, shape.channels, shape.height, shape.width);
         let pre = Preprocess::preset(preset, h, w, c, layout).unwrap();
         let d = data::load(&fixture(images), &pre, None, Some(8)).unwrap();
         same_outputs(&m, &folded, &d.images);

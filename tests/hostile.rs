@@ -30,15 +30,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use onnx_micronet::onnx::io::{decode_model, LoadOptions};
 use onnx_micronet::onnx::proto::{
     tensor_proto::DataLocation, tensor_shape_proto::dimension::Value as Dim, type_proto,
     ModelProto, StringStringEntryProto,
 };
 use onnx_micronet::onnx::{self, SaveOptions};
+use onnx_micronet::passes::prune::PruneSection;
 use onnx_micronet::passes::Context;
-use onnx_micronet::recipe::{PruneSection, Recipe};
+use onnx_micronet::recipe::Recipe;
 use onnx_micronet::score::{self, ScoreOptions};
+use onnx_micronet::{decode_model, LoadOptions};
 use prost::Message;
 
 // ---------------------------------------------------------------------------
@@ -525,7 +526,7 @@ fn library(t: &mut Tally, seed: &Seed, what: &str, bytes: &[u8], dir: &Path) {
             let out = dir.join("saved.onnx");
             match onnx::save(&m, &out, &SaveOptions::default()) {
                 Ok(_) => {
-                    if let Err(e) = onnx::load(&out) {
+                    if let Err(e) = onnx_micronet::load(&out) {
                         errs.push(format!("SAVED MODEL DOES NOT LOAD: {e}"));
                     }
                     let _ = std::fs::remove_file(&out);
@@ -618,7 +619,7 @@ fn cli_run(t: &mut Tally, seed: &Seed, what: &str, in_dir: &Path, out_dir: &Path
             t.cli_ok += 1;
             if listing(out_dir) != ["out.onnx"] {
                 why.push(format!("exit 0 left {:?}", listing(out_dir)));
-            } else if let Err(e) = onnx::load(&out) {
+            } else if let Err(e) = onnx_micronet::load(&out) {
                 why.push(format!("exit 0 but the output does not load: {e}"));
             }
         }
@@ -910,7 +911,7 @@ fn external_data_escapes_and_overflows_are_refused_on_the_real_export() {
         let p = model_dir.join("m.onnx");
         std::fs::write(&p, bytes).unwrap();
         // Library.
-        let r = std::panic::catch_unwind(|| onnx::load(&p));
+        let r = std::panic::catch_unwind(|| onnx_micronet::load(&p));
         let err = match r {
             Err(_) => panic!("{what}: the loader panicked"),
             Ok(Ok(_)) => panic!("{what}: loaded"),
@@ -937,7 +938,7 @@ fn external_data_escapes_and_overflows_are_refused_on_the_real_export() {
     // The same rewrite done right still loads (the cases fail for their reason only).
     let p = model_dir.join("m.onnx");
     std::fs::write(&p, dynamo_with(same("./model.onnx.data"))).unwrap();
-    onnx::load(&p).unwrap();
+    onnx_micronet::load(&p).unwrap();
     eprintln!("hostile: {} external-data cases refused", cases.len());
 }
 

@@ -8,8 +8,9 @@ mod common;
 use std::path::PathBuf;
 
 use common::*;
-use onnx_micronet::onnx::io::{decode_model, Layout, LoadOptions};
+use onnx_micronet::onnx::io::Layout;
 use onnx_micronet::onnx::{self, proto::ModelProto, SaveOptions};
+use onnx_micronet::{decode_model, LoadOptions};
 use prost::Message;
 
 /// Second opinion from an independent ONNX schema on another protobuf runtime:
@@ -89,7 +90,7 @@ fn every_fixture_converts_byte_identically() {
 #[test]
 fn dynamo_external_data_round_trips() {
     let src = fixture("mnist_ccexam_dynamo/model.onnx");
-    let original = onnx::load(&src).unwrap();
+    let original = onnx_micronet::load(&src).unwrap();
     assert!(
         !original.external_files.is_empty(),
         "the fixture should use external data"
@@ -123,7 +124,7 @@ fn dynamo_external_data_round_trips() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let side = ext.with_file_name("ext.onnx.data");
     assert!(side.exists());
-    let back = onnx::load(&ext).unwrap();
+    let back = onnx_micronet::load(&ext).unwrap();
     assert_eq!(back.proto, original.proto);
     assert_eq!(back.external_files, vec![side.canonicalize().unwrap()]);
     // The model file itself now holds no large payload.
@@ -184,7 +185,7 @@ fn external_data_layout_is_what_the_spec_says() {
             ("length", "12")
         ]
     );
-    assert_eq!(onnx::load(&out).unwrap().proto, tiny_conv());
+    assert_eq!(onnx_micronet::load(&out).unwrap().proto, tiny_conv());
 }
 
 /// The ONNX project's own test models (per-operator node tests and the model
@@ -261,7 +262,7 @@ fn onnx_node_test_models_pass_the_structure_checks() {
     };
     let mut failures = Vec::new();
     for p in &models {
-        if let Err(e) = onnx::load(p) {
+        if let Err(e) = onnx_micronet::load(p) {
             failures.push(format!("{}: {e}", p.display()));
         }
     }
@@ -328,7 +329,7 @@ fn large_model_over_2gib_goes_external() {
         (n * 4) as u64,
         "side file: only `big` (w and b are under the 1024-byte threshold)"
     );
-    let back = onnx::load(&out).unwrap();
+    let back = onnx_micronet::load(&out).unwrap();
     let t = back
         .proto
         .graph

@@ -8,9 +8,9 @@ use common::*;
 use onnx_micronet::graph::Graph;
 use onnx_micronet::onnx::proto::{GraphProto, ModelProto, StringStringEntryProto, TensorProto};
 use onnx_micronet::onnx::Model;
-use onnx_micronet::passes::pack::format::{self, pack_codes, pack_mask, Packed, Shared, Store};
 use onnx_micronet::passes::pack::Pack;
 use onnx_micronet::passes::{Context, Pass};
+use onnx_micronet::repr::packed::{self as format, pack_codes, pack_mask, Packed, Shared, Store};
 use onnx_micronet::score::{self, ScoreOptions};
 use prost::Message;
 
@@ -300,6 +300,35 @@ fn format_cases() -> Vec<(String, Vec<usize>, Vec<f32>, Packed)> {
         }),
     );
     add("all_zero", vec![3, 4], vec![0.0; 12], false, None);
+    // float16 values (fp16 scheme): masked and dense; 0.1 is not a half, its
+    // nearest half is 1638 x 2^-14; 65504 is the largest half, 2^-24 the smallest
+    // (subnormal); -1/3 rounds to -5460 x 2^-14.
+    let halves = [
+        1638.0f32 / 16384.0,
+        -2.5,
+        65504.0,
+        2f32.powi(-24),
+        -5460.0 / 16384.0,
+    ];
+    let values: Vec<f32> = (0..24)
+        .map(|i| if i % 3 == 0 { 0.0 } else { halves[i % 5] })
+        .collect();
+    let stored = values.iter().copied().filter(|v| *v != 0.0).collect();
+    add(
+        "half_masked",
+        vec![4, 6],
+        values,
+        true,
+        Some(Store::Half(stored)),
+    );
+    let values: Vec<f32> = (0..10).map(|i| halves[i % 5]).collect();
+    add(
+        "half_dense",
+        vec![10],
+        values.clone(),
+        false,
+        Some(Store::Half(values)),
+    );
     let mut v = vec![0.0f32; 19];
     v[17] = -1.5;
     add(
@@ -354,13 +383,14 @@ fn every_representation_decodes_bit_exactly_in_tract_onnxruntime_and_the_reader(
     // The reader (what the score uses) gives back every value and the stored width.
     let g = Graph::new(packed.graph.as_ref().unwrap()).unwrap();
     for (name, _, values, p) in &cases {
-        let w = onnx_micronet::score::bits::weight(&g, name)
+        let w = onnx_micronet::repr::weight(&g, name)
             .unwrap()
             .unwrap_or_else(|| panic!("{name}: not recognized"));
         let got: Vec<f32> = w.values.iter().copied().collect();
         assert!(same_bits(&got, values), "{name}: {got:?} vs {values:?}");
         let want_bits = match &p.store {
             None | Some(Store::Float(_)) => 32,
+            Some(Store::Half(_)) => 16,
             Some(Store::Codebook { k: 1, .. }) if name == "ternary" => 2,
             Some(Store::Affine { k, .. }) | Some(Store::Codebook { k, .. }) => *k,
         };
@@ -785,8 +815,8 @@ fn optimize_storage_packed_and_float_score_the_same_and_agree() {
     let vj: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
     let text = vj.to_string();
     assert_eq!(vj["agreement"]["max_abs_logit_diff"], 0.0, "{text}");
-    let fp = onnx_micronet::onnx::load(&f.0).unwrap();
-    let pp = onnx_micronet::onnx::load(&p.0).unwrap();
+    let fp = onnx_micronet::load(&f.0).unwrap();
+    let pp = onnx_micronet::load(&p.0).unwrap();
     ort_same(&fp.proto, &pp.proto, "cli");
 }
 
@@ -832,7 +862,7 @@ fn packed_models_carry_no_unread_initializers() {
         "linear:8",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let m = onnx_micronet::onnx::load(&out).unwrap();
+    let m = onnx_micronet::load(&out).unwrap();
     let read: std::collections::HashSet<&str> = m
         .graph()
         .node

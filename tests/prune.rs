@@ -32,7 +32,7 @@ fn wrap(proto: ModelProto) -> Model {
 }
 
 fn fixture_model(name: &str) -> Model {
-    onnx_micronet::onnx::load(&fixture(name)).unwrap()
+    onnx_micronet::load(&fixture(name)).unwrap()
 }
 
 fn weight(m: &Model, name: &str) -> Vec<f32> {

@@ -243,7 +243,7 @@ fn zeros_stay_zero_under_every_scheme() {
 
 /// mnist_ccexam: Conv, Conv, Gemm, Gemm (4 weighted layers).
 fn mnist() -> Model {
-    onnx_micronet::onnx::load(&fixture("mnist_ccexam.onnx")).unwrap()
+    onnx_micronet::load(&fixture("mnist_ccexam.onnx")).unwrap()
 }
 
 #[test]
@@ -632,7 +632,7 @@ fn cli_end_to_end_on_mnist() {
         stdout.contains("[#2] /classifier/classifier.0/Gemm: linear 6-bit"),
         "{stdout}"
     );
-    let m = onnx_micronet::onnx::load(&out).unwrap();
+    let m = onnx_micronet::load(&out).unwrap();
     let rep = score::score(&m, &ScoreOptions::default()).unwrap();
     let w: Vec<(Option<u32>, u32)> = rep
         .layers
@@ -711,25 +711,6 @@ fn quantize_conv_minmax(act_bits: u32) -> Model {
     .unwrap();
     ActQuant(cfg).run(&mut m, &cx).unwrap();
     m
-}
-
-/// conv(x, w) in f64, x already on its grid.
-fn conv_f64(x: &[f64], w: &[f32]) -> Vec<f64> {
-    let mut out = Vec::new();
-    for c in 0..2 {
-        for oy in 0..2 {
-            for ox in 0..2 {
-                let mut acc = 0.0;
-                for ky in 0..3 {
-                    for kx in 0..3 {
-                        acc += x[(oy + ky) * 4 + ox + kx] * w[c * 9 + ky * 3 + kx] as f64;
-                    }
-                }
-                out.push(acc);
-            }
-        }
-    }
-    out
 }
 
 #[test]

@@ -517,8 +517,8 @@ fn cli_json_has_the_documented_fields() {
 #[test]
 fn same_network_scores_the_same_exported_both_ways() {
     // TorchScript and dynamo exports of ccexam's MNIST net.
-    let a = onnx_micronet::onnx::load(&fixture("mnist_ccexam.onnx")).unwrap();
-    let b = onnx_micronet::onnx::load(&fixture("mnist_ccexam_dynamo/model.onnx")).unwrap();
+    let a = onnx_micronet::load(&fixture("mnist_ccexam.onnx")).unwrap();
+    let b = onnx_micronet::load(&fixture("mnist_ccexam_dynamo/model.onnx")).unwrap();
     let ra = score::score(&a, &ScoreOptions::default()).unwrap();
     let rb = score::score(&b, &ScoreOptions::default()).unwrap();
     assert_eq!(ra.totals, rb.totals);

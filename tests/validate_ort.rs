@@ -24,10 +24,10 @@ fn check(model_rel: &str, data_rel: &str, preset: &str, limit: usize) -> Option<
         eprintln!("note: {model_rel} absent (make fixtures-extra makes it); skipped");
         return None;
     }
-    let model = onnx_micronet::onnx::load(&model_path).unwrap();
+    let model = onnx_micronet::load(&model_path).unwrap();
     let geometry = validate::input_geometry(&model, &[]).unwrap();
     let d = validate::load_data(&fixture(data_rel), preset, None, Some(limit), &geometry).unwrap();
-    let plan = engine::plan(&model, &geometry.0).unwrap();
+    let plan = engine::plan(&model, &geometry.shape).unwrap();
     let tract = engine::run_images(&plan, d.images.view(), 2, &|_| {}).unwrap();
 
     let dir = tempfile::tempdir_in(root().join("target")).unwrap();

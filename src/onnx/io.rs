@@ -6,8 +6,9 @@
 //! same way: each side file is mapped once, and the tensor's `raw_data` becomes a
 //! slice of it. A `location` that is absolute, contains `..`, or resolves (through
 //! links) outside the model's folder is refused. Every tensor's stored size is
-//! checked against its dims before anything is computed from them, and the main
-//! graph is checked for missing values and cycles.
+//! checked against its dims before anything is computed from them. The graph's
+//! structure (missing values, cycles) is checked one layer up, by
+//! `crate::load`, which runs this loader and `graph::check`.
 //!
 //! Saving writes a temporary file in the target folder and renames it into place,
 //! so a failed write never leaves a half-written output, and refuses to write over
@@ -60,28 +61,22 @@ impl Model {
             .as_mut()
             .expect("loaded models have a graph")
     }
-}
 
-/// How to load.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    /// Check the graph structure (missing values, cycles) after decoding.
-    pub check_graph: bool,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions { check_graph: true }
+    /// The version of the default operator set (`""` or `ai.onnx`) the model
+    /// imports (1 when it imports none).
+    pub fn opset(&self) -> i64 {
+        self.proto
+            .opset_import
+            .iter()
+            .find(|o| matches!(o.domain(), "" | "ai.onnx"))
+            .map(|o| o.version())
+            .unwrap_or(1)
     }
 }
 
-/// Loads and checks a model (see the module documentation).
+/// Loads a model: decodes it and checks every tensor's stored size (see the module
+/// documentation). `crate::load` also checks the graph.
 pub fn load(path: &Path) -> Result<Model> {
-    load_with(path, &LoadOptions::default())
-}
-
-/// [`load`] with options.
-pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Model> {
     let bytes = map_file(path)?;
     if bytes.is_empty() {
         return Err(Error::invalid(path, "the file is empty"));
@@ -93,17 +88,12 @@ pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Model> {
             p
         }
     });
-    decode_model(bytes, path, dir, opts)
+    decode_model(bytes, path, dir)
 }
 
 /// Decodes a model from bytes. `path` names it in errors; `dir` is the folder
 /// that external data `location`s are relative to (`None`: external data is an error).
-pub fn decode_model(
-    bytes: Bytes,
-    path: &Path,
-    dir: Option<&Path>,
-    opts: &LoadOptions,
-) -> Result<Model> {
+pub fn decode_model(bytes: Bytes, path: &Path, dir: Option<&Path>) -> Result<Model> {
     let mut proto = ModelProto::decode(bytes).map_err(|source| Error::Decode {
         path: path.to_path_buf(),
         source,
@@ -134,10 +124,6 @@ pub fn decode_model(
         }
         other => other,
     })?;
-    if opts.check_graph {
-        let graph = proto.graph.as_ref().expect("checked above");
-        crate::graph::Graph::new(graph).map_err(|e| Error::invalid(path, e.to_string()))?;
-    }
     Ok(Model {
         proto,
         path: Some(path.to_path_buf()),

@@ -6,6 +6,7 @@
 //!   single file or one side file);
 //! - [`tensor`]: element types, and tensors as typed `ndarray` arrays.
 
+pub mod attr;
 pub mod io;
 pub mod tensor;
 pub mod visit;
@@ -16,7 +17,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
 
-pub use io::{load, save, LoadOptions, Model, SaveOptions};
+pub use io::{load, save, Model, SaveOptions};
 pub use proto::{
     attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, GraphProto, ModelProto,
     NodeProto, TensorProto, ValueInfoProto,

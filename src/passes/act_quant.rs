@@ -11,7 +11,12 @@
 //!   `Mul(Clip(Round(Div(x, s)), lo, hi), s)` with [lo, hi] = [-2^(b-1), 2^(b-1) - 1]
 //!   (signed) or [0, 2^b - 1] (unsigned).
 //!
-//! `score` reads both forms back as b-bit activations (`score/bits.rs`).
+//! - at 16 bits, `Cast(Cast(x, FLOAT16), FLOAT)`: float16 rounding, which seed
+//!   001 and 002 count as 16-bit activations (calibration is not needed for the
+//!   ranges, but the pass still runs the model to report them).
+//!
+//! `score` reads every form back as b-bit activations; the forms are built and read
+//! in one place, `repr::act`.
 //!
 //! Where (`placement`):
 //! - `inputs` (default): the data input of every weighted layer (Conv,
@@ -52,13 +57,13 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::prune::glob_match;
+use super::select;
 use super::{Context, Pass, PassReport};
 use crate::error::{Error, Result};
-use crate::graph::{fresh_name, Graph};
+use crate::graph::{weighted_layers, Graph, Namer};
 use crate::onnx::proto::NodeProto;
-use crate::onnx::{Model, TensorData};
-use crate::score::bits::ActBits;
+use crate::onnx::Model;
+use crate::repr::act::{self, ActBits, Form};
 
 const PER_OCTAVE: f64 = 32.0;
 const LOW_EXP: f64 = -40.0;
@@ -139,7 +144,7 @@ impl ActQuantSection {
     pub fn config(&self) -> Result<ActQuantConfig> {
         if !(2..=16).contains(&self.bits) {
             return Err(Error::Usage(format!(
-                "--act-bits {}: activations take 2 to 16 bits (8: QuantizeLinear/DequantizeLinear, others: a float fake-quant chain)",
+                "--act-bits {}: activations take 2 to 16 bits (8: QuantizeLinear/DequantizeLinear, 16: float16, others: a float fake-quant chain)",
                 self.bits
             )));
         }
@@ -412,16 +417,6 @@ struct Target {
     readers: Vec<String>,
 }
 
-fn node(op: &str, name: String, inputs: Vec<String>, output: String) -> NodeProto {
-    NodeProto {
-        op_type: Some(op.into()),
-        name: Some(name),
-        input: inputs,
-        output: vec![output],
-        ..Default::default()
-    }
-}
-
 impl Pass for ActQuant {
     fn name(&self) -> &'static str {
         "act-quant"
@@ -433,13 +428,7 @@ impl Pass for ActQuant {
         let Some(data) = cx.calib.filter(|d| !d.is_empty()) else {
             return Err(Error::Usage(NEEDS_CALIB.into()));
         };
-        let opset = model
-            .proto
-            .opset_import
-            .iter()
-            .find(|o| o.domain().is_empty() || o.domain() == "ai.onnx")
-            .map(|o| o.version())
-            .unwrap_or(1);
+        let opset = model.opset();
         if opset < 11 {
             return Err(Error::Usage(format!(
                 "activation quantization needs ai.onnx opset 11 or later (QuantizeLinear, Round, Clip with min/max inputs); the model imports opset {opset}"
@@ -450,9 +439,13 @@ impl Pass for ActQuant {
         let targets: Vec<Target> = {
             let view = Graph::new(model.graph())?;
             let mut act = ActBits::new(&view);
-            let layers = super::quantize::layer_order(&view, None);
-            let weighted: HashSet<usize> =
-                layers.iter().flat_map(|(_, n)| n.iter().copied()).collect();
+            // Layers whose weight is a float32 initializer (the ones weight
+            // quantization rewrites).
+            let weighted: HashSet<usize> = weighted_layers(&view)
+                .into_iter()
+                .filter(|l| l.not_float_initializer(&view).is_none())
+                .flat_map(|l| l.nodes)
+                .collect();
             let mut by_value: BTreeMap<usize, Target> = BTreeMap::new();
             let mut order: HashMap<String, usize> = HashMap::new();
             let mut left: HashSet<String> = HashSet::new();
@@ -469,10 +462,10 @@ impl Pass for ActQuant {
                     t.readers.extend(readers);
                     return;
                 }
-                let skip = cfg
-                    .skip
-                    .iter()
-                    .find(|p| glob_match(p, value) || readers.iter().any(|r| glob_match(p, r)));
+                let names: Vec<&str> = std::iter::once(value)
+                    .chain(readers.iter().map(String::as_str))
+                    .collect();
+                let skip = select::first_match(&cfg.skip, &names);
                 let why = match (skip, act.of(value)) {
                     (Some(p), _) => Some(format!("left float: matches skip pattern '{p}'")),
                     (None, Some(b)) => Some(format!("already a {b}-bit activation")),
@@ -594,88 +587,44 @@ impl Pass for ActQuant {
         // Rewrite.
         let bits = cfg.bits;
         let g = model.graph_mut();
+        let mut names = Namer::of(g);
         let mut before: HashMap<Option<usize>, Vec<NodeProto>> = HashMap::new();
         let mut rewires: Vec<(usize, usize, String)> = Vec::new();
         for (t, st) in targets.iter().zip(&stats) {
             let grid = choose_grid(st, bits, cfg.range, cfg.overflow_rate);
             let (scale, signed) = (grid.scale, grid.signed);
-            let base = t.value.replace(['/', ':'], "_");
-            let base = base.trim_start_matches('_');
-            let s_name = fresh_name(g, &format!("{base}_act_scale"));
-            g.initializer
-                .push(TensorData::F32(ndarray::arr0(scale).into_dyn()).to_proto(&s_name));
             let (lo, hi) = grid.levels(bits);
-            let out;
-            let mut nodes = Vec::new();
-            let form;
-            if bits == 8 {
-                let zp_name = fresh_name(g, &format!("{base}_act_zp"));
-                let zp = if signed {
-                    TensorData::I8(ndarray::arr0(grid.zero_point as i8).into_dyn())
-                } else {
-                    TensorData::U8(ndarray::arr0(grid.zero_point as u8).into_dyn())
-                };
-                g.initializer.push(zp.to_proto(&zp_name));
-                let q = fresh_name(g, &format!("{base}_q"));
-                out = fresh_name(g, &format!("{base}_dq"));
-                nodes.push(node(
-                    "QuantizeLinear",
-                    format!("{q}_node"),
-                    vec![t.value.clone(), s_name.clone(), zp_name.clone()],
-                    q.clone(),
-                ));
-                nodes.push(node(
-                    "DequantizeLinear",
-                    format!("{out}_node"),
-                    vec![q, s_name, zp_name],
-                    out.clone(),
-                ));
-                form = if signed { "int8 Q/DQ" } else { "uint8 Q/DQ" };
-            } else {
-                let lo_name = fresh_name(g, &format!("{base}_act_lo"));
-                let hi_name = fresh_name(g, &format!("{base}_act_hi"));
-                g.initializer
-                    .push(TensorData::F32(ndarray::arr0(lo as f32).into_dyn()).to_proto(&lo_name));
-                g.initializer
-                    .push(TensorData::F32(ndarray::arr0(hi as f32).into_dyn()).to_proto(&hi_name));
-                let d = fresh_name(g, &format!("{base}_fq_div"));
-                let r = fresh_name(g, &format!("{base}_fq_round"));
-                let c = fresh_name(g, &format!("{base}_fq_clip"));
-                out = fresh_name(g, &format!("{base}_fq"));
-                nodes.push(node(
-                    "Div",
-                    format!("{d}_node"),
-                    vec![t.value.clone(), s_name.clone()],
-                    d.clone(),
-                ));
-                nodes.push(node("Round", format!("{r}_node"), vec![d], r.clone()));
-                nodes.push(node(
-                    "Clip",
-                    format!("{c}_node"),
-                    vec![r, lo_name, hi_name],
-                    c.clone(),
-                ));
-                nodes.push(node(
-                    "Mul",
-                    format!("{out}_node"),
-                    vec![c, s_name],
-                    out.clone(),
-                ));
-                form = if signed {
-                    "signed fake-quant"
-                } else {
-                    "unsigned fake-quant"
-                };
-            }
-            before.entry(t.after).or_default().extend(nodes.clone());
-            // Until the nodes are placed, a placeholder keeps their output names taken for fresh_name.
-            g.node.push(NodeProto {
-                output: nodes.iter().flat_map(|n| n.output.clone()).collect(),
-                op_type: Some("__pending".into()),
-                ..Default::default()
-            });
+            let form = match bits {
+                8 => Form::Qdq {
+                    signed,
+                    zero_point: grid.zero_point,
+                },
+                16 => Form::Half,
+                _ => Form::FakeQuant { signed, lo, hi },
+            };
+            let (nodes, out) = act::build(g, &mut names, &t.value, form, scale);
+            before.entry(t.after).or_default().extend(nodes);
             for &(n, k) in &t.uses {
                 rewires.push((n, k, out.clone()));
+            }
+            let mut readers = t.readers.clone();
+            readers.dedup();
+            let read_by = if readers.len() > 3 {
+                format!("{} and {} more", readers[..3].join(", "), readers.len() - 3)
+            } else {
+                readers.join(", ")
+            };
+            if form == Form::Half {
+                report.changed(
+                    &t.value,
+                    format!(
+                        "16-bit {}, seen [{:.4}, {:.4}] (read by {read_by})",
+                        form.describe(),
+                        st.min,
+                        st.max,
+                    ),
+                );
+                continue;
             }
             let top = scale as f64 * hi;
             let mut step = if (scale.log2()).fract() == 0.0 {
@@ -686,24 +635,17 @@ impl Pass for ActQuant {
             if grid.zero_point != 0 {
                 step += &format!(", zero point {}", grid.zero_point);
             }
-            let mut readers = t.readers.clone();
-            readers.dedup();
             report.changed(
                 &t.value,
                 format!(
-                    "{bits}-bit {form}, scale {step}, seen [{:.4}, {:.4}], clipped ~{:.3}% (read by {})",
+                    "{bits}-bit {}, scale {step}, seen [{:.4}, {:.4}], clipped ~{:.3}% (read by {read_by})",
+                    form.describe(),
                     st.min,
                     st.max,
                     100.0 * st.fraction_above(top),
-                    if readers.len() > 3 {
-                        format!("{} and {} more", readers[..3].join(", "), readers.len() - 3)
-                    } else {
-                        readers.join(", ")
-                    }
                 ),
             );
         }
-        g.node.retain(|n| n.op_type() != "__pending");
         for (n, k, v) in rewires {
             g.node[n].input[k] = v;
         }

@@ -29,9 +29,13 @@ use ndarray::{ArrayD, Axis, IxDyn};
 
 use super::{Context, Pass, PassReport};
 use crate::error::{Error, Result};
-use crate::graph::{fresh_name, remove_nodes, remove_unused_initializers, set_initializer, Graph};
-use crate::onnx::proto::{AttributeProto, GraphProto, NodeProto};
-use crate::onnx::{AttributeType, Model, TensorData};
+use crate::graph::layers::weight_axis;
+use crate::graph::{
+    remove_nodes, remove_unused_initializers, set_initializer, Graph, Namer, WEIGHTED_OPS,
+};
+use crate::onnx::attr::{self, NodeAttrs};
+use crate::onnx::proto::{GraphProto, NodeProto};
+use crate::onnx::{Model, TensorData};
 
 pub struct FoldBatchNorm;
 
@@ -57,22 +61,6 @@ enum Kind {
     ConvLike,
     Gemm,
     MatMul,
-}
-
-fn attr_f(n: &NodeProto, name: &str, default: f32) -> f32 {
-    n.attribute
-        .iter()
-        .find(|a| a.name() == name)
-        .and_then(|a| a.f)
-        .unwrap_or(default)
-}
-
-fn attr_i(n: &NodeProto, name: &str, default: i64) -> i64 {
-    n.attribute
-        .iter()
-        .find(|a| a.name() == name)
-        .and_then(|a| a.i)
-        .unwrap_or(default)
 }
 
 fn f32_const(g: &Graph, value: &str) -> Result<Option<ArrayD<f32>>> {
@@ -163,7 +151,7 @@ fn plan_bn(g: &Graph, i: usize) -> std::result::Result<Fold, Skip> {
             bn.input.len()
         )));
     }
-    if attr_i(bn, "training_mode", 0) != 0 || bn.output.iter().skip(1).any(|o| !o.is_empty()) {
+    if bn.int_or("training_mode", 0)? != 0 || bn.output.iter().skip(1).any(|o| !o.is_empty()) {
         return Err(Skip(
             "runs in training mode (running statistics are outputs)".into(),
         ));
@@ -182,7 +170,7 @@ fn plan_bn(g: &Graph, i: usize) -> std::result::Result<Fold, Skip> {
             g.node_name(p)
         )));
     }
-    if !crate::graph::WEIGHTED_OPS.contains(&op) {
+    if !WEIGHTED_OPS.contains(&op) {
         return Err(Skip(format!(
             "follows {op} '{}', not a Conv, ConvTranspose, Gemm or MatMul",
             g.node_name(p)
@@ -202,7 +190,7 @@ fn plan_bn(g: &Graph, i: usize) -> std::result::Result<Fold, Skip> {
             None => return Err(Skip(format!("its input '{v}' is not a float32 constant"))),
         }
     }
-    let eps = attr_f(bn, "epsilon", 1e-5) as f64;
+    let eps = bn.float_or("epsilon", 1e-5)? as f64;
     let (gamma, beta, mean, var) = (&params[0], &params[1], &params[2], &params[3]);
     let c = gamma.len();
     if [beta.len(), mean.len(), var.len()].iter().any(|&l| l != c) {
@@ -307,7 +295,7 @@ fn fold_into_layer(
     let mut w = w;
     let (kind, old_bias) = match op {
         "Conv" | "ConvTranspose" => {
-            let group = attr_i(layer, "group", 1).max(1) as usize;
+            let group = layer.int_or("group", 1)?.max(1) as usize;
             let cout = if op == "Conv" {
                 w.shape()[0]
             } else {
@@ -349,16 +337,15 @@ fn fold_into_layer(
             if w.ndim() != 2 {
                 return Err(Skip("the Gemm weight is not 2-D".into()));
             }
-            let trans_b = attr_i(layer, "transB", 0) == 1;
-            let axis = if trans_b { 0 } else { 1 };
+            let axis = weight_axis(layer, w.shape())?.0.expect("a 2-D Gemm weight has one");
             if w.shape()[axis] != c {
                 return Err(Skip(format!(
                     "{c} BN channels but the Gemm has {} outputs",
                     w.shape()[axis]
                 )));
             }
-            let alpha = attr_f(layer, "alpha", 1.0) as f64;
-            let beta = attr_f(layer, "beta", 1.0) as f64;
+            let alpha = layer.float_or("alpha", 1.0)? as f64;
+            let beta = layer.float_or("beta", 1.0)? as f64;
             for (k, mut lane) in w.axis_iter_mut(Axis(axis)).enumerate() {
                 lane.mapv_inplace(|v| (v as f64 * alpha * f[k]) as f32);
             }
@@ -416,6 +403,7 @@ fn fold_into_layer(
 /// the BN (or Mul and Add) goes, then unused initializers and Identity/Dropout go.
 fn apply(g: &mut GraphProto, folds: Vec<Fold>, report: &mut PassReport) {
     let mut removed = HashSet::new();
+    let mut names = Namer::of(g);
     let mut new_nodes = Vec::new();
     for f in folds {
         let layer_name = g.node[f.layer].name().to_string();
@@ -425,9 +413,9 @@ fn apply(g: &mut GraphProto, folds: Vec<Fold>, report: &mut PassReport) {
             layer_name
         };
         // Fresh initializers: the old ones may be shared with other nodes.
-        let w_name = fresh_name(g, &format!("{base}.weight_folded"));
+        let w_name = names.fresh(&format!("{base}.weight_folded"));
         set_initializer(g, &w_name, &TensorData::F32(f.weight));
-        let b_name = fresh_name(g, &format!("{base}.bias_folded"));
+        let b_name = names.fresh(&format!("{base}.bias_folded"));
         set_initializer(g, &b_name, &TensorData::F32(f.bias));
         let node = &mut g.node[f.layer];
         node.input[1] = w_name;
@@ -447,13 +435,8 @@ fn apply(g: &mut GraphProto, folds: Vec<Fold>, report: &mut PassReport) {
                     {
                         a.f = Some(1.0);
                     }
-                    if !node.attribute.iter().any(|a| a.name() == "beta") {
-                        node.attribute.push(AttributeProto {
-                            name: Some("beta".into()),
-                            r#type: Some(AttributeType::Float as i32),
-                            f: Some(1.0),
-                            ..Default::default()
-                        });
+                    if node.attr("beta").is_none() {
+                        node.attribute.push(attr::float("beta", 1.0));
                     }
                 }
             }

@@ -11,6 +11,7 @@ pub mod fold_bn;
 pub mod pack;
 pub mod prune;
 pub mod quantize;
+pub mod select;
 
 use std::time::Instant;
 
@@ -109,4 +110,36 @@ impl Pipeline {
     pub fn names(&self) -> Vec<&'static str> {
         self.passes.iter().map(|p| p.name()).collect()
     }
+}
+
+/// What a pipeline runs: each pass's configuration (`None` / `false`: not run).
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub fold_bn: bool,
+    pub prune: Option<prune::PruneConfig>,
+    pub quantize: Option<quantize::QuantConfig>,
+    pub act_quant: Option<act_quant::ActQuantConfig>,
+    pub pack: bool,
+}
+
+/// The passes in the order they run: fold-bn, prune, quantize, act-quant, pack.
+/// A new pass is one line here.
+pub fn pipeline(plan: Plan) -> Pipeline {
+    let mut p = Pipeline::default();
+    if plan.fold_bn {
+        p.passes.push(Box::new(fold_bn::FoldBatchNorm));
+    }
+    if let Some(c) = plan.prune {
+        p.passes.push(Box::new(prune::Prune(c)));
+    }
+    if let Some(c) = plan.quantize {
+        p.passes.push(Box::new(quantize::Quantize(c)));
+    }
+    if let Some(c) = plan.act_quant {
+        p.passes.push(Box::new(act_quant::ActQuant(c)));
+    }
+    if plan.pack {
+        p.passes.push(Box::new(pack::Pack));
+    }
+    p
 }

@@ -25,13 +25,16 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::bits::{self, ActBits, Weight};
 use super::{
     AccMode, BnMode, Layer, OutputSize, ScoreOptions, SparsePolicy, TernaryMode, Uncounted,
 };
 use crate::error::{Error, Result};
-use crate::graph::{Graph, WEIGHTED_OPS};
+use crate::graph::layers::{bias_input, weight_axis};
+use crate::graph::{weighted_layers, Graph};
+use crate::onnx::attr::NodeAttrs;
 use crate::onnx::NodeProto;
+use crate::repr::act::ActBits;
+use crate::repr::{self, Weight};
 
 /// Per-element (mults, adds) of activation ops. REF knows relu, sigmoid and swish;
 /// the others follow the submissions named in micronet-rules.md §3.2, or the
@@ -90,21 +93,6 @@ const FREE: &[&str] = &[
     "SpaceToDepth",
     "DepthToSpace",
 ];
-
-fn attr_i(n: &NodeProto, name: &str, default: i64) -> i64 {
-    n.attribute
-        .iter()
-        .find(|a| a.name() == name)
-        .map(|a| a.i())
-        .unwrap_or(default)
-}
-
-fn attr_ints(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
-    n.attribute
-        .iter()
-        .find(|a| a.name() == name)
-        .map(|a| a.ints.clone())
-}
 
 /// REF/RIAIR adder tree over `length` values of `base` bits: (bits summed over all
 /// adds, width of the level after the last). The number of adds is length - 1.
@@ -209,20 +197,27 @@ impl Ctx<'_, '_> {
     }
 }
 
-/// Counts every node. Returns the layers, the uncounted nodes, whether the model is
-/// quantized, and whether the freebie was applied.
+/// What [`count_graph`] found.
+pub(crate) struct Counted {
+    pub layers: Vec<Layer>,
+    pub uncounted: Vec<Uncounted>,
+    /// Whether any part is quantized below 16 bits.
+    pub quantized: bool,
+    pub freebie_applied: bool,
+}
+
+/// Counts every node.
 pub(crate) fn count_graph(
     g: &Graph,
     shapes: &HashMap<String, Vec<usize>>,
     opts: &ScoreOptions,
-) -> Result<(Vec<Layer>, Vec<Uncounted>, bool, bool)> {
+) -> Result<Counted> {
     // Weights of weighted layers, and whether anything is quantized.
     let mut weights = HashMap::new();
-    for &i in g.topo_order() {
-        let n = g.node(i);
-        if WEIGHTED_OPS.contains(&n.op_type()) && n.input.len() >= 2 {
-            if let Some(w) = bits::weight(g, &n.input[1])? {
-                weights.insert(i, w);
+    for layer in weighted_layers(g) {
+        if let Some(w) = repr::weight(g, &layer.weight)? {
+            for &i in &layer.nodes {
+                weights.insert(i, w.clone());
             }
         }
     }
@@ -285,7 +280,12 @@ pub(crate) fn count_graph(
             }
         }
     }
-    Ok((layers, uncounted, quantized, freebie))
+    Ok(Counted {
+        layers,
+        uncounted,
+        quantized,
+        freebie_applied: freebie,
+    })
 }
 
 fn numel(s: &[usize]) -> f64 {
@@ -343,7 +343,7 @@ fn count_node(ctx: &mut Ctx, idx: usize) -> Result<Option<Layer>> {
         "MatMul" | "Gemm" => {
             // Two activations: every output is a dot product of length K.
             let a = ctx.shape(&n.input[0], &name)?;
-            let trans_a = op == "Gemm" && attr_i(n, "transA", 0) == 1;
+            let trans_a = op == "Gemm" && n.int_or("transA", 0)? == 1;
             let k = if trans_a {
                 a[a.len().saturating_sub(2)]
             } else {
@@ -400,7 +400,8 @@ fn count_node(ctx: &mut Ctx, idx: usize) -> Result<Option<Layer>> {
             layer.adds = layer.raw_adds * add_w;
         }
         "AveragePool" | "MaxPool" => {
-            let k: i64 = attr_ints(n, "kernel_shape")
+            let k: i64 = n
+                .get_ints("kernel_shape")?
                 .unwrap_or_default()
                 .iter()
                 .product();
@@ -426,7 +427,7 @@ fn count_node(ctx: &mut Ctx, idx: usize) -> Result<Option<Layer>> {
 /// Constant operands of element-wise ops are parameters.
 fn add_constant_params(ctx: &mut Ctx, n: &NodeProto, layer: &mut Layer) -> Result<()> {
     for v in n.input.iter().skip(1) {
-        if let Some(w) = bits::weight(ctx.g, v)? {
+        if let Some(w) = repr::weight(ctx.g, v)? {
             let bits = ctx.weight_bits(&w);
             layer.params += w.values.len() as f64 * bits as f64 / 32.0;
         }
@@ -453,16 +454,11 @@ fn count_weighted(ctx: &mut Ctx, idx: usize, w: &Weight, layer: &mut Layer) -> R
             }
             (nz, p)
         }
-        "Gemm" => {
-            let trans_b = attr_i(n, "transB", 0) == 1;
-            let (axis, units) = if trans_b {
-                (0, wshape[0])
-            } else {
-                (1, wshape[1])
-            };
-            (channel_nonzeros(&w.values, axis), e / units as f64)
+        "Gemm" | "MatMul" if wshape.len() == 2 => {
+            let (axis, _) = weight_axis(n, &wshape)?;
+            let axis = axis.expect("a 2-D weight has an output axis");
+            (channel_nonzeros(&w.values, axis), e / wshape[axis] as f64)
         }
-        "MatMul" if wshape.len() == 2 => (channel_nonzeros(&w.values, 1), e / wshape[1] as f64),
         "ConvTranspose" => {
             // Every input position meets every weight of its input channel.
             let x = ctx.shape(&n.input[0], &name)?;
@@ -569,13 +565,8 @@ fn count_weighted(ctx: &mut Ctx, idx: usize, w: &Weight, layer: &mut Layer) -> R
     };
 
     // Bias: its values are parameters, one add per output element.
-    let bias_input = match op {
-        "Conv" | "ConvTranspose" => n.input.get(2),
-        "Gemm" => n.input.get(2),
-        _ => None,
-    };
-    if let Some(b) = bias_input.filter(|b| !b.is_empty()) {
-        if let Some(bw) = bits::weight(g, b)? {
+    if let Some(b) = bias_input(n) {
+        if let Some(bw) = repr::weight(g, b)? {
             layer.params += bw.values.len() as f64 * ctx.weight_bits(&bw) as f64 / 32.0;
         }
         layer.raw_adds += e;
@@ -594,12 +585,11 @@ fn channel_nonzeros(w: &ndarray::ArrayD<f32>, axis: usize) -> Vec<u64> {
 /// Output positions per channel by REF's formula (square-input convention per axis).
 fn ref_positions(ctx: &Ctx, n: &NodeProto, wshape: &[usize], name: &str) -> Result<f64> {
     let x = ctx.shape(&n.input[0], name)?;
-    let strides = attr_ints(n, "strides").unwrap_or_default();
-    let pads = attr_ints(n, "pads").unwrap_or_default();
+    let strides = n.get_ints("strides")?.unwrap_or_default();
+    let pads = n.get_ints("pads")?.unwrap_or_default();
     let same = pads.iter().any(|&p| p > 0)
-        || n.attribute
-            .iter()
-            .any(|a| a.name() == "auto_pad" && a.s() != b"NOTSET" && a.s() != b"VALID");
+        || n.get_string("auto_pad")?
+            .is_some_and(|a| a != "NOTSET" && a != "VALID");
     let mut p = x[0] as f64;
     for (i, &size) in x.iter().enumerate().skip(2) {
         let k = wshape[i] as f64;
@@ -634,8 +624,7 @@ fn count_batchnorm(ctx: &mut Ctx, idx: usize, e: f64, layer: &mut Layer) -> Resu
     };
     let producer_name = g.node_name(p).to_string();
     let pn = g.node(p);
-    let has_bias = matches!(pn.op_type(), "Conv" | "ConvTranspose" | "Gemm")
-        && pn.input.get(2).is_some_and(|b| !b.is_empty());
+    let has_bias = bias_input(pn).is_some();
     match ctx.opts.bn {
         BnMode::FoldBias if has_bias => {
             layer.note = format!("folded into '{producer_name}' (its bias counts once)")

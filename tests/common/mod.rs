@@ -236,3 +236,23 @@ pub fn write_npy<D: ndarray::Dimension>(path: &Path, a: &ndarray::Array<f32, D>)
         f.write_all(&v.to_le_bytes()).unwrap();
     }
 }
+
+/// The 1x1x4x4 -> 2x2x2 conv of the test models (w [2,1,3,3], no padding), in f64:
+/// x already on its grid.
+pub fn conv_f64(x: &[f64], w: &[f32]) -> Vec<f64> {
+    let mut out = Vec::new();
+    for c in 0..2 {
+        for oy in 0..2 {
+            for ox in 0..2 {
+                let mut acc = 0.0;
+                for ky in 0..3 {
+                    for kx in 0..3 {
+                        acc += x[(oy + ky) * 4 + ox + kx] * w[c * 9 + ky * 3 + kx] as f64;
+                    }
+                }
+                out.push(acc);
+            }
+        }
+    }
+    out
+}

@@ -58,24 +58,25 @@
 //! are merged in order of fixed 8-image chunks whatever the thread count, and
 //! per-row solves are independent of each other and of scheduling.
 
-mod glob;
 mod gram;
 mod mask;
 mod solve;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
 use ndarray::ArrayD;
+use serde::{Deserialize, Serialize};
 
+use super::select::{self, LayerRule as _};
 use super::{Context, Pass, PassReport};
 use crate::error::{Error, Result};
-use crate::graph::{set_initializer, Graph};
+use crate::graph::layers::{weight_axis, WeightSource};
+use crate::graph::{set_initializer, weighted_layers, Graph};
+use crate::onnx::attr::NodeAttrs;
 use crate::onnx::proto::NodeProto;
 use crate::onnx::{DataType, Model, TensorData};
 
-pub use glob::glob_match;
 use gram::Geom;
 use mask::Rows;
 
@@ -147,7 +148,8 @@ impl FromStr for Method {
     }
 }
 
-/// Parses `METHOD[:SPARSITY]` as given to `--prune`: `magnitude:0.5`, `global:70%`,
+/// Parses `METHOD[:SPARSITY]` as given to `--prune` (the one grammar of the flag
+/// and of the recipe's `method`/`sparsity`): `magnitude:0.5`, `global:70%`,
 /// `reweighted:0.6`, `nm:2:4` (N:M takes no sparsity). Returns the method and the
 /// sparsity when one was given.
 pub fn parse_spec(spec: &str) -> Result<(Method, Option<f64>)> {
@@ -183,6 +185,103 @@ fn check_sparsity(v: f64, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The `[prune]` recipe section.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneSection {
+    pub method: String,
+    pub sparsity: Option<f64>,
+    #[serde(default)]
+    pub skip: Vec<String>,
+    pub min_elements: Option<usize>,
+    pub skip_first_conv: Option<bool>,
+    pub refit: Option<bool>,
+    pub rounds: Option<usize>,
+    #[serde(default, rename = "layer")]
+    pub layers: Vec<LayerSection>,
+}
+
+/// A `[[prune.layer]]` rule.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerSection {
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub sparsity: Option<f64>,
+    pub skip: Option<bool>,
+}
+
+impl PruneSection {
+    /// Parses the `--prune METHOD:SPARSITY` shorthand ([`parse_spec`]: "magnitude:0.5",
+    /// "global:70%", "nm:2:4").
+    pub fn from_flag(s: &str) -> Result<PruneSection> {
+        let bad = |e: Error| {
+            Error::Usage(format!(
+                "--prune '{s}': expected METHOD:SPARSITY (magnitude:0.5, global:70%, reweighted:0.5) or nm:N:M ({e})"
+            ))
+        };
+        let (method, sparsity) = parse_spec(s).map_err(bad)?;
+        if !matches!(method, Method::NM { .. }) && sparsity.is_none() {
+            return Err(bad(Error::Usage(format!("'{method}' needs a sparsity"))));
+        }
+        Ok(PruneSection {
+            method: method.to_string(),
+            sparsity,
+            ..Default::default()
+        })
+    }
+
+    /// Checks the section and makes the pass's configuration.
+    pub fn config(&self) -> Result<PruneConfig> {
+        let method: Method = self
+            .method
+            .parse()
+            .map_err(|e| Error::Usage(format!("prune method '{}': {e}", self.method)))?;
+        let defaults = PruneConfig::default();
+        let sparsity = match (&method, self.sparsity) {
+            (Method::NM { .. }, _) => 0.0,
+            (_, Some(s)) if (0.0..1.0).contains(&s) => s,
+            (_, Some(s)) => {
+                return Err(Error::Usage(format!(
+                    "prune sparsity {s}: must be in [0, 1)"
+                )))
+            }
+            (_, None) => {
+                return Err(Error::Usage(format!(
+                    "prune method '{}' needs a sparsity",
+                    self.method
+                )))
+            }
+        };
+        for l in &self.layers {
+            if let Some(s) = l.sparsity.filter(|s| !(0.0..1.0).contains(s)) {
+                return Err(Error::Usage(format!(
+                    "prune layer '{}': sparsity {s} must be in [0, 1)",
+                    l.pattern
+                )));
+            }
+        }
+        Ok(PruneConfig {
+            method,
+            sparsity,
+            rules: self
+                .layers
+                .iter()
+                .map(|l| LayerRule {
+                    pattern: l.pattern.clone(),
+                    sparsity: l.sparsity,
+                    skip: l.skip.unwrap_or(false),
+                })
+                .collect(),
+            skip: self.skip.clone(),
+            min_elements: self.min_elements.unwrap_or(defaults.min_elements),
+            skip_first_conv: self.skip_first_conv.unwrap_or(defaults.skip_first_conv),
+            refit: self.refit.unwrap_or(defaults.refit),
+            rounds: self.rounds.unwrap_or(defaults.rounds),
+        })
+    }
+}
+
 /// A per-layer rule (from a recipe): a glob on the node name or the weight
 /// initializer name (`*`, `?`, `[abc]`, `[!a-z]`, `\` escapes). For each layer,
 /// the matching rules apply in order, so later ones win: a rule sets the layer's
@@ -194,6 +293,12 @@ pub struct LayerRule {
     pub pattern: String,
     pub sparsity: Option<f64>,
     pub skip: bool,
+}
+
+impl select::LayerRule for LayerRule {
+    fn pattern(&self) -> &str {
+        &self.pattern
+    }
 }
 
 /// What to prune and how.
@@ -266,29 +371,8 @@ impl Layer {
     }
 }
 
-fn attr_i(n: &NodeProto, name: &str, default: i64) -> i64 {
-    n.attribute
-        .iter()
-        .find(|a| a.name() == name)
-        .map_or(default, |a| a.i())
-}
-
-fn attr_ints(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
-    n.attribute
-        .iter()
-        .find(|a| a.name() == name)
-        .map(|a| a.ints.clone())
-}
-
-fn attr_s(n: &NodeProto, name: &str) -> String {
-    n.attribute
-        .iter()
-        .find(|a| a.name() == name)
-        .map(|a| String::from_utf8_lossy(a.s()).to_string())
-        .unwrap_or_default()
-}
-
-/// The row layout a node reads its weight in.
+/// The row layout a node reads its weight in: one row per output unit, along the
+/// weight's output-channel axis (`graph::layers`).
 fn rows_of(node: &NodeProto, shape: &[usize]) -> std::result::Result<Rows, String> {
     match node.op_type() {
         "Conv" => {
@@ -301,10 +385,9 @@ fn rows_of(node: &NodeProto, shape: &[usize]) -> std::result::Result<Rows, Strin
             if shape.len() != 2 {
                 return Err(format!("Gemm weight of rank {}", shape.len()));
             }
-            if attr_i(node, "transB", 0) != 0 {
-                Ok(Rows::contiguous(shape[0], shape[1]))
-            } else {
-                Ok(Rows::columns(shape[1], shape[0], 1))
+            match weight_axis(node, shape).map_err(|e| e.to_string())?.0 {
+                Some(0) => Ok(Rows::contiguous(shape[0], shape[1])),
+                _ => Ok(Rows::columns(shape[1], shape[0], 1)),
             }
         }
         "MatMul" => match shape.len() {
@@ -335,15 +418,24 @@ fn geom_of(node: &NodeProto, shape: &[usize]) -> std::result::Result<Geom, Strin
                     })
                     .collect()
             };
-            let group = attr_i(node, "group", 1).max(1) as usize;
-            let strides = to_usize(attr_ints(node, "strides").unwrap_or_else(|| vec![1; spatial]))?;
-            let dilations =
-                to_usize(attr_ints(node, "dilations").unwrap_or_else(|| vec![1; spatial]))?;
-            let pads = to_usize(attr_ints(node, "pads").unwrap_or_else(|| vec![0; 2 * spatial]))?;
+            let ints = |name: &str, default: Vec<i64>| -> std::result::Result<Vec<usize>, String> {
+                to_usize(
+                    node.get_ints(name)
+                        .map_err(|e| e.to_string())?
+                        .unwrap_or(default),
+                )
+            };
+            let group = node.int_or("group", 1).map_err(|e| e.to_string())?.max(1) as usize;
+            let strides = ints("strides", vec![1; spatial])?;
+            let dilations = ints("dilations", vec![1; spatial])?;
+            let pads = ints("pads", vec![0; 2 * spatial])?;
             if strides.len() != spatial || dilations.len() != spatial || pads.len() != 2 * spatial {
                 return Err("Conv attributes do not match the kernel rank".into());
             }
-            let auto_pad = attr_s(node, "auto_pad");
+            let auto_pad = node
+                .get_string("auto_pad")
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default();
             let auto_pad = match auto_pad.as_str() {
                 "" | "NOTSET" => gram::AutoPad::NotSet,
                 "VALID" => gram::AutoPad::Valid,
@@ -389,12 +481,11 @@ fn geom_of(node: &NodeProto, shape: &[usize]) -> std::result::Result<Geom, Strin
             if shape.len() != 2 {
                 return Err(format!("Gemm weight of rank {}", shape.len()));
             }
-            let trans_b = attr_i(node, "transB", 0) != 0;
-            let k = if trans_b { shape[1] } else { shape[0] };
+            let (_, k) = weight_axis(node, shape).map_err(|e| e.to_string())?;
             Ok(Geom::Dense {
                 input,
                 k,
-                trans_a: attr_i(node, "transA", 0) != 0,
+                trans_a: node.int_or("transA", 0).map_err(|e| e.to_string())? != 0,
             })
         }
         "MatMul" => {
@@ -418,34 +509,35 @@ fn pct(zeros: usize, n: usize) -> String {
 /// The layers as found in the graph, plus skip items for the report.
 fn find_layers(graph: &Graph, cfg: &PruneConfig, report: &mut PassReport) -> Result<Vec<Layer>> {
     let first_conv = graph.nodes_of_type("Conv").next();
-    // Weight initializer -> eligible consumers, in topological order of first use.
-    let mut order: Vec<String> = Vec::new();
-    let mut users: HashMap<String, Vec<usize>> = HashMap::new();
-    for &idx in graph.topo_order() {
-        let node = graph.node(idx);
-        let standard = node.domain().is_empty() || node.domain() == "ai.onnx";
-        if !matches!(node.op_type(), "Conv" | "Gemm" | "MatMul") || !standard {
+    // Weight initializer -> eligible consumers (Conv, Gemm, MatMul), in topological
+    // order of first use; weights that are not initializers are reported per node.
+    let mut order: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut computed: Vec<usize> = Vec::new();
+    for l in weighted_layers(graph) {
+        let nodes: Vec<usize> = l
+            .nodes
+            .iter()
+            .copied()
+            .filter(|&i| matches!(graph.node(i).op_type(), "Conv" | "Gemm" | "MatMul"))
+            .collect();
+        if nodes.is_empty() {
             continue;
         }
-        let Some(w) = node.input.get(1).filter(|s| !s.is_empty()) else {
-            continue;
-        };
-        if graph.initializer(w).is_none() {
-            report.skipped(
-                graph.node_name(idx),
-                format!("weight '{w}' is not an initializer"),
-            );
+        if l.source != WeightSource::Initializer {
+            computed.extend(nodes);
             continue;
         }
-        if !users.contains_key(w.as_str()) {
-            order.push(w.clone());
-        }
-        users.entry(w.clone()).or_default().push(idx);
+        order.push((l.weight, nodes));
+    }
+    for &i in graph.topo_order().iter().filter(|i| computed.contains(i)) {
+        report.skipped(
+            graph.node_name(i),
+            format!("weight '{}' is not an initializer", graph.node(i).input[1]),
+        );
     }
 
     let mut layers = Vec::new();
-    for init in order {
-        let nodes = users.remove(&init).expect("collected");
+    for (init, nodes) in order {
         let node_names: Vec<String> = nodes
             .iter()
             .map(|&i| graph.node_name(i).to_string())
@@ -485,17 +577,18 @@ fn find_layers(graph: &Graph, cfg: &PruneConfig, report: &mut PassReport) -> Res
             report.skipped(&init, "not float32");
             continue;
         }
-        let names_match =
-            |pat: &str| glob_match(pat, &init) || node_names.iter().any(|n| glob_match(pat, n));
-        if let Some(p) = cfg.skip.iter().find(|p| names_match(p)) {
+        let names: Vec<&str> = std::iter::once(init.as_str())
+            .chain(node_names.iter().map(String::as_str))
+            .collect();
+        if let Some(p) = select::first_match(&cfg.skip, &names) {
             report.skipped(&init, format!("matches skip pattern '{p}'"));
             continue;
         }
         let mut target = cfg.sparsity;
         let mut own_target = false;
         let mut rule_skip: Option<&str> = None;
-        for r in cfg.rules.iter().filter(|r| names_match(&r.pattern)) {
-            rule_skip = r.skip.then_some(r.pattern.as_str());
+        for r in select::matching(&cfg.rules, &names) {
+            rule_skip = r.skip.then_some(r.pattern());
             if let Some(s) = r.sparsity {
                 target = s;
                 own_target = true;

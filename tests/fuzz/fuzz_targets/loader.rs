@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use onnx_micronet::onnx::io::{decode_model, LoadOptions};
+use onnx_micronet::{decode_model, LoadOptions};
 
 fuzz_target!(|data: &[u8]| {
     let _ = decode_model(

@@ -6,9 +6,10 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use onnx_micronet::onnx::io::{decode_model, LoadOptions};
+use onnx_micronet::{decode_model, LoadOptions};
 use onnx_micronet::passes::Context;
-use onnx_micronet::recipe::{PruneSection, Recipe};
+use onnx_micronet::passes::prune::PruneSection;
+use onnx_micronet::recipe::Recipe;
 use onnx_micronet::score::{self, ScoreOptions};
 
 fuzz_target!(|data: &[u8]| {

@@ -15,9 +15,10 @@ use std::collections::{HashMap, HashSet};
 use prost::Message;
 use serde::Serialize;
 
+use super::Layer;
 use crate::graph::Graph;
 use crate::onnx::Model;
-use crate::score::Layer;
+use crate::repr::packed::SHARED_PREFIX;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct LayerDisk {
@@ -78,7 +79,7 @@ pub fn measure(model: &Model, layers: &[Layer]) -> crate::error::Result<DiskRepo
     for (l, (inits, nodes)) in layers.iter().zip(&behind) {
         let mut stored = 0;
         for t in inits {
-            if readers[t] > 1 || t.starts_with("pk_") {
+            if readers[t] > 1 || t.starts_with(SHARED_PREFIX) {
                 shared.insert(t.as_str());
             } else {
                 stored += init_bytes.get(t.as_str()).copied().unwrap_or(0);

@@ -1,8 +1,9 @@
 //! Weight quantization: every weighted layer's constant weight (Conv,
 //! ConvTranspose, Gemm, MatMul input 1, a float32 initializer) is replaced by
 //! float32 values exactly on a k-bit grid, and the grid is stated in the
-//! tensor's `metadata_props` (the contract in `score/bits.rs`, which the score
-//! verifies and packing relies on). Schemes, one file each:
+//! tensor's `metadata_props` (the contract in `repr::claim`, which the score
+//! verifies and packing relies on). The schemes live in `repr::scheme`, one file
+//! each, quantizer and verifier together:
 //!
 //! - `linear` and `minmax` ([`linear`]): seed 000's fixed point with a
 //!   power-of-two step d = 2^-sf, sf = k - 1 - ceil(log2(v + 1e-12)), v the |w|
@@ -10,10 +11,13 @@
 //!   both per tensor or, with `per_channel`, per output channel;
 //! - `log` ([`log`]): signed powers of two, exponents on k - 1 bits;
 //! - `tanh` ([`tanh`]): tanh(w) quantized uniformly, mapped back by artanh;
-//! - `ternary` ([`ternary`]): rules twn, msu (seed 001), ec2t (seed 002).
+//! - `ternary` ([`ternary`]): rules twn, msu (seed 001), ec2t (seed 002);
+//! - `fp16` ([`fp16`]): IEEE half precision, 16 bits (seeds 001 and 002 keep
+//!   their non-ternary layers in FP16).
 //!
-//! The math of each is in its file's header. Exact zeros (pruned weights) stay
-//! exactly 0.0 under every scheme.
+//! This pass chooses the layers and their settings; the math of each scheme is in
+//! its file's header. Exact zeros (pruned weights) stay exactly 0.0 under every
+//! scheme.
 //!
 //! Layer order: the weighted layers with a constant initializer weight, in the
 //! graph's topological order, each weight tensor once (at its first use). A QBN
@@ -34,126 +38,40 @@
 //! step or scale, the SQNR of the weight, 10 log10(sum w^2 / sum (w - Xq)^2) dB,
 //! and the clipped fraction (values whose code left the grid's range).
 
-pub mod linear;
-pub mod log;
-pub mod tanh;
-pub mod ternary;
+pub use crate::repr::scheme::{fp16, linear, log, tanh, ternary, Quantized, Scheme, TernaryRule};
 
 use std::collections::HashMap;
-use std::fmt;
-use std::str::FromStr;
 
-use ndarray::{ArrayD, Axis, IxDyn};
+use ndarray::ArrayD;
 use serde::{Deserialize, Serialize};
 
-use super::prune::glob_match;
+use super::select::{self, LayerRule as _};
 use super::{Context, Pass, PassReport};
 use crate::error::{Error, Result};
-use crate::graph::{set_initializer, Graph};
-use crate::onnx::proto::{NodeProto, StringStringEntryProto, TensorProto};
+use crate::graph::layers::{bias_input, weight_axis};
+use crate::graph::{set_initializer, weighted_layers, Graph};
 use crate::onnx::{DataType, Model, TensorData};
-use crate::score::bits::{
-    verify_claim, META_AXIS, META_BITS, META_RULE, META_SCHEME, META_STEP, META_ZERO_POINT,
-};
+use crate::repr::claim;
+use crate::repr::scheme::{self, Params};
 
 /// MSUNet-v3's threshold on the normalized weights (seed 001, --alpha).
 pub const MSU_ALPHA: f64 = 0.67749;
 /// Default entropy weight of ec2t.
 pub const EC2T_LAMBDA: f64 = 0.1;
 
-/// A ternary rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TernaryRule {
-    Twn,
-    Msu,
-    Ec2t,
-}
-
-/// A weight quantization scheme.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scheme {
-    Linear,
-    MinMax,
-    Log,
-    Tanh,
-    Ternary(TernaryRule),
-}
-
-impl Scheme {
-    pub const HELP: &'static str =
-        "linear, minmax, log, tanh, or ternary:twn | ternary:msu | ternary:ec2t (twn, msu, ec2t for short)";
-
-    /// The name written in `onnx_micronet.scheme`.
-    pub fn claim_name(&self) -> &'static str {
-        match self {
-            Scheme::Linear => "linear",
-            Scheme::MinMax => "minmax",
-            Scheme::Log => "log",
-            Scheme::Tanh => "tanh",
-            Scheme::Ternary(_) => "ternary",
-        }
-    }
-
-    fn rule(&self) -> Option<&'static str> {
-        match self {
-            Scheme::Ternary(TernaryRule::Twn) => Some("twn"),
-            Scheme::Ternary(TernaryRule::Msu) => Some("msu"),
-            Scheme::Ternary(TernaryRule::Ec2t) => Some("ec2t"),
-            _ => None,
-        }
-    }
-
-    /// The bit widths the scheme takes.
-    pub fn bit_range(&self) -> std::ops::RangeInclusive<u32> {
-        match self {
-            Scheme::Linear => 2..=24,
-            Scheme::MinMax | Scheme::Tanh | Scheme::Log => 2..=16,
-            Scheme::Ternary(_) => 2..=2,
-        }
-    }
-}
-
-impl fmt::Display for Scheme {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.rule() {
-            Some(r) => write!(f, "ternary:{r}"),
-            None => f.write_str(self.claim_name()),
-        }
-    }
-}
-
-impl FromStr for Scheme {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s.trim().to_ascii_lowercase().as_str() {
-            "linear" => Scheme::Linear,
-            "minmax" | "min_max" | "min-max" => Scheme::MinMax,
-            "log" => Scheme::Log,
-            "tanh" => Scheme::Tanh,
-            "ternary" | "ternary:twn" | "twn" => Scheme::Ternary(TernaryRule::Twn),
-            "ternary:msu" | "msu" => Scheme::Ternary(TernaryRule::Msu),
-            "ternary:ec2t" | "ec2t" => Scheme::Ternary(TernaryRule::Ec2t),
-            _ => {
-                return Err(Error::Usage(format!(
-                    "unknown quantization scheme '{s}': expected {}",
-                    Scheme::HELP
-                )))
-            }
-        })
-    }
-}
-
-/// Parses `--quantize SCHEME:BITS` (`linear:8`, `minmax:6`, `ternary:twn`, `msu`).
-/// Ternary takes no bits (2); the others need them.
+/// Parses `--quantize SCHEME:BITS` (`linear:8`, `minmax:6`, `ternary:twn`, `msu`,
+/// `fp16`). Schemes with a fixed width (ternary 2, fp16 16) take no bits; the
+/// others need them.
 pub fn parse_spec(spec: &str) -> Result<(Scheme, u32)> {
     let s = spec.trim();
-    if let Ok(t @ Scheme::Ternary(_)) = s.parse::<Scheme>() {
-        return Ok((t, 2));
+    if let Ok(sc) = s.parse::<Scheme>() {
+        if let Some(b) = sc.imp().fixed_bits() {
+            return Ok((sc, b));
+        }
     }
     let bad = || {
         Error::Usage(format!(
-            "--quantize '{spec}': expected SCHEME:BITS (linear:8, minmax:6, log:6, tanh:6) or ternary:twn|msu|ec2t"
+            "--quantize '{spec}': expected SCHEME:BITS (linear:8, minmax:6, log:6, tanh:6), fp16, or ternary:twn|msu|ec2t"
         ))
     };
     let (name, bits) = s.rsplit_once(':').ok_or_else(bad)?;
@@ -176,22 +94,35 @@ pub fn parse_qbn(s: &str) -> Result<Vec<u32>> {
         .collect()
 }
 
-/// Parses `--layer-bits NAME=BITS,...` into rules (NAME is a glob).
+/// Parses `--layer-bits NAME=BITS,...` into rules (NAME is a glob). The value may
+/// also name a scheme, `NAME=SCHEME[:BITS]` (`fc=fp16`, `fc=minmax:8`).
 pub fn parse_layer_bits(s: &str) -> Result<Vec<LayerSection>> {
     s.split(',')
         .filter(|x| !x.trim().is_empty())
         .map(|x| {
-            let (name, bits) = x.rsplit_once('=').ok_or_else(|| {
+            let (name, value) = x.split_once('=').ok_or_else(|| {
                 Error::Usage(format!(
                     "--layer-bits '{x}': expected NAME=BITS (NAME a node or weight name, globs allowed)"
                 ))
             })?;
-            let bits: u32 = bits.trim().parse().map_err(|_| {
-                Error::Usage(format!("--layer-bits '{x}': '{bits}' is not a bit width"))
+            let pattern = name.trim().to_string();
+            if let Ok(bits) = value.trim().parse::<u32>() {
+                return Ok(LayerSection {
+                    pattern,
+                    bits: Some(bits),
+                    ..Default::default()
+                });
+            }
+            let (scheme, bits) = parse_spec(value).map_err(|_| {
+                Error::Usage(format!(
+                    "--layer-bits '{x}': '{value}' is neither a bit width nor SCHEME[:BITS] ({})",
+                    Scheme::help()
+                ))
             })?;
             Ok(LayerSection {
-                pattern: name.trim().to_string(),
+                pattern,
                 bits: Some(bits),
+                scheme: Some(scheme.to_string()),
                 ..Default::default()
             })
         })
@@ -202,9 +133,9 @@ pub fn parse_layer_bits(s: &str) -> Result<Vec<LayerSection>> {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuantizeSection {
-    /// linear | minmax | log | tanh | ternary (with `rule`), or twn | msu | ec2t.
+    /// linear | minmax | log | tanh | fp16 | ternary (with `rule`), or twn | msu | ec2t.
     pub scheme: String,
-    /// Bits per weight (not for ternary).
+    /// Bits per weight (not for ternary and fp16, whose width is fixed).
     pub bits: Option<u32>,
     /// Ternary rule: twn | msu | ec2t (default twn).
     pub rule: Option<String>,
@@ -245,7 +176,7 @@ impl QuantizeSection {
         Ok(QuantizeSection {
             scheme: scheme.claim_name().to_string(),
             rule: scheme.rule().map(str::to_string),
-            bits: if matches!(scheme, Scheme::Ternary(_)) {
+            bits: if scheme.imp().fixed_bits().is_some() {
                 None
             } else {
                 Some(bits)
@@ -269,17 +200,19 @@ impl QuantizeSection {
             }
             (s, None) => s,
         };
-        let bits = match (scheme, self.bits) {
-            (Scheme::Ternary(_), None | Some(2)) => 2,
-            (Scheme::Ternary(_), Some(b)) => {
+        let bits = match (scheme.imp().fixed_bits(), self.bits) {
+            (Some(f), None) => f,
+            (Some(f), Some(b)) if b == f => f,
+            (Some(f), Some(b)) => {
                 return Err(Error::Usage(format!(
-                    "quantize bits {b}: ternary weights take 2 bits"
+                    "quantize bits {b}: {} weights take {f} bits",
+                    scheme.claim_name()
                 )))
             }
-            (_, Some(b)) => b,
-            (s, None) => {
+            (None, Some(b)) => b,
+            (None, None) => {
                 return Err(Error::Usage(format!(
-                    "quantize scheme '{s}' needs bits (e.g. {s}:8)"
+                    "quantize scheme '{scheme}' needs bits (e.g. {scheme}:8)"
                 )))
             }
         };
@@ -294,9 +227,15 @@ impl QuantizeSection {
             check_bits(Scheme::Linear, b, "--bias-bits")?;
         }
         let per_channel = self.per_channel.unwrap_or(false);
-        if per_channel && !matches!(scheme, Scheme::Linear | Scheme::MinMax) {
+        if per_channel && !scheme.imp().per_channel() {
+            let with: Vec<&str> = Scheme::ALL
+                .iter()
+                .filter(|s| s.imp().per_channel())
+                .map(|s| s.claim_name())
+                .collect();
             return Err(Error::Usage(format!(
-                "--per-channel is for linear and minmax, not {scheme}"
+                "--per-channel is for {}, not {scheme}",
+                with.join(" and ")
             )));
         }
         let mut rules = Vec::new();
@@ -363,6 +302,12 @@ pub struct LayerRule {
     pub skip: bool,
 }
 
+impl select::LayerRule for LayerRule {
+    fn pattern(&self) -> &str {
+        &self.pattern
+    }
+}
+
 /// What to quantize and how.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuantConfig {
@@ -396,32 +341,20 @@ impl Default for QuantConfig {
     }
 }
 
-/// One tensor quantized.
-#[derive(Debug, Clone)]
-pub struct Quantized {
-    pub values: ArrayD<f32>,
-    /// `metadata_props` to write (the claim).
-    pub meta: Vec<(&'static str, String)>,
-    /// Step, scale or levels, for the report.
-    pub grid: String,
-    pub clipped: usize,
-}
-
-fn fmt_f32(x: f32) -> String {
-    format!("{x:?}")
-}
-
-fn fmt_step(d: f32) -> String {
-    let e = d.log2();
-    if e.fract() == 0.0 {
-        format!("2^{} = {}", e as i32, fmt_f32(d))
-    } else {
-        fmt_f32(d)
+impl QuantConfig {
+    /// The knobs the quantizers read.
+    pub fn params(&self) -> Params {
+        Params {
+            overflow_rate: self.overflow_rate,
+            msu_alpha: self.msu_alpha,
+            ec2t_lambda: self.ec2t_lambda,
+        }
     }
 }
 
-/// Quantizes one tensor. `axis`: the output-channel axis (per-channel grids and
-/// msu's fan-in); `fan_in`: the inputs per output (msu).
+/// Quantizes one tensor on `scheme` at `bits` (see [`scheme::quantize`]). `axis`:
+/// the output-channel axis (per-channel grids and msu's fan-in); `fan_in`: the
+/// inputs per output (msu).
 pub fn quantize_tensor(
     w: &ArrayD<f32>,
     scheme: Scheme,
@@ -430,143 +363,15 @@ pub fn quantize_tensor(
     axis: Option<usize>,
     fan_in: usize,
 ) -> Quantized {
-    let flat: Vec<f32> = w.iter().copied().collect();
-    let shape = w.shape().to_vec();
-    let arr = |v: Vec<f32>| ArrayD::from_shape_vec(IxDyn(&shape), v).expect("same shape");
-    let mut meta = vec![
-        (META_SCHEME, scheme.claim_name().to_string()),
-        (META_BITS, bits.to_string()),
-    ];
-    let per_channel = cfg.per_channel && matches!(scheme, Scheme::Linear | Scheme::MinMax);
-    if let (true, Some(ax)) = (per_channel, axis) {
-        let mut out = w.clone();
-        let mut steps = Vec::new();
-        let mut zps = Vec::new();
-        let mut clipped = 0;
-        for mut lane in out.axis_iter_mut(Axis(ax)) {
-            let v: Vec<f32> = lane.iter().copied().collect();
-            let q = match scheme {
-                Scheme::Linear => {
-                    let (q, d, _, c) = linear::linear(&v, bits, cfg.overflow_rate);
-                    steps.push(d);
-                    clipped += c;
-                    q
-                }
-                _ => {
-                    let (q, s, z, c) = linear::minmax(&v, bits);
-                    steps.push(s);
-                    zps.push(z);
-                    clipped += c;
-                    q
-                }
-            };
-            for (dst, src) in lane.iter_mut().zip(q) {
-                *dst = src;
-            }
-        }
-        let list = |v: Vec<String>| v.join(",");
-        meta.push((META_AXIS, ax.to_string()));
-        meta.push((META_STEP, list(steps.iter().map(|s| fmt_f32(*s)).collect())));
-        if scheme == Scheme::MinMax {
-            meta.push((
-                META_ZERO_POINT,
-                list(zps.iter().map(|z| z.to_string()).collect()),
-            ));
-        }
-        let (lo, hi) = steps
-            .iter()
-            .fold((f32::INFINITY, 0f32), |(a, b), s| (a.min(*s), b.max(*s)));
-        return Quantized {
-            values: out,
-            meta,
-            grid: format!(
-                "per-channel (axis {ax}, {} channels), step {} .. {}",
-                steps.len(),
-                fmt_f32(lo),
-                fmt_f32(hi)
-            ),
-            clipped,
-        };
-    }
-    match scheme {
-        Scheme::Linear => {
-            let (q, d, sf, c) = linear::linear(&flat, bits, cfg.overflow_rate);
-            meta.push((META_STEP, fmt_f32(d)));
-            Quantized {
-                values: arr(q),
-                meta,
-                grid: format!("step {} (sf {sf})", fmt_step(d)),
-                clipped: c,
-            }
-        }
-        Scheme::MinMax => {
-            let (q, s, z, c) = linear::minmax(&flat, bits);
-            meta.push((META_STEP, fmt_f32(s)));
-            meta.push((META_ZERO_POINT, z.to_string()));
-            Quantized {
-                values: arr(q),
-                meta,
-                grid: format!("scale {}, zero point {z}", fmt_f32(s)),
-                clipped: c,
-            }
-        }
-        Scheme::Log => {
-            let (q, emax, emin, c) = log::log(&flat, bits, cfg.overflow_rate);
-            Quantized {
-                values: arr(q),
-                meta,
-                grid: format!("+-2^{emin} .. +-2^{emax} and 0"),
-                clipped: c,
-            }
-        }
-        Scheme::Tanh => {
-            let (q, c) = tanh::tanh(&flat, bits);
-            Quantized {
-                values: arr(q),
-                meta,
-                grid: format!("artanh of {} levels", (1u64 << bits) - 2),
-                clipped: c,
-            }
-        }
-        Scheme::Ternary(rule) => {
-            let (q, grid) = match rule {
-                TernaryRule::Twn => {
-                    let (q, delta, alpha) = ternary::twn(&flat);
-                    (q, format!("delta {delta:.6e}, alpha {alpha:.6e}"))
-                }
-                TernaryRule::Msu => {
-                    let (q, m) = ternary::msu(&flat, fan_in, cfg.msu_alpha);
-                    let mean_abs =
-                        flat.iter().map(|x| x.abs() as f64).sum::<f64>() / flat.len().max(1) as f64;
-                    (
-                        q,
-                        format!(
-                            "threshold {} std, multiplier {m:.6e} ({:.2}x mean|w|)",
-                            cfg.msu_alpha,
-                            if mean_abs > 0.0 { m / mean_abs } else { 0.0 }
-                        ),
-                    )
-                }
-                TernaryRule::Ec2t => {
-                    let (q, wn, wp, rounds) = ternary::ec2t(&flat, cfg.ec2t_lambda);
-                    (
-                        q,
-                        format!(
-                            "w_n {wn:.6e}, w_p {wp:.6e}, lambda {}, {rounds} rounds",
-                            cfg.ec2t_lambda
-                        ),
-                    )
-                }
-            };
-            meta.push((META_RULE, scheme.rule().unwrap_or("twn").to_string()));
-            Quantized {
-                values: arr(q),
-                meta,
-                grid,
-                clipped: 0,
-            }
-        }
-    }
+    scheme::quantize(
+        w,
+        scheme,
+        bits,
+        &cfg.params(),
+        cfg.per_channel,
+        axis,
+        fan_in,
+    )
 }
 
 /// SQNR in dB of `q` against `w` (infinite when exact).
@@ -591,97 +396,30 @@ fn write_tensor(g: &mut crate::onnx::proto::GraphProto, name: &str, q: &Quantize
         .iter_mut()
         .find(|t| t.name() == name)
         .expect("just set");
-    let ours = [
-        META_SCHEME,
-        META_BITS,
-        META_STEP,
-        META_ZERO_POINT,
-        META_AXIS,
-        META_RULE,
-    ];
-    t.metadata_props.retain(|p| !ours.contains(&p.key()));
-    for (k, v) in &q.meta {
-        t.metadata_props.push(StringStringEntryProto {
-            key: Some(k.to_string()),
-            value: Some(v.clone()),
-        });
-    }
+    claim::write(t, &q.meta);
 }
 
-fn attr_i(n: &NodeProto, name: &str, default: i64) -> i64 {
-    n.attribute
-        .iter()
-        .find(|a| a.name() == name)
-        .map_or(default, |a| a.i())
-}
-
-/// The output-channel axis of a layer's weight, and its fan-in (inputs per output).
-pub fn weight_axis(node: &NodeProto, shape: &[usize]) -> (Option<usize>, usize) {
-    let rank = shape.len();
-    let numel: usize = shape.iter().product();
-    match node.op_type() {
-        "Conv" if rank >= 1 => (Some(0), numel / shape[0].max(1)),
-        "ConvTranspose" if rank >= 2 => (Some(1), numel / shape[0].max(1)),
-        "Gemm" if rank == 2 => {
-            if attr_i(node, "transB", 0) != 0 {
-                (Some(0), shape[1])
-            } else {
-                (Some(1), shape[0])
-            }
-        }
-        "MatMul" if rank >= 2 => (Some(rank - 1), shape[rank - 2]),
-        "MatMul" if rank == 1 => (Some(0), shape[0]),
-        _ => (None, numel.max(1)),
-    }
-}
-
-/// The weighted layers in layer order: (weight initializer, consuming node indices).
-/// Layers whose weight is not a constant float32 initializer are reported and left out.
+/// The weighted layers in layer order: (weight initializer, consuming node indices),
+/// the layers whose weight is a float32 initializer. The others are reported
+/// (once per node, in topological order) and left out.
 pub fn layer_order(graph: &Graph, report: Option<&mut PassReport>) -> Vec<(String, Vec<usize>)> {
-    let mut order: Vec<(String, Vec<usize>)> = Vec::new();
-    let mut pos: HashMap<String, usize> = HashMap::new();
-    let mut notes = Vec::new();
-    for &idx in graph.topo_order() {
-        let node = graph.node(idx);
-        let standard = node.domain().is_empty() || node.domain() == "ai.onnx";
-        if !crate::graph::WEIGHTED_OPS.contains(&node.op_type()) || !standard {
-            continue;
-        }
-        let Some(w) = node.input.get(1).filter(|s| !s.is_empty()) else {
-            continue;
-        };
-        let Some(t) = graph.initializer(w) else {
-            let why = match graph.producer(w).map(|(p, _)| graph.node(p).op_type()) {
-                Some("DequantizeLinear") => {
-                    "weight comes through DequantizeLinear (already quantized)".to_string()
+    let mut order = Vec::new();
+    let mut notes: HashMap<usize, String> = HashMap::new();
+    for l in weighted_layers(graph) {
+        match l.not_float_initializer(graph) {
+            Some(why) => {
+                for &n in &l.nodes {
+                    notes.insert(n, why.clone());
                 }
-                Some(op) => format!("weight '{w}' is computed by a {op} node, not an initializer"),
-                None => format!("weight '{w}' is a graph input, not an initializer"),
-            };
-            notes.push((graph.node_name(idx).to_string(), why));
-            continue;
-        };
-        if t.data_type() != DataType::Float as i32 {
-            notes.push((
-                graph.node_name(idx).to_string(),
-                format!(
-                    "weight '{w}' is {}, not float32",
-                    crate::onnx::tensor::dtype_name(t.data_type())
-                ),
-            ));
-            continue;
-        }
-        match pos.get(w.as_str()) {
-            Some(&i) => order[i].1.push(idx),
-            None => {
-                pos.insert(w.clone(), order.len());
-                order.push((w.clone(), vec![idx]));
             }
+            None => order.push((l.weight, l.nodes)),
         }
     }
     if let Some(r) = report {
-        for (t, why) in notes {
-            r.skipped(t, why);
+        for &i in graph.topo_order() {
+            if let Some(why) = notes.remove(&i) {
+                r.skipped(graph.node_name(i), why);
+            }
         }
     }
     order
@@ -729,11 +467,8 @@ impl Pass for Quantize {
             }
             for (_, nodes) in &layers {
                 for &n in nodes {
-                    let node = view.node(n);
-                    if matches!(node.op_type(), "Conv" | "ConvTranspose" | "Gemm") {
-                        if let Some(b) = node.input.get(2).filter(|s| !s.is_empty()) {
-                            *bias_users.entry(b.clone()).or_default() += 1;
-                        }
+                    if let Some(b) = bias_input(view.node(n)) {
+                        *bias_users.entry(b.to_string()).or_default() += 1;
                     }
                 }
             }
@@ -745,22 +480,21 @@ impl Pass for Quantize {
                     .map(|&n| view.node_name(n))
                     .chain(std::iter::once(init.as_str()))
                     .collect();
-                let matches = |p: &str| names.iter().any(|n| glob_match(p, n));
                 let mut scheme = cfg.scheme;
                 let mut bits = cfg.qbn.get(index).copied().unwrap_or(cfg.bits);
-                let mut skip = cfg
-                    .skip
-                    .iter()
-                    .find(|p| matches(p))
+                let mut skip = select::first_match(&cfg.skip, &names)
                     .map(|p| format!("matches skip pattern '{p}'"));
-                for r in cfg.rules.iter().filter(|r| matches(&r.pattern)) {
+                for r in select::matching(&cfg.rules, &names) {
                     if let Some(b) = r.bits {
                         bits = b;
                     }
-                    if let Some(s) = r.scheme {
-                        scheme = s;
+                    match r.scheme {
+                        Some(s) => scheme = s,
+                        // A layer width of 16 without a scheme of its own: float16.
+                        None if r.bits == Some(16) => scheme = Scheme::Fp16,
+                        None => {}
                     }
-                    skip = r.skip.then(|| format!("rule '{}' says skip", r.pattern));
+                    skip = r.skip.then(|| format!("rule '{}' says skip", r.pattern()));
                 }
                 let tag = format!("[#{index}] {node_name}");
                 if let Some(why) = skip {
@@ -771,8 +505,8 @@ impl Pass for Quantize {
                     report.skipped(tag, format!("weight '{init}' left float: {bits} bits"));
                     continue;
                 }
-                if let Scheme::Ternary(_) = scheme {
-                    bits = 2;
+                if let Some(b) = scheme.imp().fixed_bits() {
+                    bits = b;
                 }
                 check_bits(
                     scheme,
@@ -792,10 +526,9 @@ impl Pass for Quantize {
                     .initializer(init)
                     .expect("layer weights are initializers");
                 let values = TensorData::from_proto(t)?.to_f32();
-                let per_channel =
-                    cfg.per_channel && matches!(scheme, Scheme::Linear | Scheme::MinMax);
-                if let Some(c) = verify_claim(t, &values)? {
-                    if c.scheme == scheme.claim_name()
+                let per_channel = cfg.per_channel && scheme.imp().per_channel();
+                if let Some(c) = claim::verify(t, &values)? {
+                    if c.scheme.claim_name() == scheme.claim_name()
                         && c.bits == bits
                         && c.rule.as_deref() == scheme.rule()
                         && c.axis.is_some() == per_channel
@@ -814,14 +547,8 @@ impl Pass for Quantize {
                         .map(|&d| d as usize)
                         .collect::<Vec<_>>()
                         .as_slice(),
-                );
-                let bias = node
-                    .input
-                    .get(2)
-                    .filter(|s| {
-                        !s.is_empty() && matches!(node.op_type(), "Conv" | "ConvTranspose" | "Gemm")
-                    })
-                    .cloned();
+                )?;
+                let bias = bias_input(node).map(str::to_string);
                 jobs.push(Job {
                     index,
                     init: init.clone(),
@@ -881,8 +608,8 @@ impl Pass for Quantize {
                     continue;
                 }
                 let bv = TensorData::from_proto(bt)?.to_f32();
-                if let Some(c) = verify_claim(bt, &bv)? {
-                    if c.scheme == "linear" && c.bits == bb && c.axis.is_none() {
+                if let Some(c) = claim::verify(bt, &bv)? {
+                    if c.scheme == Scheme::Linear && c.bits == bb && c.axis.is_none() {
                         report.skipped(b, format!("bias already linear {bb}-bit: left as is"));
                         continue;
                     }
@@ -914,10 +641,4 @@ impl Pass for Quantize {
 }
 
 /// Reads a tensor's claim keys (for tests and reports).
-pub fn claim_keys(t: &TensorProto) -> Vec<(String, String)> {
-    t.metadata_props
-        .iter()
-        .filter(|p| p.key().starts_with("onnx_micronet."))
-        .map(|p| (p.key().to_string(), p.value().to_string()))
-        .collect()
-}
+pub use crate::repr::claim::claim_keys;

@@ -1,12 +1,12 @@
 //! The packed weight format: how a weight W (shape S, n elements) is written as
 //! standard ONNX ops, and how it is recognized when read back. Both directions
-//! live here so the knowledge of representations stays in one place; the score
-//! (`score::bits::weight`) calls [`read`].
+//! live here; the packing pass calls [`build`], `repr::weight` calls [`read`].
 //!
 //! Storage: a bitmask M (n bits, one per element, 1 = nonzero) packed into
 //! uint8, present when the tensor has zeros, plus the m stored values (m = nnz
-//! with a mask, n without) in one of three stores:
+//! with a mask, n without) in one of four stores:
 //!   float    m float32 values                                    (32 bits each)
+//!   half     m float16 values, Cast to float32                   (16 bits each)
 //!   affine   m k-bit codes u, W = (u - zp) * scale               (k bits each, k = 1..16)
 //!            per tensor, or per channel along one axis (zp, scale broadcast)
 //!   codebook m k-bit codes u, W = book[u], book <= 2^k floats    (k bits each)
@@ -24,6 +24,7 @@
 //!   mask        = Reshape(Cast(bits(M, n), bool), S)
 //!   idx         = CumSum(Cast(bits(M, n), int32), 0) - 1      position of each element's value
 //!   float       W = Where(mask, Reshape(Gather(V, idx), S), 0)
+//!   half        W = Where(mask, Reshape(Gather(Cast(V16, float), idx), S), 0)
 //!   codebook    W = Where(mask, Reshape(Gather(Gather(book, Cast(codes, int32)), idx), S), 0)
 //!   affine      W = Where(mask, (Reshape(Gather(codes, idx), S) - zp) * scale, 0)
 //! and without a mask the Gather(., idx) and Where steps are left out. Codes are
@@ -38,11 +39,15 @@ use std::collections::{HashMap, HashSet};
 use ndarray::{arr0, ArrayD, IxDyn};
 
 use super::eval::{self, Val};
+use super::Weight;
 use crate::error::Result;
-use crate::graph::Graph;
+use crate::graph::{Graph, Namer};
+use crate::onnx::attr::{self, NodeAttrs};
 use crate::onnx::proto::{AttributeProto, NodeProto, TensorProto};
-use crate::onnx::{AttributeType, DataType, TensorData};
-use crate::score::bits::Weight;
+use crate::onnx::{DataType, TensorData};
+
+/// Prefix of the constants every decoder of a model shares (shapes, shifts, ...).
+pub const SHARED_PREFIX: &str = "pk_";
 
 /// Widest code packed.
 pub const MAX_CODE_BITS: u32 = 16;
@@ -51,6 +56,8 @@ pub const MAX_CODE_BITS: u32 = 16;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Store {
     Float(Vec<f32>),
+    /// float16 values (held as the f32 numbers they are).
+    Half(Vec<f32>),
     Affine {
         k: u32,
         codes: Vec<u32>,
@@ -83,6 +90,7 @@ impl Packed {
         mask + match &self.store {
             None => 0,
             Some(Store::Float(v)) => 32 * v.len() as u64,
+            Some(Store::Half(v)) => 16 * v.len() as u64,
             Some(Store::Affine {
                 k,
                 codes,
@@ -106,6 +114,7 @@ impl Packed {
         match &self.store {
             None => "all zeros: ConstantOfShape".into(),
             Some(Store::Float(_)) => format!("{mask}float32 values"),
+            Some(Store::Half(_)) => format!("{mask}float16 values"),
             Some(Store::Affine { k, scale, axis, .. }) => format!(
                 "{mask}{k}-bit codes x {}",
                 match axis {
@@ -150,7 +159,7 @@ pub fn pack_mask(mask: &[bool]) -> Vec<u8> {
 /// Constants every decoder shares, created once per model.
 pub struct Shared {
     names: HashMap<String, String>,
-    taken: HashSet<String>,
+    taken: Namer,
     /// The shared initializers created so far.
     pub inits: Vec<TensorProto>,
 }
@@ -158,6 +167,15 @@ pub struct Shared {
 impl Shared {
     /// `taken`: every value and initializer name in the graph.
     pub fn new(taken: HashSet<String>) -> Self {
+        let mut namer = Namer::default();
+        for t in taken {
+            namer.take(t);
+        }
+        Shared::with_names(namer)
+    }
+
+    /// Names come from `taken` (values, initializers and node names of the graph).
+    pub fn with_names(taken: Namer) -> Self {
         Shared {
             names: HashMap::new(),
             taken,
@@ -169,9 +187,7 @@ impl Shared {
         if let Some(n) = self.names.get(key) {
             return n.clone();
         }
-        let base = format!("pk_{key}");
-        let name = fresh(&self.taken, &base);
-        self.taken.insert(name.clone());
+        let name = self.taken.fresh(&format!("{SHARED_PREFIX}{key}"));
         self.inits.push(make().to_proto(&name));
         self.names.insert(key.to_string(), name.clone());
         name
@@ -186,7 +202,7 @@ impl Shared {
             .collect();
         self.names.retain(|_, v| !gone.contains(v));
         for g in gone {
-            self.taken.remove(&g);
+            self.taken.release(&g);
         }
     }
 
@@ -196,8 +212,8 @@ impl Shared {
         let mut k = self.names.len() + self.taken.len();
         loop {
             let p = format!("pk{k:x}");
-            if !self.taken.iter().any(|t| t.starts_with(&format!("{p}."))) {
-                self.taken.insert(format!("{p}."));
+            if !self.taken.any_starts_with(&format!("{p}.")) {
+                self.taken.take(format!("{p}."));
                 return p;
             }
             k += 1;
@@ -205,27 +221,8 @@ impl Shared {
     }
 }
 
-fn fresh(taken: &HashSet<String>, base: &str) -> String {
-    if !taken.contains(base) {
-        return base.to_string();
-    }
-    (1..)
-        .map(|k| format!("{base}_{k}"))
-        .find(|n| !taken.contains(n))
-        .expect("some name is free")
-}
-
 fn i64s(v: &[i64]) -> TensorData {
     TensorData::I64(ArrayD::from_shape_vec(IxDyn(&[v.len()]), v.to_vec()).expect("1-D"))
-}
-
-fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(AttributeType::Int as i32),
-        i: Some(v),
-        ..Default::default()
-    }
 }
 
 /// The nodes and per-tensor initializers that decode one weight.
@@ -268,7 +265,7 @@ impl Builder<'_> {
     }
 
     fn cast(&mut self, x: &str, to: DataType) -> String {
-        self.node("Cast", &[x], vec![attr_int("to", to as i64)])
+        self.node("Cast", &[x], vec![attr::int("to", to as i64)])
     }
 
     /// uint8 bits [len] of the stream in initializer `leaf` ([bytes] uint8).
@@ -282,12 +279,7 @@ impl Builder<'_> {
         });
         let flat = self.shared.get("shape_flat", || i64s(&[-1]));
         let r = self.node("Reshape", &[leaf, &col], vec![]);
-        let dir = AttributeProto {
-            name: Some("direction".into()),
-            r#type: Some(AttributeType::String as i32),
-            s: Some(b"RIGHT".to_vec()),
-            ..Default::default()
-        };
+        let dir = attr::string("direction", "RIGHT");
         let s = self.node("BitShift", &[&r, &shifts], vec![dir]);
         let b = self.node("Mod", &[&s, &two], vec![]);
         let f = self.node("Reshape", &[&b, &flat], vec![]);
@@ -325,17 +317,12 @@ impl Builder<'_> {
         });
         let r = self.node("Reshape", &[&c, &shape], vec![]);
         let w = self.node("Mul", &[&r, &pow], vec![]);
-        let keep = attr_int("keepdims", 0);
+        let keep = attr::int("keepdims", 0);
         if self.opset >= 13 {
             let axes = self.shared.get("axes_last", || i64s(&[-1]));
             self.node("ReduceSum", &[&w, &axes], vec![keep])
         } else {
-            let axes = AttributeProto {
-                name: Some("axes".into()),
-                r#type: Some(AttributeType::Ints as i32),
-                ints: vec![-1],
-                ..Default::default()
-            };
+            let axes = attr::ints("axes", vec![-1]);
             self.node("ReduceSum", &[&w], vec![axes, keep])
         }
     }
@@ -360,12 +347,10 @@ pub fn build(p: &Packed, output: &str, prefix: &str, opset: i64, shared: &mut Sh
         .shared
         .get(&format!("shape_{}", key.join("x")), || i64s(&shape));
     let Some(store) = &p.store else {
-        let value = AttributeProto {
-            name: Some("value".into()),
-            r#type: Some(AttributeType::Tensor as i32),
-            t: Some(TensorData::F32(ArrayD::zeros(IxDyn(&[1]))).to_proto("")),
-            ..Default::default()
-        };
+        let value = attr::tensor(
+            "value",
+            TensorData::F32(ArrayD::zeros(IxDyn(&[1]))).to_proto(""),
+        );
         b.node_to("ConstantOfShape", &[&shape_name], vec![value], output);
         return b.out;
     };
@@ -419,6 +404,15 @@ pub fn build(p: &Packed, output: &str, prefix: &str, opset: i64, shared: &mut Sh
                 TensorData::F32(ArrayD::from_shape_vec(IxDyn(&[v.len()]), v.clone()).expect("1-D")),
             );
             finish(&mut b, &vals);
+        }
+        Store::Half(v) => {
+            let h: Vec<half::f16> = v.iter().map(|x| half::f16::from_f32(*x)).collect();
+            let vals = b.init(
+                "values",
+                TensorData::F16(ArrayD::from_shape_vec(IxDyn(&[h.len()]), h).expect("1-D")),
+            );
+            let f = b.cast(&vals, DataType::Float);
+            finish(&mut b, &f);
         }
         Store::Codebook { k, codes, book } => {
             let cf = code_leaf(&mut b, codes, *k);
@@ -477,6 +471,7 @@ pub fn build(p: &Packed, output: &str, prefix: &str, opset: i64, shared: &mut Sh
 enum Kind {
     Zeros,
     Float,
+    Half,
     Affine(u32),
     Codebook { k: u32, ternary: bool },
 }
@@ -555,7 +550,17 @@ fn bit_stream(g: &Graph, v: &str) -> Option<String> {
 }
 
 fn cast_to(n: &NodeProto) -> Option<i64> {
-    n.attribute.iter().find(|a| a.name() == "to").map(|a| a.i())
+    n.get_int("to").ok().flatten()
+}
+
+/// `Cast(V, to = FLOAT)` of a float16 initializer V.
+fn half_values(g: &Graph, v: &str) -> bool {
+    let Some(c) = prod(g, v, "Cast") else {
+        return false;
+    };
+    cast_to(c) == Some(DataType::Float as i64)
+        && g.constant_proto(&c.input[0])
+            .is_some_and(|t| t.data_type() == DataType::Float16 as i32)
 }
 
 /// Width of the float codes `v`, and the initializer holding them.
@@ -660,6 +665,9 @@ fn classify(g: &Graph, value: &str) -> Option<Kind> {
             if let Some(t) = g.constant_proto(&store) {
                 return (t.data_type() == DataType::Float as i32).then_some(Kind::Float);
             }
+            if half_values(g, &store) {
+                return Some(Kind::Half);
+            }
             let (k, book) = codebook(g, &store)?;
             let ternary = k == 1
                 && book.len() == 2
@@ -672,6 +680,9 @@ fn classify(g: &Graph, value: &str) -> Option<Kind> {
             code_width(g, &codes).map(|(k, _)| Kind::Affine(k))
         }
         "Reshape" => {
+            if half_values(g, &n.input[0]) {
+                return Some(Kind::Half);
+            }
             let (k, _) = codebook(g, &n.input[0])?;
             Some(Kind::Codebook { k, ternary: false })
         }
@@ -691,6 +702,7 @@ pub fn read(g: &Graph, value: &str) -> Result<Option<Weight>> {
     let (bits, scheme, ternary) = match kind {
         Kind::Zeros => (32, "all zeros (packed: ConstantOfShape)".to_string(), false),
         Kind::Float => (32, "float32 (packed: mask + values)".into(), false),
+        Kind::Half => (16, "float16 (packed)".into(), false),
         Kind::Affine(k) => (k, format!("{k}-bit codes x scale (packed)"), false),
         Kind::Codebook { ternary: true, .. } => (
             2,
@@ -705,5 +717,6 @@ pub fn read(g: &Graph, value: &str) -> Result<Option<Weight>> {
         scheme,
         quantized: bits < 16,
         ternary,
+        claim: None,
     }))
 }

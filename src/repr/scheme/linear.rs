@@ -27,20 +27,17 @@
 //! Codes are unsigned, [0, 2^k - 1] (uint8 at k = 8). An all-zero tensor gets
 //! s = 1, z = 0.
 
+use std::ops::RangeInclusive;
+
+use super::{abs_at_overflow_rank, fmt_f32, fmt_step, Params, Proof, Slice, Storage, WeightScheme};
+use crate::repr::claim::{META_STEP, META_ZERO_POINT};
+
 /// Integral bits of seed 000: ceil(log2(v + 1e-12)), v the |x| at the overflow rank.
 pub fn integral_part(w: &[f32], overflow_rate: f64) -> i32 {
-    let n = w.len();
-    if n == 0 {
+    if w.is_empty() {
         return 0;
     }
-    let idx = ((overflow_rate * n as f64).floor() as usize).min(n - 1);
-    let v = if idx == 0 {
-        w.iter().fold(0f32, |m, x| m.max(x.abs()))
-    } else {
-        let mut a: Vec<f32> = w.iter().map(|x| x.abs()).collect();
-        let (_, v, _) = a.select_nth_unstable_by(idx, |p, q| q.total_cmp(p));
-        *v
-    };
+    let v = abs_at_overflow_rank(w, overflow_rate);
     (v as f64 + 1e-12).log2().ceil() as i32
 }
 
@@ -108,4 +105,115 @@ pub fn minmax(w: &[f32], bits: u32) -> (Vec<f32>, f32, i64, usize) {
     let (s, z) = minmax_grid(w, bits);
     let (v, c) = minmax_with(w, bits, s, z);
     (v, s, z, c)
+}
+
+/// `linear`: seed 000's fixed point, signed codes in [-2^(k-1), 2^(k-1) - 1].
+pub struct Linear;
+
+/// `minmax`: an asymmetric grid with an integer zero point, unsigned codes in [0, 2^k - 1].
+pub struct MinMax;
+
+impl WeightScheme for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+    fn bit_range(&self) -> RangeInclusive<u32> {
+        2..=24
+    }
+    fn per_channel(&self) -> bool {
+        true
+    }
+    fn storage(&self, bits: u32) -> Storage {
+        Storage::Affine {
+            offset: 1i64 << (bits.max(1) - 1),
+        }
+    }
+    fn quantize(&self, w: &[f32], bits: u32, _: Option<&str>, p: &Params, _: usize) -> Slice {
+        let (values, d, sf, clipped) = linear(w, bits, p.overflow_rate);
+        Slice {
+            values,
+            step: Some(d),
+            zero_point: None,
+            clipped,
+            grid: format!("step {} (sf {sf})", fmt_step(d)),
+        }
+    }
+    fn verify(&self, proof: &Proof) -> Result<(), String> {
+        verify_affine(proof, true)
+    }
+}
+
+impl WeightScheme for MinMax {
+    fn name(&self) -> &'static str {
+        "minmax"
+    }
+    fn aliases(&self) -> &'static [&'static str] {
+        &["min_max", "min-max"]
+    }
+    fn bit_range(&self) -> RangeInclusive<u32> {
+        2..=16
+    }
+    fn per_channel(&self) -> bool {
+        true
+    }
+    fn storage(&self, _: u32) -> Storage {
+        Storage::Affine { offset: 0 }
+    }
+    fn quantize(&self, w: &[f32], bits: u32, _: Option<&str>, _: &Params, _: usize) -> Slice {
+        let (values, s, z, clipped) = minmax(w, bits);
+        Slice {
+            values,
+            step: Some(s),
+            zero_point: Some(z),
+            clipped,
+            grid: format!("scale {}, zero point {z}", fmt_f32(s)),
+        }
+    }
+    fn verify(&self, proof: &Proof) -> Result<(), String> {
+        verify_affine(proof, false)
+    }
+}
+
+/// Every value v of each slice is (q - zp) * step with an integer code q in range:
+/// v / step within 1e-3 of an integer (so values computed a float ulp away still
+/// pass; the quantizer writes them exactly). linear: zp = 0, signed codes; minmax:
+/// the claimed zero point, unsigned codes.
+fn verify_affine(p: &Proof, signed: bool) -> Result<(), String> {
+    let steps = p
+        .per_slice(META_STEP)?
+        .ok_or_else(|| format!("has no valid {META_STEP}"))?;
+    let zps = if signed {
+        vec![0.0; p.slices.len()]
+    } else {
+        p.per_slice(META_ZERO_POINT)?
+            .ok_or_else(|| format!("has no valid {META_ZERO_POINT}"))?
+    };
+    let bits = p.bits as i32;
+    let (lo, hi) = if signed {
+        (-(2f64.powi(bits - 1)), 2f64.powi(bits - 1) - 1.0)
+    } else {
+        (0.0, 2f64.powi(bits) - 1.0)
+    };
+    let on_grid = |v: f32, step: f64, zp: f64| -> bool {
+        let k = v as f64 / step;
+        (k - k.round()).abs() <= 1e-3 && k.round() + zp >= lo && k.round() + zp <= hi
+    };
+    for ((s, &step), &zp) in p.slices.iter().zip(&steps).zip(&zps) {
+        if !(step > 0.0 && step.is_finite()) {
+            return Err(format!("{META_STEP} {step} is not positive"));
+        }
+        if zp.fract() != 0.0 || zp < lo || zp > hi {
+            return Err(format!(
+                "{META_ZERO_POINT} {zp} is not an integer code in [{lo}, {hi}]"
+            ));
+        }
+        if let Some(v) = s.iter().find(|v| !on_grid(**v, step, zp)) {
+            return Err(if signed {
+                format!("value {v} is not on the grid k * {step}, k in [{lo}, {hi}]")
+            } else {
+                format!("value {v} is not on the grid (q - {zp}) * {step}, q in [{lo}, {hi}]")
+            });
+        }
+    }
+    Ok(())
 }

@@ -6,7 +6,8 @@
 //! The score reads a packed weight's values from here, so the values it counts are
 //! the values a runtime computes, not what a format is supposed to decode to.
 //! Integers are held as i64 tagged with their ONNX type and wrapped to it after
-//! every op; floats are f32 (other float types are not evaluated). An op, type or
+//! every op; floats are f32, float16 held as the f32 numbers it represents (other
+//! float types are not evaluated). An op, type or
 //! attribute outside that set makes the value "not evaluable" (`None`), never a guess.
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use ndarray::{ArrayD, Axis, IxDyn, Slice};
 
 use crate::error::Result;
 use crate::graph::Graph;
+use crate::onnx::attr::NodeAttrs;
 use crate::onnx::{DataType, NodeProto, TensorData};
 
 /// An evaluated value.
@@ -39,7 +41,9 @@ impl Val {
         Some(match d {
             TensorData::F32(a) => Val::F(a),
             TensorData::Bool(a) => Val::B(a),
-            TensorData::F64(_) | TensorData::F16(_) | TensorData::BF16(_) => return None,
+            // float16 widens to float32 exactly.
+            TensorData::F16(a) => Val::F(a.mapv(|x| x.to_f32())),
+            TensorData::F64(_) | TensorData::BF16(_) => return None,
             other => {
                 let t = other.data_type();
                 Val::I(other.to_i64()?, t)
@@ -68,15 +72,13 @@ fn wrap(x: i64, t: DataType) -> i64 {
     }
 }
 
+/// An INT attribute; absent or of another type: `None` (the value is then not evaluable).
 fn attr_i(n: &NodeProto, name: &str) -> Option<i64> {
-    n.attribute.iter().find(|a| a.name() == name).map(|a| a.i())
+    n.get_int(name).ok().flatten()
 }
 
 fn attr_ints(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
-    n.attribute
-        .iter()
-        .find(|a| a.name() == name)
-        .map(|a| a.ints.clone())
+    n.get_ints(name).ok().flatten()
 }
 
 fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
@@ -333,6 +335,10 @@ fn apply(g: &Graph, n: &NodeProto, ins: &[Option<Val>]) -> Option<Val> {
             let x = x()?;
             Some(match (x, to) {
                 (Val::F(a), DataType::Float) => Val::F(a),
+                // float16 values are held as the float32 numbers they are.
+                (Val::F(a), DataType::Float16) => {
+                    Val::F(a.mapv(|v| half::f16::from_f32(v).to_f32()))
+                }
                 (Val::I(a, _), DataType::Float) => Val::F(a.mapv(|v| v as f32)),
                 (Val::B(a), DataType::Float) => Val::F(a.mapv(|v| v as u8 as f32)),
                 (Val::F(a), DataType::Bool) => Val::B(a.mapv(|v| v != 0.0)),

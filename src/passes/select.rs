@@ -1,6 +1,44 @@
-//! Shell-style globs for node and tensor names: `*` (any run, `/` included),
-//! `?` (one character), `[abc]`, `[a-z]`, `[!a-z]` / `[^a-z]`, and `\` to take the
-//! next character literally. The whole name must match.
+//! Choosing layers by name, written once for every pass that takes per-layer
+//! settings.
+//!
+//! Patterns are shell-style globs on node and tensor names: `*` (any run, `/`
+//! included), `?` (one character), `[abc]`, `[a-z]`, `[!a-z]` / `[^a-z]`, and `\`
+//! to take the next character literally. The whole name must match.
+//!
+//! A layer is known by several names (its nodes', its weight's): a pattern
+//! matches the layer when it matches any of them. Skip lists take the first
+//! matching pattern; per-layer rules ([`LayerRule`]) apply in order, so later
+//! rules win.
+
+/// A per-layer rule of a recipe section (`[[prune.layer]]`, `[[quantize.layer]]`).
+pub trait LayerRule {
+    /// Its glob.
+    fn pattern(&self) -> &str;
+}
+
+/// Whether `pattern` matches any of a layer's names.
+pub fn matches_any<S: AsRef<str>>(pattern: &str, names: &[S]) -> bool {
+    names.iter().any(|n| glob_match(pattern, n.as_ref()))
+}
+
+/// The first pattern of a skip list that matches any of the names.
+pub fn first_match<'a, S: AsRef<str>>(patterns: &'a [String], names: &[S]) -> Option<&'a str> {
+    patterns
+        .iter()
+        .find(|p| matches_any(p, names))
+        .map(String::as_str)
+}
+
+/// The rules that match any of the names, in order: apply them in turn, so
+/// later ones win.
+pub fn matching<'a, R: LayerRule, S: AsRef<str>>(
+    rules: &'a [R],
+    names: &'a [S],
+) -> impl Iterator<Item = &'a R> + 'a {
+    rules
+        .iter()
+        .filter(move |r| matches_any(r.pattern(), names))
+}
 
 enum Tok {
     Star,

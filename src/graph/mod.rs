@@ -6,13 +6,26 @@
 //! subgraph), no value is defined twice, and there is no cycle.
 //!
 //! Passes read the graph through this view and edit the `GraphProto` with the
-//! helpers at the bottom; after an edit, build a new view.
+//! helpers in [`edit`]; after an edit, build a new view. [`layers`] is the one
+//! table of weighted layers (weight, bias, output-channel axis, fan-in) every
+//! pass and the score use.
+
+pub mod edit;
+pub mod layers;
+
+pub use edit::{remove_nodes, remove_unused_initializers, set_initializer, Namer};
+pub use layers::{weighted_layers, WeightedLayer, WEIGHTED_OPS};
 
 use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
 use crate::onnx::proto::{GraphProto, NodeProto, TensorProto, ValueInfoProto};
 use crate::onnx::TensorData;
+
+/// Checks a top-level graph: every value used is defined, none twice, no cycle.
+pub fn check(proto: &GraphProto) -> Result<()> {
+    Graph::new(proto).map(|_| ())
+}
 
 /// The view. Node indices are positions in `GraphProto::node`.
 #[derive(Debug)]
@@ -363,10 +376,6 @@ fn topological_order(deps: &[Vec<usize>]) -> std::result::Result<Vec<usize>, usi
     Ok(order)
 }
 
-/// The ops that carry a weight (their second input): the layers the MicroNet
-/// counts, the passes quantize and pack, and BatchNormalization folds into.
-pub const WEIGHTED_OPS: &[&str] = &["Conv", "ConvTranspose", "Gemm", "MatMul"];
-
 /// Tensor shape of a value as declared in the graph's type information (inputs,
 /// outputs, value_info): `Some(dim)` for a fixed dim, `None` for a symbolic or
 /// unknown one. `None` overall when the value has no declared tensor shape.
@@ -416,74 +425,4 @@ pub fn declared_elem_type(info: &ValueInfoProto) -> Option<i32> {
         Value::TensorType(t) => t.elem_type,
         _ => None,
     }
-}
-
-// ---------------------------------------------------------------------------
-// Editing helpers for passes. They act on the GraphProto; build a new view after.
-
-/// Replaces the initializer `name` by `data` (keeping its doc string and
-/// metadata), or adds it when absent.
-pub fn set_initializer(g: &mut GraphProto, name: &str, data: &TensorData) {
-    let mut t = data.to_proto(name);
-    if let Some(old) = g.initializer.iter_mut().find(|t| t.name() == name) {
-        t.doc_string = old.doc_string.take();
-        t.metadata_props = std::mem::take(&mut old.metadata_props);
-        *old = t;
-    } else {
-        g.initializer.push(t);
-    }
-}
-
-/// Removes the nodes at these indices.
-pub fn remove_nodes(g: &mut GraphProto, idxs: &HashSet<usize>) {
-    let mut i = 0;
-    g.node.retain(|_| {
-        let keep = !idxs.contains(&i);
-        i += 1;
-        keep
-    });
-}
-
-/// Removes initializers nothing reads (nodes, subgraphs, graph outputs); returns their names.
-pub fn remove_unused_initializers(g: &mut GraphProto) -> Vec<String> {
-    let mut used: HashSet<String> = HashSet::new();
-    for n in &g.node {
-        used.extend(n.input.iter().cloned());
-        used.extend(subgraph_free_values(n));
-    }
-    used.extend(g.output.iter().map(|o| o.name().to_string()));
-    let mut removed = Vec::new();
-    g.initializer.retain(|t| {
-        let keep = used.contains(t.name());
-        if !keep {
-            removed.push(t.name().to_string());
-        }
-        keep
-    });
-    // Before IR 4 initializers are listed as inputs too: drop those entries with them.
-    let gone: HashSet<&str> = removed.iter().map(String::as_str).collect();
-    g.input.retain(|i| !gone.contains(i.name()));
-    removed
-}
-
-/// A value or initializer name not used in the graph yet, derived from `base`.
-pub fn fresh_name(g: &GraphProto, base: &str) -> String {
-    let taken: HashSet<&str> = g
-        .initializer
-        .iter()
-        .map(|t| t.name())
-        .chain(
-            g.node
-                .iter()
-                .flat_map(|n| n.output.iter().map(String::as_str)),
-        )
-        .chain(g.input.iter().map(|i| i.name()))
-        .collect();
-    if !taken.contains(base) {
-        return base.to_string();
-    }
-    (1..)
-        .map(|k| format!("{base}_{k}"))
-        .find(|n| !taken.contains(n.as_str()))
-        .expect("some name is free")
 }

@@ -7,7 +7,7 @@
 //!           ((u - zp) * scale, scale/zp per tensor or per channel), or k-bit codes
 //!           into a codebook of <= 2^k floats (ternary: 1 bit into [w_n, w_p])
 //! and a decoding subgraph of standard ops whose output keeps W's name (see
-//! [`format`] for the encoding and the decoder). Per tensor:
+//! `repr::packed` for the encoding and the decoder). Per tensor:
 //!   payload bits = [n] + m * k (+ 32 per scale, zero point, codebook entry)
 //! against the score's storage nnz * k + n (masked) or n * k. A quantized weight
 //! takes the mask only when n + nnz*k < n*k, i.e. sparsity > 1/k; an unquantized
@@ -20,13 +20,9 @@
 //! comes back as +0.0, the same number); otherwise it is left alone, with why.
 //! Candidates are the float32 initializers read only by Conv, ConvTranspose,
 //! Gemm and MatMul nodes. Quantized values come from the claims the quantizer
-//! writes (`onnx_micronet.scheme/bits/step/zero_point/axis`), verified by the
-//! score first: linear/minmax become affine codes when every value is exactly
-//! ((u - zp) as f32) * scale; any claimed scheme falls back to a codebook.
-
-pub mod disk;
-pub mod eval;
-pub mod format;
+//! writes (`repr::claim`), verified first; each scheme says how it is stored
+//! (`WeightScheme::storage`): affine codes when every value is exactly
+//! ((u - zp) as f32) * scale, float16 values, ternary signs, else a codebook.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -34,38 +30,24 @@ use prost::Message;
 
 use super::{Context, Pass, PassReport};
 use crate::error::Result;
-use crate::graph::{Graph, WEIGHTED_OPS};
+use crate::graph::{Graph, Namer, WEIGHTED_OPS};
 use crate::onnx::proto::{GraphProto, TensorProto};
 use crate::onnx::{DataType, Model, TensorData};
-use crate::score::bits::{self as sbits, META_AXIS, META_SCHEME, META_STEP, META_ZERO_POINT};
-use format::{Packed, Shared, Store, MAX_CODE_BITS};
+use crate::repr::claim::{self, Claim, META_AXIS, META_STEP, META_ZERO_POINT};
+use crate::repr::packed::{self as format, Packed, Shared, Store, MAX_CODE_BITS};
+use crate::repr::scheme::Storage;
 
 /// The packing pass.
 #[derive(Debug, Clone, Default)]
 pub struct Pack;
 
-fn meta<'a>(t: &'a TensorProto, key: &str) -> Option<&'a str> {
-    t.metadata_props
-        .iter()
-        .find(|p| p.key() == key)
-        .map(|p| p.value())
-}
-
-fn default_opset(g: &Model) -> i64 {
-    g.proto
-        .opset_import
-        .iter()
-        .find(|o| matches!(o.domain(), "" | "ai.onnx"))
-        .map(|o| o.version())
-        .unwrap_or(1)
-}
-
-/// Chooses the representation of one float32 weight. `Err` says why it stays float.
+/// Chooses the representation of one float32 weight, given its verified claim.
+/// `Err` says why it stays float.
 pub fn choose(
     t: &TensorProto,
     values: &[f32],
     shape: &[usize],
-    claim_bits: Option<(u32, bool)>,
+    claim: Option<&Claim>,
 ) -> std::result::Result<Packed, String> {
     let n = values.len();
     let mask: Vec<bool> = values.iter().map(|v| *v != 0.0).collect();
@@ -78,7 +60,7 @@ pub fn choose(
             store: None,
         });
     }
-    let Some((k, ternary)) = claim_bits else {
+    let Some(c) = claim else {
         if nnz == n {
             return Err("dense float32 without zeros: nothing to pack".into());
         }
@@ -89,7 +71,8 @@ pub fn choose(
             store: Some(Store::Float(v)),
         });
     };
-    if ternary {
+    let (k, storage) = (c.bits, c.storage());
+    if storage == Storage::Ternary {
         let neg = values.iter().copied().find(|v| *v < 0.0);
         let pos = values.iter().copied().find(|v| *v > 0.0);
         let (neg, pos) = match (neg, pos) {
@@ -125,7 +108,18 @@ pub fn choose(
         .enumerate()
         .filter(|(_, v)| !use_mask || *v != 0.0)
         .collect();
-    let store = affine(t, &stored, &shape, k)
+    if storage == Storage::Half {
+        return Ok(Packed {
+            shape,
+            mask: use_mask.then_some(mask),
+            store: Some(Store::Half(stored.into_iter().map(|(_, v)| v).collect())),
+        });
+    }
+    let affine_store = match storage {
+        Storage::Affine { offset } => affine(t, &stored, &shape, k, offset),
+        _ => None,
+    };
+    let store = affine_store
         .or_else(|| codebook(&stored, k))
         .ok_or_else(|| {
             format!("its {k}-bit claim fits neither affine codes nor a {k}-bit codebook")
@@ -141,16 +135,18 @@ fn parse_list(s: &str) -> Option<Vec<f32>> {
     s.split(',').map(|x| x.trim().parse::<f32>().ok()).collect()
 }
 
-/// Affine codes from a linear / minmax claim, when they reproduce every value exactly.
-fn affine(t: &TensorProto, stored: &[(usize, f32)], shape: &[usize], k: u32) -> Option<Store> {
-    let scheme = meta(t, META_SCHEME)?;
-    let linear = match scheme {
-        "linear" => true,
-        "minmax" => false,
-        _ => return None,
-    };
-    let scale = parse_list(meta(t, META_STEP)?)?;
-    let zp = match meta(t, META_ZERO_POINT) {
+/// Affine codes from an affine claim (linear, minmax), when they reproduce every
+/// value exactly; stored codes are the claimed ones shifted by `offset`.
+fn affine(
+    t: &TensorProto,
+    stored: &[(usize, f32)],
+    shape: &[usize],
+    k: u32,
+    offset: i64,
+) -> Option<Store> {
+    let meta = |key| claim::meta(t, key);
+    let scale = parse_list(meta(META_STEP)?)?;
+    let zp = match meta(META_ZERO_POINT) {
         Some(z) => parse_list(z)?,
         None => vec![0.0; scale.len()],
     };
@@ -158,7 +154,7 @@ fn affine(t: &TensorProto, stored: &[(usize, f32)], shape: &[usize], k: u32) -> 
         return None;
     }
     let axis = if scale.len() > 1 {
-        let a: i64 = meta(t, META_AXIS).map_or(Some(0), |a| a.trim().parse().ok())?;
+        let a: i64 = meta(META_AXIS).map_or(Some(0), |a| a.trim().parse().ok())?;
         let a = if a < 0 { a + shape.len() as i64 } else { a };
         if !(0..shape.len() as i64).contains(&a) || shape[a as usize] != scale.len() {
             return None;
@@ -167,12 +163,7 @@ fn affine(t: &TensorProto, stored: &[(usize, f32)], shape: &[usize], k: u32) -> 
     } else {
         None
     };
-    let bias = if linear {
-        (1i64 << (k - 1)) as f32
-    } else {
-        0.0
-    };
-    let zp: Vec<f32> = zp.iter().map(|z| z + bias).collect();
+    let zp: Vec<f32> = zp.iter().map(|z| z + offset as f32).collect();
     let inner: usize = axis.map_or(1, |a| shape[a + 1..].iter().product());
     let max = (1u64 << k) as f32;
     let mut codes = Vec::with_capacity(stored.len());
@@ -231,7 +222,7 @@ impl Pass for Pack {
 
     fn run(&self, model: &mut Model, _cx: &Context) -> Result<PassReport> {
         let mut report = PassReport::new(self.name());
-        let opset = default_opset(model);
+        let opset = model.opset();
         // Plan on a read-only view.
         let mut plans: Vec<(String, Packed)> = Vec::new();
         {
@@ -256,7 +247,7 @@ impl Pass for Pack {
                     }
                     Ok(()) => {}
                 }
-                let claim = match sbits::weight(&g, t.name()) {
+                let w = match crate::repr::weight(&g, t.name()) {
                     Ok(Some(w)) => w,
                     Ok(None) => continue,
                     Err(e) => {
@@ -264,9 +255,8 @@ impl Pass for Pack {
                         continue;
                     }
                 };
-                let claim_bits = meta(t, META_SCHEME).map(|_| (claim.bits, claim.ternary));
-                let values: Vec<f32> = claim.values.iter().copied().collect();
-                match choose(t, &values, claim.values.shape(), claim_bits) {
+                let values: Vec<f32> = w.values.iter().copied().collect();
+                match choose(t, &values, w.values.shape(), w.claim.as_ref()) {
                     Ok(p) => plans.push((t.name().to_string(), p)),
                     Err(why) => report.skipped(t.name(), why),
                 }
@@ -276,15 +266,7 @@ impl Pass for Pack {
             return Ok(report);
         }
         let graph = model.graph_mut();
-        let mut taken: HashSet<String> = graph
-            .initializer
-            .iter()
-            .map(|t| t.name().to_string())
-            .chain(graph.node.iter().flat_map(|n| n.output.iter().cloned()))
-            .chain(graph.input.iter().map(|i| i.name().to_string()))
-            .collect();
-        taken.extend(graph.node.iter().map(|n| n.name().to_string()));
-        let mut shared = Shared::new(taken);
+        let mut shared = Shared::with_names(Namer::with_node_names(graph));
         let mut new_nodes = Vec::new();
         let mut new_inits = Vec::new();
         let mut removed: HashSet<String> = HashSet::new();
@@ -446,7 +428,7 @@ fn verify(
         ..Default::default()
     };
     let g0v = Graph::new(&g0)?;
-    if let Some(c) = sbits::weight(&g0v, name)? {
+    if let Some(c) = crate::repr::weight(&g0v, name)? {
         if c.bits != w.bits || c.ternary != w.ternary {
             return Ok(Err(format!(
                 "reads as {} bits{} instead of the claimed {}{}",

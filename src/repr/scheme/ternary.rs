@@ -24,6 +24,35 @@
 //!   update (each the mean of its members; an emptied cluster keeps its centroid)
 //!   until the assignment is stable, at most 30 rounds. Larger lambda: sparser.
 
+use std::ops::RangeInclusive;
+
+use super::{Params, Proof, Slice, Storage, WeightScheme};
+use crate::repr::claim::META_RULE;
+
+/// A ternary rule (the `onnx_micronet.rule` of a ternary claim).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TernaryRule {
+    Twn,
+    Msu,
+    Ec2t,
+}
+
+impl TernaryRule {
+    pub const ALL: [TernaryRule; 3] = [TernaryRule::Twn, TernaryRule::Msu, TernaryRule::Ec2t];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TernaryRule::Twn => "twn",
+            TernaryRule::Msu => "msu",
+            TernaryRule::Ec2t => "ec2t",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TernaryRule> {
+        Self::ALL.into_iter().find(|r| r.name() == s)
+    }
+}
+
 /// twn: (values, delta, alpha).
 pub fn twn(w: &[f32]) -> (Vec<f32>, f64, f64) {
     let n = w.len().max(1) as f64;
@@ -168,4 +197,101 @@ pub fn ec2t(w: &[f32], lambda: f64) -> (Vec<f32>, f64, f64, usize) {
         })
         .collect();
     (out, cent[0], cent[2], rounds)
+}
+
+/// `ternary`: {w_n, 0, w_p} by one of the rules above.
+pub struct Ternary;
+
+impl WeightScheme for Ternary {
+    fn name(&self) -> &'static str {
+        "ternary"
+    }
+    fn bit_range(&self) -> RangeInclusive<u32> {
+        2..=2
+    }
+    fn fixed_bits(&self) -> Option<u32> {
+        Some(2)
+    }
+    fn max_levels(&self, _: u32) -> u64 {
+        3
+    }
+    fn storage(&self, _: u32) -> Storage {
+        Storage::Ternary
+    }
+    fn quantize(&self, w: &[f32], _: u32, rule: Option<&str>, p: &Params, fan_in: usize) -> Slice {
+        let rule = rule
+            .and_then(TernaryRule::parse)
+            .unwrap_or(TernaryRule::Twn);
+        let (values, grid) = match rule {
+            TernaryRule::Twn => {
+                let (q, delta, alpha) = twn(w);
+                (q, format!("delta {delta:.6e}, alpha {alpha:.6e}"))
+            }
+            TernaryRule::Msu => {
+                let (q, m) = msu(w, fan_in, p.msu_alpha);
+                let mean_abs =
+                    w.iter().map(|x| x.abs() as f64).sum::<f64>() / w.len().max(1) as f64;
+                (
+                    q,
+                    format!(
+                        "threshold {} std, multiplier {m:.6e} ({:.2}x mean|w|)",
+                        p.msu_alpha,
+                        if mean_abs > 0.0 { m / mean_abs } else { 0.0 }
+                    ),
+                )
+            }
+            TernaryRule::Ec2t => {
+                let (q, wn, wp, rounds) = ec2t(w, p.ec2t_lambda);
+                (
+                    q,
+                    format!(
+                        "w_n {wn:.6e}, w_p {wp:.6e}, lambda {}, {rounds} rounds",
+                        p.ec2t_lambda
+                    ),
+                )
+            }
+        };
+        Slice {
+            values,
+            step: None,
+            zero_point: None,
+            clipped: 0,
+            grid,
+        }
+    }
+    /// At most one negative and one positive level; twn and msu symmetric (w_n = -w_p).
+    fn verify(&self, p: &Proof) -> Result<(), String> {
+        let r = p.meta(META_RULE);
+        if let Some(r) = r.filter(|r| TernaryRule::parse(r).is_none()) {
+            return Err(format!("{META_RULE} = '{r}' is not twn, msu or ec2t"));
+        }
+        let levels: std::collections::BTreeSet<u32> = p
+            .values
+            .iter()
+            .filter(|v| **v != 0.0)
+            .map(|v| v.to_bits())
+            .collect();
+        let neg: Vec<f32> = levels
+            .iter()
+            .map(|b| f32::from_bits(*b))
+            .filter(|v| *v < 0.0)
+            .collect();
+        let pos: Vec<f32> = levels
+            .iter()
+            .map(|b| f32::from_bits(*b))
+            .filter(|v| *v > 0.0)
+            .collect();
+        if neg.len() > 1 || pos.len() > 1 {
+            return Err("holds more than one negative or positive level".into());
+        }
+        if let (Some("twn" | "msu"), [n], [q]) = (r, &neg[..], &pos[..]) {
+            if *n != -*q {
+                return Err(format!(
+                    "rule {} is symmetric, yet its levels are {n} and {q}",
+                    r.unwrap_or_default()
+                ));
+            }
+        }
+        Ok(())
+    }
 }

@@ -15,20 +15,17 @@
 //!
 //! At most 2 L + 1 = 2^k - 1 distinct values. k = 2 gives {0, +-2^emax}.
 
+use std::ops::RangeInclusive;
+
+use super::{abs_at_overflow_rank, Params, Proof, Slice, Storage, WeightScheme};
+
 /// (values, emax, emin, clipped count).
 pub fn log(w: &[f32], bits: u32, overflow_rate: f64) -> (Vec<f32>, i32, i32, usize) {
     let n = w.len();
     if n == 0 || w.iter().all(|x| *x == 0.0) {
         return (w.iter().map(|_| 0.0).collect(), 0, 0, 0);
     }
-    let idx = ((overflow_rate * n as f64).floor() as usize).min(n - 1);
-    let mut a: Vec<f32> = w.iter().map(|x| x.abs()).collect();
-    let v = if idx == 0 {
-        a.iter().fold(0f32, |m, x| m.max(*x))
-    } else {
-        let (_, v, _) = a.select_nth_unstable_by(idx, |p, q| q.total_cmp(p));
-        *v
-    };
+    let v = abs_at_overflow_rank(w, overflow_rate);
     let v = if v > 0.0 {
         v
     } else {
@@ -60,4 +57,53 @@ pub fn log(w: &[f32], bits: u32, overflow_rate: f64) -> (Vec<f32>, i32, i32, usi
         })
         .collect();
     (out, emax, emin, clipped)
+}
+
+/// `log`: signed powers of two.
+pub struct Log;
+
+impl WeightScheme for Log {
+    fn name(&self) -> &'static str {
+        "log"
+    }
+    fn bit_range(&self) -> RangeInclusive<u32> {
+        2..=16
+    }
+    fn storage(&self, _: u32) -> Storage {
+        Storage::Codebook
+    }
+    fn quantize(&self, w: &[f32], bits: u32, _: Option<&str>, p: &Params, _: usize) -> Slice {
+        let (values, emax, emin, clipped) = log(w, bits, p.overflow_rate);
+        Slice {
+            values,
+            step: None,
+            zero_point: None,
+            clipped,
+            grid: format!("+-2^{emin} .. +-2^{emax} and 0"),
+        }
+    }
+    /// Every nonzero value is a signed power of two, the exponents spanning at most
+    /// 2^(k-1) values (an exponent on k - 1 bits plus a sign bit).
+    fn verify(&self, p: &Proof) -> Result<(), String> {
+        let mut exps = std::collections::BTreeSet::new();
+        for v in p.values.iter().filter(|v| **v != 0.0) {
+            let e = v.abs().log2();
+            if (e - e.round()).abs() > 1e-4 {
+                return Err(format!("value {v} is not a signed power of two"));
+            }
+            exps.insert(e.round() as i64);
+        }
+        if let (Some(lo), Some(hi)) = (exps.first(), exps.last()) {
+            let span = (hi - lo + 1) as u64;
+            let bits = p.bits;
+            if bits < 2 || span > 1u64 << (bits - 1).min(62) {
+                return Err(format!(
+                    "its exponents span 2^{lo}..2^{hi} ({span} exponents; {} bits of exponent give {})",
+                    bits.saturating_sub(1),
+                    1u64 << bits.saturating_sub(1).min(62)
+                ));
+            }
+        }
+        Ok(())
+    }
 }

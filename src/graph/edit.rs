@@ -1,0 +1,126 @@
+//! Editing helpers for passes. They act on the `GraphProto`; build a new view
+//! after. [`Namer`] is the one allocator of fresh value and initializer names.
+
+use std::collections::HashSet;
+
+use super::subgraph_free_values;
+use crate::onnx::proto::GraphProto;
+use crate::onnx::TensorData;
+
+/// Replaces the initializer `name` by `data` (keeping its doc string and
+/// metadata), or adds it when absent.
+pub fn set_initializer(g: &mut GraphProto, name: &str, data: &TensorData) {
+    let mut t = data.to_proto(name);
+    if let Some(old) = g.initializer.iter_mut().find(|t| t.name() == name) {
+        t.doc_string = old.doc_string.take();
+        t.metadata_props = std::mem::take(&mut old.metadata_props);
+        *old = t;
+    } else {
+        g.initializer.push(t);
+    }
+}
+
+/// Removes the nodes at these indices.
+pub fn remove_nodes(g: &mut GraphProto, idxs: &HashSet<usize>) {
+    let mut i = 0;
+    g.node.retain(|_| {
+        let keep = !idxs.contains(&i);
+        i += 1;
+        keep
+    });
+}
+
+/// Removes initializers nothing reads (nodes, subgraphs, graph outputs); returns their names.
+pub fn remove_unused_initializers(g: &mut GraphProto) -> Vec<String> {
+    let mut used: HashSet<String> = HashSet::new();
+    for n in &g.node {
+        used.extend(n.input.iter().cloned());
+        used.extend(subgraph_free_values(n));
+    }
+    used.extend(g.output.iter().map(|o| o.name().to_string()));
+    let mut removed = Vec::new();
+    g.initializer.retain(|t| {
+        let keep = used.contains(t.name());
+        if !keep {
+            removed.push(t.name().to_string());
+        }
+        keep
+    });
+    // Before IR 4 initializers are listed as inputs too: drop those entries with them.
+    let gone: HashSet<&str> = removed.iter().map(String::as_str).collect();
+    g.input.retain(|i| !gone.contains(i.name()));
+    removed
+}
+
+/// Fresh names: every name it hands out is new to the graph it was made from
+/// and to every name handed out before. `base` itself when free, else `base_1`,
+/// `base_2`, ... (the first free one).
+#[derive(Debug, Clone, Default)]
+pub struct Namer {
+    taken: HashSet<String>,
+}
+
+impl Namer {
+    /// The names a graph defines: initializers, node outputs and graph inputs.
+    pub fn of(g: &GraphProto) -> Namer {
+        let taken = g
+            .initializer
+            .iter()
+            .map(|t| t.name().to_string())
+            .chain(g.node.iter().flat_map(|n| n.output.iter().cloned()))
+            .chain(g.input.iter().map(|i| i.name().to_string()))
+            .collect();
+        Namer { taken }
+    }
+
+    /// [`Namer::of`] plus the node names (for names that also name nodes).
+    pub fn with_node_names(g: &GraphProto) -> Namer {
+        let mut n = Namer::of(g);
+        n.taken.extend(g.node.iter().map(|n| n.name().to_string()));
+        n
+    }
+
+    /// Whether a name is taken.
+    pub fn is_taken(&self, name: &str) -> bool {
+        self.taken.contains(name)
+    }
+
+    /// Marks a name as taken (made elsewhere).
+    pub fn take(&mut self, name: impl Into<String>) {
+        self.taken.insert(name.into());
+    }
+
+    /// Gives a name back (a tentative name that was not used).
+    pub fn release(&mut self, name: &str) {
+        self.taken.remove(name);
+    }
+
+    /// How many names are taken.
+    pub fn len(&self) -> usize {
+        self.taken.len()
+    }
+
+    /// Whether no name is taken.
+    pub fn is_empty(&self) -> bool {
+        self.taken.is_empty()
+    }
+
+    /// Whether any taken name starts with `prefix`.
+    pub fn any_starts_with(&self, prefix: &str) -> bool {
+        self.taken.iter().any(|t| t.starts_with(prefix))
+    }
+
+    /// A fresh name derived from `base`, now taken.
+    pub fn fresh(&mut self, base: &str) -> String {
+        let name = if !self.taken.contains(base) {
+            base.to_string()
+        } else {
+            (1..)
+                .map(|k| format!("{base}_{k}"))
+                .find(|n| !self.taken.contains(n.as_str()))
+                .expect("some name is free")
+        };
+        self.taken.insert(name.clone());
+        name
+    }
+}
