@@ -40,6 +40,7 @@ pub enum Command {
     /// Example:
     ///   onnx-micronet inspect fixtures/mobilenetv2_cifar_bn.onnx
     ///   onnx-micronet inspect model.onnx --json > model.json
+    #[command(verbatim_doc_comment)]
     Inspect {
         /// The ONNX model (a single file, or a model with external data beside it).
         model: PathBuf,
@@ -60,6 +61,7 @@ pub enum Command {
     ///   onnx-micronet convert model.onnx -o copy.onnx
     ///   onnx-micronet convert dynamo/model.onnx -o single.onnx        (pull external data in)
     ///   onnx-micronet convert big.onnx -o out/big.onnx --external-data (writes out/big.onnx.data)
+    #[command(verbatim_doc_comment)]
     Convert {
         /// The ONNX model to read.
         model: PathBuf,
@@ -92,6 +94,7 @@ pub enum Command {
     ///   onnx-micronet score model.onnx
     ///   onnx-micronet score mobilenet_v2.onnx --track imagenet --json report.json
     ///   onnx-micronet score model.onnx --input-shape 1,3,32,32 --accumulation tree --json -
+    #[command(verbatim_doc_comment)]
     Score {
         /// The ONNX model.
         model: PathBuf,
@@ -114,9 +117,10 @@ pub enum Command {
     /// foolbox-style `<set>_<idx>_<label>` names, or a labels.txt/labels.csv).
     ///
     /// Examples:
-    ///   onnx-micronet validate model.onnx --data cifar-10-batches-bin/test_batch.bin --preprocess cifar
-    ///   onnx-micronet validate model.onnx small.onnx --data imagenet-val/ --preprocess imagenet --limit 1000
+    ///   onnx-micronet validate model.onnx --data cifar-10-batches-bin/test_batch.bin
+    ///   onnx-micronet validate model.onnx small.onnx --data imagenet-val/ --limit 1000
     ///   onnx-micronet validate mnist.onnx --data t10k-images-idx3-ubyte.gz --json -
+    #[command(verbatim_doc_comment)]
     Validate {
         /// The model to measure.
         model: PathBuf,
@@ -136,9 +140,11 @@ pub enum Command {
     ///
     /// Examples:
     ///   onnx-micronet optimize model.onnx -o small.onnx
-    ///   onnx-micronet optimize model.onnx -o small.onnx --prune magnitude:0.5 --data test/ --preprocess cifar
-    ///   onnx-micronet optimize model.onnx -o small.onnx --prune reweighted:0.7 --calib train/ --calib-samples 128
+    ///   onnx-micronet optimize m.onnx -o s.onnx --prune magnitude:0.5 --data test/ --preprocess cifar
+    ///   onnx-micronet optimize m.onnx -o s.onnx --quantize fp16 --data test/ --min-agreement 0.99
+    ///   onnx-micronet optimize m.onnx -o s.onnx --prune reweighted:0.7 --calib train/ --calib-samples 128
     ///   onnx-micronet optimize model.onnx -o small.onnx --recipe recipe.toml --dry-run
+    #[command(verbatim_doc_comment)]
     Optimize {
         /// The ONNX model to compress (never written).
         model: PathBuf,
@@ -167,6 +173,10 @@ pub enum Command {
         /// Fail (exit 3, no output) when top-1 drops by more than this (0.01 or 1 for one point).
         #[arg(long, value_name = "D", requires = "data")]
         max_drop: Option<f64>,
+        /// Fail (exit 3, no output) when the written model's top-1 agrees with the
+        /// original's on less than this share of the images (0.9 or 90; labels not needed).
+        #[arg(long, value_name = "A", requires = "data")]
+        min_agreement: Option<f64>,
         /// Print the plan and the predicted score without writing anything.
         #[arg(long)]
         dry_run: bool,

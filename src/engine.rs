@@ -90,8 +90,39 @@ fn datum_type(elem: i32) -> DatumType {
     }
 }
 
+/// Refuses, in words a user can act on, what tract would refuse in its own: a
+/// BatchNormalization in training mode (`training_mode` = 1 from opset 14, or
+/// running statistics as outputs; `is_test` = 0 in opsets 1 and 6) normalizes with
+/// the batch's statistics and has no inference meaning.
+fn check_inference_graph(model: &Model) -> Result<()> {
+    use crate::onnx::attr::NodeAttrs;
+    let opset = model.opset();
+    for n in &model.graph().node {
+        if n.op_type() != "BatchNormalization" {
+            continue;
+        }
+        let outputs = n.output.iter().filter(|o| !o.is_empty()).count();
+        let training = n.int_or("training_mode", 0)? != 0
+            || outputs > 1
+            || (opset < 7 && n.int_or("is_test", 0)? == 0);
+        if training {
+            return Err(Error::Usage(format!(
+                "node '{}' (BatchNormalization) runs in training mode ({}): it normalizes with the batch's statistics; export the model in eval mode (model.eval() before torch.onnx.export)",
+                n.name(),
+                if opset < 7 {
+                    format!("opset {opset}, is_test = 0")
+                } else {
+                    format!("training_mode = 1, {outputs} outputs")
+                }
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Hands the model to tract (as bytes, see the module doc).
 fn tract_proto(model: &Model) -> Result<tract_onnx::pb::ModelProto> {
+    check_inference_graph(model)?;
     let bytes = model.proto.encode_to_vec();
     tract_onnx::pb::ModelProto::decode(&bytes[..])
         .map_err(|e| Error::Usage(format!("tract cannot decode the model: {e}")))
@@ -159,54 +190,213 @@ const SHAPE_ONLY_READERS: &[&str] = &[
     "PRelu",
 ];
 
-/// The model for shape inference only: large float initializers that only
-/// [`SHAPE_ONLY_READERS`] read become graph inputs of the same type and shape, so
-/// the weights are neither copied into tract's protobuf nor decoded by it (the
-/// shapes do not depend on them). Returns the proto and the moved tensors' shapes,
-/// in the order they were appended to the inputs.
+/// Quantized ops rewritten to their float equivalents for shape inference: (op,
+/// float op, the inputs kept, in order). Their output shapes are the float op's;
+/// tract does not know most of them (QLinearAdd, QGemm, ... are onnxruntime's
+/// contrib ops) nor the element types they use (int4).
+const SHAPE_PROXIES: &[(&str, &str, &[usize])] = &[
+    ("QLinearConv", "Conv", &[0, 3, 8]),
+    ("ConvInteger", "Conv", &[0, 1]),
+    ("QLinearMatMul", "MatMul", &[0, 3]),
+    ("MatMulInteger", "MatMul", &[0, 1]),
+    ("QGemm", "Gemm", &[0, 3, 6]),
+    ("QLinearAdd", "Add", &[0, 3]),
+    ("QLinearMul", "Mul", &[0, 3]),
+    ("QLinearGlobalAveragePool", "GlobalAveragePool", &[0]),
+    ("QLinearAveragePool", "AveragePool", &[0]),
+    ("QLinearSigmoid", "Sigmoid", &[0]),
+    ("QLinearLeakyRelu", "LeakyRelu", &[0]),
+    ("QLinearSoftmax", "Softmax", &[0]),
+    ("QuantizeLinear", "Identity", &[0]),
+];
+
+/// The float equivalent of a quantized op, for shapes and counting (`None`: not one).
+pub fn float_equivalent(op: &str) -> Option<&'static str> {
+    SHAPE_PROXIES
+        .iter()
+        .find(|(q, _, _)| *q == op)
+        .map(|(_, f, _)| *f)
+        .or(match op {
+            "QLinearConcat" => Some("Concat"),
+            "DequantizeLinear" => Some("Cast"),
+            _ => None,
+        })
+}
+
+/// Element types tract loads (tract-onnx `tensor.rs`): others (int4, bfloat16,
+/// float8, ...) must not reach it.
+fn tract_loads(t: i32) -> bool {
+    use DataType as D;
+    matches!(
+        DataType::try_from(t),
+        Ok(D::Bool
+            | D::Uint8
+            | D::Uint16
+            | D::Uint32
+            | D::Uint64
+            | D::Int8
+            | D::Int16
+            | D::Int32
+            | D::Int64
+            | D::Float16
+            | D::Float
+            | D::Double
+            | D::String)
+    )
+}
+
+/// The model for shape inference only, a float proxy of it:
+/// - quantized ops become their float equivalents ([`SHAPE_PROXIES`]; QLinearConcat
+///   a Concat of its data inputs, DynamicQuantizeLinear an Identity plus scalar
+///   constants, DequantizeLinear a Cast to float), keeping value names;
+/// - initializers that only such ops or [`SHAPE_ONLY_READERS`] read (large float
+///   weights, integer weights and biases of quantized ops) and every initializer of
+///   a type tract does not load (int4, bfloat16, float8) become float graph inputs
+///   of the same shape: the weights are neither copied into tract's protobuf nor
+///   decoded by it (the shapes do not depend on them).
+///
+/// Returns the proto and the moved tensors' shapes, in the order they were appended
+/// to the inputs.
 fn shape_proto(model: &Model) -> Result<(tract_onnx::pb::ModelProto, Vec<Vec<usize>>)> {
-    use crate::onnx::proto::{type_proto, TensorShapeProto, TypeProto, ValueInfoProto};
+    use crate::onnx::attr;
+    use crate::onnx::proto::{type_proto, NodeProto, TensorShapeProto, TypeProto, ValueInfoProto};
     const MIN_ELEMENTS: i64 = 1024;
-    let g = model.graph();
-    let mut only_shape: HashMap<&str, bool> = HashMap::new();
-    for n in &g.node {
-        let ok = SHAPE_ONLY_READERS.contains(&n.op_type());
-        for v in &n.input {
-            let e = only_shape.entry(v.as_str()).or_insert(true);
-            *e &= ok;
-        }
-    }
-    let outputs: std::collections::HashSet<&str> = g.output.iter().map(|o| o.name()).collect();
-    let movable = |t: &crate::onnx::TensorProto| {
-        t.data_type() == DataType::Float as i32
-            && t.dims.iter().product::<i64>() >= MIN_ELEMENTS
-            && t.dims.iter().all(|d| *d >= 0)
-            && only_shape.get(t.name()).copied().unwrap_or(false)
-            && !outputs.contains(t.name())
-    };
-    let moved: Vec<&crate::onnx::TensorProto> =
-        g.initializer.iter().filter(|t| movable(t)).collect();
-    if moved.is_empty() {
-        return Ok((tract_proto(model)?, Vec::new()));
-    }
-    let names: std::collections::HashSet<String> =
-        moved.iter().map(|t| t.name().to_string()).collect();
     // Tensor payloads are reference-counted `Bytes`: this clone does not copy weights.
     let mut proto = model.proto.clone();
     let graph = proto.graph.as_mut().expect("loaded models have a graph");
+    let mut rewritten: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut nodes = Vec::with_capacity(graph.node.len());
+    for n in std::mem::take(&mut graph.node) {
+        let op = n.op_type().to_string();
+        let keep = |n: &NodeProto, op: &str, inputs: Vec<String>, attrs: Vec<_>| NodeProto {
+            op_type: Some(op.into()),
+            domain: None,
+            input: inputs,
+            output: n.output.clone(),
+            name: n.name.clone(),
+            attribute: attrs,
+            ..Default::default()
+        };
+        let pick = |idx: &[usize]| -> Vec<String> {
+            let mut v: Vec<String> = idx
+                .iter()
+                .map(|&i| n.input.get(i).cloned().unwrap_or_default())
+                .collect();
+            while v.last().is_some_and(|s| s.is_empty()) {
+                v.pop();
+            }
+            v
+        };
+        let attrs: Vec<_> = n
+            .attribute
+            .iter()
+            .filter(|a| a.name() != "channels_last")
+            .cloned()
+            .collect();
+        if let Some((_, f, idx)) = SHAPE_PROXIES.iter().find(|(q, _, _)| *q == op) {
+            let attrs = if *f == "Identity" { vec![] } else { attrs };
+            let m = keep(&n, f, pick(idx), attrs);
+            rewritten.extend(m.input.iter().cloned());
+            nodes.push(m);
+        } else if op == "QLinearConcat" {
+            let inputs = n.input.iter().skip(2).step_by(3).cloned().collect();
+            nodes.push(keep(&n, "Concat", inputs, attrs));
+        } else if op == "DequantizeLinear" {
+            let m = keep(
+                &n,
+                "Cast",
+                pick(&[0]),
+                vec![attr::int("to", DataType::Float as i64)],
+            );
+            rewritten.extend(m.input.iter().cloned());
+            nodes.push(m);
+        } else if op == "DynamicQuantizeLinear" {
+            let x = n.input.first().cloned().unwrap_or_default();
+            let outs = &n.output;
+            if let Some(y) = outs.first() {
+                nodes.push(NodeProto {
+                    op_type: Some("Identity".into()),
+                    input: vec![x],
+                    output: vec![y.clone()],
+                    ..Default::default()
+                });
+            }
+            for o in outs.iter().skip(1).filter(|o| !o.is_empty()) {
+                let zero = crate::onnx::TensorData::F32(ndarray::arr0(1.0f32).into_dyn());
+                nodes.push(NodeProto {
+                    op_type: Some("Constant".into()),
+                    output: vec![o.clone()],
+                    attribute: vec![attr::tensor("value", zero.to_proto(""))],
+                    ..Default::default()
+                });
+            }
+        } else {
+            nodes.push(n);
+        }
+    }
+    graph.node = nodes;
+    let mut only_shape: HashMap<String, bool> = HashMap::new();
+    for n in &graph.node {
+        let ok = SHAPE_ONLY_READERS.contains(&n.op_type());
+        for v in &n.input {
+            let e = only_shape.entry(v.clone()).or_insert(true);
+            *e &= ok;
+        }
+    }
+    let outputs: std::collections::HashSet<String> =
+        graph.output.iter().map(|o| o.name().to_string()).collect();
+    let movable = |t: &crate::onnx::TensorProto| {
+        if t.dims.iter().any(|d| *d < 0) || outputs.contains(t.name()) {
+            return false;
+        }
+        let read_for_shape = only_shape.get(t.name()).copied().unwrap_or(false);
+        !tract_loads(t.data_type())
+            || (read_for_shape && rewritten.contains(t.name()))
+            || (t.data_type() == DataType::Float as i32
+                && t.dims.iter().product::<i64>() >= MIN_ELEMENTS
+                && read_for_shape)
+    };
+    let names: std::collections::HashSet<String> = graph
+        .initializer
+        .iter()
+        .filter(|t| movable(t))
+        .map(|t| t.name().to_string())
+        .collect();
+    if names.is_empty() && rewritten.is_empty() {
+        return Ok((tract_proto(model)?, Vec::new()));
+    }
+    let moved: Vec<Vec<i64>> = graph
+        .initializer
+        .iter()
+        .filter(|t| names.contains(t.name()))
+        .map(|t| t.dims.clone())
+        .collect();
+    let moved_names: Vec<String> = graph
+        .initializer
+        .iter()
+        .filter(|t| names.contains(t.name()))
+        .map(|t| t.name().to_string())
+        .collect();
     graph.initializer.retain(|t| !names.contains(t.name()));
     graph.input.retain(|i| !names.contains(i.name()));
+    // Initializers nothing reads any more (the scales and zero points of rewritten
+    // ops) may be of types tract does not load: drop them.
+    let read: std::collections::HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().cloned())
+        .chain(graph.output.iter().map(|o| o.name().to_string()))
+        .collect();
+    graph.initializer.retain(|t| read.contains(t.name()));
     let mut shapes = Vec::new();
-    for t in &moved {
-        let dims: Vec<usize> = t.dims.iter().map(|d| *d as usize).collect();
+    for (name, dims) in moved_names.iter().zip(&moved) {
         graph.input.push(ValueInfoProto {
-            name: Some(t.name().to_string()),
+            name: Some(name.clone()),
             r#type: Some(TypeProto {
                 value: Some(type_proto::Value::TensorType(type_proto::Tensor {
                     elem_type: Some(DataType::Float as i32),
                     shape: Some(TensorShapeProto {
-                        dim: t
-                            .dims
+                        dim: dims
                             .iter()
                             .map(|d| crate::onnx::proto::tensor_shape_proto::Dimension {
                                 value: Some(
@@ -221,8 +411,9 @@ fn shape_proto(model: &Model) -> Result<(tract_onnx::pb::ModelProto, Vec<Vec<usi
             }),
             ..Default::default()
         });
-        shapes.push(dims);
+        shapes.push(dims.iter().map(|d| *d as usize).collect());
     }
+    check_inference_graph(model)?;
     let bytes = proto.encode_to_vec();
     let parsed = tract_onnx::pb::ModelProto::decode(&bytes[..])
         .map_err(|e| Error::Usage(format!("tract cannot decode the model: {e}")))?;
@@ -233,6 +424,7 @@ fn value_shapes_unguarded(
     model: &Model,
     inputs: &[InputShape],
 ) -> Result<HashMap<String, Vec<usize>>> {
+    check_inference_graph(model)?;
     let (proto, moved) = shape_proto(model)?;
     let onnx = tract_onnx::onnx().with_ignore_value_info(true);
     let parsed = onnx
@@ -274,6 +466,9 @@ pub struct Plan {
     plan: Arc<TypedRunnableModel>,
     /// The input shape it was built for (batch 1).
     pub input_shape: Vec<usize>,
+    /// Elements of the first output per image (the class count of a classifier),
+    /// when tract knows it before running.
+    pub output_len: Option<usize>,
 }
 
 /// Builds a plan for the model's first input with `input_shape` (batch 1).
@@ -293,9 +488,15 @@ fn plan_unguarded(model: &Model, input_shape: &[usize]) -> Result<Plan> {
     m.set_input_fact(0, f32::fact(input_shape).into())
         .map_err(|e| tract_err(model, "setting the input shape", e))?;
     let plan = runnable(model, m)?;
+    let output_len = plan
+        .model()
+        .output_fact(0)
+        .ok()
+        .and_then(|f| f.shape.as_concrete().map(|d| d.iter().product::<usize>()));
     Ok(Plan {
         plan,
         input_shape: input_shape.to_vec(),
+        output_len,
     })
 }
 
@@ -312,6 +513,36 @@ fn runnable(model: &Model, m: InferenceModel) -> Result<Arc<TypedRunnableModel>>
         .into_optimized()
         .and_then(|m| m.into_runnable())
         .map_err(|e| tract_err(model, "tract cannot optimize the model", format!("{e:#}")))
+}
+
+/// Runs the model once on one input tensor of any rank (its first input; the
+/// shape fixes the input) and returns every output as f32. For tests and
+/// one-off checks; accuracy runs use [`plan`] and [`run_images`].
+pub fn run_tensor(model: &Model, x: ndarray::ArrayD<f32>) -> Result<Vec<ndarray::ArrayD<f32>>> {
+    guarded(model, "tract cannot run the model", || {
+        let proto = tract_proto(model)?;
+        let onnx = tract_onnx::onnx().with_ignore_value_info(true);
+        let parsed = onnx
+            .parse(&proto, None)
+            .map_err(|e| tract_err(model, "tract cannot load the model", format!("{e:#}")))?;
+        let mut m = parsed.model;
+        m.set_input_fact(0, f32::fact(x.shape()).into())
+            .map_err(|e| tract_err(model, "setting the input shape", e))?;
+        let plan = runnable(model, m)?;
+        let t: Tensor = x.into();
+        let y = plan
+            .run(tvec!(t.into_tvalue()))
+            .map_err(|e| Error::Usage(format!("tract failed: {e:#}")))?;
+        y.iter()
+            .map(|v| {
+                v.cast_to::<f32>()
+                    .map_err(|e| Error::Usage(format!("output is not numeric: {e}")))?
+                    .to_plain_array_view::<f32>()
+                    .map(|a| a.to_owned())
+                    .map_err(|e| Error::Usage(format!("output: {e}")))
+            })
+            .collect()
+    })
 }
 
 /// (image index, its flattened first output) pairs computed by one worker.

@@ -17,63 +17,115 @@ use onnx_micronet::recipe::{Overrides, Recipe};
 use onnx_micronet::score::{self, Counting};
 use onnx_micronet::validate;
 
-/// Why the rewritten model's accuracy falls short of the gate, if it does.
-fn accuracy_shortfall(
-    v: &validate::Report,
+/// The accuracy gates of `optimize`.
+struct Gates {
     min_accuracy: Option<f64>,
     max_drop: Option<f64>,
-) -> Option<String> {
-    let frac = |x: f64| if x > 1.0 { x / 100.0 } else { x };
-    let (orig, new) = (v.runs.first()?.top1?, v.runs.get(1)?.top1?);
-    if let Some(m) = min_accuracy.map(frac) {
-        if new < m {
-            return Some(format!(
-                "top-1 {:.2}% is below --min-accuracy {:.2}%",
-                100.0 * new,
-                100.0 * m
-            ));
-        }
-    }
-    if let Some(d) = max_drop.map(frac) {
-        if orig - new > d {
-            return Some(format!(
-                "top-1 dropped {:.2} points ({:.2}% -> {:.2}%), more than --max-drop {:.2}",
-                100.0 * (orig - new),
-                100.0 * orig,
-                100.0 * new,
-                100.0 * d
-            ));
-        }
-    }
-    None
+    min_agreement: Option<f64>,
 }
 
-/// Loads the data the way the first model's input wants it and runs one or two models.
-fn run_validation(
-    first: &onnx::Model,
-    first_path: &std::path::Path,
-    second: Option<(&onnx::Model, &PathBuf)>,
-    args: &DataArgs,
-) -> anyhow::Result<validate::Report> {
-    let geometry = validate::input_geometry(first, &args.input_shape)?;
-    let prep = &args.prep;
+impl Gates {
+    fn any(&self) -> bool {
+        self.min_accuracy.is_some() || self.max_drop.is_some() || self.min_agreement.is_some()
+    }
+
+    /// A gate that cannot be evaluated on this data is an error before any work.
+    fn check(&self, data: &onnx_micronet::data::Dataset) -> anyhow::Result<()> {
+        if (self.min_accuracy.is_some() || self.max_drop.is_some()) && !data.is_labelled() {
+            let n = data.labels.iter().filter(|l| l.is_some()).count();
+            anyhow::bail!(onnx_micronet::Error::Usage(format!(
+                "--min-accuracy and --max-drop need labelled --data ({n} of {} images are labelled: {}); use --min-agreement to gate on agreement with the original",
+                data.len(),
+                data.description
+            )));
+        }
+        Ok(())
+    }
+
+    /// Why the rewritten model falls short, if it does.
+    fn shortfall(&self, v: &validate::Report) -> Option<String> {
+        let frac = |x: f64| if x > 1.0 { x / 100.0 } else { x };
+        if let (Some(m), Some(a)) = (self.min_agreement.map(frac), &v.agreement) {
+            if a.top1_agreement < m {
+                return Some(format!(
+                    "top-1 agreement with the original {:.2}% is below --min-agreement {:.2}%",
+                    100.0 * a.top1_agreement,
+                    100.0 * m
+                ));
+            }
+        }
+        let (orig, new) = (v.runs.first()?.top1?, v.runs.get(1)?.top1?);
+        if let Some(m) = self.min_accuracy.map(frac) {
+            if new < m {
+                return Some(format!(
+                    "top-1 {:.2}% is below --min-accuracy {:.2}%",
+                    100.0 * new,
+                    100.0 * m
+                ));
+            }
+        }
+        if let Some(d) = self.max_drop.map(frac) {
+            if orig - new > d {
+                return Some(format!(
+                    "top-1 dropped {:.2} points ({:.2}% -> {:.2}%), more than --max-drop {:.2}",
+                    100.0 * (orig - new),
+                    100.0 * orig,
+                    100.0 * new,
+                    100.0 * d
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// Images prepared for a model's input, with the preset used.
+struct Prepared {
+    data: onnx_micronet::data::Dataset,
+    geometry: validate::Geometry,
+    preset: String,
+}
+
+/// Loads images the way `model`'s input wants them; prints the data's warnings.
+fn prepare(
+    model: &onnx::Model,
+    path: &Path,
+    prep: &PrepArgs,
+    input_shape: &[Vec<usize>],
+    limit: Option<usize>,
+) -> anyhow::Result<Prepared> {
+    let geometry = validate::input_geometry(model, input_shape)?;
     let preset = prep
         .preprocess
         .clone()
         .unwrap_or_else(|| geometry.default_preset().to_string());
-    let data = validate::load_data(&args.data, &preset, prep.data_format, prep.limit, &geometry)?;
-    let threads = prep
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let mut models = vec![(first_path.display().to_string(), first)];
-    if let Some((m, p)) = second {
-        models.push((p.display().to_string(), m));
+    let data = validate::load_data(path, &preset, prep.data_format, limit, &geometry)?;
+    for w in &data.warnings {
+        eprintln!("warning: {}: {w}", path.display());
     }
+    Ok(Prepared {
+        data,
+        geometry,
+        preset,
+    })
+}
+
+fn threads(prep: &PrepArgs) -> usize {
+    prep.threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Runs one or two models on prepared data, with progress bars.
+fn run_validation(
+    models: &[(String, &onnx::Model)],
+    p: &Prepared,
+    threads: usize,
+) -> anyhow::Result<validate::Report> {
     let named: Vec<(&str, &onnx::Model)> = models.iter().map(|(n, m)| (n.as_str(), *m)).collect();
     let bars: Vec<indicatif::ProgressBar> = named
         .iter()
         .map(|(n, _)| {
-            let bar = indicatif::ProgressBar::new(data.images.shape()[0] as u64);
+            let bar = indicatif::ProgressBar::new(p.data.images.shape()[0] as u64);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
                     "{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
@@ -85,13 +137,13 @@ fn run_validation(
             bar
         })
         .collect();
-    let report = validate::validate(&named, &geometry.shape, &data, threads, &|k, done| {
+    let report = validate::validate(&named, &p.geometry.shape, &p.data, threads, &|k, done| {
         bars[k].set_position(done as u64)
     })?;
     for b in &bars {
         b.finish_and_clear();
     }
-    eprintln!("preprocess: {preset}");
+    eprintln!("preprocess: {}", p.preset);
     Ok(report)
 }
 
@@ -186,6 +238,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             prep,
             min_accuracy,
             max_drop,
+            min_agreement,
             dry_run,
             report,
             external_data,
@@ -199,8 +252,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             calib_samples,
             data,
             prep,
-            min_accuracy,
-            max_drop,
+            gates: Gates {
+                min_accuracy,
+                max_drop,
+                min_agreement,
+            },
             dry_run,
             report,
             external_data,
@@ -284,8 +340,18 @@ fn validate(
 ) -> anyhow::Result<ExitCode> {
     let first = onnx_micronet::load(model)?;
     let second = other.map(onnx_micronet::load).transpose()?;
-    let other = other.map(Path::to_path_buf);
-    let report = run_validation(&first, model, second.as_ref().zip(other.as_ref()), data)?;
+    let p = prepare(
+        &first,
+        &data.data,
+        &data.prep,
+        &data.input_shape,
+        data.prep.limit,
+    )?;
+    let mut models = vec![(model.display().to_string(), &first)];
+    if let (Some(m), Some(path)) = (&second, other) {
+        models.push((path.display().to_string(), m));
+    }
+    let report = run_validation(&models, &p, threads(&data.prep))?;
     emit_report(|| report.to_text(), &report, json)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -300,8 +366,7 @@ struct OptimizeArgs {
     calib_samples: usize,
     data: Option<PathBuf>,
     prep: PrepArgs,
-    min_accuracy: Option<f64>,
-    max_drop: Option<f64>,
+    gates: Gates,
     dry_run: bool,
     report: Option<PathBuf>,
     external_data: bool,
@@ -316,58 +381,48 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
     };
     r.apply(&a.overrides)?;
     let opts = a.counting.resolve(&original)?;
-    let threads = a
-        .prep
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let geometry = validate::input_geometry(&original, &a.counting.input_shape);
-    let calib_data = match &a.calib {
-        Some(p) => {
-            let g = geometry
-                .as_ref()
-                .map_err(|e| anyhow::anyhow!("--calib: {e}"))?;
-            let preset = a
-                .prep
-                .preprocess
-                .clone()
-                .unwrap_or_else(|| g.default_preset().to_string());
-            Some(validate::load_data(
-                p,
-                &preset,
-                a.prep.data_format,
-                Some(a.calib_samples),
-                g,
-            )?)
+    let threads = threads(&a.prep);
+    // The evaluation data first: a gate it cannot answer fails before any work.
+    let eval = match &a.data {
+        Some(d) => {
+            let p = prepare(&original, d, &a.prep, &a.counting.input_shape, a.prep.limit)?;
+            a.gates.check(&p.data)?;
+            Some(p)
+        }
+        None if a.gates.any() => {
+            anyhow::bail!(onnx_micronet::Error::Usage(
+                "--min-accuracy, --max-drop and --min-agreement need --data".into()
+            ))
         }
         None => None,
     };
+    let calib = match &a.calib {
+        Some(p) => Some(prepare(
+            &original,
+            p,
+            &a.prep,
+            &a.counting.input_shape,
+            Some(a.calib_samples),
+        )?),
+        None => None,
+    };
+    let geometry = validate::input_geometry(&original, &a.counting.input_shape).ok();
     let cx = PassContext {
-        calib: calib_data.as_ref(),
-        input_shape: geometry
-            .as_ref()
-            .map(|g| g.shape.clone())
-            .unwrap_or_default(),
+        calib: calib.as_ref().map(|c| &c.data),
+        input_shape: geometry.map(|g| g.shape).unwrap_or_default(),
         threads,
     };
     let (optimized, passes) = optimize::run(&original, &r, &cx)?;
     let (before, mut after) = optimize::scores(&original, &optimized, &opts)?;
-    let validation = match &a.data {
-        Some(d) => {
-            let args = DataArgs {
-                data: d.clone(),
-                prep: PrepArgs {
-                    threads: Some(threads),
-                    ..a.prep.clone()
-                },
-                input_shape: a.counting.input_shape.clone(),
-            };
-            Some(run_validation(
-                &original,
-                &a.model,
-                Some((&optimized, &a.output)),
-                &args,
-            )?)
-        }
+    let validation = match &eval {
+        Some(p) => Some(run_validation(
+            &[
+                (a.model.display().to_string(), &original),
+                (a.output.display().to_string(), &optimized),
+            ],
+            p,
+            threads,
+        )?),
         None => None,
     };
     let mut rep = optimize::OptimizeReport {
@@ -380,7 +435,7 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
         validation,
     };
     if let Some(v) = &rep.validation {
-        if let Some(why) = accuracy_shortfall(v, a.min_accuracy, a.max_drop) {
+        if let Some(why) = a.gates.shortfall(v) {
             out(&rep.to_text())?;
             eprintln!("error: {why}; nothing written");
             return Ok(ExitCode::from(3));

@@ -153,11 +153,18 @@ impl Recipe {
                 )))
             }
         };
+        let act_quant = match &self.act_quant {
+            Some(s) => Some(passes::act_quant::ActQuantConfig {
+                qdq_weights: pack,
+                ..s.config()?
+            }),
+            None => None,
+        };
         Ok(passes::pipeline(passes::Plan {
             fold_bn: self.fold_bn.unwrap_or(true),
             prune: self.prune.as_ref().map(PruneSection::config).transpose()?,
             quantize: self.quantize.as_ref().map(|s| s.config()).transpose()?,
-            act_quant: self.act_quant.as_ref().map(|s| s.config()).transpose()?,
+            act_quant,
             pack,
         }))
     }

@@ -113,6 +113,9 @@ pub fn validate(
     let mut runs = Vec::new();
     for (k, (name, model)) in models.iter().enumerate() {
         let plan = engine::plan(model, input_shape)?;
+        if let Some(classes) = plan.output_len {
+            check_labels(data, classes, name)?;
+        }
         let start = Instant::now();
         let images = if input_shape[1..] == data.images.shape()[1..] {
             data.images.view()
@@ -146,6 +149,26 @@ pub fn validate(
         runs,
         agreement,
     })
+}
+
+/// Every label is one of the model's `classes` outputs; else an error naming the
+/// first image whose label is not (file names such as `IMG_20240101_153012.jpg`
+/// can look like `<set>_<idx>_<label>`).
+pub fn check_labels(data: &Dataset, classes: usize, model: &str) -> Result<()> {
+    if let Some((name, label)) = data
+        .names
+        .iter()
+        .zip(&data.labels)
+        .find_map(|(n, l)| l.filter(|l| *l >= classes).map(|l| (n, l)))
+    {
+        return Err(Error::Usage(format!(
+            "image '{name}' has label {label}, but '{model}' has {classes} classes (0..{}); \
+             the labels come from: {}",
+            classes - 1,
+            data.description
+        )));
+    }
+    Ok(())
 }
 
 fn argmax(row: ArrayView1<f32>) -> usize {

@@ -125,6 +125,7 @@ fn quantized(act_bits: Option<u32>) -> Model {
             labels: vec![None],
             names: vec!["calib".into()],
             description: "hand-made".into(),
+            warnings: Vec::new(),
         };
         let cx = Context {
             calib: Some(&data),

@@ -185,6 +185,7 @@ fn images(n: usize, salt: u64) -> Dataset {
         labels: vec![None; n],
         names: (0..n).map(|i| format!("synthetic {i}")).collect(),
         description: "synthetic".into(),
+        warnings: Vec::new(),
     }
 }
 
@@ -197,6 +198,7 @@ fn subset(d: &Dataset, r: Range<usize>) -> Dataset {
         labels: d.labels[r.clone()].to_vec(),
         names: d.names[r].to_vec(),
         description: d.description.clone(),
+        warnings: Vec::new(),
     }
 }
 
@@ -213,6 +215,7 @@ fn with_mirrors(parts: &[&Dataset]) -> Dataset {
         labels: vec![None; n],
         names: (0..n).map(|i| format!("calibration {i}")).collect(),
         description: "calibration".into(),
+        warnings: Vec::new(),
     }
 }
 

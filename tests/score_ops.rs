@@ -137,8 +137,10 @@ fn int8_weight_through_dequantize_linear() {
     let c = layer(&r, "conv");
     assert_eq!(c.weight_bits, Some(8));
     assert_eq!(c.act_bits, 32);
-    // storage: 49 * 8 + 54 = 446 bits; float32 bias 3 * 32 = 96; 542 / 32 = 16.9375.
-    close(c.params, 16.9375);
+    // storage: 49 * 8 + 54 = 446 bits; float32 bias 3 * 32 = 96; the one 32-bit
+    // scale of the DequantizeLinear (a runtime needs it; its zero point is 0, the
+    // default, nothing to store): 574 / 32 = 17.9375.
+    close(c.params, 17.9375);
     // mults at max(8, 32) = 32 bits: 784.
     close(c.mults, 784.0);
     close(c.sparsity.unwrap(), 5.0 / 54.0);
@@ -213,8 +215,9 @@ fn claimed_linear_weights_are_checked_against_their_values() {
     assert!(r.quantized);
     let c = layer(&r, "conv");
     assert_eq!(c.weight_bits, Some(4));
-    // 49 * 4 + 54 = 250 bits + float bias 96 = 346 -> 10.8125.
-    close(c.params, 10.8125);
+    // 49 * 4 + 54 = 250 bits + float bias 96 + the claim's one 32-bit step = 378
+    // -> 11.8125.
+    close(c.params, 11.8125);
 
     // The same claim at 2 bits is contradicted by 11 distinct values.
     m.graph.as_mut().unwrap().initializer[0].metadata_props[1].value = Some("2".into());

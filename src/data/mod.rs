@@ -52,6 +52,9 @@ pub struct Dataset {
     pub names: Vec<String>,
     /// Human description of the source and format ("CIFAR-10 binary, 2 files, 20000 records").
     pub description: String,
+    /// What looked wrong with the data without being an error (e.g. float data that
+    /// seem normalized already); the CLI prints these.
+    pub warnings: Vec<String>,
 }
 
 impl Dataset {
@@ -420,11 +423,42 @@ fn process(source: Source, pre: &Preprocess) -> Result<Dataset> {
         labels.push(r.label);
         names.push(r.name);
     }
+    let warnings = normalized_twice(&source.blocks, pre).into_iter().collect();
     Ok(Dataset {
         images,
         labels,
         names,
         description: source.description,
+        warnings,
+    })
+}
+
+/// A warning when float arrays look normalized already (a negative value, or
+/// nothing above 1) while the preprocessing scales and normalizes raw 0..255
+/// pixels: the data would be normalized twice. Byte images cannot be.
+fn normalized_twice(blocks: &[Pixels], pre: &Preprocess) -> Option<String> {
+    let identity =
+        pre.scale == 1.0 && pre.mean.iter().all(|m| *m == 0.0) && pre.std.iter().all(|s| *s == 1.0);
+    if identity {
+        return None;
+    }
+    let (mut lo, mut hi, mut any) = (f32::INFINITY, f32::NEG_INFINITY, false);
+    for b in blocks {
+        if let Pixels::F32(v) = b {
+            for x in v.iter() {
+                lo = lo.min(*x);
+                hi = hi.max(*x);
+                any = true;
+            }
+        }
+    }
+    (any && (lo < 0.0 || hi <= 1.0)).then(|| {
+        format!(
+            "the float data hold values in [{lo}, {hi}], which look already scaled or normalized, \
+             while the preprocessing divides raw 0..255 pixels by {} and normalizes them: if the \
+             arrays are model-ready, pass --preprocess raw",
+            1.0 / pre.scale
+        )
     })
 }
 

@@ -124,3 +124,50 @@ impl Namer {
         name
     }
 }
+
+/// Keeps the IR 3 rule after a pass changed the initializers: before IR 4 every
+/// initializer must also be listed as a graph input (onnx `checker.cc`,
+/// `check_graph`). Initializers the pass added are appended to the inputs (with
+/// their element type and shape); inputs that named an initializer the pass
+/// removed (`before`: the initializer names before it ran) are dropped, so no
+/// dangling required input is left. Returns how many inputs were added and removed.
+pub fn keep_initializers_listed(g: &mut GraphProto, before: &HashSet<String>) -> (usize, usize) {
+    use crate::onnx::proto::{
+        tensor_shape_proto::{dimension::Value as Dim, Dimension},
+        type_proto, TensorShapeProto, TypeProto, ValueInfoProto,
+    };
+    let now: HashSet<String> = g.initializer.iter().map(|t| t.name().to_string()).collect();
+    let len = g.input.len();
+    g.input
+        .retain(|i| !before.contains(i.name()) || now.contains(i.name()));
+    let removed = len - g.input.len();
+    let listed: HashSet<String> = g.input.iter().map(|i| i.name().to_string()).collect();
+    let mut added = 0;
+    for t in &g.initializer {
+        if listed.contains(t.name()) {
+            continue;
+        }
+        g.input.push(ValueInfoProto {
+            name: Some(t.name().to_string()),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(t.data_type()),
+                    shape: Some(TensorShapeProto {
+                        dim: t
+                            .dims
+                            .iter()
+                            .map(|d| Dimension {
+                                value: Some(Dim::DimValue(*d)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        added += 1;
+    }
+    (added, removed)
+}

@@ -28,11 +28,36 @@ use crate::onnx::{DataType, NodeProto};
 /// counts, the passes quantize and pack, and BatchNormalization folds into.
 pub const WEIGHTED_OPS: &[&str] = &["Conv", "ConvTranspose", "Gemm", "MatMul"];
 
-/// Whether a node is a weighted layer: one of [`WEIGHTED_OPS`] in the default
-/// domain, with a weight input.
+/// Quantized layers other tools write (onnxruntime's QOperator and dynamic
+/// formats), as (op, the float op it computes, weight input, bias input): the
+/// score counts them as that op; no pass rewrites them.
+pub const QUANTIZED_WEIGHTED_OPS: &[(&str, &str, usize, Option<usize>)] = &[
+    ("QLinearConv", "Conv", 3, Some(8)),
+    ("ConvInteger", "Conv", 1, None),
+    ("QLinearMatMul", "MatMul", 3, None),
+    ("MatMulInteger", "MatMul", 1, None),
+    ("QGemm", "Gemm", 3, Some(6)),
+];
+
+/// Whether a node is a float weighted layer: one of [`WEIGHTED_OPS`] in the
+/// default domain, with a weight input (the layers passes rewrite).
 pub fn is_weighted(n: &NodeProto) -> bool {
     let standard = n.domain().is_empty() || n.domain() == "ai.onnx";
     standard && WEIGHTED_OPS.contains(&n.op_type()) && n.input.get(1).is_some_and(|w| !w.is_empty())
+}
+
+/// The op a weighted layer computes (its float equivalent for quantized layers),
+/// and its weight input, for any weighted layer, float or quantized.
+pub fn layer_kind(n: &NodeProto) -> Option<(&'static str, usize)> {
+    if is_weighted(n) {
+        let op = WEIGHTED_OPS.iter().find(|o| **o == n.op_type())?;
+        return Some((op, 1));
+    }
+    let (_, f, w, _) = QUANTIZED_WEIGHTED_OPS
+        .iter()
+        .find(|(q, ..)| *q == n.op_type())?;
+    n.input.get(*w).filter(|v| !v.is_empty())?;
+    Some((f, *w))
 }
 
 /// The weight's output-channel axis and the layer's fan-in, for a weight of this
@@ -41,7 +66,8 @@ pub fn is_weighted(n: &NodeProto) -> bool {
 pub fn weight_axis(node: &NodeProto, shape: &[usize]) -> Result<(Option<usize>, usize)> {
     let rank = shape.len();
     let numel: usize = shape.iter().product();
-    Ok(match node.op_type() {
+    let op = layer_kind(node).map_or(node.op_type(), |(op, _)| op);
+    Ok(match op {
         "Conv" if rank >= 1 => (Some(0), numel / shape[0].max(1)),
         "ConvTranspose" if rank >= 2 => (Some(1), numel / shape[0].max(1)),
         "Gemm" if rank == 2 => {
@@ -57,16 +83,20 @@ pub fn weight_axis(node: &NodeProto, shape: &[usize]) -> Result<(Option<usize>, 
     })
 }
 
-/// The bias input of a Conv, ConvTranspose or Gemm (input 2), when present.
+/// The bias input of a Conv, ConvTranspose or Gemm (input 2), or of a quantized
+/// layer that has one (QLinearConv input 8, QGemm input 6), when present.
 pub fn bias_input(node: &NodeProto) -> Option<&str> {
-    match node.op_type() {
-        "Conv" | "ConvTranspose" | "Gemm" => node
-            .input
-            .get(2)
-            .map(String::as_str)
-            .filter(|b| !b.is_empty()),
-        _ => None,
-    }
+    let slot = match node.op_type() {
+        "Conv" | "ConvTranspose" | "Gemm" => 2,
+        op => QUANTIZED_WEIGHTED_OPS
+            .iter()
+            .find(|(q, ..)| *q == op)
+            .and_then(|(.., b)| *b)?,
+    };
+    node.input
+        .get(slot)
+        .map(String::as_str)
+        .filter(|b| !b.is_empty())
 }
 
 /// Where a layer's weight comes from.
@@ -74,6 +104,9 @@ pub fn bias_input(node: &NodeProto) -> Option<&str> {
 pub enum WeightSource {
     /// An initializer of the graph.
     Initializer,
+    /// An initializer that is also a graph input (IR 4 and later): a default value
+    /// a caller may replace, not a constant.
+    Overridable,
     /// The output of a node (DequantizeLinear, a Constant, a decoder, ...): its op type.
     Computed(String),
     /// A graph input (or a value of an enclosing graph).
@@ -83,7 +116,8 @@ pub enum WeightSource {
 /// One weight and the layers that read it.
 #[derive(Debug, Clone)]
 pub struct WeightedLayer {
-    /// The weight value (input 1 of every node in `nodes`).
+    /// The weight value (the weight input of every node in `nodes`: input 1 of a
+    /// float layer).
     pub weight: String,
     /// The weighted nodes that read it as their weight, in topological order.
     pub nodes: Vec<usize>,
@@ -105,6 +139,10 @@ impl WeightedLayer {
             WeightSource::GraphInput => {
                 Some(format!("weight '{w}' is a graph input, not an initializer"))
             }
+            WeightSource::Overridable => Some(format!(
+                "weight {}: left as is",
+                g.not_fixed(w).expect("overridable")
+            )),
             WeightSource::Initializer => {
                 let t = g.initializer(w).expect("an initializer");
                 (t.data_type() != DataType::Float as i32).then(|| {
@@ -118,22 +156,24 @@ impl WeightedLayer {
     }
 }
 
-/// Every weighted layer of the graph, one entry per weight value, in
-/// topological order of the weight's first use.
+/// Every weighted layer of the graph, float or quantized ([`layer_kind`]), one
+/// entry per weight value, in topological order of the weight's first use.
 pub fn weighted_layers(g: &Graph) -> Vec<WeightedLayer> {
     let mut out: Vec<WeightedLayer> = Vec::new();
     let mut pos: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for &idx in g.topo_order() {
         let node = g.node(idx);
-        if !is_weighted(node) {
+        let Some((_, slot)) = layer_kind(node) else {
             continue;
-        }
-        let w = node.input[1].as_str();
+        };
+        let w = node.input[slot].as_str();
         if let Some(&i) = pos.get(w) {
             out[i].nodes.push(idx);
             continue;
         }
-        let source = if g.initializer(w).is_some() {
+        let source = if g.is_overridable(w) {
+            WeightSource::Overridable
+        } else if g.initializer(w).is_some() {
             WeightSource::Initializer
         } else {
             match g.producer(w) {

@@ -33,17 +33,35 @@ pub struct Graph<'g> {
     proto: &'g GraphProto,
     /// value name -> (producing node, output slot)
     producer: HashMap<&'g str, (usize, usize)>,
-    /// value name -> consuming nodes (a node appears once per use)
+    /// value name -> consuming nodes (a node appears once per use, explicit or
+    /// through one of its subgraphs)
     consumers: HashMap<&'g str, Vec<usize>>,
+    /// (value, node) where a node's subgraph reads the value by name
+    implicit_uses: Vec<(&'g str, usize)>,
     initializers: HashMap<&'g str, &'g TensorProto>,
+    /// Initializers also listed as graph inputs, from IR 4 on (see [`Graph::of`]).
+    overridable: HashSet<&'g str>,
     order: Vec<usize>,
     names: Vec<String>,
 }
 
 impl<'g> Graph<'g> {
-    /// Builds and checks the view of a top-level graph.
+    /// Builds and checks the view of a top-level graph, by the rules of IR 4 and
+    /// later (an initializer also listed as a graph input is an overridable default).
     pub fn new(proto: &'g GraphProto) -> Result<Graph<'g>> {
         Self::with_outer_scope(proto, &HashSet::new())
+    }
+
+    /// The view of a model's main graph, by the rules of its IR version: before IR
+    /// 4 every initializer is listed as a graph input and is a constant; from IR 4
+    /// on, an initializer that is also a graph input is a default a caller may
+    /// replace at run time ([`Graph::is_overridable`]).
+    pub fn of(model: &'g crate::onnx::Model) -> Result<Graph<'g>> {
+        let mut g = Self::new(model.graph())?;
+        if model.proto.ir_version() < 4 {
+            g.overridable.clear();
+        }
+        Ok(g)
     }
 
     /// Builds the view of a subgraph that may read `outer` values of its parent.
@@ -69,8 +87,12 @@ impl<'g> Graph<'g> {
                 defined.insert(v.name(), "a sparse initializer".into());
             }
         }
+        let mut overridable = HashSet::new();
         for i in &proto.input {
             // Before IR 4, initializers are listed as inputs too: not a redefinition.
+            if initializers.contains_key(i.name()) {
+                overridable.insert(i.name());
+            }
             defined
                 .entry(i.name())
                 .or_insert_with(|| "a graph input".into());
@@ -95,6 +117,7 @@ impl<'g> Graph<'g> {
 
         // Every use, explicit or through a subgraph's free variables, must be defined.
         let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut implicit_uses: Vec<(&str, usize)> = Vec::new();
         let mut deps: Vec<Vec<usize>> = vec![Vec::new(); proto.node.len()];
         for (idx, node) in proto.node.iter().enumerate() {
             let implicit = subgraph_free_values(node);
@@ -118,6 +141,13 @@ impl<'g> Graph<'g> {
             for value in node.input.iter().filter(|s| !s.is_empty()) {
                 consumers.entry(value.as_str()).or_default().push(idx);
             }
+            // A subgraph's read of an outer value is a use by the node that holds it.
+            for value in &implicit {
+                if let Some((k, _)) = defined.get_key_value(value.as_str()) {
+                    consumers.entry(*k).or_default().push(idx);
+                    implicit_uses.push((*k, idx));
+                }
+            }
         }
         for o in &proto.output {
             if !defined.contains_key(o.name()) && !outer.contains(o.name()) {
@@ -140,7 +170,9 @@ impl<'g> Graph<'g> {
             proto,
             producer,
             consumers,
+            implicit_uses,
             initializers,
+            overridable,
             order,
             names,
         })
@@ -174,9 +206,41 @@ impl<'g> Graph<'g> {
         self.producer.get(value).copied()
     }
 
-    /// The nodes that read `value` (once per use).
+    /// The nodes that read `value` (once per use), including nodes whose
+    /// subgraphs (If/Loop/Scan bodies) read it by name.
     pub fn consumers(&self, value: &str) -> &[usize] {
         self.consumers.get(value).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Whether node `node` reads `value` inside one of its subgraphs.
+    pub fn reads_in_subgraph(&self, node: usize, value: &str) -> bool {
+        self.implicit_uses
+            .iter()
+            .any(|(v, n)| *n == node && *v == value)
+    }
+
+    /// The readers of `value` in words: `'a' (Conv), 'b' (If, inside its subgraph), the graph output`.
+    pub fn describe_uses(&self, value: &str) -> String {
+        let mut parts: Vec<String> = self
+            .consumers(value)
+            .iter()
+            .map(|&c| {
+                let inside = if self.reads_in_subgraph(c, value) {
+                    ", inside its subgraph"
+                } else {
+                    ""
+                };
+                format!(
+                    "'{}' ({}{inside})",
+                    self.node_name(c),
+                    self.node(c).op_type()
+                )
+            })
+            .collect();
+        if self.is_output(value) {
+            parts.push("the graph output".into());
+        }
+        parts.join(", ")
     }
 
     /// Whether `value` is one of the graph's outputs.
@@ -197,6 +261,23 @@ impl<'g> Graph<'g> {
 
     pub fn initializer(&self, name: &str) -> Option<&'g TensorProto> {
         self.initializers.get(name).copied()
+    }
+
+    /// Whether `name` is an initializer a caller may replace at run time (also a
+    /// graph input, IR 4 and later): its values are a default, not a constant, so
+    /// no pass may fold or rewrite it.
+    pub fn is_overridable(&self, name: &str) -> bool {
+        self.overridable.contains(name)
+    }
+
+    /// Why a value cannot be rewritten or folded as a constant, if it cannot: an
+    /// overridable initializer.
+    pub fn not_fixed(&self, name: &str) -> Option<String> {
+        self.is_overridable(name).then(|| {
+            format!(
+                "'{name}' is an initializer also listed as a graph input (from IR 4 on, a default a caller may replace at run time)"
+            )
+        })
     }
 
     /// Graph inputs that are real inputs (not initializers listed as inputs).

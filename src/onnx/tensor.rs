@@ -224,6 +224,10 @@ pub enum TensorData {
     I64(ArrayD<i64>),
     U64(ArrayD<u64>),
     Bool(ArrayD<bool>),
+    /// int4 (values in [-8, 7]), stored two per byte, first element in the low nibble.
+    I4(ArrayD<i8>),
+    /// uint4 (values in [0, 15]), stored as int4.
+    U4(ArrayD<u8>),
 }
 
 macro_rules! for_each_variant {
@@ -242,8 +246,24 @@ macro_rules! for_each_variant {
             TensorData::I64($a) => $e,
             TensorData::U64($a) => $e,
             TensorData::Bool($a) => $e,
+            TensorData::I4($a) => $e,
+            TensorData::U4($a) => $e,
         }
     };
+}
+
+/// Nibbles of packed 4-bit data, first element in the low nibble (ONNX
+/// `onnx.proto`, INT4/UINT4): `n` values.
+fn nibbles(bytes: impl Iterator<Item = u8>, n: usize) -> Vec<u8> {
+    bytes.flat_map(|b| [b & 0xF, b >> 4]).take(n).collect()
+}
+
+/// Packs 4-bit values two per byte, first in the low nibble.
+fn pack_nibbles(v: impl Iterator<Item = u8>, out: &mut Vec<u8>) {
+    let v: Vec<u8> = v.collect();
+    for pair in v.chunks(2) {
+        out.push((pair[0] & 0xF) | (pair.get(1).copied().unwrap_or(0) << 4));
+    }
 }
 
 /// Decode `n` little-endian values of `W` bytes each.
@@ -389,6 +409,20 @@ impl TensorData {
                 },
             )
             .map(TensorData::Bool),
+            D::Int4 | D::Uint4 => {
+                let n = ndarray::Dimension::size(&shape);
+                let v = match raw {
+                    Some(r) => nibbles(r.iter().copied(), n),
+                    None => nibbles(t.int32_data.iter().map(|&x| x as u8), n),
+                };
+                if dt == D::Int4 {
+                    // Sign-extend the low 4 bits.
+                    let v = v.into_iter().map(|x| ((x << 4) as i8) >> 4).collect();
+                    arr(&shape, v).map(TensorData::I4)
+                } else {
+                    arr(&shape, v).map(TensorData::U4)
+                }
+            }
             _ => {
                 return Err(Error::tensor(
                     name,
@@ -438,6 +472,8 @@ impl TensorData {
                 .iter()
                 .for_each(|x| raw.extend_from_slice(&x.to_le_bytes())),
             TensorData::Bool(a) => raw.extend(a.iter().map(|&x| x as u8)),
+            TensorData::I4(a) => pack_nibbles(a.iter().map(|&x| x as u8), &mut raw),
+            TensorData::U4(a) => pack_nibbles(a.iter().copied(), &mut raw),
         }
         TensorProto {
             dims: self.shape().iter().map(|&d| d as i64).collect(),
@@ -463,6 +499,8 @@ impl TensorData {
             TensorData::I64(_) => DataType::Int64,
             TensorData::U64(_) => DataType::Uint64,
             TensorData::Bool(_) => DataType::Bool,
+            TensorData::I4(_) => DataType::Int4,
+            TensorData::U4(_) => DataType::Uint4,
         }
     }
 
@@ -498,6 +536,8 @@ impl TensorData {
             TensorData::U32(a) => a.iter().filter(|&&x| x == 0).count(),
             TensorData::I64(a) => a.iter().filter(|&&x| x == 0).count(),
             TensorData::U64(a) => a.iter().filter(|&&x| x == 0).count(),
+            TensorData::I4(a) => a.iter().filter(|&&x| x == 0).count(),
+            TensorData::U4(a) => a.iter().filter(|&&x| x == 0).count(),
         }
     }
 
@@ -518,6 +558,8 @@ impl TensorData {
             TensorData::I64(a) => a.mapv(|x| x as f32),
             TensorData::U64(a) => a.mapv(|x| x as f32),
             TensorData::Bool(a) => a.mapv(|x| x as u8 as f32),
+            TensorData::I4(a) => a.mapv(|x| x as f32),
+            TensorData::U4(a) => a.mapv(|x| x as f32),
         }
     }
 
@@ -533,6 +575,8 @@ impl TensorData {
             TensorData::I64(a) => a.clone(),
             TensorData::U64(a) => a.mapv(|x| x as i64),
             TensorData::Bool(a) => a.mapv(|x| x as i64),
+            TensorData::I4(a) => a.mapv(|x| x as i64),
+            TensorData::U4(a) => a.mapv(|x| x as i64),
             _ => return None,
         })
     }

@@ -64,6 +64,7 @@ use crate::graph::{weighted_layers, Graph, Namer};
 use crate::onnx::proto::NodeProto;
 use crate::onnx::Model;
 use crate::repr::act::{self, ActBits, Form};
+use crate::repr::scheme::Storage;
 
 const PER_OCTAVE: f64 = 32.0;
 const LOW_EXP: f64 = -40.0;
@@ -138,6 +139,10 @@ pub struct ActQuantSection {
     /// Glob patterns on value or layer names left float.
     #[serde(default)]
     pub skip: Vec<String>,
+    /// 8-bit form: "auto" (default: Q/DQ, except before layers whose weights
+    /// onnxruntime would re-quantize, which get the fake-quant chain) or "always"
+    /// (Q/DQ everywhere, for runtimes without that re-quantization).
+    pub qdq: Option<String>,
 }
 
 impl ActQuantSection {
@@ -167,12 +172,23 @@ impl ActQuantSection {
                 )))
             }
         };
+        let qdq_always = match self.qdq.as_deref() {
+            None | Some("auto") => false,
+            Some("always") => true,
+            Some(q) => {
+                return Err(Error::Usage(format!(
+                    "act_quant qdq '{q}': expected auto or always"
+                )))
+            }
+        };
         Ok(ActQuantConfig {
             bits: self.bits,
             range,
             overflow_rate,
             placement,
             skip: self.skip.clone(),
+            qdq_weights: true,
+            qdq_always,
         })
     }
 }
@@ -184,6 +200,61 @@ pub struct ActQuantConfig {
     pub overflow_rate: f64,
     pub placement: Placement,
     pub skip: Vec<String>,
+    /// Affine-claimed weights will be written as codes + DequantizeLinear (packed
+    /// storage): their layers' inputs may take Q/DQ (see [`requantized_weights`]).
+    pub qdq_weights: bool,
+    /// Q/DQ at 8 bits whatever the weights (recipe `qdq = "always"`).
+    pub qdq_always: bool,
+}
+
+/// Why the layers reading a value through `uses` would not keep their weights as
+/// written if the value came from a DequantizeLinear: onnxruntime (1.21 and later,
+/// at every optimization level but "disable all") re-quantizes the float32
+/// weight of a Conv, ConvTranspose or Gemm whose input comes from a
+/// DequantizeLinear to per-tensor int8 (its `WeightBiasQuantization`
+/// transformer), throwing away the grid the file states. Weights that reach the
+/// layer through DequantizeLinear are kept: those already in that form, and
+/// affine (linear, minmax) claims that packed storage writes as codes +
+/// DequantizeLinear (`qdq_weights`; per channel from opset 13). For the others
+/// (fp16, log, tanh, ternary, unquantized float) the value gets the float
+/// fake-quant chain instead, which onnxruntime runs as written; the score counts
+/// both forms at 8 bits.
+fn requantized_weights(
+    g: &Graph,
+    uses: &[(usize, usize)],
+    qdq_weights: bool,
+    opset: i64,
+) -> Option<String> {
+    let mut why = Vec::new();
+    for &(n, slot) in uses {
+        let node = g.node(n);
+        if slot != 0 || !matches!(node.op_type(), "Conv" | "ConvTranspose" | "Gemm") {
+            continue;
+        }
+        let Some(w) = node.input.get(1) else { continue };
+        if g.producer(w)
+            .is_some_and(|(p, _)| g.node(p).op_type() == "DequantizeLinear")
+        {
+            continue;
+        }
+        let kept = qdq_weights
+            && crate::repr::weight(g, w).ok().flatten().is_some_and(|wt| {
+                wt.claim.as_ref().is_some_and(|c| {
+                    matches!(c.storage(), Storage::Affine { .. })
+                        && c.bits <= 16
+                        && (c.axis.is_none() || opset >= 13)
+                })
+            });
+        if !kept {
+            why.push(format!("'{}' ({})", g.node_name(n), w));
+        }
+    }
+    (!why.is_empty()).then(|| {
+        format!(
+            "onnxruntime would re-quantize the float weights of {} to per-tensor int8 behind a DequantizeLinear input",
+            why.join(", ")
+        )
+    })
 }
 
 /// Why activation quantization needs `--calib`.
@@ -408,6 +479,8 @@ fn finite_scale(scale: f64) -> f32 {
 pub struct ActQuant(pub ActQuantConfig);
 
 struct Target {
+    /// Why this value gets an 8-bit fake-quant chain instead of Q/DQ.
+    no_qdq: Option<String>,
     value: String,
     /// (node index, input slot) to rewire to the quantized value.
     uses: Vec<(usize, usize)>,
@@ -437,7 +510,7 @@ impl Pass for ActQuant {
 
         // Which values, and who reads them.
         let targets: Vec<Target> = {
-            let view = Graph::new(model.graph())?;
+            let view = Graph::of(model)?;
             let mut act = ActBits::new(&view);
             // Layers whose weight is a float32 initializer (the ones weight
             // quantization rewrites).
@@ -482,6 +555,7 @@ impl Pass for ActQuant {
                 by_value.insert(
                     key,
                     Target {
+                        no_qdq: None,
                         value: value.into(),
                         uses,
                         after,
@@ -528,10 +602,16 @@ impl Pass for ActQuant {
                     _ => {}
                 }
             }
-            by_value
+            let mut targets: Vec<Target> = by_value
                 .into_values()
                 .filter(|t| !t.uses.is_empty())
-                .collect()
+                .collect();
+            if cfg.bits == 8 && !cfg.qdq_always {
+                for t in &mut targets {
+                    t.no_qdq = requantized_weights(&view, &t.uses, cfg.qdq_weights, opset);
+                }
+            }
+            targets
         };
         if targets.is_empty() {
             return Ok(report);
@@ -595,7 +675,7 @@ impl Pass for ActQuant {
             let (scale, signed) = (grid.scale, grid.signed);
             let (lo, hi) = grid.levels(bits);
             let form = match bits {
-                8 => Form::Qdq {
+                8 if t.no_qdq.is_none() => Form::Qdq {
                     signed,
                     zero_point: grid.zero_point,
                 },
@@ -635,10 +715,15 @@ impl Pass for ActQuant {
             if grid.zero_point != 0 {
                 step += &format!(", zero point {}", grid.zero_point);
             }
+            let why = t
+                .no_qdq
+                .as_ref()
+                .map(|w| format!("; not Q/DQ: {w}"))
+                .unwrap_or_default();
             report.changed(
                 &t.value,
                 format!(
-                    "{bits}-bit {}, scale {step}, seen [{:.4}, {:.4}], clipped ~{:.3}% (read by {read_by})",
+                    "{bits}-bit {}, scale {step}, seen [{:.4}, {:.4}], clipped ~{:.3}% (read by {read_by}){why}",
                     form.describe(),
                     st.min,
                     st.max,

@@ -18,10 +18,20 @@
 //! - The Mul-by-constant then Add-constant form some exporters write after a Conv
 //!   (y = x * m + a, m and a per channel): W' = W m, b' = b m + a.
 //!
-//! A fold happens only when the layer's output feeds nothing but the BN (and is not a
-//! graph output), every BN input but x is a constant, and the BN runs in inference
-//! mode; otherwise the BN stays and the report says why. A weight shared with other
-//! nodes is copied, not changed in place.
+//! A fold happens only when the layer's output feeds nothing but the BN (not a
+//! graph output, not read inside a subgraph), every BN input but x is a fixed
+//! constant (not an initializer a caller may override, IR 4 and later), the BN
+//! runs in inference mode by its own operator-set version (opset 1 and 6:
+//! `is_test` = 1; 14 and later: `training_mode` = 0; `spatial` = 1 before 9), and
+//! it normalizes the layer's output channels: axis 1 of the BN input is the Conv's
+//! channel axis, and for a Gemm/MatMul the last axis of a rank-2 output (a MatMul
+//! on a rank-3 input has its features on axis 2, which a BN over axis 1 does not
+//! normalize). Constants of the Mul/Add form must broadcast per channel once their
+//! shape is right-aligned with the rank-(2+d) output ([C,1,1] or [1,C,1,1]; a [C]
+//! constant broadcasts over the width). Otherwise the BN stays and the report says
+//! why. Identity and inference Dropout nodes are removed first, so a BN behind
+//! them folds in the same run. New weights and biases are new initializers: one
+//! shared with other nodes is never changed in place.
 
 use std::collections::HashSet;
 
@@ -70,19 +80,25 @@ fn f32_const(g: &Graph, value: &str) -> Result<Option<ArrayD<f32>>> {
     }
 }
 
-/// Per-channel values of a constant that broadcasts over channel axis 1 of an NCHW
-/// tensor (shapes [C], [C,1,1], [1,C,1,1], or a scalar), as a [C] vector.
-fn per_channel(a: &ArrayD<f32>, c: usize) -> Option<Vec<f32>> {
-    let non_one: Vec<usize> = a.shape().iter().copied().filter(|&d| d != 1).collect();
-    match non_one.as_slice() {
-        [] => Some(vec![*a.iter().next()?; c]),
-        [d] if *d == c => {
-            // The channel axis must be axis 1 of a rank-4 NCHW broadcast, or axis 0 of [C,1,1] / [C].
-            let axis = a.shape().iter().position(|&x| x == c)?;
-            let rank = a.ndim();
-            let ok = (rank == 4 && axis == 1) || (rank <= 3 && axis == 0);
-            ok.then(|| a.iter().copied().collect())
-        }
+/// Per-channel values of a constant that broadcasts against a rank-`rank` tensor
+/// whose channels are axis 1 (NCHW...), as a [C] vector. Broadcasting aligns
+/// shapes on the right ([ONNX broadcasting](https://github.com/onnx/onnx/blob/main/docs/Broadcasting.md)),
+/// so the constant is per channel only when, right-aligned, every axis but axis 1
+/// is 1: [C, 1, 1] or [1, C, 1, 1] on a 4-D tensor, or a scalar. A [C] constant
+/// broadcasts along the last axis (the width), not the channels.
+fn per_channel(a: &ArrayD<f32>, c: usize, rank: usize) -> Option<Vec<f32>> {
+    if a.ndim() > rank || rank < 2 {
+        return None;
+    }
+    let aligned: Vec<usize> = std::iter::repeat_n(1, rank - a.ndim())
+        .chain(a.shape().iter().copied())
+        .collect();
+    if aligned.iter().enumerate().any(|(i, &d)| i != 1 && d != 1) {
+        return None;
+    }
+    match aligned[1] {
+        1 => Some(vec![*a.iter().next()?; c]),
+        d if d == c => Some(a.iter().copied().collect()),
         _ => None,
     }
 }
@@ -94,26 +110,63 @@ impl Pass for FoldBatchNorm {
 
     fn run(&self, model: &mut Model, _cx: &Context) -> Result<PassReport> {
         let mut report = PassReport::new(self.name());
-        let g = model.graph_mut();
-        let folds = plan(g, &mut report)?;
-        apply(g, folds, &mut report);
+        let opset = model.opset();
+        // Normalize first: a BN behind Identity/Dropout folds in this run.
+        for (name, kept) in remove_pass_through(model.graph_mut(), opset) {
+            match kept {
+                None => report.changed(name, "removed (Identity/Dropout at inference)"),
+                Some(why) => report.skipped(name, why),
+            }
+        }
+        let shapes = matmul_output_shapes(model);
+        let folds = plan(model, opset, shapes.as_ref(), &mut report)?;
+        apply(model.graph_mut(), opset, folds, &mut report);
         Ok(report)
     }
 }
 
+/// The shapes of every value, when some BatchNormalization follows a MatMul (to
+/// tell which axis its output's features are on); `None` otherwise or when tract
+/// cannot infer them (those BNs are then left, saying so).
+fn matmul_output_shapes(model: &Model) -> Option<std::collections::HashMap<String, Vec<usize>>> {
+    let g = Graph::new(model.graph()).ok()?;
+    let needed = g.nodes_of_type("BatchNormalization").any(|i| {
+        g.node(i)
+            .input
+            .first()
+            .and_then(|x| g.producer(x))
+            .is_some_and(|(p, _)| g.node(p).op_type() == "MatMul")
+    });
+    if !needed {
+        return None;
+    }
+    let inputs = crate::engine::input_shapes(model, &[]).ok()?;
+    crate::engine::value_shapes(model, &inputs).ok()
+}
+
+type Shapes = std::collections::HashMap<String, Vec<usize>>;
+
 /// Decides every fold on a read-only view.
-fn plan(g: &GraphProto, report: &mut PassReport) -> Result<Vec<Fold>> {
-    let view = Graph::new(g)?;
+fn plan(
+    model: &Model,
+    opset: i64,
+    shapes: Option<&Shapes>,
+    report: &mut PassReport,
+) -> Result<Vec<Fold>> {
+    let view = Graph::of(model)?;
     let mut folds = Vec::new();
     for &i in view.topo_order() {
         let n = view.node(i);
         let name = view.node_name(i).to_string();
         let decision = match n.op_type() {
-            "BatchNormalization" => plan_bn(&view, i),
+            "BatchNormalization" => plan_bn(&view, i, opset, shapes),
             "Mul" => match plan_mul_add(&view, i) {
                 Ok(Some(f)) => Ok(f),
                 Ok(None) => continue,
-                Err(e) => return Err(e),
+                Err(Skip(why)) => {
+                    report.skipped(name, why);
+                    continue;
+                }
             },
             _ => continue,
         };
@@ -143,13 +196,38 @@ fn has_inputs(n: &NodeProto, count: usize) -> bool {
         && n.output.first().is_some_and(|o| !o.is_empty())
 }
 
-fn plan_bn(g: &Graph, i: usize) -> std::result::Result<Fold, Skip> {
+/// Why a constant input cannot be folded: not a float32 constant, or an
+/// initializer a caller may override.
+fn fixed_f32(g: &Graph, v: &str) -> std::result::Result<ArrayD<f32>, Skip> {
+    if let Some(why) = g.not_fixed(v) {
+        return Err(Skip(format!("its input {why}")));
+    }
+    f32_const(g, v)?.ok_or_else(|| Skip(format!("its input '{v}' is not a float32 constant")))
+}
+
+fn plan_bn(
+    g: &Graph,
+    i: usize,
+    opset: i64,
+    shapes: Option<&Shapes>,
+) -> std::result::Result<Fold, Skip> {
     let bn = g.node(i);
     if !has_inputs(bn, 5) {
         return Err(Skip(format!(
             "has {} inputs; BatchNormalization needs X, scale, B, mean and var",
             bn.input.len()
         )));
+    }
+    // Inference mode by the node's own operator-set version.
+    if opset < 7 && bn.int_or("is_test", 0)? == 0 {
+        return Err(Skip(format!(
+            "opset {opset} BatchNormalization with is_test = 0 (that version's default) normalizes with the batch's statistics (training mode); export the model in eval mode"
+        )));
+    }
+    if opset < 9 && bn.int_or("spatial", 1)? == 0 {
+        return Err(Skip(
+            "spatial = 0: statistics per activation, not per channel".into(),
+        ));
     }
     if bn.int_or("training_mode", 0)? != 0 || bn.output.iter().skip(1).any(|o| !o.is_empty()) {
         return Err(Skip(
@@ -164,31 +242,49 @@ fn plan_bn(g: &Graph, i: usize) -> std::result::Result<Fold, Skip> {
     };
     let layer = g.node(p);
     let op = layer.op_type();
-    if !has_inputs(layer, 2) {
-        return Err(Skip(format!(
-            "follows '{}', which lacks its weight input",
-            g.node_name(p)
-        )));
-    }
     if !WEIGHTED_OPS.contains(&op) {
         return Err(Skip(format!(
             "follows {op} '{}', not a Conv, ConvTranspose, Gemm or MatMul",
             g.node_name(p)
         )));
     }
+    if !has_inputs(layer, 2) {
+        return Err(Skip(format!(
+            "follows {op} '{}', which lacks its weight input",
+            g.node_name(p)
+        )));
+    }
     if g.use_count(x) != 1 {
         return Err(Skip(format!(
-            "the output of '{}' is also used elsewhere ({} uses)",
+            "the output of '{}' is also used elsewhere ({} uses): {}",
             g.node_name(p),
-            g.use_count(x)
+            g.use_count(x),
+            g.describe_uses(x)
         )));
+    }
+    // The BN normalizes axis 1 of x: the layer's output channels for a Conv, the
+    // last (feature) axis of a MatMul/Gemm output only when that output is 2-D.
+    if op == "MatMul" {
+        match shapes.and_then(|s| s.get(x.as_str())) {
+            Some(s) if s.len() == 2 => {}
+            Some(s) => {
+                return Err(Skip(format!(
+                    "normalizes axis 1 of the rank-{} output {s:?} of MatMul '{}', whose features are on its last axis: a constant weight cannot scale axis 1",
+                    s.len(),
+                    g.node_name(p)
+                )))
+            }
+            None => {
+                return Err(Skip(format!(
+                    "the rank of MatMul '{}''s output is unknown (tract could not infer it), so the BN's axis 1 may not be its feature axis",
+                    g.node_name(p)
+                )))
+            }
+        }
     }
     let mut params = Vec::new();
     for v in &bn.input[1..5] {
-        match f32_const(g, v)? {
-            Some(a) => params.push(a.iter().copied().collect::<Vec<f32>>()),
-            None => return Err(Skip(format!("its input '{v}' is not a float32 constant"))),
-        }
+        params.push(fixed_f32(g, v)?.iter().copied().collect::<Vec<f32>>());
     }
     let eps = bn.float_or("epsilon", 1e-5)? as f64;
     let (gamma, beta, mean, var) = (&params[0], &params[1], &params[2], &params[3]);
@@ -220,8 +316,9 @@ fn plan_bn(g: &Graph, i: usize) -> std::result::Result<Fold, Skip> {
     })
 }
 
-/// The Conv -> Mul(m) -> Add(a) form.
-fn plan_mul_add(g: &Graph, mul_idx: usize) -> Result<Option<Fold>> {
+/// The Conv -> Mul(m) -> Add(a) form: `Ok(None)` when the Mul is not that form,
+/// `Err` when it is but cannot fold (why).
+fn plan_mul_add(g: &Graph, mul_idx: usize) -> std::result::Result<Option<Fold>, Skip> {
     let mul = g.node(mul_idx);
     if !has_inputs(mul, 2) {
         return Ok(None);
@@ -248,12 +345,28 @@ fn plan_mul_add(g: &Graph, mul_idx: usize) -> Result<Option<Fold>> {
         None => return Ok(None),
     };
     let c = w.shape()[0];
+    // The conv's output has the weight's rank: [N, C, spatial...].
+    let rank = w.ndim();
+    if g.not_fixed(&mul.input[1]).is_some() || g.not_fixed(&add.input[1]).is_some() {
+        return Ok(None);
+    }
     let (Some(m), Some(a)) = (f32_const(g, &mul.input[1])?, f32_const(g, &add.input[1])?) else {
         return Ok(None);
     };
-    let (Some(m), Some(a)) = (per_channel(&m, c), per_channel(&a, c)) else {
-        return Ok(None);
+    let (Some(mc), Some(ac)) = (per_channel(&m, c, rank), per_channel(&a, c, rank)) else {
+        let bad = if per_channel(&m, c, rank).is_none() {
+            m.shape()
+        } else {
+            a.shape()
+        };
+        return Err(Skip(format!(
+            "Mul '{}' + Add '{}' after Conv '{}' left: a constant of shape {bad:?} broadcasts along the right-aligned axes of the rank-{rank} output, not along its channels (axis 1): per-channel constants are [C, 1, 1] or [1, C, 1, 1]",
+            g.node_name(mul_idx),
+            g.node_name(*add_idx),
+            g.node_name(p)
+        )));
     };
+    let (m, a) = (mc, ac);
     let f: Vec<f64> = m.iter().map(|&x| x as f64).collect();
     let shift: Vec<f64> = a.iter().map(|&x| x as f64).collect();
     let note = format!(
@@ -284,6 +397,11 @@ fn fold_into_layer(
 ) -> std::result::Result<Fold, Skip> {
     let layer = g.node(p);
     let op = layer.op_type();
+    for v in layer.input.iter().skip(1).filter(|v| !v.is_empty()) {
+        if let Some(why) = g.not_fixed(v) {
+            return Err(Skip(format!("'{}' reads {why}", g.node_name(p))));
+        }
+    }
     let w = f32_const(g, &layer.input[1])?.ok_or_else(|| {
         Skip(format!(
             "the weight '{}' of '{}' is not a float32 constant",
@@ -337,7 +455,9 @@ fn fold_into_layer(
             if w.ndim() != 2 {
                 return Err(Skip("the Gemm weight is not 2-D".into()));
             }
-            let axis = weight_axis(layer, w.shape())?.0.expect("a 2-D Gemm weight has one");
+            let axis = weight_axis(layer, w.shape())?
+                .0
+                .expect("a 2-D Gemm weight has one");
             if w.shape()[axis] != c {
                 return Err(Skip(format!(
                     "{c} BN channels but the Gemm has {} outputs",
@@ -401,7 +521,7 @@ fn fold_into_layer(
 
 /// Applies the folds: new weights and biases, the layer writes the BN's output,
 /// the BN (or Mul and Add) goes, then unused initializers and Identity/Dropout go.
-fn apply(g: &mut GraphProto, folds: Vec<Fold>, report: &mut PassReport) {
+fn apply(g: &mut GraphProto, opset: i64, folds: Vec<Fold>, report: &mut PassReport) {
     let mut removed = HashSet::new();
     let mut names = Namer::of(g);
     let mut new_nodes = Vec::new();
@@ -468,8 +588,10 @@ fn apply(g: &mut GraphProto, folds: Vec<Fold>, report: &mut PassReport) {
             .map_or(layer, |p| p + 1);
         g.node.insert(pos.min(g.node.len()), add);
     }
-    for name in remove_pass_through(g) {
-        report.changed(name, "removed (Identity/Dropout at inference)");
+    for (name, kept) in remove_pass_through(g, opset) {
+        if kept.is_none() {
+            report.changed(name, "removed (Identity/Dropout at inference)");
+        }
     }
     let gone = remove_unused_initializers(g);
     if !gone.is_empty() {
@@ -481,33 +603,50 @@ fn apply(g: &mut GraphProto, folds: Vec<Fold>, report: &mut PassReport) {
 }
 
 /// Removes Identity and inference Dropout nodes by wiring their input straight to
-/// their readers. Returns the removed nodes' names.
-fn remove_pass_through(g: &mut GraphProto) -> Vec<String> {
+/// their readers. Returns each pass-through node looked at, with `None` when
+/// removed or the reason it stays (a Dropout that runs in training mode by its
+/// operator-set version: `is_test` = 0 before opset 7, or a `training_mode` input).
+fn remove_pass_through(g: &mut GraphProto, opset: i64) -> Vec<(String, Option<String>)> {
     let outputs: HashSet<String> = g.output.iter().map(|o| o.name().to_string()).collect();
-    let mut removed_names = Vec::new();
+    let mut seen = Vec::new();
     let mut i = 0;
     while i < g.node.len() {
         let n = &g.node[i];
-        let pass_through = match n.op_type() {
-            "Identity" => true,
-            // Dropout's optional mask output must be unused; training_mode absent or a constant false.
-            "Dropout" => n.output.iter().skip(1).all(String::is_empty) && n.input.len() < 3,
-            _ => false,
+        let label = if n.name().is_empty() {
+            n.op_type().to_string()
+        } else {
+            n.name().to_string()
+        };
+        let kept = match n.op_type() {
+            "Identity" => None,
+            "Dropout" if n.output.iter().skip(1).any(|o| !o.is_empty()) => {
+                Some("its mask output is used".to_string())
+            }
+            "Dropout" if n.input.len() >= 3 && !n.input[2].is_empty() => {
+                Some("has a training_mode input".to_string())
+            }
+            "Dropout" if opset < 7 && n.int_or("is_test", 0).unwrap_or(0) == 0 => Some(format!(
+                "opset {opset} Dropout with is_test = 0 (that version's default) drops activations (training mode)"
+            )),
+            "Dropout" => None,
+            _ => {
+                i += 1;
+                continue;
+            }
         };
         let read_by_subgraph = g
             .node
             .iter()
             .any(|m| crate::graph::subgraph_free_values(m).contains(&n.output[0]));
-        if !pass_through || outputs.contains(&n.output[0]) || read_by_subgraph {
+        if kept.is_some() || outputs.contains(&n.output[0]) || read_by_subgraph {
+            if kept.is_some() {
+                seen.push((label, kept));
+            }
             i += 1;
             continue;
         }
         let (from, to) = (n.output[0].clone(), n.input[0].clone());
-        removed_names.push(if n.name().is_empty() {
-            n.op_type().to_string()
-        } else {
-            n.name().to_string()
-        });
+        seen.push((label, None));
         g.node.remove(i);
         for m in &mut g.node {
             for inp in &mut m.input {
@@ -517,5 +656,5 @@ fn remove_pass_through(g: &mut GraphProto) -> Vec<String> {
             }
         }
     }
-    removed_names
+    seen
 }

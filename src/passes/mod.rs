@@ -91,12 +91,33 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Runs every pass, timing each and checking the graph after it.
+    /// Runs every pass, timing each and checking the graph after it. Before IR 4,
+    /// every initializer a pass adds is also listed as a graph input (that version's
+    /// rule), and inputs naming initializers it removed are dropped.
     pub fn run(&self, model: &mut Model, cx: &Context) -> Result<Vec<PassReport>> {
         let mut reports = Vec::new();
+        let ir = model.proto.ir_version();
         for pass in &self.passes {
             let start = Instant::now();
+            let before: std::collections::HashSet<String> = model
+                .graph()
+                .initializer
+                .iter()
+                .map(|t| t.name().to_string())
+                .collect();
             let mut report = pass.run(model, cx)?;
+            if ir < 4 {
+                let (added, removed) =
+                    crate::graph::edit::keep_initializers_listed(model.graph_mut(), &before);
+                if added + removed > 0 {
+                    report.changed(
+                        "graph inputs",
+                        format!(
+                            "IR {ir}: every initializer is also a graph input; {added} listed, {removed} dropped with their initializers"
+                        ),
+                    );
+                }
+            }
             report.seconds = start.elapsed().as_secs_f64();
             let graph = model.graph();
             Graph::new(graph)

@@ -41,13 +41,16 @@ use crate::repr::scheme::Storage;
 #[derive(Debug, Clone, Default)]
 pub struct Pack;
 
-/// Chooses the representation of one float32 weight, given its verified claim.
-/// `Err` says why it stays float.
+/// Chooses the representation of one float32 weight, given its verified claim
+/// and the model's default opset: affine claims become codes dequantized by
+/// DequantizeLinear (per channel from opset 13, its `axis`; before that, the
+/// float decoder). `Err` says why it stays float.
 pub fn choose(
     t: &TensorProto,
     values: &[f32],
     shape: &[usize],
     claim: Option<&Claim>,
+    opset: i64,
 ) -> std::result::Result<Packed, String> {
     let n = values.len();
     let mask: Vec<bool> = values.iter().map(|v| *v != 0.0).collect();
@@ -116,7 +119,22 @@ pub fn choose(
         });
     }
     let affine_store = match storage {
-        Storage::Affine { offset } => affine(t, &stored, &shape, k, offset),
+        Storage::Affine { offset } => match affine(t, &stored, &shape, k, offset) {
+            Some(Store::Affine {
+                k,
+                codes,
+                scale,
+                zp,
+                axis,
+            }) if axis.is_none() || opset >= 13 => Some(Store::Codes {
+                k,
+                codes,
+                scale,
+                zp,
+                axis,
+            }),
+            other => other,
+        },
         _ => None,
     };
     let store = affine_store
@@ -223,10 +241,13 @@ impl Pass for Pack {
     fn run(&self, model: &mut Model, _cx: &Context) -> Result<PassReport> {
         let mut report = PassReport::new(self.name());
         let opset = model.opset();
+        if opset >= 13 {
+            quantize_biases(model, &mut report)?;
+        }
         // Plan on a read-only view.
         let mut plans: Vec<(String, Packed)> = Vec::new();
         {
-            let g = Graph::new(model.graph())?;
+            let g = Graph::of(model)?;
             if opset < 11 {
                 for t in &model.graph().initializer {
                     if candidate(&g, t).is_ok() {
@@ -256,7 +277,7 @@ impl Pass for Pack {
                     }
                 };
                 let values: Vec<f32> = w.values.iter().copied().collect();
-                match choose(t, &values, w.values.shape(), w.claim.as_ref()) {
+                match choose(t, &values, w.values.shape(), w.claim.as_ref(), opset) {
                     Ok(p) => plans.push((t.name().to_string(), p)),
                     Err(why) => report.skipped(t.name(), why),
                 }
@@ -342,6 +363,138 @@ impl Pass for Pack {
     }
 }
 
+/// Biases of layers that read a dequantized activation (a DequantizeLinear with one
+/// scale s_x) through an affine-claimed weight (steps s_w, per tensor or per output
+/// channel) become int32 codes q = round(b / (s_x s_w)) (ties to even) feeding
+/// DequantizeLinear(q, s_x s_w, axis 0): the bias onnxruntime computes with, since
+/// its default session re-quantizes such a float bias itself (WeightBiasQuantization:
+/// the scale s_x s_w is a float32 product, the division float32, as there). Written
+/// into the file, tract and onnxruntime run the same bias. Only a float32 bias
+/// initializer read by that layer alone, from opset 13 (DequantizeLinear's axis).
+fn quantize_biases(model: &mut Model, report: &mut PassReport) -> Result<()> {
+    use crate::graph::layers::{bias_input, is_weighted, weight_axis};
+    use crate::onnx::proto::NodeProto;
+    struct Plan {
+        bias: String,
+        q: Vec<i32>,
+        scale: Vec<f32>,
+        change: f32,
+    }
+    let mut plans = Vec::new();
+    {
+        let g = Graph::of(model)?;
+        for &i in g.topo_order() {
+            let n = g.node(i);
+            if !is_weighted(n) || !matches!(n.op_type(), "Conv" | "ConvTranspose" | "Gemm") {
+                continue;
+            }
+            let Some(b) = bias_input(n) else { continue };
+            let Some(bt) = g.initializer(b) else { continue };
+            if bt.data_type() != DataType::Float as i32
+                || g.is_overridable(b)
+                || g.is_output(b)
+                || g.consumers(b) != [i]
+            {
+                continue;
+            }
+            let Some((dq, _)) = g.producer(&n.input[0]) else {
+                continue;
+            };
+            let dqn = g.node(dq);
+            if dqn.op_type() != "DequantizeLinear" {
+                continue;
+            }
+            let Some(sx) = dqn
+                .input
+                .get(1)
+                .and_then(|v| g.constant_f32(v).ok().flatten())
+                .filter(|a| a.len() == 1)
+                .and_then(|a| a.iter().next().copied())
+            else {
+                continue;
+            };
+            let Ok(Some(w)) = crate::repr::weight(&g, &n.input[1]) else {
+                continue;
+            };
+            let Some(c) = w.claim.as_ref() else { continue };
+            if !matches!(c.storage(), Storage::Affine { .. }) {
+                continue;
+            }
+            let Some(steps) = g
+                .initializer(&n.input[1])
+                .and_then(|t| claim::meta(t, META_STEP))
+                .and_then(parse_list)
+            else {
+                continue;
+            };
+            let bias = TensorData::from_proto(bt)?.to_f32();
+            let channels = bias.len();
+            let (axis, _) = weight_axis(n, w.values.shape())?;
+            let per_channel = steps.len() > 1;
+            if per_channel && (c.axis != axis || steps.len() != channels) {
+                continue;
+            }
+            let scale: Vec<f32> = (0..channels)
+                .map(|k| sx * steps[if per_channel { k } else { 0 }])
+                .collect();
+            if scale.iter().any(|s| !(s.is_normal() && *s > 0.0)) {
+                continue;
+            }
+            let mut change = 0f32;
+            let q: Vec<i32> = bias
+                .iter()
+                .zip(&scale)
+                .map(|(b, s)| {
+                    let q = (b / s)
+                        .round_ties_even()
+                        .clamp(i32::MIN as f32, i32::MAX as f32) as i32;
+                    change = change.max((q as f32 * s - b).abs());
+                    q
+                })
+                .collect();
+            plans.push(Plan {
+                bias: b.to_string(),
+                q,
+                scale,
+                change,
+            });
+        }
+    }
+    let g = model.graph_mut();
+    let mut names = Namer::with_node_names(g);
+    for p in plans {
+        let c = p.q.len();
+        let q_name = names.fresh(&format!("{}_quantized", p.bias));
+        let s_name = names.fresh(&format!("{}_quantized_scale", p.bias));
+        g.initializer.retain(|t| t.name() != p.bias);
+        g.initializer.push(
+            TensorData::I32(ndarray::ArrayD::from_shape_vec(vec![c], p.q).expect("1-D"))
+                .to_proto(&q_name),
+        );
+        g.initializer.push(
+            TensorData::F32(ndarray::ArrayD::from_shape_vec(vec![c], p.scale).expect("1-D"))
+                .to_proto(&s_name),
+        );
+        let node = NodeProto {
+            op_type: Some("DequantizeLinear".into()),
+            name: Some(names.fresh(&format!("{}_dequantize", p.bias))),
+            input: vec![q_name, s_name],
+            output: vec![p.bias.clone()],
+            attribute: vec![crate::onnx::attr::int("axis", 0)],
+            ..Default::default()
+        };
+        g.node.insert(0, node);
+        report.changed(
+            &p.bias,
+            format!(
+                "int32 codes x (input scale x weight scale) into DequantizeLinear, as onnxruntime re-quantizes it at load; largest change {:.3e}",
+                p.change
+            ),
+        );
+    }
+    Ok(())
+}
+
 fn shared_rollback(shared: &mut Shared, keep: usize) {
     shared.truncate(keep);
 }
@@ -370,7 +523,7 @@ fn candidate(g: &Graph, t: &TensorProto) -> std::result::Result<(), Option<Strin
             Err(None)
         };
     }
-    if g.proto().input.iter().any(|i| i.name() == t.name()) || g.is_output(t.name()) {
+    if g.is_overridable(t.name()) || g.is_output(t.name()) {
         return Err(Some(
             "a graph input or output: a runtime may override it".into(),
         ));
@@ -403,7 +556,7 @@ fn verify(
         ..Default::default()
     };
     let g = Graph::new(&scratch)?;
-    let Some(w) = format::read(&g, name)? else {
+    let Some(w) = crate::repr::weight(&g, name)? else {
         return Ok(Err("the reader does not recognize it".into()));
     };
     let orig = TensorData::from_proto(old)?.to_f32();

@@ -446,12 +446,16 @@ impl Pass for Quantize {
             axis: Option<usize>,
             fan_in: usize,
             bias: Option<String>,
+            nodes: Vec<usize>,
+            /// Other readers of the weight (it is quantized as a private copy), in words.
+            weight_shared: Option<String>,
+            /// Other readers of the bias, or why it stays float.
+            bias_shared: Option<String>,
+            bias_fixed: Option<String>,
         }
         let mut jobs = Vec::new();
-        let mut bias_users: HashMap<String, usize> = HashMap::new();
         {
-            let g = model.graph();
-            let view = Graph::new(g)?;
+            let view = Graph::of(model)?;
             let layers = layer_order(&view, Some(&mut report));
             if !cfg.qbn.is_empty() && cfg.qbn.len() != layers.len() {
                 return Err(Error::Usage(format!(
@@ -465,13 +469,33 @@ impl Pass for Quantize {
                         .join(", ")
                 )));
             }
-            for (_, nodes) in &layers {
-                for &n in nodes {
-                    if let Some(b) = bias_input(view.node(n)) {
-                        *bias_users.entry(b.to_string()).or_default() += 1;
-                    }
+            // Readers of `value` other than `nodes` reading it at input `slot`, in words.
+            let others = |value: &str, nodes: &[usize], slot: usize| -> Option<String> {
+                let mut other: Vec<usize> = view
+                    .consumers(value)
+                    .iter()
+                    .copied()
+                    .filter(|c| {
+                        !nodes.contains(c)
+                            || view.reads_in_subgraph(*c, value)
+                            || view
+                                .node(*c)
+                                .input
+                                .iter()
+                                .enumerate()
+                                .any(|(k, v)| v == value && k != slot)
+                    })
+                    .collect();
+                other.dedup();
+                let mut parts: Vec<String> = other
+                    .iter()
+                    .map(|&c| format!("'{}' ({})", view.node_name(c), view.node(c).op_type()))
+                    .collect();
+                if view.is_output(value) {
+                    parts.push("the graph output".into());
                 }
-            }
+                (!parts.is_empty()).then(|| parts.join(", "))
+            };
             for (index, (init, nodes)) in layers.iter().enumerate() {
                 let node = view.node(nodes[0]);
                 let node_name = view.node_name(nodes[0]).to_string();
@@ -549,6 +573,9 @@ impl Pass for Quantize {
                         .as_slice(),
                 )?;
                 let bias = bias_input(node).map(str::to_string);
+                let weight_shared = others(init, nodes, 1);
+                let bias_shared = bias.as_deref().and_then(|b| others(b, nodes, 2));
+                let bias_fixed = bias.as_deref().and_then(|b| view.not_fixed(b));
                 jobs.push(Job {
                     index,
                     init: init.clone(),
@@ -558,11 +585,16 @@ impl Pass for Quantize {
                     axis,
                     fan_in,
                     bias,
+                    nodes: nodes.clone(),
+                    weight_shared,
+                    bias_shared,
+                    bias_fixed,
                 });
             }
         }
 
         let g = model.graph_mut();
+        let mut names = crate::graph::Namer::of(g);
         for job in &jobs {
             let t = g
                 .initializer
@@ -574,7 +606,26 @@ impl Pass for Quantize {
             let sqnr = sqnr_db(&w, &q.values);
             let zeros_before = w.iter().filter(|v| **v == 0.0).count();
             let zeros_after = q.values.iter().filter(|v| **v == 0.0).count();
-            write_tensor(g, &job.init, &q);
+            // A weight other nodes also read is never changed under them: this layer
+            // gets a private copy.
+            let target = match &job.weight_shared {
+                Some(readers) => {
+                    let copy = names.fresh(&format!("{}_q", job.init));
+                    for &n in &job.nodes {
+                        g.node[n].input[1] = copy.clone();
+                    }
+                    report.changed(
+                        format!("[#{}] {}", job.index, job.node),
+                        format!(
+                            "weight '{}' is also read by {readers}: quantized as a private copy '{copy}'",
+                            job.init
+                        ),
+                    );
+                    copy
+                }
+                None => job.init.clone(),
+            };
+            write_tensor(g, &target, &q);
             report.changed(
                 format!("[#{}] {}", job.index, job.node),
                 format!(
@@ -603,8 +654,8 @@ impl Pass for Quantize {
                     report.skipped(b, "bias left float: not float32");
                     continue;
                 }
-                if bias_users.get(b).copied().unwrap_or(0) > 1 {
-                    report.skipped(b, "bias left float: shared by several layers");
+                if let Some(why) = &job.bias_fixed {
+                    report.skipped(b, format!("bias left float: {why}"));
                     continue;
                 }
                 let bv = TensorData::from_proto(bt)?.to_f32();
@@ -620,11 +671,24 @@ impl Pass for Quantize {
                 };
                 let bq = quantize_tensor(&bv, Scheme::Linear, bb, &bcfg, None, 1);
                 let s = sqnr_db(&bv, &bq.values);
-                write_tensor(g, b, &bq);
+                let (target, copied) = match &job.bias_shared {
+                    Some(readers) => {
+                        let copy = names.fresh(&format!("{b}_q"));
+                        for &n in &job.nodes {
+                            g.node[n].input[2] = copy.clone();
+                        }
+                        (
+                            copy.clone(),
+                            format!(" (also read by {readers}: a private copy '{copy}')"),
+                        )
+                    }
+                    None => (b.clone(), String::new()),
+                };
+                write_tensor(g, &target, &bq);
                 report.changed(
                     b,
                     format!(
-                        "bias linear {bb}-bit, {}, SQNR {} dB, clipped {:.2}%",
+                        "bias linear {bb}-bit{copied}, {}, SQNR {} dB, clipped {:.2}%",
                         bq.grid,
                         if s.is_finite() {
                             format!("{s:.1}")

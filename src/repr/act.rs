@@ -73,6 +73,26 @@ impl<'g> ActBits<'g> {
             if let Some(first) = half_round_trip(g, i) {
                 s.conversion_nodes.extend([first, i]);
             }
+            // Dequantizing an integer accumulator (onnxruntime's dynamic
+            // quantization): Mul(Cast(ConvInteger | MatMulInteger, to float), scale).
+            if n.op_type() == "Mul" {
+                let from_integer = n.input.iter().any(|v| {
+                    g.producer(v).is_some_and(|(c, _)| {
+                        let cn = g.node(c);
+                        cn.op_type() == "Cast"
+                            && cn
+                                .input
+                                .first()
+                                .and_then(|x| g.producer(x))
+                                .is_some_and(|(p, _)| {
+                                    matches!(g.node(p).op_type(), "ConvInteger" | "MatMulInteger")
+                                })
+                    })
+                });
+                if from_integer {
+                    s.conversion_nodes.insert(i);
+                }
+            }
         }
         s
     }
@@ -114,19 +134,18 @@ impl<'g> ActBits<'g> {
                 if let Some(q) = g.constant_proto(x) {
                     return elem_bits(q.data_type()).map(|b| b as u32);
                 }
-                let (p, _) = g.producer(x)?;
-                let qn = g.node(p);
-                if qn.op_type() != "QuantizeLinear" {
-                    return None;
-                }
-                // The quantized type is the zero point's (uint8 when absent).
-                let zp_bits = qn
-                    .input
-                    .get(2)
-                    .filter(|s| !s.is_empty())
-                    .and_then(|z| g.constant_proto(z))
-                    .and_then(|z| elem_bits(z.data_type()));
-                Some(zp_bits.unwrap_or(8) as u32)
+                // The bits of the quantized value it reads (QuantizeLinear, a QLinear
+                // op, DynamicQuantizeLinear).
+                self.of(&x.clone())
+            }
+            // The quantized type is the zero point's (uint8 when absent).
+            "QuantizeLinear" => Some(zp_bits(g, n, 2).unwrap_or(8)),
+            "DynamicQuantizeLinear" => Some(8),
+            // Integer accumulators.
+            "ConvInteger" | "MatMulInteger" => Some(32),
+            op if quantized_output_zp(op).is_some() => {
+                let slot = quantized_output_zp(op).expect("checked");
+                Some(zp_bits(g, n, slot).unwrap_or(8))
             }
             "Mul" | "Div" => {
                 // The end of a fake-quant chain: Mul(Clip(Round(.)), s).
@@ -214,6 +233,68 @@ fn half_round_trip(g: &Graph, i: usize) -> Option<usize> {
     let (p, _) = g.producer(n.input.first()?)?;
     let pn = g.node(p);
     (pn.op_type() == "Cast" && to(pn)? == DataType::Float16 as i64).then_some(p)
+}
+
+/// The input holding the output zero point of onnxruntime's quantized ops (its
+/// element type is the output's): QLinearConv 7, QLinearMatMul 7, QGemm 8,
+/// QLinearAdd/Mul 7, the unary ones 4, QLinearConcat 1.
+pub fn quantized_output_zp(op: &str) -> Option<usize> {
+    Some(match op {
+        "QLinearConv" | "QLinearMatMul" | "QLinearAdd" | "QLinearMul" => 7,
+        "QGemm" => 8,
+        "QLinearGlobalAveragePool"
+        | "QLinearAveragePool"
+        | "QLinearSigmoid"
+        | "QLinearLeakyRelu"
+        | "QLinearSoftmax" => 4,
+        "QLinearConcat" => 1,
+        _ => return None,
+    })
+}
+
+/// The inputs of a node that are activation scales and zero points (values a
+/// runtime needs to quantize or dequantize activations), by op: Q/DQ 1 and 2,
+/// the QLinear ops their input and output scales and zero points (not the
+/// weight's, which belong to the weight).
+pub fn activation_param_inputs(g: &Graph, n: &NodeProto) -> Vec<usize> {
+    match n.op_type() {
+        "QuantizeLinear" => vec![1, 2],
+        // A weight's DequantizeLinear (of a constant or packed codes) is the weight's.
+        "DequantizeLinear" => {
+            let weight = n.input.first().is_some_and(|x| {
+                g.constant_proto(x).is_some()
+                    || g.producer(x)
+                        .is_some_and(|(p, _)| g.node(p).op_type() == "Cast")
+            });
+            if weight {
+                vec![]
+            } else {
+                vec![1, 2]
+            }
+        }
+        "QLinearConv" | "QLinearMatMul" => vec![1, 2, 6, 7],
+        "QGemm" => vec![1, 2, 7, 8],
+        "QLinearAdd" | "QLinearMul" => vec![1, 2, 4, 5, 6, 7],
+        "QLinearGlobalAveragePool"
+        | "QLinearAveragePool"
+        | "QLinearSigmoid"
+        | "QLinearLeakyRelu"
+        | "QLinearSoftmax" => vec![1, 2, 3, 4],
+        "QLinearConcat" => (0..n.input.len())
+            .filter(|i| *i < 2 || i % 3 != 2)
+            .collect(),
+        _ => vec![],
+    }
+}
+
+/// Bits of the element type of a node's constant input `slot` (a zero point).
+fn zp_bits(g: &Graph, n: &NodeProto, slot: usize) -> Option<u32> {
+    n.input
+        .get(slot)
+        .filter(|s| !s.is_empty())
+        .and_then(|z| g.constant_proto(z))
+        .and_then(|z| elem_bits(z.data_type()))
+        .map(|b| b as u32)
 }
 
 /// How an activation is quantized in the file.

@@ -52,6 +52,11 @@ pub struct Weight {
     pub ternary: bool,
     /// The verified claim of a float tensor, when it carries one.
     pub claim: Option<claim::Claim>,
+    /// Bits of the values beside the weights a runtime needs to decode them: the
+    /// scales (32 bits each, or their type's width) and zero points (at the code
+    /// width) of affine grids, per tensor or per channel (micronet-rules.md section
+    /// 2.1: any values needed to perform inference).
+    pub param_bits: f64,
 }
 
 /// The weight feeding a layer through `value`, if `value` is constant (directly or
@@ -70,6 +75,7 @@ pub fn weight(g: &Graph, value: &str) -> Result<Option<Weight>> {
             quantized: false,
             ternary: false,
             claim: None,
+            param_bits: 0.0,
         }));
     }
     let Some((idx, _)) = g.producer(value) else {
@@ -83,9 +89,29 @@ pub fn weight(g: &Graph, value: &str) -> Result<Option<Weight>> {
     let node = g.node(idx);
     match node.op_type() {
         "Identity" => weight(g, &node.input[0]),
-        "DequantizeLinear" => {
-            let Some(q) = g.constant(&node.input[0])? else {
+        // A constant reshaped (a bias broadcast to [1, C, 1, 1]): the same values.
+        "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" => {
+            let Some(w) = weight(g, &node.input[0])? else {
                 return Ok(None);
+            };
+            match g.constant_f32(value)? {
+                Some(values) => Ok(Some(Weight { values, ..w })),
+                None => Ok(Some(w)),
+            }
+        }
+        "DequantizeLinear" => {
+            // The codes: a constant integer tensor, or packed codes decoded to one.
+            let (q, bits, scheme) = match g.constant(&node.input[0])? {
+                Some(q) => {
+                    let bits = q.elem_bits() as u32;
+                    let scheme =
+                        format!("{} via DequantizeLinear", dtype_name(q.data_type() as i32));
+                    (q.to_f32(), bits, scheme)
+                }
+                None => match packed::read_codes(g, &node.input[0])? {
+                    Some((k, q)) => (q, k, format!("{k}-bit codes -> DequantizeLinear (packed)")),
+                    None => return Ok(None),
+                },
             };
             let Some(scale) =
                 g.constant_f32(node.input.get(1).map(String::as_str).unwrap_or(""))?
@@ -97,16 +123,18 @@ pub fn weight(g: &Graph, value: &str) -> Result<Option<Weight>> {
                 None => None,
             };
             let axis = node.int_or("axis", 1)?;
-            let values = dequantize(&q.to_f32(), &scale, zp.as_ref(), axis)
+            let values = dequantize(&q, &scale, zp.as_ref(), axis)
                 .map_err(|m| Error::tensor(&node.input[0], m))?;
-            let bits = q.elem_bits() as u32;
+            // Scales at their width; zero points at the code width (what they need).
+            let param_bits = const_bits(g, node.input.get(1)) + zp_bits(g, node.input.get(2), bits);
             Ok(Some(Weight {
                 values,
                 bits,
-                scheme: format!("{} via DequantizeLinear", dtype_name(q.data_type() as i32)),
+                scheme,
                 quantized: bits < 16,
                 ternary: false,
                 claim: None,
+                param_bits,
             }))
         }
         "Cast" if node.int_or("to", 0)? == DataType::Float as i64 => Ok(weight(g, &node.input[0])?
@@ -116,6 +144,78 @@ pub fn weight(g: &Graph, value: &str) -> Result<Option<Weight>> {
             })),
         _ => Ok(None),
     }
+}
+
+/// Bits of a constant input (numel x element width), 0 when absent or computed.
+fn const_bits(g: &Graph, v: Option<&String>) -> f64 {
+    v.filter(|v| !v.is_empty())
+        .and_then(|v| g.constant(v).ok().flatten())
+        .map_or(0.0, |d| d.len() as f64 * d.elem_bits() as f64)
+}
+
+/// Bits of a zero point stored at `bits` each; none when it is all zeros (the
+/// default a runtime needs no value for).
+fn zp_bits(g: &Graph, v: Option<&String>, bits: u32) -> f64 {
+    v.filter(|v| !v.is_empty())
+        .and_then(|v| g.constant(v).ok().flatten())
+        .filter(|d| d.zeros() < d.len())
+        .map_or(0.0, |d| d.len() as f64 * bits as f64)
+}
+
+/// The scale and zero-point bits an affine claim needs: one 32-bit step per
+/// grid, and a k-bit zero point per grid for minmax.
+fn claim_param_bits(t: &TensorProto, c: &claim::Claim) -> f64 {
+    if !matches!(c.storage(), Storage::Affine { .. }) {
+        return 0.0;
+    }
+    let count = |key| claim::meta(t, key).map_or(0, |v| v.split(',').count()) as f64;
+    count(claim::META_STEP) * 32.0 + count(claim::META_ZERO_POINT) * c.bits as f64
+}
+
+/// The weight of weighted layer `idx` (float or quantized, `graph::layers`): for
+/// onnxruntime's quantized layers (QLinearConv, QGemm, QLinearMatMul, ConvInteger,
+/// MatMulInteger), the integer weight at its stored width with the node's weight
+/// zero point taken out (a weight is zero where its code equals the zero point)
+/// and its scale applied, and the scale and zero point counted as parameters.
+pub fn layer_weight(g: &Graph, idx: usize) -> Result<Option<Weight>> {
+    let n = g.node(idx);
+    let Some((_, slot)) = crate::graph::layers::layer_kind(n) else {
+        return Ok(None);
+    };
+    if slot == 1 && crate::graph::layers::is_weighted(n) {
+        return weight(g, &n.input[1]);
+    }
+    let Some(q) = g.constant(&n.input[slot])? else {
+        return Ok(None);
+    };
+    // QLinear ops: scale and zero point follow the weight; integer ops: the zero point.
+    let (scale_in, zp_in) = if n.op_type().starts_with('Q') {
+        (n.input.get(slot + 1), n.input.get(slot + 2))
+    } else {
+        (None, n.input.get(3))
+    };
+    let constant = |v: Option<&String>| -> Result<Option<ArrayD<f32>>> {
+        match v.filter(|v| !v.is_empty()) {
+            Some(v) => g.constant_f32(v),
+            None => Ok(None),
+        }
+    };
+    let zp = constant(zp_in)?;
+    let scale = constant(scale_in)?
+        .unwrap_or_else(|| ArrayD::from_elem(IxDyn(&[zp.as_ref().map_or(1, |z| z.len())]), 1.0));
+    let (axis, _) = crate::graph::layers::weight_axis(n, q.shape())?;
+    let values = dequantize(&q.to_f32(), &scale, zp.as_ref(), axis.unwrap_or(0) as i64)
+        .map_err(|m| Error::tensor(&n.input[slot], m))?;
+    let bits = q.elem_bits() as u32;
+    Ok(Some(Weight {
+        values,
+        bits,
+        scheme: format!("{} ({})", dtype_name(q.data_type() as i32), n.op_type()),
+        quantized: bits < 16,
+        ternary: false,
+        claim: None,
+        param_bits: const_bits(g, scale_in) + zp_bits(g, zp_in, bits),
+    }))
 }
 
 /// (q - zp) * scale, per tensor or along `axis`.
@@ -160,6 +260,7 @@ fn float_weight(t: &TensorProto) -> Result<Weight> {
             quantized: false,
             ternary: false,
             claim: None,
+            param_bits: 0.0,
         });
     };
     Ok(Weight {
@@ -168,6 +269,7 @@ fn float_weight(t: &TensorProto) -> Result<Weight> {
         quantized: c.bits < 16,
         ternary: c.storage() == Storage::Ternary,
         scheme: c.scheme.claim_name().to_string(),
+        param_bits: claim_param_bits(t, &c),
         claim: Some(c),
     })
 }

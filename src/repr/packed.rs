@@ -11,6 +11,10 @@
 //!            per tensor, or per channel along one axis (zp, scale broadcast)
 //!   codebook m k-bit codes u, W = book[u], book <= 2^k floats    (k bits each)
 //!            ternary = mask + 1-bit codes into [w_n, w_p]         (mask + sign bit per nonzero)
+//!   codes    as affine, but the codes are cast to integers and dequantized by
+//!            DequantizeLinear (the QDQ convention onnxruntime's quantizer writes
+//!            and keeps: its WeightBiasQuantization re-quantizes float weights
+//!            between Q/DQ activations, never DequantizeLinear outputs)
 //! An all-zero tensor is `ConstantOfShape(S)`.
 //!
 //! Bit streams are LSB first: bit p of the stream is bit (p mod 8) of byte p / 8;
@@ -27,6 +31,12 @@
 //!   half        W = Where(mask, Reshape(Gather(Cast(V16, float), idx), S), 0)
 //!   codebook    W = Where(mask, Reshape(Gather(Gather(book, Cast(codes, int32)), idx), S), 0)
 //!   affine      W = Where(mask, (Reshape(Gather(codes, idx), S) - zp) * scale, 0)
+//!   codes       q = Cast(Where(mask, Reshape(Gather(codes, idx), S), zp) - shift, T)
+//!               W = DequantizeLinear(q, scale, zp_T[, axis])
+//!     T = int8 (signed grids, k <= 8: shift 2^(k-1), zp_T 0), uint8 (unsigned,
+//!     k <= 8: shift 0, zp_T = zp), int32 (k = 9..16: shift = zp, no zp_T);
+//!     dense 8-bit codes are the int8/uint8 initializer q itself, no decoder.
+//!     Per channel needs opset 13 (DequantizeLinear's axis).
 //! and without a mask the Gather(., idx) and Where steps are left out. Codes are
 //! integers below 2^16, exact in float32, so (u - zp) is exact and W is the one
 //! rounding of ((u - zp) as f32) * scale the quantizer made. Gather by idx = -1
@@ -71,6 +81,14 @@ pub enum Store {
         codes: Vec<u32>,
         book: Vec<f32>,
     },
+    /// As `Affine`, dequantized by DequantizeLinear (see the module doc).
+    Codes {
+        k: u32,
+        codes: Vec<u32>,
+        scale: Vec<f32>,
+        zp: Vec<f32>,
+        axis: Option<usize>,
+    },
 }
 
 /// A weight as it will be stored.
@@ -92,6 +110,13 @@ impl Packed {
             Some(Store::Float(v)) => 32 * v.len() as u64,
             Some(Store::Half(v)) => 16 * v.len() as u64,
             Some(Store::Affine {
+                k,
+                codes,
+                scale,
+                zp,
+                ..
+            })
+            | Some(Store::Codes {
                 k,
                 codes,
                 scale,
@@ -125,6 +150,13 @@ impl Packed {
             Some(Store::Codebook { k, book, .. }) => {
                 format!("{mask}{k}-bit codes into a {}-entry codebook", book.len())
             }
+            Some(Store::Codes { k, scale, axis, .. }) => format!(
+                "{mask}{k}-bit codes -> DequantizeLinear ({})",
+                match axis {
+                    Some(a) => format!("{} scales along axis {a}", scale.len()),
+                    None => "one scale".into(),
+                }
+            ),
         }
     }
 }
@@ -459,6 +491,97 @@ pub fn build(p: &Packed, output: &str, prefix: &str, opset: i64, shared: &mut Sh
                 None => b.node_to("Mul", &[&d, &sc_name], vec![], output),
             }
         }
+        Store::Codes {
+            k,
+            codes,
+            scale,
+            zp,
+            axis,
+        } => {
+            let k = *k;
+            let half = (1u32 << (k - 1)) as f32;
+            let signed = k <= 8 && zp.iter().all(|z| *z == half);
+            let c = scale.len();
+            // Scale and zero point of DequantizeLinear: scalars, or 1-D along `axis`.
+            let dims: Vec<usize> = if axis.is_some() { vec![c] } else { vec![] };
+            let sc_name = b.init(
+                "scale",
+                TensorData::F32(ArrayD::from_shape_vec(IxDyn(&dims), scale.clone()).expect("1-D")),
+            );
+            // A signed grid's zero point is 0, DequantizeLinear's default: not written.
+            let (to, zp_t) = if k > 8 {
+                (DataType::Int32, None)
+            } else if signed {
+                (DataType::Int8, None)
+            } else {
+                let z: Vec<u8> = zp.iter().map(|z| *z as u8).collect();
+                (
+                    DataType::Uint8,
+                    Some(TensorData::U8(
+                        ArrayD::from_shape_vec(IxDyn(&dims), z).expect("1-D"),
+                    )),
+                )
+            };
+            let q = if k == 8 && masked.is_none() {
+                // Dense 8-bit codes: the integer tensor itself.
+                let data = if signed {
+                    let v = codes.iter().map(|u| (*u as i32 - 128) as i8).collect();
+                    TensorData::I8(ArrayD::from_shape_vec(IxDyn(&p.shape), v).expect("shape"))
+                } else {
+                    let v = codes.iter().map(|u| *u as u8).collect();
+                    TensorData::U8(ArrayD::from_shape_vec(IxDyn(&p.shape), v).expect("shape"))
+                };
+                b.init("q", data)
+            } else {
+                let cf = code_leaf(&mut b, codes, k);
+                // zp in float, broadcast along the channel axis of W.
+                let bshape: Vec<usize> = match axis {
+                    Some(a) => (0..p.shape.len())
+                        .map(|i| if i == *a { c } else { 1 })
+                        .collect(),
+                    None => vec![],
+                };
+                // Read by a masked store's fill and by the shift of int32 codes only.
+                let zp_f = if masked.is_some() || k > 8 {
+                    b.init(
+                        "zero_point",
+                        TensorData::F32(
+                            ArrayD::from_shape_vec(IxDyn(&bshape), zp.clone()).expect("shape"),
+                        ),
+                    )
+                } else {
+                    String::new()
+                };
+                let x = match &masked {
+                    Some((cond, idx)) => {
+                        let g = b.node("Gather", &[&cf, idx], vec![]);
+                        let r = b.node("Reshape", &[&g, &shape_name], vec![]);
+                        b.node("Where", &[cond, &r, &zp_f], vec![])
+                    }
+                    None => b.node("Reshape", &[&cf, &shape_name], vec![]),
+                };
+                let x = if k > 8 {
+                    b.node("Sub", &[&x, &zp_f], vec![])
+                } else if signed {
+                    let h = b.shared.get(&format!("half{k}"), || {
+                        TensorData::F32(arr0(half).into_dyn())
+                    });
+                    b.node("Sub", &[&x, &h], vec![])
+                } else {
+                    x
+                };
+                b.cast(&x, to)
+            };
+            let mut inputs = vec![q.as_str(), sc_name.as_str()];
+            let zp_name = zp_t.map(|z| b.init("zp", z));
+            if let Some(z) = &zp_name {
+                inputs.push(z);
+            }
+            let attrs = axis
+                .map(|a| vec![attr::int("axis", a as i64)])
+                .unwrap_or_default();
+            b.node_to("DequantizeLinear", &inputs, attrs, output);
+        }
     }
     b.out
 }
@@ -610,6 +733,24 @@ fn codebook(g: &Graph, v: &str) -> Option<(u32, Vec<f32>)> {
     (book.len() as u64 <= 1u64 << k).then_some((k, book))
 }
 
+/// Bits of an affine decoder's scale (32 each) and zero point (k each).
+fn affine_params(g: &Graph, value: &str, k: u32) -> f64 {
+    let mul = match prod(g, value, "Where") {
+        Some(w) => prod(g, &strip(g, &w.input[1]), "Mul"),
+        None => prod(g, value, "Mul"),
+    };
+    let Some(m) = mul else { return 0.0 };
+    let scales = const_f32(g, &m.input[1]).map_or(0, |v| v.len());
+    // A signed grid's zero point is the offset 2^(k-1) of its stored codes, not a
+    // parameter.
+    let half = (1u64 << (k - 1)) as f32;
+    let zps = prod(g, &m.input[0], "Sub")
+        .and_then(|s| const_f32(g, &s.input[1]))
+        .filter(|v| v.iter().any(|z| *z != half))
+        .map_or(0, |v| v.len());
+    scales as f64 * 32.0 + zps as f64 * k as f64
+}
+
 /// `(x - zp) * scale` with constant zp and scale: x.
 fn affine(g: &Graph, v: &str) -> Option<String> {
     let m = prod(g, v, "Mul")?;
@@ -690,6 +831,55 @@ fn classify(g: &Graph, value: &str) -> Option<Kind> {
     }
 }
 
+/// Integer codes decoded from packed storage (the `codes` store: the input of a
+/// DequantizeLinear): their width k and their values. `None` when `value` is not
+/// such a decoder.
+pub fn read_codes(g: &Graph, value: &str) -> Result<Option<(u32, ArrayD<f32>)>> {
+    let Some(c) = prod(g, value, "Cast") else {
+        return Ok(None);
+    };
+    let int = [DataType::Int8, DataType::Uint8, DataType::Int32]
+        .iter()
+        .any(|t| cast_to(c) == Some(*t as i64));
+    if !int {
+        return Ok(None);
+    }
+    let mut x = c.input[0].clone();
+    if let Some(sub) = prod(g, &x, "Sub") {
+        if const_f32(g, &sub.input[1]).is_none() {
+            return Ok(None);
+        }
+        x = sub.input[0].clone();
+    }
+    let codes = if let Some(w) = prod(g, &x, "Where") {
+        if const_f32(g, &w.input[2]).is_none() {
+            return Ok(None);
+        }
+        let Some(cond) = prod(g, &strip(g, &w.input[0]), "Cast") else {
+            return Ok(None);
+        };
+        let Some(mask_leaf) = bit_stream(g, &cond.input[0]) else {
+            return Ok(None);
+        };
+        let Some(gn) = prod(g, &strip(g, &w.input[1]), "Gather") else {
+            return Ok(None);
+        };
+        if mask_index(g, &gn.input[1]).as_deref() != Some(mask_leaf.as_str()) {
+            return Ok(None);
+        }
+        gn.input[0].clone()
+    } else {
+        strip(g, &x)
+    };
+    let Some((k, _)) = code_width(g, &codes) else {
+        return Ok(None);
+    };
+    match eval::eval(g, value)? {
+        Some(Val::I(a, _)) => Ok(Some((k, a.mapv(|v| v as f32)))),
+        _ => Ok(None),
+    }
+}
+
 /// A packed weight, recognized by the structure of its decoder and evaluated
 /// by the ops it consists of. `None` when `value` is not a packed weight.
 pub fn read(g: &Graph, value: &str) -> Result<Option<Weight>> {
@@ -698,6 +888,11 @@ pub fn read(g: &Graph, value: &str) -> Result<Option<Weight>> {
     };
     let Some(Val::F(values)) = eval::eval(g, value)? else {
         return Ok(None);
+    };
+    // The affine decoder's scale and zero point (the zero point at the code width).
+    let param_bits = match kind {
+        Kind::Affine(k) => affine_params(g, value, k),
+        _ => 0.0,
     };
     let (bits, scheme, ternary) = match kind {
         Kind::Zeros => (32, "all zeros (packed: ConstantOfShape)".to_string(), false),
@@ -718,5 +913,6 @@ pub fn read(g: &Graph, value: &str) -> Result<Option<Weight>> {
         quantized: bits < 16,
         ternary,
         claim: None,
+        param_bits,
     }))
 }

@@ -28,12 +28,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use super::{
     AccMode, BnMode, Layer, OutputSize, ScoreOptions, SparsePolicy, TernaryMode, Uncounted,
 };
+use crate::engine::float_equivalent;
 use crate::error::{Error, Result};
-use crate::graph::layers::{bias_input, weight_axis};
+use crate::graph::layers::{bias_input, layer_kind, weight_axis};
 use crate::graph::{weighted_layers, Graph};
 use crate::onnx::attr::NodeAttrs;
 use crate::onnx::NodeProto;
-use crate::repr::act::ActBits;
+use crate::repr::act::{activation_param_inputs, ActBits};
 use crate::repr::{self, Weight};
 
 /// Per-element (mults, adds) of activation ops. REF knows relu, sigmoid and swish;
@@ -215,15 +216,21 @@ pub(crate) fn count_graph(
     // Weights of weighted layers, and whether anything is quantized.
     let mut weights = HashMap::new();
     for layer in weighted_layers(g) {
-        if let Some(w) = repr::weight(g, &layer.weight)? {
+        let first = layer.nodes[0];
+        let w = if crate::graph::layers::is_weighted(g.node(first)) {
+            repr::weight(g, &layer.weight)?
+        } else {
+            repr::layer_weight(g, first)?
+        };
+        if let Some(w) = w {
             for &i in &layer.nodes {
                 weights.insert(i, w.clone());
             }
         }
     }
     let mut act = ActBits::new(g);
-    let conversions: Vec<usize> = act.conversion_nodes.iter().copied().collect();
-    let quantized_acts = conversions
+    let quantized_acts = g
+        .topo_order()
         .iter()
         .flat_map(|&i| g.node(i).output.clone())
         .any(|v| act.of(&v).is_some_and(|b| b < 16));
@@ -256,7 +263,7 @@ pub(crate) fn count_graph(
     let mut uncounted = Vec::new();
     for &i in g.topo_order() {
         let n = g.node(i);
-        let op = n.op_type();
+        let op = float_equivalent(n.op_type()).unwrap_or(n.op_type());
         if ctx.act.conversion_nodes.contains(&i)
             || FREE.contains(&op)
             || n.output.iter().all(|o| static_values.contains(o.as_str()))
@@ -272,12 +279,29 @@ pub(crate) fn count_graph(
                     .and_then(|o| shapes.get(o))
                     .map(|s| s.iter().product())
                     .unwrap_or(0);
+                let quantized_op = {
+                    let o = n.op_type();
+                    o.starts_with('Q')
+                        || o.contains("Integer")
+                        || o.contains("NBits")
+                        || o.contains("Quantize")
+                };
+                let reads_weight = quantized_op
+                    || n.input
+                        .iter()
+                        .any(|v| g.constant_proto(v).is_some_and(|t| t.dims.len() >= 2));
                 uncounted.push(Uncounted {
                     name: g.node_name(i).to_string(),
-                    op_type: op.to_string(),
+                    op_type: n.op_type().to_string(),
                     output_elements: elements,
+                    reads_weight,
                 });
             }
+        }
+    }
+    if opts.quant_params {
+        if let Some(l) = activation_params(g, &ctx.act) {
+            layers.push(l);
         }
     }
     Ok(Counted {
@@ -293,11 +317,74 @@ fn numel(s: &[usize]) -> f64 {
     s.iter().map(|&d| d as f64).product()
 }
 
+/// The activation quantizers' scales and zero points (Q/DQ pairs, the inputs and
+/// outputs of quantized ops, fake-quant chains), each constant once, as one row.
+fn activation_params(g: &Graph, act: &ActBits) -> Option<Layer> {
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut bits = 0.0;
+    let mut count = 0usize;
+    let mut add = |v: &str| {
+        if v.is_empty() || !seen.insert(v.to_string()) {
+            return;
+        }
+        // An all-zero zero point is the default: nothing to store.
+        if let Ok(Some(d)) = g.constant(v) {
+            if d.zeros() < d.len() || d.data_type() == crate::onnx::DataType::Float {
+                bits += d.len() as f64 * d.elem_bits() as f64;
+                count += 1;
+            }
+        }
+    };
+    for &i in g.topo_order() {
+        let n = g.node(i);
+        for k in activation_param_inputs(g, n) {
+            if let Some(v) = n.input.get(k) {
+                add(v);
+            }
+        }
+        // A fake-quant chain's scale (the constant of its first Div/Mul).
+        if act.conversion_nodes.contains(&i)
+            && matches!(n.op_type(), "Div" | "Mul")
+            && n.input
+                .first()
+                .is_some_and(|x| g.constant_proto(x).is_none())
+        {
+            if let Some(v) = n.input.get(1) {
+                if g.producer(&n.output[0]).is_none_or(|_| {
+                    g.consumers(&n.output[0])
+                        .iter()
+                        .any(|&c| g.node(c).op_type() == "Round")
+                }) {
+                    add(v);
+                }
+            }
+        }
+    }
+    (count > 0).then(|| Layer {
+        name: "(activation scales and zero points)".into(),
+        op_type: "QuantParams".into(),
+        output_shape: vec![],
+        weight_shape: None,
+        sparsity: None,
+        weight_bits: None,
+        weight_scheme: None,
+        act_bits: 0,
+        params: bits / 32.0,
+        mults: 0.0,
+        adds: 0.0,
+        raw_mults: 0.0,
+        raw_adds: 0.0,
+        note: format!("{count} constants"),
+    })
+}
+
 fn count_node(ctx: &mut Ctx, idx: usize) -> Result<Option<Layer>> {
     let g = ctx.g;
     let n = g.node(idx);
     let name = g.node_name(idx).to_string();
-    let op = n.op_type();
+    let op = float_equivalent(n.op_type()).unwrap_or(n.op_type());
+    // onnxruntime's quantized binary ops read their operands at inputs 0 and 3.
+    let qlinear = n.op_type().starts_with("QLinear");
     let out_shape = ctx.shape(&n.output[0], &name)?;
     let e = numel(&out_shape);
     let add_w = ctx.opts.elementwise_add_bits as f64 / 32.0;
@@ -340,6 +427,14 @@ fn count_node(ctx: &mut Ctx, idx: usize) -> Result<Option<Layer>> {
         return Ok(Some(layer));
     }
     match op {
+        "DynamicQuantizeLinear" => {
+            // The min/max search over the input, two comparisons an element (counted
+            // as multiplies, like REF's relu); the quantization itself is a conversion.
+            let x = ctx.shape(&data_in, &name)?;
+            layer.raw_mults = 2.0 * numel(&x);
+            layer.mults = layer.raw_mults * mul_w;
+            layer.note = "range search: 2 comparisons per element".into();
+        }
         "MatMul" | "Gemm" => {
             // Two activations: every output is a dot product of length K.
             let a = ctx.shape(&n.input[0], &name)?;
@@ -349,13 +444,35 @@ fn count_node(ctx: &mut Ctx, idx: usize) -> Result<Option<Layer>> {
             } else {
                 *a.last().unwrap_or(&1)
             } as f64;
-            let b_bits = ctx.act_bits(&n.input[1].clone());
+            let b_bits = ctx.act_bits(&n.input[if qlinear { 3 } else { 1 }].clone());
             layer.raw_mults = e * k;
             layer.raw_adds = e * (k - 1.0).max(0.0);
             layer.mults = layer.raw_mults * layer.act_bits.max(b_bits) as f64 / 32.0;
             layer.adds = layer.raw_adds;
         }
         "BatchNormalization" => count_batchnorm(ctx, idx, e, &mut layer)?,
+        "Add" | "Sub" | "Sum" if qlinear => {
+            // (A, scale, zp, B, scale, zp, ...): one add per output at the operands' width.
+            let bits = [0, 3]
+                .iter()
+                .filter_map(|&k| n.input.get(k).cloned())
+                .map(|v| ctx.act_bits(&v))
+                .max()
+                .unwrap_or(32);
+            layer.raw_adds = e;
+            layer.adds = e * bits.max(ctx.opts.elementwise_add_bits.min(bits)) as f64 / 32.0;
+            layer.note = "quantized add (the rescaling is a conversion)".into();
+        }
+        "Mul" if qlinear => {
+            let bits = [0, 3]
+                .iter()
+                .filter_map(|&k| n.input.get(k).cloned())
+                .map(|v| ctx.act_bits(&v))
+                .max()
+                .unwrap_or(32);
+            layer.raw_mults = e;
+            layer.mults = e * bits as f64 / 32.0;
+        }
         "Add" | "Sub" | "Sum" => {
             let operands = n.input.iter().filter(|v| !v.is_empty()).count().max(2) as f64;
             layer.raw_adds = e * (operands - 1.0);
@@ -439,7 +556,7 @@ fn count_weighted(ctx: &mut Ctx, idx: usize, w: &Weight, layer: &mut Layer) -> R
     let g = ctx.g;
     let n = g.node(idx);
     let name = layer.name.clone();
-    let op = n.op_type();
+    let op = layer_kind(n).map_or(n.op_type(), |(op, _)| op);
     let wshape = w.values.shape().to_vec();
     let e = numel(&layer.output_shape);
 
@@ -564,10 +681,17 @@ fn count_weighted(ctx: &mut Ctx, idx: usize, w: &Weight, layer: &mut Layer) -> R
         _ => layer.raw_adds,
     };
 
+    // The scales and zero points the weight's grid needs.
+    if ctx.opts.quant_params {
+        layer.params += w.param_bits / 32.0;
+    }
     // Bias: its values are parameters, one add per output element.
     if let Some(b) = bias_input(n) {
         if let Some(bw) = repr::weight(g, b)? {
             layer.params += bw.values.len() as f64 * ctx.weight_bits(&bw) as f64 / 32.0;
+            if ctx.opts.quant_params {
+                layer.params += bw.param_bits / 32.0;
+            }
         }
         layer.raw_adds += e;
         layer.adds += e * ctx.opts.elementwise_add_bits as f64 / 32.0;

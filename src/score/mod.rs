@@ -17,8 +17,8 @@ pub mod options;
 pub mod render;
 
 pub use options::{
-    AccMode, Baseline, BnMode, Counting, MaxPool, OutputSize, ScoreOptions, SparsePolicy,
-    TernaryMode, Track,
+    AccMode, Baseline, BnMode, Counting, MaxPool, OutputSize, QuantParams, ScoreOptions,
+    SparsePolicy, TernaryMode, Track,
 };
 
 use serde::Serialize;
@@ -61,6 +61,8 @@ pub struct Uncounted {
     pub name: String,
     pub op_type: String,
     pub output_elements: usize,
+    /// It reads a constant of rank 2 or more (a weight), or is a quantized op.
+    pub reads_weight: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
@@ -76,6 +78,8 @@ pub struct Totals {
 /// The scoring report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// Every node is counted (no `uncounted` entry).
+    pub complete: bool,
     pub model: Option<String>,
     pub track: Track,
     pub baseline: Baseline,
@@ -106,6 +110,21 @@ pub fn score(model: &Model, opts: &ScoreOptions) -> Result<Report> {
         quantized,
         freebie_applied,
     } = count::count_graph(&g, &shapes, opts)?;
+    // A node that reads a weight, or a quantized op, left out of the count would
+    // make the score silently absurd: an error unless asked for.
+    let weighty: Vec<String> = uncounted
+        .iter()
+        .filter(|u| u.reads_weight)
+        .map(|u| format!("'{}' ({})", u.name, u.op_type))
+        .collect();
+    if !weighty.is_empty() && !opts.allow_incomplete && !opts.strict {
+        return Err(Error::Usage(format!(
+            "the counting table does not know {} node(s) that read a weight or compute on quantized data: {}; \
+             the score would leave them out (--allow-incomplete prints it anyway, marked incomplete)",
+            weighty.len(),
+            weighty.join(", ")
+        )));
+    }
     if opts.strict && !uncounted.is_empty() {
         let names: Vec<String> = uncounted
             .iter()
@@ -129,7 +148,9 @@ pub fn score(model: &Model, opts: &ScoreOptions) -> Result<Report> {
     let score_params = totals.params / opts.baseline.params;
     let score_ops = totals.ops / opts.baseline.ops;
     let disk = disk::measure(model, &layers)?;
+    let complete = uncounted.is_empty();
     Ok(Report {
+        complete,
         model: model.path.as_ref().map(|p| p.display().to_string()),
         track: opts.track,
         baseline: opts.baseline,

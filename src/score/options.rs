@@ -172,6 +172,11 @@ pub struct ScoreOptions {
     pub count_max_pool: bool,
     /// An op the table does not know is an error instead of a listed omission.
     pub strict: bool,
+    /// Scales and zero points of quantized weights and activations count as
+    /// parameters (rules section 2.1: any values needed for inference).
+    pub quant_params: bool,
+    /// Leave uncounted weighted or quantized ops listed instead of failing.
+    pub allow_incomplete: bool,
     /// Why the track was chosen when it was inferred ([`Track::infer`]), not given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub track_inferred: Option<String>,
@@ -193,6 +198,8 @@ impl Default for ScoreOptions {
             output_size: OutputSize::Graph,
             count_max_pool: true,
             strict: false,
+            quant_params: true,
+            allow_incomplete: false,
             track_inferred: None,
         }
     }
@@ -258,9 +265,27 @@ pub struct Counting {
     /// Max pooling comparisons: counted (k*k-1 per output, as multiplies like REF's relu) or free.
     #[arg(long, value_name = "HOW", value_enum, default_value = "counted")]
     pub max_pool: MaxPool,
-    /// Fail when a node's op is not in the counting table (default: list it as uncounted).
+    /// Fail when a node's op is not in the counting table (default: list it as
+    /// uncounted, unless it reads a weight or is a quantized op: those always fail,
+    /// see --allow-incomplete).
     #[arg(long)]
     pub strict: bool,
+    /// Scales and zero points of quantized weights and activations: counted as
+    /// parameters (the rules: any values needed to perform inference) or free (REF).
+    #[arg(long, value_name = "HOW", value_enum, default_value = "counted")]
+    pub quant_params: QuantParams,
+    /// Print the score even when a node that reads a weight, or a quantized op, is
+    /// not in the counting table (the report then says the count is incomplete).
+    #[arg(long)]
+    pub allow_incomplete: bool,
+}
+
+/// Whether quantization scales and zero points count as parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantParams {
+    Counted,
+    Free,
 }
 
 impl Default for Counting {
@@ -281,6 +306,8 @@ impl Default for Counting {
             output_size: OutputSize::Graph,
             max_pool: MaxPool::Counted,
             strict: false,
+            quant_params: QuantParams::Counted,
+            allow_incomplete: false,
         }
     }
 }
@@ -316,6 +343,8 @@ impl Counting {
             output_size: self.output_size,
             count_max_pool: self.max_pool == MaxPool::Counted,
             strict: self.strict,
+            quant_params: self.quant_params == QuantParams::Counted,
+            allow_incomplete: self.allow_incomplete,
             ..ScoreOptions::default()
         };
         if let Some(p) = self.baseline_params {

@@ -512,7 +512,7 @@ fn find_layers(graph: &Graph, cfg: &PruneConfig, report: &mut PassReport) -> Res
     // Weight initializer -> eligible consumers (Conv, Gemm, MatMul), in topological
     // order of first use; weights that are not initializers are reported per node.
     let mut order: Vec<(String, Vec<usize>)> = Vec::new();
-    let mut computed: Vec<usize> = Vec::new();
+    let mut refused: std::collections::HashMap<usize, String> = Default::default();
     for l in weighted_layers(graph) {
         let nodes: Vec<usize> = l
             .nodes
@@ -523,17 +523,25 @@ fn find_layers(graph: &Graph, cfg: &PruneConfig, report: &mut PassReport) -> Res
         if nodes.is_empty() {
             continue;
         }
-        if l.source != WeightSource::Initializer {
-            computed.extend(nodes);
-            continue;
+        let why = match l.source {
+            WeightSource::Initializer => {
+                order.push((l.weight, nodes));
+                continue;
+            }
+            WeightSource::Overridable => format!(
+                "weight {}: left as is",
+                graph.not_fixed(&l.weight).expect("overridable")
+            ),
+            _ => format!("weight '{}' is not an initializer", l.weight),
+        };
+        for n in nodes {
+            refused.insert(n, why.clone());
         }
-        order.push((l.weight, nodes));
     }
-    for &i in graph.topo_order().iter().filter(|i| computed.contains(i)) {
-        report.skipped(
-            graph.node_name(i),
-            format!("weight '{}' is not an initializer", graph.node(i).input[1]),
-        );
+    for &i in graph.topo_order() {
+        if let Some(why) = refused.remove(&i) {
+            report.skipped(graph.node_name(i), why);
+        }
     }
 
     let mut layers = Vec::new();
@@ -692,8 +700,7 @@ impl Pass for Prune {
 
         let mut report = PassReport::new(self.name());
         let layers = {
-            let g = model.graph();
-            let view = Graph::new(g)?;
+            let view = Graph::of(model)?;
             find_layers(&view, cfg, &mut report)?
         };
 

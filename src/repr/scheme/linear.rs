@@ -25,7 +25,8 @@
 //!   q  = clamp(floor(x / s + 1/2) + z, 0, n),  Xq = ((q - z) as f32) * s
 //!
 //! Codes are unsigned, [0, 2^k - 1] (uint8 at k = 8). An all-zero tensor gets
-//! s = 1, z = 0.
+//! s = 1, z = 0; s is at least the smallest normal f32 (2^-126), so values and
+//! their check stay exact (a smaller range quantizes to zeros).
 
 use std::ops::RangeInclusive;
 
@@ -78,7 +79,9 @@ pub fn minmax_grid(w: &[f32], bits: u32) -> (f32, i64) {
     if hi - lo <= 0.0 {
         return (1.0, 0);
     }
-    let s = ((hi - lo) / n) as f32;
+    // A normal f32 step: a subnormal one (channels of magnitude ~1e-39) would make
+    // ((q - z) as f32) * s inexact, off the grid the claim states.
+    let s = (((hi - lo) / n) as f32).max(f32::MIN_POSITIVE);
     let z = (-lo / s as f64).round().clamp(0.0, n) as i64;
     (s, z)
 }
@@ -174,10 +177,9 @@ impl WeightScheme for MinMax {
     }
 }
 
-/// Every value v of each slice is (q - zp) * step with an integer code q in range:
-/// v / step within 1e-3 of an integer (so values computed a float ulp away still
-/// pass; the quantizer writes them exactly). linear: zp = 0, signed codes; minmax:
-/// the claimed zero point, unsigned codes.
+/// Every value v of each slice is (q - zp) * step with an integer code q in range
+/// (see `on_grid`). linear: zp = 0, signed codes; minmax: the claimed zero point,
+/// unsigned codes.
 fn verify_affine(p: &Proof, signed: bool) -> Result<(), String> {
     let steps = p
         .per_slice(META_STEP)?
@@ -194,9 +196,15 @@ fn verify_affine(p: &Proof, signed: bool) -> Result<(), String> {
     } else {
         (0.0, 2f64.powi(bits) - 1.0)
     };
+    // The writer computes ((q - zp) as f32) * step in f32: v is on the grid when
+    // that product, for the nearest integer k = q - zp, gives v back bit for bit
+    // (the same arithmetic), or v / step is within 1e-3 of k (values a float ulp
+    // away, written by other tools).
     let on_grid = |v: f32, step: f64, zp: f64| -> bool {
-        let k = v as f64 / step;
-        (k - k.round()).abs() <= 1e-3 && k.round() + zp >= lo && k.round() + zp <= hi
+        let x = v as f64 / step;
+        let k = x.round();
+        let exact = (k as f32) * (step as f32) == v;
+        (exact || (x - k).abs() <= 1e-3) && k + zp >= lo && k + zp <= hi
     };
     for ((s, &step), &zp) in p.slices.iter().zip(&steps).zip(&zps) {
         if !(step > 0.0 && step.is_finite()) {

@@ -87,14 +87,17 @@ impl Proof<'_> {
         let Some(raw) = self.meta(key) else {
             return Ok(None);
         };
-        let list: Vec<f64> = raw
-            .split(',')
-            .map(|s| {
-                s.trim()
-                    .parse::<f64>()
-                    .map_err(|_| format!("{key} = '{raw}' is not a number or a list of numbers"))
-            })
-            .collect::<std::result::Result<_, _>>()?;
+        // Written as f32 (shortest round-trip form): read back as the same f32, then
+        // widened, so the grid checked is the grid written (parsing the text as f64
+        // would be off by up to half an f32 ulp, 2e-5 relative at 20-bit codes).
+        let list: Vec<f64> =
+            raw.split(',')
+                .map(|s| {
+                    s.trim().parse::<f32>().map(f64::from).map_err(|_| {
+                        format!("{key} = '{raw}' is not a number or a list of numbers")
+                    })
+                })
+                .collect::<std::result::Result<_, _>>()?;
         if list.len() != self.slices.len() {
             return Err(format!(
                 "{key} lists {} values for {} {}",
