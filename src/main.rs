@@ -408,6 +408,7 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
     };
     let geometry = validate::input_geometry(&original, &a.counting.input_shape).ok();
     let cx = PassContext {
+        reference: None,
         calib: calib.as_ref().map(|c| &c.data),
         input_shape: geometry.map(|g| g.shape).unwrap_or_default(),
         threads,

@@ -1,7 +1,7 @@
 //! Recipes: which passes `optimize` runs, with per-layer settings, in a TOML file.
 //! Each section is owned by its pass (`passes::prune::PruneSection`, ...); the
 //! command-line flags ([`Overrides`]) are shorthand for the same settings and win
-//! over the file; `--set section.key=value` sets any key that has no flag.
+//! over the file; `--set section.key=value` sets any key, last.
 //!
 //! ```toml
 //! fold_bn = true                 # default
@@ -61,6 +61,8 @@ pub struct Recipe {
     /// Weight storage: "packed" (bitmask + k-bit codes, decoded by standard ops; the
     /// default when pruning or quantizing) or "float" (dense float32).
     pub storage: Option<String>,
+    /// Bias correction after quantization, with calibration data (default true).
+    pub bias_correction: Option<bool>,
 }
 
 /// The flags of `optimize` that set recipe keys (clap derives them from this
@@ -102,6 +104,20 @@ pub struct Overrides {
     /// Quantize biases too (linear, B bits); by default they stay float.
     #[arg(long, value_name = "B")]
     pub bias_bits: Option<u32>,
+    /// How weights reach their grid: gptq (GPTQ on the calibration images' layer
+    /// inputs; the default with --calib) or nearest.
+    #[arg(long, value_name = "HOW", value_parser = ["nearest", "gptq"])]
+    pub rounding: Option<String>,
+    /// GPTQ's dampening of H, a fraction of its mean diagonal (default 0.01).
+    #[arg(long, value_name = "F")]
+    pub gptq_damp: Option<f64>,
+    /// GPTQ visits each layer's inputs by decreasing Hessian diagonal.
+    #[arg(long)]
+    pub act_order: bool,
+    /// No bias correction (by default, with --calib, each quantized layer's bias
+    /// absorbs its mean output shift).
+    #[arg(long)]
+    pub no_bias_correction: bool,
     /// Quantize activations to B bits (8: QuantizeLinear/DequantizeLinear; 16: float16;
     /// else a fake-quant chain), ranges calibrated on --calib.
     #[arg(long, value_name = "B")]
@@ -116,7 +132,7 @@ pub struct Overrides {
     #[arg(long, value_name = "STORAGE", value_parser = ["packed", "float"])]
     pub storage: Option<String>,
     /// Set any recipe key: SECTION.KEY=VALUE or KEY=VALUE, the value in TOML
-    /// (repeatable; applied after the file, before the flags above). Example:
+    /// (repeatable; applied last, after the file and the flags above). Example:
     /// --set prune.rounds=5 --set 'quantize.skip=["*classifier*"]'
     #[arg(long, value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -160,7 +176,9 @@ impl Recipe {
             }),
             None => None,
         };
+        let quantizing = self.quantize.is_some() || self.act_quant.is_some();
         Ok(passes::pipeline(passes::Plan {
+            bias_correct: quantizing && self.bias_correction.unwrap_or(true),
             fold_bn: self.fold_bn.unwrap_or(true),
             prune: self.prune.as_ref().map(PruneSection::config).transpose()?,
             quantize: self.quantize.as_ref().map(|s| s.config()).transpose()?,
@@ -211,7 +229,6 @@ impl Recipe {
     /// Merges the command-line flags into the recipe (flags win; a flag that sets a
     /// key of a section the recipe lacks, other than the section's own flag, is an error).
     pub fn apply(&mut self, o: &Overrides) -> Result<()> {
-        self.set(&o.set)?;
         if o.no_fold_bn {
             self.fold_bn = Some(false);
         }
@@ -244,6 +261,9 @@ impl Recipe {
         if o.storage.is_some() {
             self.storage = o.storage.clone();
         }
+        if o.no_bias_correction {
+            self.bias_correction = Some(false);
+        }
         if let Some(spec) = &o.quantize {
             let mut section = QuantizeSection::from_flag(spec)?;
             if let Some(old) = self.quantize.take() {
@@ -273,14 +293,26 @@ impl Recipe {
                 if o.bias_bits.is_some() {
                     q.bias_bits = o.bias_bits;
                 }
+                if o.rounding.is_some() {
+                    q.rounding = o.rounding.clone();
+                }
+                if o.gptq_damp.is_some() {
+                    q.damp = o.gptq_damp;
+                }
+                if o.act_order {
+                    q.act_order = Some(true);
+                }
             }
             None if o.layer_bits.is_some()
                 || o.qbn.is_some()
                 || o.per_channel
-                || o.bias_bits.is_some() =>
+                || o.bias_bits.is_some()
+                || o.rounding.is_some()
+                || o.gptq_damp.is_some()
+                || o.act_order =>
             {
                 return Err(Error::Usage(
-                    "--layer-bits, --qbn, --per-channel and --bias-bits need --quantize (or a [quantize] section in the recipe)".into(),
+                    "--layer-bits, --qbn, --per-channel, --bias-bits, --rounding, --gptq-damp and --act-order need --quantize (or a [quantize] section in the recipe)".into(),
                 ));
             }
             None => {}
@@ -305,6 +337,7 @@ impl Recipe {
             }
             None => {}
         }
-        Ok(())
+        // Last: a key set by name refines what the file and the flags made.
+        self.set(&o.set)
     }
 }

@@ -128,6 +128,7 @@ fn quantized(act_bits: Option<u32>) -> Model {
             warnings: Vec::new(),
         };
         let cx = Context {
+            reference: None,
             calib: Some(&data),
             input_shape: vec![1, 1, 4, 4],
             threads: 1,

@@ -675,6 +675,7 @@ fn reweighted_hits_the_target_exactly_and_deterministically() {
     let run_with = |threads: usize, method: Method, refit: bool| {
         let mut m = small_noise();
         let cx = Context {
+            reference: None,
             calib: Some(&calib),
             input_shape: vec![1, 3, 8, 8],
             threads,
@@ -817,6 +818,7 @@ fn agreement_table(
     let plan = engine::plan(base, input_shape).unwrap();
     let reference = engine::run_images(&plan, eval.images.view(), threads, &|_| {}).unwrap();
     let cx = Context {
+        reference: None,
         calib: Some(calib),
         input_shape: input_shape.to_vec(),
         threads,
@@ -936,6 +938,7 @@ fn mobilenetv2_reweighted_exact_sparsity() {
     let calib = subset(&all, 0..64);
     assert_eq!(calib.len(), 64);
     let cx = Context {
+        reference: None,
         calib: Some(&calib),
         input_shape: vec![1, 3, 32, 32],
         threads: 2,

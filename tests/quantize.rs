@@ -353,6 +353,7 @@ fn quantize_conv(act_bits: u32) -> Model {
     .unwrap();
     let data = calib_set();
     let cx = Context {
+        reference: None,
         calib: Some(&data),
         input_shape: vec![1, 1, 4, 4],
         threads: 1,
@@ -701,6 +702,7 @@ fn quantize_conv_minmax(act_bits: u32) -> Model {
         warnings: Vec::new(),
     };
     let cx = Context {
+        reference: None,
         calib: Some(&data),
         input_shape: vec![1, 1, 4, 4],
         threads: 1,

@@ -7,6 +7,8 @@
 //! every pass, so a broken rewrite is caught where it happened.
 
 pub mod act_quant;
+pub mod bias_correct;
+pub mod calib;
 pub mod fold_bn;
 pub mod pack;
 pub mod prune;
@@ -23,8 +25,11 @@ use crate::graph::Graph;
 use crate::onnx::Model;
 
 /// What passes may need besides the model.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Context<'a> {
+    /// The model before any lossy pass (after BN folding), set by the pipeline:
+    /// what bias correction measures the compressed model against.
+    pub reference: Option<&'a Model>,
     /// Calibration images, preprocessed for the model's input (reweighted pruning, activation ranges).
     pub calib: Option<&'a Dataset>,
     /// The model input shape (batch 1) the calibration images were prepared for.
@@ -42,6 +47,17 @@ pub struct Item {
     pub what: String,
 }
 
+/// One layer's relative output error on the calibration rows,
+/// sum ||X (W' - W)||^2 / sum ||X W||^2, with round-to-nearest and with the
+/// method the pass used.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LayerError {
+    pub layer: String,
+    pub method: String,
+    pub nearest: f64,
+    pub after: f64,
+}
+
 /// A pass's account of its run.
 #[derive(Debug, Clone, Serialize)]
 pub struct PassReport {
@@ -49,6 +65,9 @@ pub struct PassReport {
     pub changed: Vec<Item>,
     pub skipped: Vec<Item>,
     pub seconds: f64,
+    /// Per-layer output errors, where calibration data measured them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<LayerError>,
 }
 
 impl PassReport {
@@ -58,6 +77,7 @@ impl PassReport {
             changed: Vec::new(),
             skipped: Vec::new(),
             seconds: 0.0,
+            errors: Vec::new(),
         }
     }
 
@@ -97,7 +117,17 @@ impl Pipeline {
     pub fn run(&self, model: &mut Model, cx: &Context) -> Result<Vec<PassReport>> {
         let mut reports = Vec::new();
         let ir = model.proto.ir_version();
+        let mut reference: Option<Model> = None;
         for pass in &self.passes {
+            // The reference: the model as it is when the first lossy pass starts.
+            if pass.name() != "fold-bn" && reference.is_none() && cx.reference.is_none() {
+                reference = Some(model.clone());
+            }
+            let cx = Context {
+                reference: cx.reference.or(reference.as_ref()),
+                ..cx.clone()
+            };
+            let cx = &cx;
             let start = Instant::now();
             let before: std::collections::HashSet<String> = model
                 .graph()
@@ -140,10 +170,13 @@ pub struct Plan {
     pub prune: Option<prune::PruneConfig>,
     pub quantize: Option<quantize::QuantConfig>,
     pub act_quant: Option<act_quant::ActQuantConfig>,
+    /// Empirical bias correction after the quantizers (needs calibration data).
+    pub bias_correct: bool,
     pub pack: bool,
 }
 
-/// The passes in the order they run: fold-bn, prune, quantize, act-quant, pack.
+/// The passes in the order they run: fold-bn, prune, quantize, act-quant,
+/// bias-correct, pack.
 /// A new pass is one line here.
 pub fn pipeline(plan: Plan) -> Pipeline {
     let mut p = Pipeline::default();
@@ -158,6 +191,9 @@ pub fn pipeline(plan: Plan) -> Pipeline {
     }
     if let Some(c) = plan.act_quant {
         p.passes.push(Box::new(act_quant::ActQuant(c)));
+    }
+    if plan.bias_correct {
+        p.passes.push(Box::new(bias_correct::BiasCorrect));
     }
     if plan.pack {
         p.passes.push(Box::new(pack::Pack));

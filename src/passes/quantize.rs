@@ -41,10 +41,12 @@
 pub use crate::repr::scheme::{fp16, linear, log, tanh, ternary, Quantized, Scheme, TernaryRule};
 
 use std::collections::HashMap;
+use std::fmt;
 
 use ndarray::ArrayD;
 use serde::{Deserialize, Serialize};
 
+use super::calib;
 use super::select::{self, LayerRule as _};
 use super::{Context, Pass, PassReport};
 use crate::error::{Error, Result};
@@ -154,6 +156,13 @@ pub struct QuantizeSection {
     pub msu_alpha: Option<f64>,
     /// ec2t entropy weight.
     pub ec2t_lambda: Option<f64>,
+    /// How values reach the grid: "nearest" (round to nearest) or "gptq" (GPTQ,
+    /// with calibration data; default when --calib is given).
+    pub rounding: Option<String>,
+    /// GPTQ's dampening, a fraction of the mean diagonal of H (default 0.01).
+    pub damp: Option<f64>,
+    /// GPTQ visits the inputs by decreasing diag(H) (default false).
+    pub act_order: Option<bool>,
     #[serde(default, rename = "layer")]
     pub layers: Vec<LayerSection>,
 }
@@ -167,6 +176,8 @@ pub struct LayerSection {
     pub bits: Option<u32>,
     pub scheme: Option<String>,
     pub skip: Option<bool>,
+    /// nearest | gptq for the matching layers.
+    pub rounding: Option<String>,
 }
 
 impl QuantizeSection {
@@ -253,6 +264,7 @@ impl QuantizeSection {
                 bits: l.bits,
                 scheme: s,
                 skip: l.skip.unwrap_or(false),
+                rounding: l.rounding.as_deref().map(str::parse).transpose()?,
             });
         }
         let msu_alpha = self.msu_alpha.unwrap_or(MSU_ALPHA);
@@ -266,6 +278,12 @@ impl QuantizeSection {
                 "quantize msu_alpha {msu_alpha} / ec2t_lambda {ec2t_lambda}: must be finite and >= 0"
             )));
         }
+        let damp = self.damp.unwrap_or(crate::passes::calib::obs::DEFAULT_DAMP);
+        if !(damp > 0.0 && damp.is_finite()) {
+            return Err(Error::Usage(format!(
+                "quantize damp {damp}: must be positive (a fraction of the mean diagonal of H, e.g. 0.01)"
+            )));
+        }
         Ok(QuantConfig {
             scheme,
             bits,
@@ -277,6 +295,9 @@ impl QuantizeSection {
             skip: self.skip.clone(),
             msu_alpha,
             ec2t_lambda,
+            rounding: self.rounding.as_deref().map(str::parse).transpose()?,
+            damp,
+            act_order: self.act_order.unwrap_or(false),
         })
     }
 }
@@ -293,6 +314,38 @@ fn check_bits(scheme: Scheme, bits: u32, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// How values reach their grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rounding {
+    /// Each value to its nearest grid point.
+    Nearest,
+    /// GPTQ: column by column, the rounding error moved onto the columns not yet
+    /// rounded by the inverse Hessian of the layer's calibration inputs.
+    Gptq,
+}
+
+impl std::str::FromStr for Rounding {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "nearest" | "rtn" => Ok(Rounding::Nearest),
+            "gptq" => Ok(Rounding::Gptq),
+            _ => Err(Error::Usage(format!(
+                "rounding '{s}': expected nearest or gptq"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Rounding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Rounding::Nearest => "nearest",
+            Rounding::Gptq => "gptq",
+        })
+    }
+}
+
 /// A per-layer rule: later rules win.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LayerRule {
@@ -300,6 +353,7 @@ pub struct LayerRule {
     pub bits: Option<u32>,
     pub scheme: Option<Scheme>,
     pub skip: bool,
+    pub rounding: Option<Rounding>,
 }
 
 impl select::LayerRule for LayerRule {
@@ -322,6 +376,10 @@ pub struct QuantConfig {
     pub skip: Vec<String>,
     pub msu_alpha: f64,
     pub ec2t_lambda: f64,
+    /// None: GPTQ when calibration data is given, else nearest.
+    pub rounding: Option<Rounding>,
+    pub damp: f64,
+    pub act_order: bool,
 }
 
 impl Default for QuantConfig {
@@ -337,6 +395,9 @@ impl Default for QuantConfig {
             skip: Vec::new(),
             msu_alpha: MSU_ALPHA,
             ec2t_lambda: EC2T_LAMBDA,
+            rounding: None,
+            damp: crate::passes::calib::obs::DEFAULT_DAMP,
+            act_order: false,
         }
     }
 }
@@ -433,9 +494,13 @@ impl Pass for Quantize {
         "quantize"
     }
 
-    fn run(&self, model: &mut Model, _cx: &Context) -> Result<PassReport> {
+    fn run(&self, model: &mut Model, cx: &Context) -> Result<PassReport> {
         let cfg = &self.0;
         let mut report = PassReport::new(self.name());
+        let calibrating = cx.calib.is_some_and(|d| !d.is_empty());
+        if cfg.rounding == Some(Rounding::Gptq) && !calibrating {
+            return Err(Error::Usage(GPTQ_NEEDS_CALIB.into()));
+        }
         // Plan every layer first (read-only), then write.
         struct Job {
             index: usize,
@@ -452,6 +517,9 @@ impl Pass for Quantize {
             /// Other readers of the bias, or why it stays float.
             bias_shared: Option<String>,
             bias_fixed: Option<String>,
+            rounding: Rounding,
+            /// The weight's rows and input geometry for calibration, or why none.
+            layout: std::result::Result<(calib::Rows, Vec<calib::Geom>), String>,
         }
         let mut jobs = Vec::new();
         {
@@ -505,12 +573,20 @@ impl Pass for Quantize {
                     .chain(std::iter::once(init.as_str()))
                     .collect();
                 let mut scheme = cfg.scheme;
+                let mut rounding = cfg.rounding.unwrap_or(if calibrating {
+                    Rounding::Gptq
+                } else {
+                    Rounding::Nearest
+                });
                 let mut bits = cfg.qbn.get(index).copied().unwrap_or(cfg.bits);
                 let mut skip = select::first_match(&cfg.skip, &names)
                     .map(|p| format!("matches skip pattern '{p}'"));
                 for r in select::matching(&cfg.rules, &names) {
                     if let Some(b) = r.bits {
                         bits = b;
+                    }
+                    if let Some(x) = r.rounding {
+                        rounding = x;
                     }
                     match r.scheme {
                         Some(s) => scheme = s,
@@ -574,6 +650,15 @@ impl Pass for Quantize {
                 )?;
                 let bias = bias_input(node).map(str::to_string);
                 let weight_shared = others(init, nodes, 1);
+                let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+                let layout = if calibrating && rounding == Rounding::Gptq {
+                    calib::layout(&view, nodes, &shape)
+                } else {
+                    Err(String::new())
+                };
+                if rounding == Rounding::Gptq && !calibrating {
+                    rounding = Rounding::Nearest;
+                }
                 let bias_shared = bias.as_deref().and_then(|b| others(b, nodes, 2));
                 let bias_fixed = bias.as_deref().and_then(|b| view.not_fixed(b));
                 jobs.push(Job {
@@ -589,20 +674,88 @@ impl Pass for Quantize {
                     weight_shared,
                     bias_shared,
                     bias_fixed,
+                    rounding,
+                    layout,
                 });
+            }
+        }
+
+        // Calibration for GPTQ and bias correction: one capture for every layer.
+        let wanted: Vec<(usize, Vec<calib::Geom>)> = jobs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, j)| j.layout.as_ref().ok().map(|(_, g)| (i, g.clone())))
+            .collect();
+        let (calibrated, too_big, secs) = calib::capture(model, cx, &wanted)?;
+        if !wanted.is_empty() {
+            report.changed(
+                "calibration",
+                format!(
+                    "{} images: inputs of {} layers captured in {secs:.2}s",
+                    cx.calib.map_or(0, |d| d.len()),
+                    calibrated.len()
+                ),
+            );
+        }
+        let mut no_calib: HashMap<usize, String> = too_big.into_iter().collect();
+        for (i, j) in jobs.iter().enumerate() {
+            if let Err(e) = &j.layout {
+                if !e.is_empty() {
+                    no_calib.insert(i, e.clone());
+                }
             }
         }
 
         let g = model.graph_mut();
         let mut names = crate::graph::Namer::of(g);
-        for job in &jobs {
+        for (ji, job) in jobs.iter().enumerate() {
             let t = g
                 .initializer
                 .iter()
                 .find(|t| t.name() == job.init)
                 .expect("planned");
             let w = TensorData::from_proto(t)?.to_f32();
-            let q = quantize_tensor(&w, job.scheme, job.bits, cfg, job.axis, job.fan_in);
+            let mut q = quantize_tensor(&w, job.scheme, job.bits, cfg, job.axis, job.fan_in);
+            // GPTQ, the output errors and the bias shift, where calibrated.
+            let mut calib_note = String::new();
+            match (calibrated.get(&ji), &job.layout) {
+                (Some(cal), Ok((rows, _))) => {
+                    match calibrated_layer(
+                        cfg,
+                        job.scheme,
+                        job.bits,
+                        job.axis,
+                        job.fan_in,
+                        &w,
+                        &q,
+                        cal,
+                        rows,
+                        job.rounding,
+                    ) {
+                        Ok(done) => {
+                            report.errors.push(crate::passes::LayerError {
+                                layer: job.node.clone(),
+                                method: done.method.clone(),
+                                nearest: done.nearest,
+                                after: done.after,
+                            });
+                            calib_note = format!(
+                                ", {}: output error {:.3}% (nearest {:.3}%)",
+                                done.method,
+                                100.0 * done.after,
+                                100.0 * done.nearest
+                            );
+                            q.values = done.values;
+                        }
+                        Err(why) => calib_note = format!(", nearest rounding: {why}"),
+                    }
+                }
+                _ if job.rounding == Rounding::Gptq => {
+                    let why = no_calib.get(&ji).cloned().unwrap_or_default();
+                    calib_note = format!(", nearest rounding: no calibration ({why})");
+                }
+                _ => {}
+            }
             let sqnr = sqnr_db(&w, &q.values);
             let zeros_before = w.iter().filter(|v| **v == 0.0).count();
             let zeros_after = q.values.iter().filter(|v| **v == 0.0).count();
@@ -629,7 +782,7 @@ impl Pass for Quantize {
             report.changed(
                 format!("[#{}] {}", job.index, job.node),
                 format!(
-                    "{} {}-bit, {}, SQNR {} dB, clipped {:.2}%, zeros {} -> {} of {} (weight '{}')",
+                    "{} {}-bit, {}, SQNR {} dB, clipped {:.2}%, zeros {} -> {} of {} (weight '{}'){calib_note}",
                     job.scheme,
                     job.bits,
                     q.grid,
@@ -645,6 +798,7 @@ impl Pass for Quantize {
                     job.init
                 ),
             );
+
             if let (Some(bb), Some(b)) = (cfg.bias_bits, &job.bias) {
                 let Some(bt) = g.initializer.iter().find(|t| t.name() == b.as_str()) else {
                     report.skipped(b, "bias left float: not an initializer");
@@ -702,6 +856,93 @@ impl Pass for Quantize {
         }
         Ok(report)
     }
+}
+
+/// Why GPTQ needs `--calib`.
+pub const GPTQ_NEEDS_CALIB: &str = "rounding 'gptq' needs calibration images (--calib DATA): \
+GPTQ moves each rounding error onto the weights not yet rounded through the inverse Hessian of the layer's inputs on them";
+
+/// What calibration did to one layer.
+struct CalibratedLayer {
+    values: ArrayD<f32>,
+    method: String,
+    nearest: f64,
+    after: f64,
+}
+
+/// GPTQ (or nearest rounding) of one weight with its calibration: the values on
+/// the claim's grids, and the relative output errors of nearest rounding and of
+/// the result.
+#[allow(clippy::too_many_arguments)]
+fn calibrated_layer(
+    cfg: &QuantConfig,
+    scheme: Scheme,
+    bits: u32,
+    axis: Option<usize>,
+    fan_in: usize,
+    w: &ArrayD<f32>,
+    nearest: &Quantized,
+    cal: &calib::Calibrated,
+    rows: &calib::Rows,
+    rounding: Rounding,
+) -> std::result::Result<CalibratedLayer, String> {
+    use calib::obs;
+    let factors: Vec<obs::Factor> = cal
+        .stats
+        .iter()
+        .map(|st| obs::Factor::new(&obs::hessian(st, cal.dim), cal.dim, cfg.damp, cfg.act_order))
+        .collect::<std::result::Result<_, _>>()?;
+    let layer = obs::Layer {
+        rows,
+        groups: cal.groups,
+        factors: &factors,
+    };
+    let w0: Vec<f32> = w.iter().copied().collect();
+    let rtn: Vec<f32> = nearest.values.iter().copied().collect();
+    let err_nearest = layer.error(&w0, &rtn);
+    let (values, method) = match rounding {
+        Rounding::Nearest => (rtn, "nearest".to_string()),
+        Rounding::Gptq => {
+            // The grid of each output row: its channel's (per channel along the rows'
+            // axis) or the tensor's.
+            let imp = scheme.imp();
+            let p = cfg.params();
+            let per_channel = cfg.per_channel && imp.per_channel() && axis.is_some();
+            let grids: Vec<crate::repr::scheme::Grid> = if per_channel {
+                w.axis_iter(ndarray::Axis(axis.expect("checked")))
+                    .map(|lane| {
+                        let v: Vec<f32> = lane.iter().copied().collect();
+                        imp.grid(&v, bits, scheme.rule(), &p, fan_in)
+                    })
+                    .collect()
+            } else {
+                vec![imp.grid(&w0, bits, scheme.rule(), &p, fan_in)]
+            };
+            if per_channel && grids.len() != rows.count {
+                return Err(format!(
+                    "{} channel grids for {} rows",
+                    grids.len(),
+                    rows.count
+                ));
+            }
+            let round = |r: usize, x: f64| -> f64 {
+                grids[if per_channel { r } else { 0 }].round(x as f32) as f64
+            };
+            let v = layer.solve(&w0, Some(&round), obs::Sparsity::None, true);
+            let mut m = "GPTQ".to_string();
+            if cfg.act_order {
+                m.push_str(" (act-order)");
+            }
+            (v, m)
+        }
+    };
+    let after = layer.error(&w0, &values);
+    Ok(CalibratedLayer {
+        values: ArrayD::from_shape_vec(w.raw_dim(), values).expect("same shape"),
+        method,
+        nearest: err_nearest,
+        after,
+    })
 }
 
 /// Reads a tensor's claim keys (for tests and reports).

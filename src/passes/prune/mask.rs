@@ -4,50 +4,7 @@
 
 use std::cmp::Ordering;
 
-/// How a weight tensor splits into output units ("rows"), each a vector of `len`
-/// weights along the input dimension.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rows {
-    pub count: usize,
-    pub len: usize,
-    kind: Kind,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Kind {
-    /// Row r is the contiguous slice [r len, (r + 1) len).
-    Contiguous,
-    /// The tensor is [batch, len, n]; row r = b n + c is column c of batch b.
-    Columns { n: usize },
-}
-
-impl Rows {
-    pub fn contiguous(count: usize, len: usize) -> Rows {
-        Rows {
-            count,
-            len,
-            kind: Kind::Contiguous,
-        }
-    }
-
-    /// Columns of `batch` matrices of shape [len, n].
-    pub fn columns(n: usize, len: usize, batch: usize) -> Rows {
-        Rows {
-            count: n * batch,
-            len,
-            kind: Kind::Columns { n },
-        }
-    }
-
-    /// Flat index of element `j` of row `r`.
-    #[inline]
-    pub fn index(&self, r: usize, j: usize) -> usize {
-        match self.kind {
-            Kind::Contiguous => r * self.len + j,
-            Kind::Columns { n } => (r / n) * self.len * n + j * n + r % n,
-        }
-    }
-}
+pub use crate::passes::calib::Rows;
 
 #[inline]
 fn by_magnitude(w: &[f32], a: u32, b: u32) -> Ordering {

@@ -58,7 +58,6 @@
 //! are merged in order of fixed 8-image chunks whatever the thread count, and
 //! per-row solves are independent of each other and of scheduling.
 
-mod gram;
 mod mask;
 mod solve;
 
@@ -71,14 +70,11 @@ use serde::{Deserialize, Serialize};
 use super::select::{self, LayerRule as _};
 use super::{Context, Pass, PassReport};
 use crate::error::{Error, Result};
-use crate::graph::layers::{weight_axis, WeightSource};
+use crate::graph::layers::WeightSource;
 use crate::graph::{set_initializer, weighted_layers, Graph};
-use crate::onnx::attr::NodeAttrs;
-use crate::onnx::proto::NodeProto;
 use crate::onnx::{DataType, Model, TensorData};
 
-use gram::Geom;
-use mask::Rows;
+use super::calib::{self, gram, Geom, Rows};
 
 /// A pruning method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -371,137 +367,6 @@ impl Layer {
     }
 }
 
-/// The row layout a node reads its weight in: one row per output unit, along the
-/// weight's output-channel axis (`graph::layers`).
-fn rows_of(node: &NodeProto, shape: &[usize]) -> std::result::Result<Rows, String> {
-    match node.op_type() {
-        "Conv" => {
-            if shape.len() < 2 {
-                return Err(format!("Conv weight of rank {}", shape.len()));
-            }
-            Ok(Rows::contiguous(shape[0], shape[1..].iter().product()))
-        }
-        "Gemm" => {
-            if shape.len() != 2 {
-                return Err(format!("Gemm weight of rank {}", shape.len()));
-            }
-            match weight_axis(node, shape).map_err(|e| e.to_string())?.0 {
-                Some(0) => Ok(Rows::contiguous(shape[0], shape[1])),
-                _ => Ok(Rows::columns(shape[1], shape[0], 1)),
-            }
-        }
-        "MatMul" => match shape.len() {
-            0 => Err("a scalar MatMul weight".into()),
-            1 => Ok(Rows::contiguous(1, shape[0])),
-            r => {
-                let batch: usize = shape[..r - 2].iter().product();
-                Ok(Rows::columns(shape[r - 1], shape[r - 2], batch))
-            }
-        },
-        op => Err(format!("{op} is not prunable")),
-    }
-}
-
-/// The calibration geometry of a node's weight: what its input rows look like.
-fn geom_of(node: &NodeProto, shape: &[usize]) -> std::result::Result<Geom, String> {
-    let input = node.input[0].clone();
-    match node.op_type() {
-        "Conv" => {
-            let spatial = shape.len().saturating_sub(2);
-            if !(1..=2).contains(&spatial) {
-                return Err(format!("{spatial}-D convolution"));
-            }
-            let to_usize = |v: Vec<i64>| -> std::result::Result<Vec<usize>, String> {
-                v.into_iter()
-                    .map(|x| {
-                        usize::try_from(x).map_err(|_| format!("negative attribute value {x}"))
-                    })
-                    .collect()
-            };
-            let ints = |name: &str, default: Vec<i64>| -> std::result::Result<Vec<usize>, String> {
-                to_usize(
-                    node.get_ints(name)
-                        .map_err(|e| e.to_string())?
-                        .unwrap_or(default),
-                )
-            };
-            let group = node.int_or("group", 1).map_err(|e| e.to_string())?.max(1) as usize;
-            let strides = ints("strides", vec![1; spatial])?;
-            let dilations = ints("dilations", vec![1; spatial])?;
-            let pads = ints("pads", vec![0; 2 * spatial])?;
-            if strides.len() != spatial || dilations.len() != spatial || pads.len() != 2 * spatial {
-                return Err("Conv attributes do not match the kernel rank".into());
-            }
-            let auto_pad = node
-                .get_string("auto_pad")
-                .map_err(|e| e.to_string())?
-                .unwrap_or_default();
-            let auto_pad = match auto_pad.as_str() {
-                "" | "NOTSET" => gram::AutoPad::NotSet,
-                "VALID" => gram::AutoPad::Valid,
-                "SAME_UPPER" => gram::AutoPad::SameUpper,
-                "SAME_LOWER" => gram::AutoPad::SameLower,
-                other => return Err(format!("auto_pad '{other}'")),
-            };
-            // Normalized to 2-D: a 1-D conv is a 2-D one of height 1.
-            let (kernel, strides, dilations, pads) = if spatial == 1 {
-                (
-                    [1, shape[2]],
-                    [1, strides[0]],
-                    [1, dilations[0]],
-                    [0, pads[0], 0, pads[1]],
-                )
-            } else {
-                (
-                    [shape[2], shape[3]],
-                    [strides[0], strides[1]],
-                    [dilations[0], dilations[1]],
-                    [pads[0], pads[1], pads[2], pads[3]],
-                )
-            };
-            if strides.contains(&0) || dilations.contains(&0) {
-                return Err("zero stride or dilation".into());
-            }
-            let cout = shape[0];
-            if !cout.is_multiple_of(group) {
-                return Err(format!("{cout} output channels in {group} groups"));
-            }
-            Ok(Geom::Conv(gram::ConvGeom {
-                input,
-                cin_per_group: shape[1],
-                groups: group,
-                kernel,
-                strides,
-                dilations,
-                pads,
-                auto_pad,
-            }))
-        }
-        "Gemm" => {
-            if shape.len() != 2 {
-                return Err(format!("Gemm weight of rank {}", shape.len()));
-            }
-            let (_, k) = weight_axis(node, shape).map_err(|e| e.to_string())?;
-            Ok(Geom::Dense {
-                input,
-                k,
-                trans_a: node.int_or("transA", 0).map_err(|e| e.to_string())? != 0,
-            })
-        }
-        "MatMul" => {
-            if shape.len() != 2 {
-                return Err(format!("MatMul weight of rank {} (batched)", shape.len()));
-            }
-            Ok(Geom::Dense {
-                input,
-                k: shape[0],
-                trans_a: false,
-            })
-        }
-        op => Err(format!("{op} is not prunable")),
-    }
-}
-
 fn pct(zeros: usize, n: usize) -> String {
     format!("{:.2}%", 100.0 * zeros as f64 / n.max(1) as f64)
 }
@@ -626,7 +491,7 @@ fn find_layers(graph: &Graph, cfg: &PruneConfig, report: &mut PassReport) -> Res
         let mut geoms: std::result::Result<Vec<Geom>, String> = Ok(Vec::new());
         for (i, &n) in nodes.iter().enumerate() {
             let node = graph.node(n);
-            let r = rows_of(node, &shape);
+            let r = calib::rows_of(node, &shape);
             if i == 0 {
                 rows = r;
             } else if let (Ok(a), Ok(b)) = (&rows, &r) {
@@ -635,7 +500,7 @@ fn find_layers(graph: &Graph, cfg: &PruneConfig, report: &mut PassReport) -> Res
                 }
             }
             if let Ok(gs) = geoms.as_mut() {
-                match geom_of(node, &shape) {
+                match calib::geom_of(node, &shape) {
                     Ok(g) => gs.push(g),
                     Err(e) => geoms = Err(e),
                 }
@@ -737,7 +602,7 @@ impl Pass for Prune {
             if !wanted.is_empty() {
                 let as_rows = grams
                     .iter()
-                    .filter(|(_, s)| matches!(s.first(), Some(gram::Stats::Rows { .. })))
+                    .filter(|c| matches!(c.stats.first(), Some(gram::Stats::Rows { .. })))
                     .count();
                 report.changed(
                     "calibration",
@@ -753,9 +618,13 @@ impl Pass for Prune {
             for (i, why) in too_big {
                 notes[i].push(format!("no calibration ({why})"));
             }
-            for (i, g) in grams {
+            for c in grams {
+                let i = c.layer;
                 let dim = layers[i].geoms.as_ref().expect("wanted")[0].dim();
-                calibrated[i] = Some(Calibrated { stats: g, dim });
+                calibrated[i] = Some(Calibrated {
+                    stats: c.stats,
+                    dim,
+                });
             }
             notes.iter_mut().for_each(|n| n.dedup());
         }

@@ -16,8 +16,7 @@ use std::sync::OnceLock;
 use ndarray::{Array1, Array2};
 use rayon::prelude::*;
 
-use super::gram::Stats;
-use super::mask::Rows;
+use crate::passes::calib::{Rows, Stats};
 
 /// Rows per lockstep block.
 const B: usize = 8;

@@ -20,7 +20,7 @@ use std::ops::RangeInclusive;
 
 use half::f16;
 
-use super::{Params, Proof, Slice, Storage, WeightScheme};
+use super::{Grid, Params, Proof, Slice, Storage, WeightScheme};
 
 /// The largest finite float16.
 pub const F16_MAX: f32 = 65504.0;
@@ -90,5 +90,8 @@ impl WeightScheme for Fp16 {
             Some(v) => Err(format!("value {v} is not a float16 value")),
             None => Ok(()),
         }
+    }
+    fn grid(&self, _: &[f32], _: u32, _: Option<&str>, _: &Params, _: usize) -> Grid {
+        Grid::Half
     }
 }

@@ -30,7 +30,9 @@
 
 use std::ops::RangeInclusive;
 
-use super::{abs_at_overflow_rank, fmt_f32, fmt_step, Params, Proof, Slice, Storage, WeightScheme};
+use super::{
+    abs_at_overflow_rank, fmt_f32, fmt_step, Grid, Params, Proof, Slice, Storage, WeightScheme,
+};
 use crate::repr::claim::{META_STEP, META_ZERO_POINT};
 
 /// Integral bits of seed 000: ceil(log2(v + 1e-12)), v the |x| at the overflow rank.
@@ -144,6 +146,14 @@ impl WeightScheme for Linear {
     fn verify(&self, proof: &Proof) -> Result<(), String> {
         verify_affine(proof, true)
     }
+    fn grid(&self, w: &[f32], bits: u32, _: Option<&str>, p: &Params, _: usize) -> Grid {
+        let sf = (bits as i32 - 1 - integral_part(w, p.overflow_rate)).clamp(-127, 126);
+        Grid::Linear {
+            d: 2f32.powi(-sf),
+            lo: -(2f64.powi(bits as i32 - 1)),
+            hi: 2f64.powi(bits as i32 - 1) - 1.0,
+        }
+    }
 }
 
 impl WeightScheme for MinMax {
@@ -174,6 +184,14 @@ impl WeightScheme for MinMax {
     }
     fn verify(&self, proof: &Proof) -> Result<(), String> {
         verify_affine(proof, false)
+    }
+    fn grid(&self, w: &[f32], bits: u32, _: Option<&str>, _: &Params, _: usize) -> Grid {
+        let (s, z) = minmax_grid(w, bits);
+        Grid::MinMax {
+            s,
+            z,
+            n: 2f64.powi(bits as i32) - 1.0,
+        }
     }
 }
 

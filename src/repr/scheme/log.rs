@@ -17,7 +17,7 @@
 
 use std::ops::RangeInclusive;
 
-use super::{abs_at_overflow_rank, Params, Proof, Slice, Storage, WeightScheme};
+use super::{abs_at_overflow_rank, Grid, Params, Proof, Slice, Storage, WeightScheme};
 
 /// (values, emax, emin, clipped count).
 pub fn log(w: &[f32], bits: u32, overflow_rate: f64) -> (Vec<f32>, i32, i32, usize) {
@@ -105,5 +105,9 @@ impl WeightScheme for Log {
             }
         }
         Ok(())
+    }
+    fn grid(&self, w: &[f32], bits: u32, _: Option<&str>, p: &Params, _: usize) -> Grid {
+        let (_, emax, emin, _) = log(w, bits, p.overflow_rate);
+        Grid::Log { emin, emax }
     }
 }

@@ -151,6 +151,77 @@ pub trait WeightScheme: Sync {
     /// Checks a claim against the values, beyond the distinct count every claim
     /// passes first; `Err` says what contradicts it. No default: a scheme states its proof.
     fn verify(&self, proof: &Proof) -> std::result::Result<(), String>;
+    /// The grid `quantize` would put `w` on, as a rounding function of single values,
+    /// for rounding methods that choose each value themselves (GPTQ): every value it
+    /// returns lies on the grid the claim of `quantize(w, ...)` states.
+    fn grid(&self, w: &[f32], bits: u32, rule: Option<&str>, p: &Params, fan_in: usize) -> Grid;
+}
+
+/// A fixed grid, rounding one value at a time exactly as the scheme's quantizer
+/// does (same arithmetic, so the claim stays provable).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Grid {
+    /// linear: clamp(floor(x / d + 1/2), lo, hi) * d.
+    Linear { d: f32, lo: f64, hi: f64 },
+    /// minmax: ((clamp(floor(x / s + 1/2) + z, 0, n) - z) as f32) * s.
+    MinMax { s: f32, z: i64, n: f64 },
+    /// log: sign(x) 2^round(log2 |x|) within [emin, emax], 0 below 2^(emin - 1).
+    Log { emin: i32, emax: i32 },
+    /// tanh: artanh of a uniform grid on tanh(x), n = 2^k - 1.
+    Tanh { n: f64 },
+    /// ternary: the nearest of {neg, 0, pos}.
+    Ternary { neg: f32, pos: f32 },
+    /// float16 rounding.
+    Half,
+}
+
+impl Grid {
+    /// The grid value for `x`; 0 stays 0.
+    pub fn round(&self, x: f32) -> f32 {
+        if x == 0.0 {
+            return 0.0;
+        }
+        match *self {
+            Grid::Linear { d, lo, hi } => {
+                ((x as f64 / d as f64 + 0.5).floor().clamp(lo, hi) as f32) * d
+            }
+            Grid::MinMax { s, z, n } => {
+                let q = (x as f64 / s as f64 + 0.5).floor() + z as f64;
+                ((q.clamp(0.0, n) as i64 - z) as f32) * s
+            }
+            Grid::Log { emin, emax } => {
+                let mut e = (x.abs() as f64).log2().round() as i32;
+                if e > emax {
+                    e = emax;
+                }
+                if e < emin {
+                    if (x.abs() as f64) < 2f64.powi(emin - 1) {
+                        return 0.0;
+                    }
+                    e = emin;
+                }
+                x.signum() * 2f32.powi(e)
+            }
+            Grid::Tanh { n } => {
+                let c = (((x as f64).tanh() + 1.0) / 2.0 * n + 0.5)
+                    .floor()
+                    .clamp(1.0, n - 1.0);
+                (2.0 * c / n - 1.0).atanh() as f32
+            }
+            Grid::Ternary { neg, pos } => {
+                let candidates = [
+                    (0.0f32, x.abs()),
+                    (neg, (x - neg).abs()),
+                    (pos, (x - pos).abs()),
+                ];
+                candidates
+                    .iter()
+                    .min_by(|a, b| a.1.total_cmp(&b.1))
+                    .map_or(0.0, |c| c.0)
+            }
+            Grid::Half => fp16::fp16(&[x]).0[0],
+        }
+    }
 }
 
 /// A scheme as configured: the grid family and, for ternary, the rule.

@@ -12,7 +12,7 @@
 
 use std::ops::RangeInclusive;
 
-use super::{Params, Proof, Slice, Storage, WeightScheme};
+use super::{Grid, Params, Proof, Slice, Storage, WeightScheme};
 
 /// (values, clipped count).
 pub fn tanh(w: &[f32], bits: u32) -> (Vec<f32>, usize) {
@@ -63,5 +63,10 @@ impl WeightScheme for Tanh {
     /// values), checked for every claim, is the whole proof.
     fn verify(&self, _: &Proof) -> Result<(), String> {
         Ok(())
+    }
+    fn grid(&self, _: &[f32], bits: u32, _: Option<&str>, _: &Params, _: usize) -> Grid {
+        Grid::Tanh {
+            n: 2f64.powi(bits as i32) - 1.0,
+        }
     }
 }

@@ -26,7 +26,7 @@
 
 use std::ops::RangeInclusive;
 
-use super::{Params, Proof, Slice, Storage, WeightScheme};
+use super::{Grid, Params, Proof, Slice, Storage, WeightScheme};
 use crate::repr::claim::META_RULE;
 
 /// A ternary rule (the `onnx_micronet.rule` of a ternary claim).
@@ -293,5 +293,11 @@ impl WeightScheme for Ternary {
             }
         }
         Ok(())
+    }
+    fn grid(&self, w: &[f32], bits: u32, rule: Option<&str>, p: &Params, fan_in: usize) -> Grid {
+        let q = self.quantize(w, bits, rule, p, fan_in).values;
+        let neg = q.iter().copied().filter(|v| *v < 0.0).fold(0f32, f32::min);
+        let pos = q.iter().copied().filter(|v| *v > 0.0).fold(0f32, f32::max);
+        Grid::Ternary { neg, pos }
     }
 }

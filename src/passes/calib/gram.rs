@@ -73,6 +73,14 @@ impl Geom {
             Geom::Dense { input, .. } => input,
         }
     }
+
+    /// The same geometry on another input value.
+    pub fn set_input(&mut self, value: &str) {
+        match self {
+            Geom::Conv(c) => c.input = value.to_string(),
+            Geom::Dense { input, .. } => *input = value.to_string(),
+        }
+    }
 }
 
 /// Output size and begin padding along one axis.
@@ -191,14 +199,15 @@ fn dense_rows(
     Ok(x.len() / k.max(1))
 }
 
-/// G += X^T X for the rows in `buf` (row-major, `dim` wide).
-fn flush(buf: &mut Vec<f32>, dim: usize, gram: &mut Vec<f64>) {
+/// G += X^T X and sum += the rows, for the rows in `buf` (row-major, `dim` wide).
+fn flush(buf: &mut Vec<f32>, dim: usize, gram: &mut Vec<f64>, sum: &mut Vec<f64>) {
     if buf.is_empty() {
         return;
     }
     if gram.is_empty() {
         *gram = vec![0.0; dim * dim];
     }
+    add_rows(buf, dim, sum);
     let rows = buf.len() / dim;
     if dim <= 16 {
         for r in buf.chunks_exact(dim) {
@@ -226,6 +235,30 @@ fn flush(buf: &mut Vec<f32>, dim: usize, gram: &mut Vec<f64>) {
     buf.clear();
 }
 
+/// sum += each row of `buf`.
+fn add_rows(buf: &[f32], dim: usize, sum: &mut Vec<f64>) {
+    if sum.is_empty() {
+        *sum = vec![0.0; dim];
+    }
+    for r in buf.chunks_exact(dim) {
+        for (s, &v) in sum.iter_mut().zip(r) {
+            *s += v as f64;
+        }
+    }
+}
+
+/// One layer's calibration: per group, its quadratic form and the mean of its
+/// input rows (E[x], for bias correction), and the row count.
+pub struct Captured {
+    /// The index the caller gave the layer.
+    pub layer: usize,
+    pub stats: Vec<Stats>,
+    /// Per group, the mean input row (unscaled), `dim` long.
+    pub means: Vec<Vec<f64>>,
+    /// Rows seen per group.
+    pub rows: usize,
+}
+
 /// What a layer's calibration leaves for the solves, per group, scaled so the
 /// mean diagonal of G over the layer is 1.
 pub enum Stats {
@@ -240,6 +273,10 @@ pub enum Stats {
 struct Acc {
     /// [layer][group] d x d, empty until first used.
     grams: Vec<Vec<Vec<f64>>>,
+    /// [layer][group] sum of the rows flushed into `grams`.
+    sums: Vec<Vec<Vec<f64>>>,
+    /// [layer] rows seen per group.
+    rows: Vec<usize>,
     /// [layer][group] buffered rows (all of them for a layer that keeps its rows).
     bufs: Vec<Vec<Vec<f32>>>,
     error: Option<String>,
@@ -256,8 +293,28 @@ pub fn collect(
     images: ndarray::ArrayView4<f32>,
     threads: usize,
     wanted: &[(usize, Vec<Geom>)],
-) -> Result<(Vec<(usize, Vec<Stats>)>, Vec<(usize, String)>)> {
-    let bytes = |gs: &[Geom]| gs[0].groups() * gs[0].dim() * gs[0].dim() * 8;
+) -> Result<(Vec<Captured>, Vec<(usize, String)>)> {
+    collect_with(model, input_shape, images, threads, wanted, false)
+}
+
+/// [`collect`], or with `means_only` the mean input rows alone (no Gram
+/// matrices: `stats` is empty).
+#[allow(clippy::type_complexity)]
+pub fn collect_with(
+    model: &Model,
+    input_shape: &[usize],
+    images: ndarray::ArrayView4<f32>,
+    threads: usize,
+    wanted: &[(usize, Vec<Geom>)],
+    means_only: bool,
+) -> Result<(Vec<Captured>, Vec<(usize, String)>)> {
+    let bytes = |gs: &[Geom]| {
+        if means_only {
+            gs[0].groups() * gs[0].dim() * 8
+        } else {
+            gs[0].groups() * gs[0].dim() * gs[0].dim() * 8
+        }
+    };
     let mut too_big = Vec::new();
     let mut batches: Vec<Vec<&(usize, Vec<Geom>)>> = Vec::new();
     let mut used = 0usize;
@@ -309,6 +366,8 @@ pub fn collect(
             .collect();
         let init = || Acc {
             grams: dims.iter().map(|&(g, _)| vec![Vec::new(); g]).collect(),
+            sums: dims.iter().map(|&(g, _)| vec![Vec::new(); g]).collect(),
+            rows: vec![0; dims.len()],
             bufs: dims.iter().map(|&(g, _)| vec![Vec::new(); g]).collect(),
             error: None,
         };
@@ -340,19 +399,34 @@ pub fn collect(
                     }
                 }
             }
+            for (r, p) in acc.rows.iter_mut().zip(&per_image) {
+                *r += p;
+            }
             for (li, &(_, dim)) in dims.iter().enumerate() {
                 if per_image[li] * n <= dim {
                     continue; // keeps its rows
                 }
-                for (buf, gram) in acc.bufs[li].iter_mut().zip(acc.grams[li].iter_mut()) {
+                let sums = acc.sums[li].iter_mut();
+                for ((buf, gram), sum) in acc.bufs[li]
+                    .iter_mut()
+                    .zip(acc.grams[li].iter_mut())
+                    .zip(sums)
+                {
                     if last || buf.len() >= FLUSH_ROWS * dim {
-                        flush(buf, dim, gram);
+                        if means_only {
+                            add_rows(buf, dim, sum);
+                            buf.clear();
+                        } else {
+                            flush(buf, dim, gram, sum);
+                        }
                     }
                 }
             }
         };
         let mut grams: Vec<Vec<Vec<f64>>> =
             dims.iter().map(|&(g, _)| vec![Vec::new(); g]).collect();
+        let mut sums: Vec<Vec<Vec<f64>>> = dims.iter().map(|&(g, _)| vec![Vec::new(); g]).collect();
+        let mut row_counts = vec![0usize; dims.len()];
         let mut rows: Vec<Vec<Vec<f32>>> = dims.iter().map(|&(g, _)| vec![Vec::new(); g]).collect();
         let mut error: Option<String> = None;
         let merge = |acc: Acc| {
@@ -360,13 +434,18 @@ pub fn collect(
                 error.get_or_insert(e);
                 return;
             }
-            for (s, a) in grams.iter_mut().zip(acc.grams) {
-                for (sg, ag) in s.iter_mut().zip(a) {
-                    if sg.is_empty() {
-                        *sg = ag;
-                    } else {
-                        for (x, y) in sg.iter_mut().zip(ag) {
-                            *x += y;
+            for (c, r) in row_counts.iter_mut().zip(&acc.rows) {
+                *c += r;
+            }
+            for (target, part) in [(&mut grams, acc.grams), (&mut sums, acc.sums)] {
+                for (s, a) in target.iter_mut().zip(part) {
+                    for (sg, ag) in s.iter_mut().zip(a) {
+                        if sg.is_empty() {
+                            *sg = ag;
+                        } else {
+                            for (x, y) in sg.iter_mut().zip(ag) {
+                                *x += y;
+                            }
                         }
                     }
                 }
@@ -393,10 +472,20 @@ pub fn collect(
                 "capturing calibration activations: {e}"
             )));
         }
-        for ((w, layer_grams), layer_rows) in batch.iter().zip(grams).zip(rows) {
+        for ((((w, layer_grams), layer_rows), layer_sums), &layer_count) in
+            batch.iter().zip(grams).zip(rows).zip(sums).zip(&row_counts)
+        {
             let (groups, dim) = (w.1[0].groups(), w.1[0].dim());
             let mut stats: Vec<Stats> = Vec::with_capacity(groups);
-            for (mut g, mut r) in layer_grams.into_iter().zip(layer_rows) {
+            let mut means: Vec<Vec<f64>> = Vec::with_capacity(groups);
+            for ((mut g, mut r), mut sum) in layer_grams.into_iter().zip(layer_rows).zip(layer_sums)
+            {
+                // Rows never flushed (kept as rows, or left over) join the sums.
+                add_rows(&r, dim, &mut sum);
+                if means_only {
+                    means.push(sum);
+                    continue;
+                }
                 if g.is_empty() && !r.is_empty() {
                     // Column-major copy of the rows.
                     let count = r.len() / dim;
@@ -412,12 +501,15 @@ pub fn collect(
                     if g.is_empty() {
                         g = vec![0.0; dim * dim];
                     }
-                    flush(&mut r, dim, &mut g);
+                    let mut unused = Vec::new();
+                    flush(&mut r, dim, &mut g, &mut unused);
                     stats.push(Stats::Gram(g));
                 }
+                means.push(sum);
             }
             let trace: f64 = stats
                 .iter()
+                .filter(|_| !means_only)
                 .map(|s| match s {
                     Stats::Gram(g) => (0..dim).map(|i| g[i * dim + i]).sum::<f64>(),
                     Stats::Rows { x, .. } => x.iter().map(|v| v * v).sum(),
@@ -433,7 +525,16 @@ pub fn collect(
                     }
                 }
             }
-            out.push((w.0, stats));
+            let total = layer_count.max(1) as f64;
+            for m in &mut means {
+                m.iter_mut().for_each(|v| *v /= total);
+            }
+            out.push(Captured {
+                layer: w.0,
+                stats,
+                means,
+                rows: layer_count,
+            });
         }
     }
     Ok((out, too_big))

@@ -1,0 +1,279 @@
+//! Calibration for the second-order methods: how a layer reads its weight (its
+//! rows, one per output unit, and the geometry of its input rows), and the Gram
+//! matrices G = X^T X of those input rows on calibration images ([`gram`]), which
+//! pruning's reweighted solver, GPTQ and SparseGPT ([`obs`]) and bias correction
+//! share. Not a pass: the passes that need it call it.
+
+pub mod gram;
+pub mod obs;
+
+use crate::graph::layers::weight_axis;
+use crate::onnx::attr::NodeAttrs;
+use crate::onnx::proto::NodeProto;
+
+pub use gram::{AutoPad, ConvGeom, Geom, Stats};
+
+/// How a weight tensor splits into output units ("rows"), each a vector of `len`
+/// weights along the input dimension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rows {
+    pub count: usize,
+    pub len: usize,
+    kind: Kind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    /// Row r is the contiguous slice [r len, (r + 1) len).
+    Contiguous,
+    /// The tensor is [batch, len, n]; row r = b n + c is column c of batch b.
+    Columns { n: usize },
+}
+
+impl Rows {
+    pub fn contiguous(count: usize, len: usize) -> Rows {
+        Rows {
+            count,
+            len,
+            kind: Kind::Contiguous,
+        }
+    }
+
+    /// Columns of `batch` matrices of shape [len, n].
+    pub fn columns(n: usize, len: usize, batch: usize) -> Rows {
+        Rows {
+            count: n * batch,
+            len,
+            kind: Kind::Columns { n },
+        }
+    }
+
+    /// Flat index of element `j` of row `r`.
+    #[inline]
+    pub fn index(&self, r: usize, j: usize) -> usize {
+        match self.kind {
+            Kind::Contiguous => r * self.len + j,
+            Kind::Columns { n } => (r / n) * self.len * n + j * n + r % n,
+        }
+    }
+}
+
+/// The row layout a node reads its weight in: one row per output unit, along the
+/// weight's output-channel axis (`graph::layers`).
+pub fn rows_of(node: &NodeProto, shape: &[usize]) -> std::result::Result<Rows, String> {
+    match node.op_type() {
+        "Conv" => {
+            if shape.len() < 2 {
+                return Err(format!("Conv weight of rank {}", shape.len()));
+            }
+            Ok(Rows::contiguous(shape[0], shape[1..].iter().product()))
+        }
+        "Gemm" => {
+            if shape.len() != 2 {
+                return Err(format!("Gemm weight of rank {}", shape.len()));
+            }
+            match weight_axis(node, shape).map_err(|e| e.to_string())?.0 {
+                Some(0) => Ok(Rows::contiguous(shape[0], shape[1])),
+                _ => Ok(Rows::columns(shape[1], shape[0], 1)),
+            }
+        }
+        "MatMul" => match shape.len() {
+            0 => Err("a scalar MatMul weight".into()),
+            1 => Ok(Rows::contiguous(1, shape[0])),
+            r => {
+                let batch: usize = shape[..r - 2].iter().product();
+                Ok(Rows::columns(shape[r - 1], shape[r - 2], batch))
+            }
+        },
+        op => Err(format!("{op} is not prunable")),
+    }
+}
+
+/// The calibration geometry of a node's weight: what its input rows look like.
+pub fn geom_of(node: &NodeProto, shape: &[usize]) -> std::result::Result<Geom, String> {
+    let input = node.input[0].clone();
+    match node.op_type() {
+        "Conv" => {
+            let spatial = shape.len().saturating_sub(2);
+            if !(1..=2).contains(&spatial) {
+                return Err(format!("{spatial}-D convolution"));
+            }
+            let to_usize = |v: Vec<i64>| -> std::result::Result<Vec<usize>, String> {
+                v.into_iter()
+                    .map(|x| {
+                        usize::try_from(x).map_err(|_| format!("negative attribute value {x}"))
+                    })
+                    .collect()
+            };
+            let ints = |name: &str, default: Vec<i64>| -> std::result::Result<Vec<usize>, String> {
+                to_usize(
+                    node.get_ints(name)
+                        .map_err(|e| e.to_string())?
+                        .unwrap_or(default),
+                )
+            };
+            let group = node.int_or("group", 1).map_err(|e| e.to_string())?.max(1) as usize;
+            let strides = ints("strides", vec![1; spatial])?;
+            let dilations = ints("dilations", vec![1; spatial])?;
+            let pads = ints("pads", vec![0; 2 * spatial])?;
+            if strides.len() != spatial || dilations.len() != spatial || pads.len() != 2 * spatial {
+                return Err("Conv attributes do not match the kernel rank".into());
+            }
+            let auto_pad = node
+                .get_string("auto_pad")
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default();
+            let auto_pad = match auto_pad.as_str() {
+                "" | "NOTSET" => AutoPad::NotSet,
+                "VALID" => AutoPad::Valid,
+                "SAME_UPPER" => AutoPad::SameUpper,
+                "SAME_LOWER" => AutoPad::SameLower,
+                other => return Err(format!("auto_pad '{other}'")),
+            };
+            // Normalized to 2-D: a 1-D conv is a 2-D one of height 1.
+            let (kernel, strides, dilations, pads) = if spatial == 1 {
+                (
+                    [1, shape[2]],
+                    [1, strides[0]],
+                    [1, dilations[0]],
+                    [0, pads[0], 0, pads[1]],
+                )
+            } else {
+                (
+                    [shape[2], shape[3]],
+                    [strides[0], strides[1]],
+                    [dilations[0], dilations[1]],
+                    [pads[0], pads[1], pads[2], pads[3]],
+                )
+            };
+            if strides.contains(&0) || dilations.contains(&0) {
+                return Err("zero stride or dilation".into());
+            }
+            let cout = shape[0];
+            if !cout.is_multiple_of(group) {
+                return Err(format!("{cout} output channels in {group} groups"));
+            }
+            Ok(Geom::Conv(ConvGeom {
+                input,
+                cin_per_group: shape[1],
+                groups: group,
+                kernel,
+                strides,
+                dilations,
+                pads,
+                auto_pad,
+            }))
+        }
+        "Gemm" => {
+            if shape.len() != 2 {
+                return Err(format!("Gemm weight of rank {}", shape.len()));
+            }
+            let (_, k) = weight_axis(node, shape).map_err(|e| e.to_string())?;
+            Ok(Geom::Dense {
+                input,
+                k,
+                trans_a: node.int_or("transA", 0).map_err(|e| e.to_string())? != 0,
+            })
+        }
+        "MatMul" => {
+            if shape.len() != 2 {
+                return Err(format!("MatMul weight of rank {} (batched)", shape.len()));
+            }
+            Ok(Geom::Dense {
+                input,
+                k: shape[0],
+                trans_a: false,
+            })
+        }
+        op => Err(format!("{op} is not prunable")),
+    }
+}
+
+/// One layer's calibration.
+pub struct Calibrated {
+    pub stats: Vec<Stats>,
+    /// Per group, the mean input row.
+    pub means: Vec<Vec<f64>>,
+    pub dim: usize,
+    pub groups: usize,
+}
+
+/// Captures the Gram matrices and mean input rows of the `wanted` layers (key,
+/// one geometry per consuming node) on the calibration images of `cx`. Returns
+/// the calibrated layers by key, the layers left out with the reason, and the
+/// seconds the capture took.
+#[allow(clippy::type_complexity)]
+pub fn capture(
+    model: &crate::onnx::Model,
+    cx: &super::Context,
+    wanted: &[(usize, Vec<Geom>)],
+) -> crate::error::Result<(
+    std::collections::HashMap<usize, Calibrated>,
+    Vec<(usize, String)>,
+    f64,
+)> {
+    let mut out = std::collections::HashMap::new();
+    let Some(data) = cx.calib.filter(|d| !d.is_empty()) else {
+        return Ok((out, Vec::new(), 0.0));
+    };
+    if wanted.is_empty() {
+        return Ok((out, Vec::new(), 0.0));
+    }
+    let input_shape = if cx.input_shape.is_empty() {
+        let mut s = data.images.shape().to_vec();
+        s[0] = 1;
+        s
+    } else {
+        cx.input_shape.clone()
+    };
+    let start = std::time::Instant::now();
+    let (captured, too_big) = gram::collect(
+        model,
+        &input_shape,
+        data.images.view(),
+        cx.threads.max(1),
+        wanted,
+    )?;
+    for c in captured {
+        let geoms = &wanted
+            .iter()
+            .find(|(k, _)| *k == c.layer)
+            .expect("wanted")
+            .1;
+        out.insert(
+            c.layer,
+            Calibrated {
+                dim: geoms[0].dim(),
+                groups: geoms[0].groups(),
+                stats: c.stats,
+                means: c.means,
+            },
+        );
+    }
+    Ok((out, too_big, start.elapsed().as_secs_f64()))
+}
+
+/// The geometries of a weight read by `nodes` (all must agree), and its rows.
+pub fn layout(
+    g: &crate::graph::Graph,
+    nodes: &[usize],
+    shape: &[usize],
+) -> std::result::Result<(Rows, Vec<Geom>), String> {
+    let rows = rows_of(g.node(nodes[0]), shape)?;
+    let mut geoms = Vec::new();
+    for &n in nodes {
+        let geom = geom_of(g.node(n), shape)?;
+        if rows_of(g.node(n), shape)? != rows {
+            return Err("its nodes read it in different layouts".into());
+        }
+        geoms.push(geom);
+    }
+    let (g0, d0) = (geoms[0].groups(), geoms[0].dim());
+    if geoms.iter().any(|x| x.groups() != g0 || x.dim() != d0) {
+        return Err("its nodes read it in different layouts".into());
+    }
+    if rows.len != d0 || rows.count % g0 != 0 {
+        return Err("its rows do not match its input patches".into());
+    }
+    Ok((rows, geoms))
+}

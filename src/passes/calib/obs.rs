@@ -1,0 +1,407 @@
+//! Optimal Brain Surgeon updates for one layer: GPTQ rounding (Frantar et al.,
+//! 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+//! Transformers", after Optimal Brain Quantization) and SparseGPT pruning
+//! (Frantar and Alistarh, 2023, "SparseGPT: Massive Language Models Can Be
+//! Accurately Pruned in One-Shot"), sharing one column sweep.
+//!
+//! A layer's output for a weight row w (one output unit, `d` inputs) and input
+//! rows X is X w; the error of changing w to w' is (w' - w)^T H (w' - w) with
+//! H = X^T X (per group of a grouped conv; `gram`). With H damped,
+//! Hd = H + lambda mean(diag H) I (lambda = 0.01 by default; an input never
+//! seen, diag 0, gets 1 on the diagonal), and U the upper Cholesky factor of
+//! Hd^-1 (Hd^-1 = U^T U), the columns are visited in order i = 0 .. d-1:
+//!
+//!   q_i = Q(w_i)                         (the grid; 0 where the mask prunes)
+//!   e   = (w_i - q_i) / U_ii
+//!   w_j = w_j - e U_ij   for j > i       (the OBS step: the error is moved onto
+//!                                          the columns not yet visited)
+//!   w_i = q_i
+//!
+//! which is GPTQ's update with its lazy batches unrolled (rows are independent
+//! given U, so they are swept in parallel, 16 in lockstep per read of U).
+//! Act-order visits the columns by decreasing diag(H) instead.
+//!
+//! SparseGPT chooses the mask as it goes: at the start of each block of
+//! `BLOCK` columns, within each row, the weights with the lowest
+//! w_j^2 / U_jj^2 (the OBS saliency, with w already updated by the columns
+//! before) are pruned, as many as keep the row at its target count (exactly
+//! round(s d) zeros per row); N:M keeps, in every M consecutive columns, the N
+//! most salient. Pruned weights are set to 0 in their column's turn, their
+//! error moved like a rounding error, so pruning and quantization happen in one
+//! sweep (SparseGPT's joint mode) when a grid is given too. Existing zeros stay
+//! zero (saliency 0: pruned first).
+
+use faer::linalg::solvers::DenseSolveCore;
+use faer::prelude::*;
+use rayon::prelude::*;
+
+use super::gram::Stats;
+
+/// SparseGPT's mask block.
+pub const BLOCK: usize = 128;
+/// Rows swept in lockstep per read of U.
+const LOCKSTEP: usize = 16;
+
+/// GPTQ's default dampening, as a fraction of the mean diagonal of H.
+pub const DEFAULT_DAMP: f64 = 0.01;
+
+/// The upper Cholesky factor U of (H + lambda mean(diag H) I)^-1 of one group,
+/// with the column order it was built for.
+pub struct Factor {
+    d: usize,
+    /// Row-major upper triangle (d x d).
+    u: Vec<f64>,
+    /// Visit order of the columns (act-order) or the identity.
+    order: Vec<usize>,
+    /// H (permuted as `order`), for output errors.
+    h: Vec<f64>,
+}
+
+/// H from a layer's statistics (G, or the rows X themselves).
+pub fn hessian(stats: &Stats, d: usize) -> Vec<f64> {
+    match stats {
+        Stats::Gram(g) => g.clone(),
+        Stats::Rows { x, n } => {
+            let n = *n;
+            let mut h = vec![0.0; d * d];
+            for a in 0..d {
+                let xa = &x[a * n..(a + 1) * n];
+                for b in a..d {
+                    let xb = &x[b * n..(b + 1) * n];
+                    let v: f64 = xa.iter().zip(xb).map(|(p, q)| p * q).sum();
+                    h[a * d + b] = v;
+                    h[b * d + a] = v;
+                }
+            }
+            h
+        }
+    }
+}
+
+impl Factor {
+    /// Factors H (d x d, row-major) dampened by `damp` x mean(diag H);
+    /// `act_order` visits columns by decreasing diag(H). `Err` when the damped H
+    /// is still not positive definite (it says why).
+    pub fn new(h: &[f64], d: usize, damp: f64, act_order: bool) -> Result<Factor, String> {
+        let mut order: Vec<usize> = (0..d).collect();
+        if act_order {
+            order.sort_by(|&a, &b| h[b * d + b].total_cmp(&h[a * d + a]).then(a.cmp(&b)));
+        }
+        let mean = (0..d).map(|i| h[i * d + i]).sum::<f64>() / d.max(1) as f64;
+        let lambda = damp * if mean > 0.0 { mean } else { 1.0 };
+        let mut hp = vec![0.0; d * d];
+        for (a, &oa) in order.iter().enumerate() {
+            for (b, &ob) in order.iter().enumerate() {
+                hp[a * d + b] = h[oa * d + ob];
+            }
+        }
+        let m = Mat::<f64>::from_fn(d, d, |i, j| {
+            let v = hp[i * d + j];
+            if i == j {
+                // An input never seen (diag 0) gets 1: its weights cost nothing.
+                if v <= 0.0 {
+                    1.0 + lambda
+                } else {
+                    v + lambda
+                }
+            } else {
+                v
+            }
+        });
+        let inv = m
+            .llt(faer::Side::Lower)
+            .map_err(|_| "the damped Hessian is not positive definite".to_string())?
+            .inverse();
+        // U upper with inv = U^T U is the transpose of the lower Cholesky factor L
+        // of inv (inv = L L^T): row i of U holds what GPTQ moves column i's error by.
+        let l = inv
+            .llt(faer::Side::Lower)
+            .map_err(|_| "the inverse Hessian is not positive definite".to_string())?
+            .L()
+            .to_owned();
+        let mut u = vec![0.0; d * d];
+        for i in 0..d {
+            for j in i..d {
+                u[i * d + j] = l[(j, i)];
+            }
+        }
+        Ok(Factor { d, u, order, h: hp })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.d
+    }
+}
+
+/// What the sweep does to the weights besides rounding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sparsity {
+    None,
+    /// round(s d) zeros in every row.
+    Fraction(f64),
+    /// N kept in every M consecutive columns (in the visit order's positions).
+    NM {
+        n: usize,
+        m: usize,
+    },
+}
+
+/// Sweeps the rows of one group: `rows[r]` is row r (d values, the natural
+/// column order), rounded in place by `round(row, col, value)`; `round` is None
+/// for pruning alone. Rows run in parallel; the result does not depend on the
+/// thread count.
+pub fn sweep(
+    rows: &mut [Vec<f64>],
+    f: &Factor,
+    round: Option<&(dyn Fn(usize, f64) -> f64 + Sync)>,
+    sparsity: Sparsity,
+    row_ids: &[usize],
+    keep_zeros: bool,
+) {
+    let d = f.d;
+    rows.par_chunks_mut(LOCKSTEP)
+        .zip(row_ids.par_chunks(LOCKSTEP))
+        .for_each(|(block, ids)| {
+            // Into visit order.
+            let mut w: Vec<Vec<f64>> = block
+                .iter()
+                .map(|r| f.order.iter().map(|&c| r[c]).collect())
+                .collect();
+            // Zeros already there (pruned weights) stay zero when asked.
+            let mut pruned: Vec<Vec<bool>> = w
+                .iter()
+                .map(|r| r.iter().map(|v| keep_zeros && *v == 0.0).collect())
+                .collect();
+            let mut zeros_so_far = vec![0usize; w.len()];
+            let mut err = vec![0.0f64; w.len()];
+            for i in 0..d {
+                // SparseGPT's mask for the block starting here.
+                if i % BLOCK == 0 && sparsity != Sparsity::None {
+                    let end = (i + BLOCK).min(d);
+                    for (r, row) in w.iter().enumerate() {
+                        choose_mask(
+                            row,
+                            &f.u,
+                            d,
+                            i,
+                            end,
+                            sparsity,
+                            &mut pruned[r],
+                            &mut zeros_so_far[r],
+                        );
+                    }
+                }
+                let uii = f.u[i * d + i];
+                for (r, row) in w.iter_mut().enumerate() {
+                    let x = row[i];
+                    let q = if pruned[r][i] {
+                        0.0
+                    } else {
+                        match round {
+                            Some(q) => q(ids[r], x),
+                            None => x,
+                        }
+                    };
+                    err[r] = (x - q) / uii;
+                    row[i] = q;
+                }
+                let urow = &f.u[i * d + i + 1..(i + 1) * d];
+                for (r, row) in w.iter_mut().enumerate() {
+                    let e = err[r];
+                    if e == 0.0 {
+                        continue;
+                    }
+                    for (wj, uj) in row[i + 1..].iter_mut().zip(urow) {
+                        *wj -= e * uj;
+                    }
+                }
+            }
+            // Back to the natural order.
+            for (dst, src) in block.iter_mut().zip(&w) {
+                for (k, &c) in f.order.iter().enumerate() {
+                    dst[c] = src[k];
+                }
+            }
+        });
+}
+
+/// Marks the columns of [start, end) of one row to prune.
+#[allow(clippy::too_many_arguments)]
+fn choose_mask(
+    row: &[f64],
+    u: &[f64],
+    d: usize,
+    start: usize,
+    end: usize,
+    sparsity: Sparsity,
+    pruned: &mut [bool],
+    zeros_so_far: &mut usize,
+) {
+    let saliency = |j: usize| {
+        let ujj = u[j * d + j];
+        row[j] * row[j] / (ujj * ujj)
+    };
+    match sparsity {
+        Sparsity::None => {}
+        Sparsity::Fraction(s) => {
+            // Exactly round(s d) zeros in the row by its end.
+            let want = (s * end as f64).round() as usize;
+            let k = want.saturating_sub(*zeros_so_far).min(end - start);
+            let mut idx: Vec<usize> = (start..end).collect();
+            idx.sort_by(|&a, &b| saliency(a).total_cmp(&saliency(b)).then(a.cmp(&b)));
+            for &j in &idx[..k] {
+                pruned[j] = true;
+            }
+            *zeros_so_far += k;
+        }
+        Sparsity::NM { n, m } => {
+            let mut g = start;
+            while g < end {
+                let ge = (g + m).min(end);
+                let mut idx: Vec<usize> = (g..ge).collect();
+                // Keep the n most salient (ties: lower index kept).
+                idx.sort_by(|&a, &b| saliency(b).total_cmp(&saliency(a)).then(a.cmp(&b)));
+                for &j in idx.iter().skip(n) {
+                    pruned[j] = true;
+                }
+                g = ge;
+            }
+        }
+    }
+}
+
+/// A weight tensor's rows by group, with the factors of their groups.
+pub struct Layer<'a> {
+    pub rows: &'a super::Rows,
+    pub groups: usize,
+    pub factors: &'a [Factor],
+}
+
+impl Layer<'_> {
+    fn group_of(&self, r: usize) -> usize {
+        r / (self.rows.count / self.groups).max(1)
+    }
+
+    /// Rows of `w` (f64) of group `g`, and their row indices.
+    fn rows_of(&self, w: &[f32], g: usize) -> (Vec<Vec<f64>>, Vec<usize>) {
+        let ids: Vec<usize> = (0..self.rows.count)
+            .filter(|&r| self.group_of(r) == g)
+            .collect();
+        let rows = ids
+            .iter()
+            .map(|&r| {
+                (0..self.rows.len)
+                    .map(|j| w[self.rows.index(r, j)] as f64)
+                    .collect()
+            })
+            .collect();
+        (rows, ids)
+    }
+
+    /// Sweeps every row (see [`sweep`]) and returns the new tensor; `round` gets
+    /// the row index (the output channel) and the value.
+    pub fn solve(
+        &self,
+        w: &[f32],
+        round: Option<&(dyn Fn(usize, f64) -> f64 + Sync)>,
+        sparsity: Sparsity,
+        keep_zeros: bool,
+    ) -> Vec<f32> {
+        let mut out = w.to_vec();
+        for g in 0..self.groups {
+            let (mut rows, ids) = self.rows_of(w, g);
+            sweep(
+                &mut rows,
+                &self.factors[g],
+                round,
+                sparsity,
+                &ids,
+                keep_zeros,
+            );
+            for (row, &r) in rows.iter().zip(&ids) {
+                for (j, v) in row.iter().enumerate() {
+                    out[self.rows.index(r, j)] = *v as f32;
+                }
+            }
+        }
+        out
+    }
+
+    /// The relative output error sum ||X (w1 - w0)||^2 / sum ||X w0||^2 on the
+    /// calibration rows (all groups).
+    pub fn error(&self, w0: &[f32], w1: &[f32]) -> f64 {
+        let (mut num, mut den) = (0.0, 0.0);
+        for g in 0..self.groups {
+            let (a, _) = self.rows_of(w0, g);
+            let (b, _) = self.rows_of(w1, g);
+            let (n, d) = relative_error(&self.factors[g], &a, &b);
+            num += n;
+            den += d;
+        }
+        if den > 0.0 {
+            num / den
+        } else {
+            0.0
+        }
+    }
+
+    /// Per row (output channel), w . E[x] with E[x] the group's mean input row:
+    /// the mean of the layer's output without its bias.
+    pub fn mean_output(&self, w: &[f32], means: &[Vec<f64>]) -> Vec<f64> {
+        (0..self.rows.count)
+            .map(|r| {
+                let m = &means[self.group_of(r)];
+                (0..self.rows.len)
+                    .map(|j| w[self.rows.index(r, j)] as f64 * m[j])
+                    .sum()
+            })
+            .collect()
+    }
+}
+
+/// The relative output error of rows `new` against `old` (natural order) on the
+/// factor's H: sum (new - old)^T H (new - old) / sum old^T H old.
+pub fn relative_error(f: &Factor, old: &[Vec<f64>], new: &[Vec<f64>]) -> (f64, f64) {
+    let d = f.d;
+    let quad = |v: &[f64]| -> f64 {
+        // v in natural order; H is permuted: use the order.
+        let p: Vec<f64> = f.order.iter().map(|&c| v[c]).collect();
+        let mut s = 0.0;
+        for a in 0..d {
+            if p[a] == 0.0 {
+                continue;
+            }
+            let row = &f.h[a * d..(a + 1) * d];
+            s += p[a] * row.iter().zip(&p).map(|(h, x)| h * x).sum::<f64>();
+        }
+        s
+    };
+    let (num, den) = old
+        .par_iter()
+        .zip(new)
+        .map(|(o, n)| {
+            let diff: Vec<f64> = o.iter().zip(n).map(|(a, b)| b - a).collect();
+            (quad(&diff), quad(o))
+        })
+        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    (num, den)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upper_factor_of_the_inverse() {
+        // H = [[4, 2], [2, 3]]: H^-1 = [[3, -2], [-2, 4]] / 8. U upper with
+        // U^T U = H^-1: U_00 = sqrt(3/8), U_01 = (-2/8) / U_00, U_11 =
+        // sqrt(4/8 - U_01^2) = sqrt(1/2 - 1/6) = sqrt(1/3).
+        let f = Factor::new(&[4.0, 2.0, 2.0, 3.0], 2, 0.0, false).unwrap();
+        let u = &f.u;
+        let u00 = (3.0f64 / 8.0).sqrt();
+        assert!((u[0] - u00).abs() < 1e-12, "{u:?}");
+        assert!((u[1] + 0.25 / u00).abs() < 1e-12, "{u:?}");
+        assert!((u[3] - (1.0f64 / 3.0).sqrt()).abs() < 1e-12, "{u:?}");
+        assert_eq!(u[2], 0.0);
+    }
+}
