@@ -7,8 +7,13 @@
 //! fold_bn = true                 # default
 //! storage = "packed"             # packed (default when pruning or quantizing) | float
 //!
+//! [equalize]                     # passes/equalize.rs; lossless rescaling of layer pairs
+//! mode = "auto"                  # auto | cle | smoothquant:0.5 (needs --calib)
+//! across_clip = "min"            # min (Relu + per-channel Min, exact) | relu | no
+//! skip = []                      # glob patterns on node or weight names
+//!
 //! [prune]
-//! method = "magnitude"           # magnitude | global | nm:2:4 | reweighted
+//! method = "magnitude"           # magnitude | global | nm:2:4 | reweighted | sparsegpt | sparsegpt:2:4
 //! sparsity = 0.5
 //! skip = ["features.0.*"]        # glob patterns on node or initializer names
 //! min_elements = 1000            # default
@@ -44,6 +49,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::passes::act_quant::ActQuantSection;
+use crate::passes::equalize::EqualizeSection;
 use crate::passes::prune::PruneSection;
 use crate::passes::quantize::{parse_layer_bits, parse_qbn, QuantizeSection};
 use crate::passes::{self, Pipeline};
@@ -53,6 +59,8 @@ use crate::passes::{self, Pipeline};
 pub struct Recipe {
     /// Fold BatchNormalization into the preceding layer (default true).
     pub fold_bn: Option<bool>,
+    /// Cross-layer equalization / SmoothQuant scaling of layer pairs.
+    pub equalize: Option<EqualizeSection>,
     pub prune: Option<PruneSection>,
     /// Weight quantization.
     pub quantize: Option<QuantizeSection>,
@@ -72,9 +80,16 @@ pub struct Overrides {
     /// Do not fold BatchNormalization (folding is on by default).
     #[arg(long)]
     pub no_fold_bn: bool,
+    /// Equalize consecutive layers before quantizing (lossless per-channel rescaling):
+    /// cle (data-free, Nagel et al. 2019), smoothquant[:A] (activation ranges from
+    /// --calib, Xiao et al. 2023) or auto (the default value: smoothquant:0.5 with
+    /// --calib and per-channel weights, else cle).
+    #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "auto")]
+    pub equalize: Option<String>,
     /// Prune: magnitude:S (each layer to sparsity S, a fraction or a percentage: 0.5, 50%),
     /// global:S (one threshold), nm:N:M (N of every M kept), reweighted:S (reweighted L1 on
-    /// calibration data, needs --calib).
+    /// calibration data, needs --calib), sparsegpt:S or sparsegpt:N:M (SparseGPT's OBS
+    /// mask and update, needs --calib).
     #[arg(long, value_name = "METHOD:SPARSITY")]
     pub prune: Option<String>,
     /// Never prune weights whose node or initializer name matches this glob (repeatable).
@@ -177,9 +192,18 @@ impl Recipe {
             None => None,
         };
         let quantizing = self.quantize.is_some() || self.act_quant.is_some();
+        let per_channel_weights = self
+            .quantize
+            .as_ref()
+            .is_none_or(|q| q.per_channel == Some(true));
         Ok(passes::pipeline(passes::Plan {
             bias_correct: quantizing && self.bias_correction.unwrap_or(true),
             fold_bn: self.fold_bn.unwrap_or(true),
+            equalize: self
+                .equalize
+                .as_ref()
+                .map(|e| e.config(per_channel_weights))
+                .transpose()?,
             prune: self.prune.as_ref().map(PruneSection::config).transpose()?,
             quantize: self.quantize.as_ref().map(|s| s.config()).transpose()?,
             act_quant,
@@ -231,6 +255,13 @@ impl Recipe {
     pub fn apply(&mut self, o: &Overrides) -> Result<()> {
         if o.no_fold_bn {
             self.fold_bn = Some(false);
+        }
+        if let Some(mode) = &o.equalize {
+            let old = self.equalize.take().unwrap_or_default();
+            self.equalize = Some(EqualizeSection {
+                mode: Some(mode.clone()),
+                ..old
+            });
         }
         if let Some(p) = &o.prune {
             let mut section = PruneSection::from_flag(p)?;

@@ -15,7 +15,7 @@ use onnx_micronet::passes::quantize::{
     linear, log, quantize_tensor, tanh, ternary, QuantConfig, Quantize, QuantizeSection, Scheme,
     TernaryRule,
 };
-use onnx_micronet::passes::{Context, Pass};
+use onnx_micronet::passes::{Context, Pass, PassReport};
 use onnx_micronet::recipe::Recipe;
 use onnx_micronet::score::{self, ScoreOptions};
 
@@ -773,4 +773,96 @@ fn minmax_activation_range_is_asymmetric_with_a_zero_point() {
     let rep = score::score(&m, &ScoreOptions::default()).unwrap();
     let conv = rep.layers.iter().find(|l| l.name == "conv").unwrap();
     assert_eq!(conv.act_bits, 6);
+}
+
+/// x[1,1,4,4] -> Conv(w1[2,1,3,3], pads 1) -> Clip(0, 6) -> Conv(w2[1,2,1,1]) -> y[1,1,4,4];
+/// with `clip_out_too`, the Clip's output is also a graph output (so nothing may absorb it).
+fn relu6_model(clip_out_too: bool) -> ModelProto {
+    let w1: Vec<f32> = (0..18).map(|i| ((i * 5 % 9) as f32 - 3.0) / 4.0).collect();
+    let mut c1 = node("Conv", "conv1", &["x", "w1"], &["h"]);
+    c1.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
+    let mut outputs = vec![value_info("y", &[1, 1, 4, 4])];
+    if clip_out_too {
+        outputs.push(value_info("r", &[1, 2, 4, 4]));
+    }
+    model(
+        GraphProto {
+            name: Some("relu6".into()),
+            node: vec![
+                c1,
+                node("Clip", "relu6", &["h", "lo", "hi"], &["r"]),
+                node("Conv", "conv2", &["r", "w2"], &["y"]),
+            ],
+            initializer: vec![
+                tensor_f32("w1", &[2, 1, 3, 3], &w1),
+                tensor_f32("lo", &[], &[0.0]),
+                tensor_f32("hi", &[], &[6.0]),
+                tensor_f32("w2", &[1, 2, 1, 1], &[0.5, -1.0]),
+            ],
+            input: vec![value_info("x", &[1, 1, 4, 4])],
+            output: outputs,
+            ..Default::default()
+        },
+        13,
+    )
+}
+
+fn act_quant_relu6(clip_out_too: bool, placement: &str) -> (Model, PassReport) {
+    let mut m = wrap(relu6_model(clip_out_too));
+    let data = calib_set();
+    let cx = Context {
+        reference: None,
+        calib: Some(&data),
+        input_shape: vec![1, 1, 4, 4],
+        threads: 1,
+    };
+    let cfg = ActQuantSection {
+        bits: 8,
+        placement: Some(placement.into()),
+        range: Some("minmax".into()),
+        qdq: Some("always".into()),
+        ..Default::default()
+    }
+    .config()
+    .unwrap();
+    let r = ActQuant(cfg).run(&mut m, &cx).unwrap();
+    (m, r)
+}
+
+#[test]
+fn quantizers_absorb_relu6_exactly_and_sit_after_it() {
+    // The range is measured on the Clip's output, so the minmax grid [0, 255 s]
+    // (zero point 0: the output is never negative) tops out at or below 6 and
+    // saturates where the Clip clamps: Q(Clip(h, 0, 6)) = Q(h) for every h, and
+    // the Clip goes. (A maxabs grid at 6 would be 2^-5 x 255 = 7.97 > 6: kept.)
+    let (m, r) = act_quant_relu6(false, "inputs");
+    let ops: Vec<&str> = m.graph().node.iter().map(|n| n.op_type()).collect();
+    assert!(!ops.contains(&"Clip"), "{ops:?}");
+    assert!(m.graph().initializer.iter().all(|t| t.name() != "hi"));
+    let line = r
+        .changed
+        .iter()
+        .find(|i| i.target == "r")
+        .unwrap_or_else(|| panic!("{:?}", r.changed));
+    assert!(line.what.contains("absorbs Clip 'relu6'"), "{}", line.what);
+    // The same quantizers with the Clip kept (its output is also a graph output):
+    // y is bit for bit the same on an image whose conv1 output exceeds both 6
+    // and the grid's top, and goes below 0.
+    let (kept, _) = act_quant_relu6(true, "inputs");
+    assert!(kept.graph().node.iter().any(|n| n.op_type() == "Clip"));
+    let x: Vec<f32> = (0..16).map(|i| (i as f32 - 5.0) * 1.7).collect();
+    let (a, b) = (tract_run(&m, &x), tract_run(&kept, &x));
+    assert_eq!(a, b[..a.len()]);
+    assert!(a.iter().any(|v| *v != 0.0));
+
+    // Outputs placement: the quantizer goes after the Clip (absorbing it), and
+    // the report names the layer that reads it, not the one that produced it.
+    let (m, r) = act_quant_relu6(false, "outputs");
+    assert!(!m.graph().node.iter().any(|n| n.op_type() == "Clip"));
+    let line = r.changed.iter().find(|i| i.target == "r").unwrap();
+    assert!(line.what.contains("(read by conv2)"), "{}", line.what);
+    let (kept, _) = act_quant_relu6(true, "outputs");
+    assert!(kept.graph().node.iter().any(|n| n.op_type() == "Clip"));
+    let (a, b) = (tract_run(&m, &x), tract_run(&kept, &x));
+    assert_eq!(a, b[..a.len()]);
 }

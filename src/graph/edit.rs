@@ -52,6 +52,25 @@ pub fn remove_unused_initializers(g: &mut GraphProto) -> Vec<String> {
     removed
 }
 
+/// Removes the `Constant` nodes, and the initializers named in `candidates`, that
+/// nothing reads any more (nodes, subgraphs, graph outputs); returns how many.
+pub fn remove_dead_constants(g: &mut GraphProto, candidates: &HashSet<String>) -> usize {
+    let mut used: HashSet<String> = HashSet::new();
+    for n in &g.node {
+        used.extend(n.input.iter().cloned());
+        used.extend(subgraph_free_values(n));
+    }
+    used.extend(g.output.iter().map(|o| o.name().to_string()));
+    let before = g.node.len() + g.initializer.len();
+    g.node
+        .retain(|n| n.op_type() != "Constant" || n.output.iter().any(|o| used.contains(o)));
+    g.initializer
+        .retain(|t| !candidates.contains(t.name()) || used.contains(t.name()));
+    g.input
+        .retain(|i| !candidates.contains(i.name()) || used.contains(i.name()));
+    before - g.node.len() - g.initializer.len()
+}
+
 /// Fresh names: every name it hands out is new to the graph it was made from
 /// and to every name handed out before. `base` itself when free, else `base_1`,
 /// `base_2`, ... (the first free one).

@@ -503,6 +503,113 @@ struct Target {
     after: Option<usize>,
     /// For the report.
     readers: Vec<String>,
+    /// Relu / Clip / Min nodes that produce the value, nearest first, each read
+    /// only by the next (or, the first, only by the rewired uses): the quantizer
+    /// can take their place when its saturation does what they do.
+    chain: Vec<Bound>,
+}
+
+/// An activation the quantizer may absorb.
+#[derive(Debug, Clone)]
+struct Bound {
+    node: usize,
+    /// Its input.
+    input: String,
+    /// It clamps at 0 from below (Relu, Clip(0, ..)).
+    floor_zero: bool,
+    /// Its upper bound (infinite for Relu), the smallest over channels for Min.
+    top: f32,
+}
+
+/// The value after `v` when `v`'s only reader is a Relu, Clip(0, c) or Min with a
+/// constant bound (an activation a quantizer belongs after), else `v`.
+fn after_activation(g: &Graph, v: &str) -> String {
+    let mut v = v.to_string();
+    loop {
+        if g.is_output(&v) {
+            return v;
+        }
+        let [c] = g.consumers(&v) else { return v };
+        if bound_of(g, *c).is_none() || g.node(*c).input.first() != Some(&v) {
+            return v;
+        }
+        v = g.node(*c).output[0].clone();
+    }
+}
+
+/// The node as an absorbable bound, when it is one.
+fn bound_of(g: &Graph, n: usize) -> Option<Bound> {
+    let node = g.node(n);
+    let input = node.input.first()?.clone();
+    let constant = |slot: usize| -> Option<Option<ndarray::ArrayD<f32>>> {
+        match node.input.get(slot).filter(|s| !s.is_empty()) {
+            None => Some(None),
+            Some(name) => g.constant_f32(name).ok().flatten().map(Some),
+        }
+    };
+    let (floor_zero, top) = match node.op_type() {
+        "Relu" => (true, f32::INFINITY),
+        "Clip" => {
+            use crate::onnx::attr::NodeAttrs;
+            let lo = match constant(1)? {
+                Some(a) if a.len() == 1 => a.iter().next().copied()?,
+                Some(_) => return None,
+                None => node.get_float("min").ok()?.unwrap_or(f32::NEG_INFINITY),
+            };
+            let hi = match constant(2)? {
+                Some(a) if a.len() == 1 => a.iter().next().copied()?,
+                Some(_) => return None,
+                None => node.get_float("max").ok()?.unwrap_or(f32::INFINITY),
+            };
+            if lo != 0.0 {
+                return None;
+            }
+            (true, hi)
+        }
+        "Min" if node.input.len() == 2 => {
+            let b = constant(1)??;
+            (false, b.iter().copied().fold(f32::INFINITY, f32::min))
+        }
+        _ => return None,
+    };
+    Some(Bound {
+        node: n,
+        input,
+        floor_zero,
+        top,
+    })
+}
+
+/// The absorbable chain behind `value` whose readers are exactly `uses`.
+fn chain_of(g: &Graph, value: &str, uses: &[(usize, usize)]) -> Vec<Bound> {
+    let mut chain = Vec::new();
+    if g.is_output(value) {
+        return chain;
+    }
+    let readers: HashSet<usize> = uses.iter().map(|u| u.0).collect();
+    let all_rewired = g.consumers(value).iter().all(|c| {
+        readers.contains(c)
+            && g.node(*c)
+                .input
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| *s == value)
+                .all(|(k, _)| uses.contains(&(*c, k)))
+    });
+    if !all_rewired {
+        return chain;
+    }
+    let mut v = value.to_string();
+    while let Some((p, _)) = g.producer(&v) {
+        let Some(b) = bound_of(g, p) else { break };
+        let next = b.input.clone();
+        chain.push(b);
+        if g.is_output(&next) || g.consumers(&next) != [p] || g.producer(&next).is_none() {
+            break;
+        }
+        v = next;
+    }
+    chain
 }
 
 impl Pass for ActQuant {
@@ -575,6 +682,7 @@ impl Pass for ActQuant {
                         uses,
                         after,
                         readers,
+                        chain: Vec::new(),
                     },
                 );
             };
@@ -593,7 +701,8 @@ impl Pass for ActQuant {
                         if weighted.contains(&i)
                             || matches!(n.op_type(), "AveragePool" | "GlobalAveragePool") =>
                     {
-                        let v = &n.output[0];
+                        // After the activation that follows the layer, as runtimes place it.
+                        let v = &after_activation(&view, &n.output[0]);
                         let uses: Vec<(usize, usize)> = view
                             .consumers(v)
                             .iter()
@@ -612,7 +721,13 @@ impl Pass for ActQuant {
                             report.skipped(v, "left float: only a graph output reads it");
                             continue;
                         }
-                        add(v, uses, vec![view.node_name(i).to_string()], &mut report);
+                        let readers = uses
+                            .iter()
+                            .map(|&(c, _)| view.node_name(c).to_string())
+                            .collect::<std::collections::BTreeSet<_>>()
+                            .into_iter()
+                            .collect();
+                        add(v, uses, readers, &mut report);
                     }
                     _ => {}
                 }
@@ -625,6 +740,9 @@ impl Pass for ActQuant {
                 for t in &mut targets {
                     t.no_qdq = requantized_weights(&view, &t.uses, cfg.qdq_weights, opset);
                 }
+            }
+            for t in &mut targets {
+                t.chain = chain_of(&view, &t.value, &t.uses);
             }
             targets
         };
@@ -685,6 +803,7 @@ impl Pass for ActQuant {
         let mut names = Namer::of(g);
         let mut before: HashMap<Option<usize>, Vec<NodeProto>> = HashMap::new();
         let mut rewires: Vec<(usize, usize, String)> = Vec::new();
+        let mut absorbed: HashSet<usize> = HashSet::new();
         for (t, st) in targets.iter().zip(&stats) {
             let grid = choose_grid(st, bits, cfg.range, cfg.overflow_rate);
             let (scale, signed) = (grid.scale, grid.signed);
@@ -697,8 +816,34 @@ impl Pass for ActQuant {
                 16 => Form::Half,
                 _ => Form::FakeQuant { signed, lo, hi },
             };
-            let (nodes, out) = act::build(g, &mut names, &t.value, form, scale);
+            // Activations the quantizer's saturation makes redundant: Relu and
+            // Clip(0, c) when the grid's lowest level is 0, Clip and Min when the top
+            // level rounds from at or below the bound (c / s >= top level - 1/4,
+            // a margin for the runtime's float division).
+            let mut src = t.value.clone();
+            let mut absorbed_here = Vec::new();
+            if form != Form::Half {
+                for b in &t.chain {
+                    let floor_ok = !b.floor_zero || lo == 0.0;
+                    let top_ok =
+                        b.top == f32::INFINITY || (b.top as f64) / (scale as f64) >= hi - 0.25;
+                    if !(floor_ok && top_ok) {
+                        break;
+                    }
+                    absorbed_here.push(b.node);
+                    src = b.input.clone();
+                }
+            }
+            let (nodes, out) = act::build(g, &mut names, &src, form, scale);
             before.entry(t.after).or_default().extend(nodes);
+            let absorbed_names: Vec<String> = absorbed_here
+                .iter()
+                .map(|&n| {
+                    let node = &g.node[n];
+                    format!("{} '{}'", node.op_type(), node.name())
+                })
+                .collect();
+            absorbed.extend(absorbed_here);
             for &(n, k) in &t.uses {
                 rewires.push((n, k, out.clone()));
             }
@@ -730,11 +875,17 @@ impl Pass for ActQuant {
             if grid.zero_point != 0 {
                 step += &format!(", zero point {}", grid.zero_point);
             }
-            let why = t
+            let mut why = t
                 .no_qdq
                 .as_ref()
                 .map(|w| format!("; not Q/DQ: {w}"))
                 .unwrap_or_default();
+            if !absorbed_names.is_empty() {
+                why.push_str(&format!(
+                    "; absorbs {} (the grid saturates where it clamps)",
+                    absorbed_names.join(", ")
+                ));
+            }
             report.changed(
                 &t.value,
                 format!(
@@ -749,18 +900,26 @@ impl Pass for ActQuant {
         for (n, k, v) in rewires {
             g.node[n].input[k] = v;
         }
+        let bound_inputs: HashSet<String> = absorbed
+            .iter()
+            .flat_map(|&n| g.node[n].input.iter().skip(1).cloned())
+            .collect();
         let old = std::mem::take(&mut g.node);
         let mut new = Vec::with_capacity(old.len() + before.values().map(Vec::len).sum::<usize>());
         if let Some(v) = before.remove(&None) {
             new.extend(v);
         }
         for (i, n) in old.into_iter().enumerate() {
-            new.push(n);
+            if !absorbed.contains(&i) {
+                new.push(n);
+            }
             if let Some(v) = before.remove(&Some(i)) {
                 new.extend(v);
             }
         }
         g.node = new;
+        // Constants only the absorbed nodes read (Clip bounds) go with them.
+        crate::graph::edit::remove_dead_constants(g, &bound_inputs);
         Ok(report)
     }
 }

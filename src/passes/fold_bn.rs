@@ -108,6 +108,10 @@ impl Pass for FoldBatchNorm {
         "fold-bn"
     }
 
+    fn lossless(&self) -> bool {
+        true
+    }
+
     fn run(&self, model: &mut Model, _cx: &Context) -> Result<PassReport> {
         let mut report = PassReport::new(self.name());
         let opset = model.opset();

@@ -9,6 +9,7 @@
 pub mod act_quant;
 pub mod bias_correct;
 pub mod calib;
+pub mod equalize;
 pub mod fold_bn;
 pub mod pack;
 pub mod prune;
@@ -102,6 +103,11 @@ pub trait Pass {
     fn name(&self) -> &'static str;
     /// Rewrites the model in place and reports what it did.
     fn run(&self, model: &mut Model, cx: &Context) -> Result<PassReport>;
+    /// Whether the pass keeps the model's function (BN folding, equalization): bias
+    /// correction's reference is the model after the lossless passes.
+    fn lossless(&self) -> bool {
+        false
+    }
 }
 
 /// Passes in order.
@@ -120,7 +126,7 @@ impl Pipeline {
         let mut reference: Option<Model> = None;
         for pass in &self.passes {
             // The reference: the model as it is when the first lossy pass starts.
-            if pass.name() != "fold-bn" && reference.is_none() && cx.reference.is_none() {
+            if !pass.lossless() && reference.is_none() && cx.reference.is_none() {
                 reference = Some(model.clone());
             }
             let cx = Context {
@@ -167,6 +173,7 @@ impl Pipeline {
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
     pub fold_bn: bool,
+    pub equalize: Option<equalize::EqualizeConfig>,
     pub prune: Option<prune::PruneConfig>,
     pub quantize: Option<quantize::QuantConfig>,
     pub act_quant: Option<act_quant::ActQuantConfig>,
@@ -175,13 +182,16 @@ pub struct Plan {
     pub pack: bool,
 }
 
-/// The passes in the order they run: fold-bn, prune, quantize, act-quant,
-/// bias-correct, pack.
+/// The passes in the order they run: fold-bn, equalize, prune, quantize,
+/// act-quant, bias-correct, pack.
 /// A new pass is one line here.
 pub fn pipeline(plan: Plan) -> Pipeline {
     let mut p = Pipeline::default();
     if plan.fold_bn {
         p.passes.push(Box::new(fold_bn::FoldBatchNorm));
+    }
+    if let Some(c) = plan.equalize {
+        p.passes.push(Box::new(equalize::Equalize(c)));
     }
     if let Some(c) = plan.prune {
         p.passes.push(Box::new(prune::Prune(c)));

@@ -404,4 +404,76 @@ mod tests {
         assert!((u[3] - (1.0f64 / 3.0).sqrt()).abs() < 1e-12, "{u:?}");
         assert_eq!(u[2], 0.0);
     }
+
+    #[test]
+    fn gptq_moves_the_rounding_error_onto_the_next_column() {
+        // H = [[4, 2], [2, 3]], w = [0.4, 0.3], grid = the integers, no dampening.
+        // Column 0: q0 = round(0.4) = 0. The OBS step for the remaining weight is
+        // w1 -= (H^-1)_01 / (H^-1)_00 (w0 - q0) = -(-2/8) / (3/8) * 0.4 = +0.2667
+        // (equivalently w1 - H_10 / H_11 (q0 - w0) = 0.3 + (2/3) 0.4), so
+        // w1 = 0.5667 and q1 = round(0.5667) = 1. Nearest rounding gives [0, 0].
+        // Output errors d^T H d: nearest d = [-0.4, -0.3]: 0.64 + 0.48 + 0.27 = 1.39;
+        // GPTQ d = [-0.4, 0.7]: 0.64 - 1.12 + 1.47 = 0.99.
+        let h = [4.0, 2.0, 2.0, 3.0];
+        let f = Factor::new(&h, 2, 0.0, false).unwrap();
+        let round = |_r: usize, x: f64| x.round();
+        let mut rows = vec![vec![0.4, 0.3]];
+        sweep(&mut rows, &f, Some(&round), Sparsity::None, &[0], true);
+        assert_eq!(rows[0], vec![0.0, 1.0]);
+        // Without rounding the second column, the compensated value itself.
+        let first_only = |_r: usize, x: f64| if x == 0.4 { 0.0 } else { x };
+        let mut rows = vec![vec![0.4, 0.3]];
+        sweep(&mut rows, &f, Some(&first_only), Sparsity::None, &[0], true);
+        assert!(
+            (rows[0][1] - (0.3 + 0.4 * 2.0 / 3.0)).abs() < 1e-12,
+            "{rows:?}"
+        );
+        let (num, den) = relative_error(&f, &[vec![0.4, 0.3]], &[vec![0.0, 1.0]]);
+        // den = w^T H w = 0.64 + 0.48 + 0.27 = 1.39.
+        assert!((num - 0.99).abs() < 1e-12 && (den - 1.39).abs() < 1e-12);
+        let (num, _) = relative_error(&f, &[vec![0.4, 0.3]], &[vec![0.0, 0.0]]);
+        assert!((num - 1.39).abs() < 1e-12);
+    }
+
+    #[test]
+    fn sparsegpt_mask_on_a_scaled_identity_is_magnitude() {
+        // H = 5 I: U = I / sqrt(5) is diagonal, so the saliency w_j^2 / U_jj^2 =
+        // 5 w_j^2 orders the weights by |w| and no error moves to other columns:
+        // the survivors keep their values and the zeros are the half with the
+        // smallest |w| of each row.
+        let d = 10;
+        let mut h = vec![0.0; d * d];
+        for i in 0..d {
+            h[i * d + i] = 5.0;
+        }
+        let f = Factor::new(&h, d, 0.0, false).unwrap();
+        let w0 = vec![
+            vec![0.9, -0.1, 0.3, -0.7, 0.05, 0.6, -0.2, 0.8, -0.4, 0.15],
+            vec![-0.3, 0.25, 0.0, 0.5, -0.9, 0.1, 0.35, -0.05, 0.7, -0.6],
+        ];
+        let mut rows = w0.clone();
+        sweep(&mut rows, &f, None, Sparsity::Fraction(0.5), &[0, 1], true);
+        for (r, row) in rows.iter().enumerate() {
+            let mut by_mag: Vec<usize> = (0..d).collect();
+            by_mag.sort_by(|&a, &b| w0[r][a].abs().total_cmp(&w0[r][b].abs()));
+            for (k, &j) in by_mag.iter().enumerate() {
+                let want = if k < d / 2 { 0.0 } else { w0[r][j] };
+                assert_eq!(row[j], want, "row {r} col {j}: {row:?}");
+            }
+        }
+        // 2:4 on the same H keeps the two largest |w| of every four.
+        let mut rows = w0.clone();
+        sweep(
+            &mut rows,
+            &f,
+            None,
+            Sparsity::NM { n: 2, m: 4 },
+            &[0, 1],
+            true,
+        );
+        assert_eq!(
+            rows[0],
+            vec![0.9, 0.0, 0.0, -0.7, 0.0, 0.6, 0.0, 0.8, -0.4, 0.15]
+        );
+    }
 }

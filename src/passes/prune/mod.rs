@@ -87,10 +87,19 @@ pub enum Method {
     NM { n: usize, m: usize },
     /// Reweighted L1 on the layer output error, with calibration data.
     Reweighted,
+    /// SparseGPT (OBS mask and update, with calibration data): a fraction of
+    /// each row, or N of every M when `nm` is given.
+    SparseGpt { nm: Option<(usize, usize)> },
 }
 
 impl Method {
-    pub const HELP: &'static str = "magnitude, global, nm:N:M (e.g. nm:2:4) or reweighted";
+    pub const HELP: &'static str =
+        "magnitude, global, nm:N:M (e.g. nm:2:4), reweighted, sparsegpt or sparsegpt:N:M";
+
+    /// Whether the method needs calibration images.
+    pub fn needs_calib(&self) -> bool {
+        matches!(self, Method::Reweighted | Method::SparseGpt { .. })
+    }
 }
 
 impl fmt::Display for Method {
@@ -100,6 +109,8 @@ impl fmt::Display for Method {
             Method::Global => f.write_str("global"),
             Method::NM { n, m } => write!(f, "nm:{n}:{m}"),
             Method::Reweighted => f.write_str("reweighted"),
+            Method::SparseGpt { nm: None } => f.write_str("sparsegpt"),
+            Method::SparseGpt { nm: Some((n, m)) } => write!(f, "sparsegpt:{n}:{m}"),
         }
     }
 }
@@ -119,9 +130,13 @@ impl FromStr for Method {
             "magnitude" | "mag" => return Ok(Method::Magnitude),
             "global" => return Ok(Method::Global),
             "reweighted" | "reweighted-l1" | "rl1" => return Ok(Method::Reweighted),
+            "sparsegpt" | "sparse-gpt" => return Ok(Method::SparseGpt { nm: None }),
             _ => {}
         }
-        let rest = norm.strip_prefix("nm:").ok_or_else(bad)?;
+        let (rest, obs) = match norm.strip_prefix("sparsegpt:") {
+            Some(r) => (r, true),
+            None => (norm.strip_prefix("nm:").ok_or_else(bad)?, false),
+        };
         let (n, m) = rest.split_once(':').ok_or_else(|| {
             Error::Usage(format!(
                 "pruning method '{s}': N:M needs two numbers, e.g. nm:2:4"
@@ -140,7 +155,11 @@ impl FromStr for Method {
                 "pruning method '{s}': N:M needs 1 <= N < M (e.g. nm:2:4 keeps 2 of every 4)"
             )));
         }
-        Ok(Method::NM { n, m })
+        Ok(if obs {
+            Method::SparseGpt { nm: Some((n, m)) }
+        } else {
+            Method::NM { n, m }
+        })
     }
 }
 
@@ -151,7 +170,9 @@ impl FromStr for Method {
 pub fn parse_spec(spec: &str) -> Result<(Method, Option<f64>)> {
     let s = spec.trim();
     let lower = s.to_ascii_lowercase();
-    if lower.starts_with("nm:") {
+    if lower.starts_with("nm:")
+        || lower.matches(':').count() == 2 && lower.starts_with("sparsegpt:")
+    {
         return Ok((lower.parse()?, None));
     }
     match s.split_once(':') {
@@ -213,11 +234,15 @@ impl PruneSection {
     pub fn from_flag(s: &str) -> Result<PruneSection> {
         let bad = |e: Error| {
             Error::Usage(format!(
-                "--prune '{s}': expected METHOD:SPARSITY (magnitude:0.5, global:70%, reweighted:0.5) or nm:N:M ({e})"
+                "--prune '{s}': expected METHOD:SPARSITY (magnitude:0.5, global:70%, reweighted:0.5, sparsegpt:0.5) or nm:N:M / sparsegpt:N:M ({e})"
             ))
         };
         let (method, sparsity) = parse_spec(s).map_err(bad)?;
-        if !matches!(method, Method::NM { .. }) && sparsity.is_none() {
+        if !matches!(
+            method,
+            Method::NM { .. } | Method::SparseGpt { nm: Some(_) }
+        ) && sparsity.is_none()
+        {
             return Err(bad(Error::Usage(format!("'{method}' needs a sparsity"))));
         }
         Ok(PruneSection {
@@ -235,7 +260,7 @@ impl PruneSection {
             .map_err(|e| Error::Usage(format!("prune method '{}': {e}", self.method)))?;
         let defaults = PruneConfig::default();
         let sparsity = match (&method, self.sparsity) {
-            (Method::NM { .. }, _) => 0.0,
+            (Method::NM { .. } | Method::SparseGpt { nm: Some(_) }, _) => 0.0,
             (_, Some(s)) if (0.0..1.0).contains(&s) => s,
             (_, Some(s)) => {
                 return Err(Error::Usage(format!(
@@ -340,6 +365,11 @@ pub const REWEIGHTED_NEEDS_CALIB: &str =
     "prune method 'reweighted' needs calibration images (--calib DATA): \
 within one tensor, reweighted L1 without data converges to exactly the magnitude mask, \
 so it minimizes each layer's output error on the calibration images' activations instead";
+
+/// Why `sparsegpt` needs `--calib`.
+pub const SPARSEGPT_NEEDS_CALIB: &str =
+    "prune method 'sparsegpt' needs calibration images (--calib DATA): \
+SparseGPT chooses each layer's mask and updates the surviving weights through the inverse Hessian of the layer's inputs on them";
 
 /// Why `--refit` needs `--calib`.
 pub const REFIT_NEEDS_CALIB: &str = "--refit needs calibration images (--calib DATA): \
@@ -550,13 +580,13 @@ impl Pass for Prune {
                 check_sparsity(s, &format!("sparsity of rule '{}'", r.pattern))?;
             }
         }
-        let needs_calib = cfg.method == Method::Reweighted || cfg.refit;
+        let needs_calib = cfg.method.needs_calib() || cfg.refit;
         if needs_calib && cx.calib.is_none_or(|d| d.is_empty()) {
             return Err(Error::Usage(
-                if cfg.method == Method::Reweighted {
-                    REWEIGHTED_NEEDS_CALIB
-                } else {
-                    REFIT_NEEDS_CALIB
+                match cfg.method {
+                    Method::Reweighted => REWEIGHTED_NEEDS_CALIB,
+                    Method::SparseGpt { .. } => SPARSEGPT_NEEDS_CALIB,
+                    _ => REFIT_NEEDS_CALIB,
                 }
                 .into(),
             ));
@@ -572,6 +602,8 @@ impl Pass for Prune {
         // Masks (true = zero) of the layers that are pruned, by index into `layers`.
         let mut masks: Vec<Option<Vec<bool>>> = vec![None; layers.len()];
         let mut notes: Vec<Vec<String>> = vec![Vec::new(); layers.len()];
+        // Weights a method solved for directly (SparseGPT: mask and update).
+        let mut solved: Vec<Option<Vec<f32>>> = vec![None; layers.len()];
 
         // Calibration: the Gram matrices of the layers that use them.
         let mut calibrated: Vec<Option<Calibrated>> = (0..layers.len()).map(|_| None).collect();
@@ -699,6 +731,49 @@ impl Pass for Prune {
                     }
                 }
             }
+            Method::SparseGpt { nm } => {
+                for (i, l) in layers.iter().enumerate() {
+                    let sparsity = match nm {
+                        Some((n, m)) => calib::obs::Sparsity::NM { n, m },
+                        None => calib::obs::Sparsity::Fraction(l.target),
+                    };
+                    let (Some(c), Ok(rows)) = (&calibrated[i], &l.rows) else {
+                        // No calibration for this layer: the magnitude mask of the same shape.
+                        masks[i] = match (nm, &l.rows) {
+                            (Some((n, m)), Ok(rows)) => Some(mask::nm(&l.w0, rows, n, m)),
+                            (Some(_), Err(e)) => {
+                                report.skipped(&l.init, format!("no N:M row layout: {e}"));
+                                None
+                            }
+                            (None, _) => {
+                                let k = (l.target * l.numel() as f64).round() as usize;
+                                Some(mask::magnitude(&l.w0, k))
+                            }
+                        };
+                        notes[i].push("magnitude mask".into());
+                        continue;
+                    };
+                    let start = std::time::Instant::now();
+                    match sparsegpt(&l.w0, rows, c, sparsity) {
+                        Ok(w) => {
+                            notes[i].push(format!(
+                                "SparseGPT in {:.2}s",
+                                start.elapsed().as_secs_f64()
+                            ));
+                            masks[i] = Some(w.iter().map(|v| *v == 0.0).collect());
+                            solved[i] = Some(w);
+                        }
+                        Err(why) => {
+                            let k = (l.target * l.numel() as f64).round() as usize;
+                            masks[i] = Some(match nm {
+                                Some((n, m)) => mask::nm(&l.w0, rows, n, m),
+                                None => mask::magnitude(&l.w0, k),
+                            });
+                            notes[i].push(format!("magnitude mask: {why}"));
+                        }
+                    }
+                }
+            }
         }
 
         // Values: refit where calibrated, else the original survivors.
@@ -706,14 +781,32 @@ impl Pass for Prune {
         let mut new_weights: Vec<Option<Vec<f32>>> = vec![None; layers.len()];
         for (i, l) in layers.iter().enumerate() {
             let Some(mask) = &masks[i] else { continue };
-            let mut w: Vec<f32> =
-                l.w0.iter()
-                    .zip(mask)
-                    .map(|(&x, &z)| if z { 0.0 } else { x })
-                    .collect();
+            let mut w: Vec<f32> = solved[i].take().unwrap_or_else(|| apply(&l.w0, mask));
             if let (Some(c), Ok(rows)) = (&calibrated[i], &l.rows) {
                 let p = solve::Problem::new(&l.w0, rows, &c.stats, c.dim);
                 let base = p.output_error(&w);
+                if matches!(cfg.method, Method::SparseGpt { .. }) {
+                    // What SparseGPT bought over the magnitude mask of the same shape.
+                    let k = mask.iter().filter(|z| **z).count();
+                    let mag = match (cfg.method, &l.rows) {
+                        (Method::SparseGpt { nm: Some((n, m)) }, Ok(rows)) => {
+                            mask::nm(&l.w0, rows, n, m)
+                        }
+                        _ => mask::magnitude(&l.w0, k),
+                    };
+                    let mag_err = p.output_error(&apply(&l.w0, &mag));
+                    report.errors.push(crate::passes::LayerError {
+                        layer: l.node_names.join(", "),
+                        method: cfg.method.to_string(),
+                        nearest: mag_err,
+                        after: base,
+                    });
+                    notes[i].push(format!(
+                        "output error {:.2}% (the magnitude mask alone: {:.2}%)",
+                        100.0 * base,
+                        100.0 * mag_err
+                    ));
+                }
                 if refit {
                     let start = std::time::Instant::now();
                     w = p.refit(mask);
@@ -734,7 +827,7 @@ impl Pass for Prune {
                         100.0 * base,
                         100.0 * after
                     ));
-                } else {
+                } else if !matches!(cfg.method, Method::SparseGpt { .. }) {
                     notes[i].push(format!("output error {:.2}%", 100.0 * base));
                 }
             }
@@ -762,7 +855,10 @@ impl Pass for Prune {
                 pct(before, n),
                 pct(after, n)
             ));
-            if cfg.method != Method::Global && !matches!(cfg.method, Method::NM { .. }) {
+            if !matches!(
+                cfg.method,
+                Method::Global | Method::NM { .. } | Method::SparseGpt { nm: Some(_) }
+            ) {
                 let k = (l.target * n as f64).round() as usize;
                 if before > k {
                     what.push_str(&format!("; already above the target {}", pct(k, n)));
@@ -778,6 +874,28 @@ impl Pass for Prune {
         }
         Ok(report)
     }
+}
+
+/// SparseGPT on one layer (see `calib::obs`): the pruned and updated weights,
+/// or why the layer's Hessian could not be factored.
+fn sparsegpt(
+    w0: &[f32],
+    rows: &Rows,
+    c: &Calibrated,
+    sparsity: calib::obs::Sparsity,
+) -> std::result::Result<Vec<f32>, String> {
+    use calib::obs;
+    let factors: Vec<obs::Factor> = c
+        .stats
+        .iter()
+        .map(|st| obs::Factor::new(&obs::hessian(st, c.dim), c.dim, obs::DEFAULT_DAMP, false))
+        .collect::<std::result::Result<_, _>>()?;
+    let layer = obs::Layer {
+        rows,
+        groups: c.stats.len(),
+        factors: &factors,
+    };
+    Ok(layer.solve(w0, None, sparsity, true))
 }
 
 /// The weights with the masked ones zeroed.
