@@ -212,6 +212,17 @@ pub struct PrepArgs {
     /// raw (0..255 floats). Default: mnist for 1-channel inputs, imagenet from 128 px, else cifar.
     #[arg(long, value_name = "PRESET", value_parser = ["imagenet", "cifar", "mnist", "raw"])]
     pub preprocess: Option<String>,
+    /// Per-channel mean subtracted after scaling to 0..1, overriding the preset's
+    /// (e.g. --mean 0.5,0.5,0.5 for EfficientNet-Lite / Inception-style models).
+    #[arg(long, value_name = "M,M,M", value_delimiter = ',')]
+    pub mean: Option<Vec<f32>>,
+    /// Per-channel std divided by, overriding the preset's (e.g. --std 0.5,0.5,0.5).
+    #[arg(long, value_name = "S,S,S", value_delimiter = ',')]
+    pub std: Option<Vec<f32>>,
+    /// Resize the short side to S before the centre crop (torchvision Resize(S) +
+    /// CenterCrop), overriding the preset's (imagenet: round(H * 256/224)).
+    #[arg(long, value_name = "S")]
+    pub resize: Option<usize>,
     /// Force the data format instead of detecting it: cifar10, cifar100, idx, npy, npz, images.
     #[arg(long, value_name = "FORMAT")]
     pub data_format: Option<onnx_micronet::data::Format>,

@@ -99,9 +99,25 @@ fn prepare(
         .preprocess
         .clone()
         .unwrap_or_else(|| geometry.default_preset().to_string());
-    let data = validate::load_data(path, &preset, prep.data_format, limit, &geometry)?;
+    let adjust = validate::Adjust {
+        mean: prep.mean.clone(),
+        std: prep.std.clone(),
+        resize: prep.resize,
+    };
+    let data =
+        validate::load_data_with(path, &preset, &adjust, prep.data_format, limit, &geometry)?;
     for w in &data.warnings {
         eprintln!("warning: {}: {w}", path.display());
+    }
+    let mut preset = preset;
+    for (flag, v) in [("mean", &adjust.mean), ("std", &adjust.std)] {
+        if let Some(v) = v {
+            let v: Vec<String> = v.iter().map(|x| x.to_string()).collect();
+            preset.push_str(&format!(", {flag} {}", v.join(",")));
+        }
+    }
+    if let Some(s) = adjust.resize {
+        preset.push_str(&format!(", resize {s}"));
     }
     Ok(Prepared {
         data,

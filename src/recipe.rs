@@ -32,6 +32,9 @@
 //! per_channel = false            # linear, minmax
 //! overflow_rate = 0.0            # fraction of |w| allowed to clip
 //! bias_bits = 16                 # optional: biases linear too
+//! range = "minmax"               # minmax | mse (linear, minmax grids chosen by their error)
+//! rounding = "gptq"              # gptq (default with --calib) | nearest
+//! calib_mode = "parallel"        # parallel | sequential[:K] (GPTQ's inputs from the model quantized so far)
 //! [[quantize.layer]]             # later entries win
 //! match = "*classifier*"
 //! bits = 6                       # and/or scheme = "...", skip = true
@@ -123,6 +126,15 @@ pub struct Overrides {
     /// inputs; the default with --calib) or nearest.
     #[arg(long, value_name = "HOW", value_parser = ["nearest", "gptq"])]
     pub rounding: Option<String>,
+    /// How linear/minmax weight grids are chosen: minmax (span the weights' range,
+    /// the default) or mse (the range shrunk to minimize sum |q(w) - w|^2.4, GPTQ's grid search).
+    #[arg(long, value_name = "RANGE", value_parser = ["minmax", "mse"])]
+    pub weight_range: Option<String>,
+    /// Where GPTQ's and SparseGPT's layer inputs come from: parallel (the float
+    /// model) or sequential[:K] (the model already compressed up to each layer, in
+    /// K groups of layers, one model run each).
+    #[arg(long, value_name = "MODE")]
+    pub calib_mode: Option<String>,
     /// GPTQ's dampening of H, a fraction of its mean diagonal (default 0.01).
     #[arg(long, value_name = "F")]
     pub gptq_damp: Option<f64>,
@@ -333,6 +345,9 @@ impl Recipe {
                 if o.act_order {
                     q.act_order = Some(true);
                 }
+                if o.weight_range.is_some() {
+                    q.range = o.weight_range.clone();
+                }
             }
             None if o.layer_bits.is_some()
                 || o.qbn.is_some()
@@ -340,13 +355,27 @@ impl Recipe {
                 || o.bias_bits.is_some()
                 || o.rounding.is_some()
                 || o.gptq_damp.is_some()
-                || o.act_order =>
+                || o.act_order
+                || o.weight_range.is_some() =>
             {
                 return Err(Error::Usage(
-                    "--layer-bits, --qbn, --per-channel, --bias-bits, --rounding, --gptq-damp and --act-order need --quantize (or a [quantize] section in the recipe)".into(),
+                    "--layer-bits, --qbn, --per-channel, --bias-bits, --rounding, --gptq-damp, --act-order and --weight-range need --quantize (or a [quantize] section in the recipe)".into(),
                 ));
             }
             None => {}
+        }
+        if let Some(mode) = &o.calib_mode {
+            if self.prune.is_none() && self.quantize.is_none() {
+                return Err(Error::Usage(
+                    "--calib-mode needs --prune sparsegpt or --quantize (it says where their layer inputs come from)".into(),
+                ));
+            }
+            if let Some(p) = self.prune.as_mut() {
+                p.calib_mode = Some(mode.clone());
+            }
+            if let Some(q) = self.quantize.as_mut() {
+                q.calib_mode = Some(mode.clone());
+            }
         }
         if let Some(b) = o.act_bits {
             let old = self.act_quant.take().unwrap_or_default();

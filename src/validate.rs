@@ -238,8 +238,62 @@ pub fn load_data(
     limit: Option<usize>,
     geometry: &Geometry,
 ) -> Result<Dataset> {
+    load_data_with(path, preset, &Adjust::default(), format, limit, geometry)
+}
+
+/// Changes to a preset's normalisation and geometry (`--mean`, `--std`, `--resize`).
+#[derive(Debug, Clone, Default)]
+pub struct Adjust {
+    /// Per channel (or one for all), after scaling to 0..1.
+    pub mean: Option<Vec<f32>>,
+    pub std: Option<Vec<f32>>,
+    /// torchvision's Resize(S) short side before the centre crop.
+    pub resize: Option<usize>,
+}
+
+/// [`load_data`] with the preset adjusted. Errors: a mean or std whose length is
+/// neither 1 nor the input's channel count, a std of 0, a resize smaller than the crop.
+pub fn load_data_with(
+    path: &std::path::Path,
+    preset: &str,
+    adjust: &Adjust,
+    format: Option<data::Format>,
+    limit: Option<usize>,
+    geometry: &Geometry,
+) -> Result<Dataset> {
     let g = geometry;
-    let pre = Preprocess::preset(preset, g.height, g.width, g.channels, g.layout)?;
+    let mut pre = Preprocess::preset(preset, g.height, g.width, g.channels, g.layout)?;
+    for (what, v, slot) in [
+        ("--mean", &adjust.mean, &mut pre.mean),
+        ("--std", &adjust.std, &mut pre.std),
+    ] {
+        if let Some(v) = v {
+            if v.len() != 1 && v.len() != g.channels {
+                return Err(Error::Usage(format!(
+                    "{what} has {} values; the model input has {} channels (give 1 or {})",
+                    v.len(),
+                    g.channels,
+                    g.channels
+                )));
+            }
+            *slot = v.clone();
+        }
+    }
+    if pre.std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
+        return Err(Error::Usage(format!(
+            "--std {:?}: every value must be a nonzero number",
+            pre.std
+        )));
+    }
+    if let Some(s) = adjust.resize {
+        if s < g.height.min(g.width) {
+            return Err(Error::Usage(format!(
+                "--resize {s}: smaller than the model's {}x{} crop",
+                g.height, g.width
+            )));
+        }
+        pre.resize = data::Resize::ShortSideThenCenterCrop(s);
+    }
     data::load(path, &pre, format, limit)
 }
 

@@ -471,10 +471,12 @@ impl Finder<'_, '_> {
                                     values.push(inp.clone());
                                     stack.push(inp.clone());
                                 }
-                                _ => return Ok(Err(format!(
+                                _ => {
+                                    return Ok(Err(format!(
                                     "Add '{}' also adds '{inp}', which no weighted layer produces",
                                     g.node_name(c)
-                                ))),
+                                )))
+                                }
                             }
                         }
                         let o = n.output[0].clone();

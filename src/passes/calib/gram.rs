@@ -167,6 +167,81 @@ fn conv_rows(
     Ok(ho * wo)
 }
 
+/// Adds the sum of the im2col rows of group `g` of a conv input [1, C, H, W] to
+/// `sum` (dim long) without forming them: entry (ci, ky, kx) is the sum of x[ci]
+/// over the output positions' taps that fall inside the image (padding adds 0).
+/// Returns the row count, as [`conv_rows`] does.
+fn conv_row_sum(
+    c: &ConvGeom,
+    x: &ArrayViewD<f32>,
+    g: usize,
+    sum: &mut Vec<f64>,
+) -> std::result::Result<usize, String> {
+    let shape = x.shape();
+    let (ch, h, w) = match shape.len() {
+        3 => (shape[1], 1, shape[2]),
+        4 => (shape[1], shape[2], shape[3]),
+        _ => return Err(format!("conv input '{}' has shape {shape:?}", c.input)),
+    };
+    if ch != c.cin_per_group * c.groups || shape[0] != 1 {
+        return Err(format!(
+            "conv input '{}' has shape {shape:?}, expected {} channels",
+            c.input,
+            c.cin_per_group * c.groups
+        ));
+    }
+    let x = x
+        .view()
+        .into_shape_with_order((ch, h, w))
+        .map_err(|e| format!("conv input '{}': {e}", c.input))?;
+    let [kh, kw] = c.kernel;
+    let [sh, sw] = c.strides;
+    let [dh, dw] = c.dilations;
+    let (ho, pt) = axis(h, kh, sh, dh, c.pads[0], c.pads[2], c.auto_pad);
+    let (wo, pl) = axis(w, kw, sw, dw, c.pads[1], c.pads[3], c.auto_pad);
+    let dim = c.cin_per_group * kh * kw;
+    if sum.is_empty() {
+        *sum = vec![0.0; dim];
+    }
+    // The output positions o in [0, n) whose tap o s + k d - p lands in [0, len).
+    let valid = |n: usize, s: usize, k: usize, p: usize, len: usize| -> (usize, usize) {
+        let off = k as isize - p as isize;
+        let lo = if off >= 0 {
+            0
+        } else {
+            ((-off) as usize).div_ceil(s)
+        };
+        let hi = if (len as isize) <= off {
+            0
+        } else {
+            (((len as isize - 1 - off) as usize) / s + 1).min(n)
+        };
+        (lo, hi.max(lo))
+    };
+    let c0 = g * c.cin_per_group;
+    for (k, ci) in (c0..c0 + c.cin_per_group).enumerate() {
+        let plane = x.index_axis(ndarray::Axis(0), ci);
+        for ky in 0..kh {
+            let (y0, y1) = valid(ho, sh, ky * dh, pt, h);
+            for kx in 0..kw {
+                let (x0, x1) = valid(wo, sw, kx * dw, pl, w);
+                let mut acc = 0f64;
+                for oy in y0..y1 {
+                    let iy = oy * sh + ky * dh - pt;
+                    let row = plane.row(iy);
+                    let mut r = 0f32;
+                    for ox in x0..x1 {
+                        r += row[ox * sw + kx * dw - pl];
+                    }
+                    acc += r as f64;
+                }
+                sum[(k * kh + ky) * kw + kx] += acc;
+            }
+        }
+    }
+    Ok(ho * wo)
+}
+
 /// Appends the K-rows of a dense input to `buf`.
 fn dense_rows(
     input: &str,
@@ -384,6 +459,9 @@ pub fn collect_with(
                 for g in 0..groups {
                     let buf = &mut acc.bufs[li][g];
                     let r = match geom {
+                        Geom::Conv(c) if means_only => {
+                            conv_row_sum(c, &acts[slot], g, &mut acc.sums[li][g])
+                        }
                         Geom::Conv(c) => conv_rows(c, &acts[slot], g, buf),
                         Geom::Dense { input, k, trans_a } => {
                             dense_rows(input, *k, *trans_a, &acts[slot], buf)

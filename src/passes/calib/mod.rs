@@ -277,3 +277,40 @@ pub fn layout(
     }
     Ok((rows, geoms))
 }
+
+/// Where a layer's calibration inputs come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CalibMode {
+    /// Every layer's inputs captured at once, on the model before the pass.
+    Parallel,
+    /// The layers in this many groups of consecutive layers, each captured on the
+    /// model already compressed up to it (one model run per group).
+    Sequential(usize),
+}
+
+impl std::str::FromStr for CalibMode {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> crate::error::Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        let bad = || {
+            crate::error::Error::Usage(format!(
+                "calibration mode '{s}': expected parallel, sequential (one group per layer) or sequential:K (K groups of consecutive layers)"
+            ))
+        };
+        match t.as_str() {
+            "parallel" => Ok(CalibMode::Parallel),
+            "sequential" => Ok(CalibMode::Sequential(usize::MAX)),
+            _ => {
+                let k: usize = t
+                    .strip_prefix("sequential:")
+                    .ok_or_else(bad)?
+                    .parse()
+                    .map_err(|_| bad())?;
+                if k == 0 {
+                    return Err(bad());
+                }
+                Ok(CalibMode::Sequential(k))
+            }
+        }
+    }
+}

@@ -214,6 +214,9 @@ pub struct PruneSection {
     pub skip_first_conv: Option<bool>,
     pub refit: Option<bool>,
     pub rounds: Option<usize>,
+    /// SparseGPT's layer inputs: parallel (the float model) or sequential[:K]
+    /// (the model pruned up to each layer, in K groups of layers).
+    pub calib_mode: Option<String>,
     #[serde(default, rename = "layer")]
     pub layers: Vec<LayerSection>,
 }
@@ -299,6 +302,10 @@ impl PruneSection {
             skip_first_conv: self.skip_first_conv.unwrap_or(defaults.skip_first_conv),
             refit: self.refit.unwrap_or(defaults.refit),
             rounds: self.rounds.unwrap_or(defaults.rounds),
+            calib_mode: match &self.calib_mode {
+                Some(m) => m.parse()?,
+                None => defaults.calib_mode,
+            },
         })
     }
 }
@@ -340,6 +347,8 @@ pub struct PruneConfig {
     pub refit: bool,
     /// Reweighting rounds of `reweighted`.
     pub rounds: usize,
+    /// Where SparseGPT's layer inputs come from.
+    pub calib_mode: calib::CalibMode,
 }
 
 impl Default for PruneConfig {
@@ -353,6 +362,7 @@ impl Default for PruneConfig {
             skip_first_conv: true,
             refit: false,
             rounds: 3,
+            calib_mode: calib::CalibMode::Parallel,
         }
     }
 }
@@ -607,7 +617,11 @@ impl Pass for Prune {
 
         // Calibration: the Gram matrices of the layers that use them.
         let mut calibrated: Vec<Option<Calibrated>> = (0..layers.len()).map(|_| None).collect();
-        if needs_calib {
+        let sequential = match (cfg.method, cfg.calib_mode) {
+            (Method::SparseGpt { .. }, calib::CalibMode::Sequential(k)) => Some(k),
+            _ => None,
+        };
+        if needs_calib && sequential.is_none() {
             let data = cx.calib.expect("checked above");
             let input_shape = if cx.input_shape.is_empty() {
                 let mut s = data.images.shape().to_vec();
@@ -732,7 +746,75 @@ impl Pass for Prune {
                 }
             }
             Method::SparseGpt { nm } => {
+                // Sequential: capture each group of layers on the model pruned so far.
+                if let Some(k) = sequential {
+                    let wanted: Vec<(usize, Vec<Geom>)> = layers
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, l)| match (&l.geoms, &l.rows) {
+                            (Ok(gs), Ok(_)) => Some((i, gs.clone())),
+                            (Err(e), _) | (_, Err(e)) => {
+                                notes[i].push(format!("no calibration ({e})"));
+                                None
+                            }
+                        })
+                        .collect();
+                    let k = k.clamp(1, wanted.len().max(1));
+                    let per = wanted.len().div_ceil(k).max(1);
+                    let start = std::time::Instant::now();
+                    let mut stages = 0;
+                    for stage in wanted.chunks(per) {
+                        stages += 1;
+                        let (mut caught, too_big, _) = calib::capture(model, cx, stage)?;
+                        for (i, why) in too_big {
+                            notes[i].push(format!("no calibration ({why})"));
+                        }
+                        let g = model.graph_mut();
+                        for (i, _) in stage {
+                            let (Some(c), Ok(rows)) = (caught.remove(i), &layers[*i].rows) else {
+                                continue;
+                            };
+                            let l = &layers[*i];
+                            let sparsity = match nm {
+                                Some((n, m)) => calib::obs::Sparsity::NM { n, m },
+                                None => calib::obs::Sparsity::Fraction(l.target),
+                            };
+                            let c = Calibrated {
+                                stats: c.stats,
+                                dim: c.dim,
+                            };
+                            let t = std::time::Instant::now();
+                            match sparsegpt(&l.w0, rows, &c, sparsity) {
+                                Ok(w) => {
+                                    let arr = ArrayD::from_shape_vec(l.shape.clone(), w.clone())
+                                        .expect("same shape");
+                                    set_initializer(g, &l.init, &TensorData::F32(arr));
+                                    notes[*i].push(format!(
+                                        "SparseGPT in {:.2}s",
+                                        t.elapsed().as_secs_f64()
+                                    ));
+                                    masks[*i] = Some(w.iter().map(|v| *v == 0.0).collect());
+                                    solved[*i] = Some(w);
+                                }
+                                Err(why) => notes[*i].push(format!("magnitude mask: {why}")),
+                            }
+                            calibrated[*i] = Some(c);
+                        }
+                    }
+                    report.changed(
+                        "calibration",
+                        format!(
+                            "{} images: inputs of {} layers captured in {stages} stages on the model pruned so far, {:.2}s",
+                            cx.calib.map_or(0, |d| d.len()),
+                            wanted.len(),
+                            start.elapsed().as_secs_f64()
+                        ),
+                    );
+                }
                 for (i, l) in layers.iter().enumerate() {
+                    if solved[i].is_some() {
+                        continue;
+                    }
                     let sparsity = match nm {
                         Some((n, m)) => calib::obs::Sparsity::NM { n, m },
                         None => calib::obs::Sparsity::Fraction(l.target),

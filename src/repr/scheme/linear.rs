@@ -73,11 +73,61 @@ pub fn linear(w: &[f32], bits: u32, overflow_rate: f64) -> (Vec<f32>, f32, i32, 
     (v, d, sf, c)
 }
 
+/// The norm GPTQ's reference quantizer minimizes when it searches a grid
+/// (`quant.py`, `Quantizer.find_params(mse=True)`: sum |q(w) - w|^2.4).
+pub const MSE_NORM: f64 = 2.4;
+
+/// Error of a grid on `w`: sum |q(w) - w|^2.4.
+fn grid_error(w: &[f32], q: &[f32]) -> f64 {
+    w.iter()
+        .zip(q)
+        .map(|(a, b)| ((*a - *b).abs() as f64).powf(MSE_NORM))
+        .sum()
+}
+
+/// The minmax grid of `w` with its range shrunk by the factor p in
+/// {1, 0.99, .., 0.21} that minimizes sum |q(w) - w|^2.4 (GPTQ's grid search:
+/// 100 steps, shrinking by at most 0.8); ties keep the larger range.
+pub fn minmax_grid_mse(w: &[f32], bits: u32) -> (f32, i64) {
+    let mut best = (f64::INFINITY, minmax_grid(w, bits));
+    for i in 0..80 {
+        let p = 1.0 - i as f64 / 100.0;
+        let (s, z) = minmax_grid_shrunk(w, bits, p);
+        let (q, _) = minmax_with(w, bits, s, z);
+        let e = grid_error(w, &q);
+        if e < best.0 {
+            best = (e, (s, z));
+        }
+    }
+    best.1
+}
+
+/// The linear step exponent sf (step 2^-sf) among the range's and the next two
+/// finer ones that minimizes sum |q(w) - w|^2.4 (a power-of-two grid can only
+/// clip by factors of 2).
+pub fn linear_sf_mse(w: &[f32], bits: u32, overflow_rate: f64) -> i32 {
+    let sf0 = (bits as i32 - 1 - integral_part(w, overflow_rate)).clamp(-127, 126);
+    let mut best = (f64::INFINITY, sf0);
+    for sf in sf0..=(sf0 + 2).min(126) {
+        let (q, _, _) = linear_with_sf(w, sf, bits);
+        let e = grid_error(w, &q);
+        if e < best.0 {
+            best = (e, sf);
+        }
+    }
+    best.1
+}
+
 /// The minmax grid of `w`: (scale, zero point).
 pub fn minmax_grid(w: &[f32], bits: u32) -> (f32, i64) {
+    minmax_grid_shrunk(w, bits, 1.0)
+}
+
+/// The minmax grid of [p min(w, 0), p max(w, 0)].
+fn minmax_grid_shrunk(w: &[f32], bits: u32, p: f64) -> (f32, i64) {
     let n = 2f64.powi(bits as i32) - 1.0;
-    let lo = w.iter().fold(0f32, |m, x| m.min(*x)) as f64;
-    let hi = w.iter().fold(0f32, |m, x| m.max(*x)) as f64;
+    let lo = p * w.iter().fold(0f32, |m, x| m.min(*x)) as f64;
+    let hi = p * w.iter().fold(0f32, |m, x| m.max(*x)) as f64;
     if hi - lo <= 0.0 {
         return (1.0, 0);
     }
@@ -134,7 +184,13 @@ impl WeightScheme for Linear {
         }
     }
     fn quantize(&self, w: &[f32], bits: u32, _: Option<&str>, p: &Params, _: usize) -> Slice {
-        let (values, d, sf, clipped) = linear(w, bits, p.overflow_rate);
+        let (values, d, sf, clipped) = if p.mse_grid {
+            let sf = linear_sf_mse(w, bits, p.overflow_rate);
+            let (v, d, c) = linear_with_sf(w, sf, bits);
+            (v, d, sf, c)
+        } else {
+            linear(w, bits, p.overflow_rate)
+        };
         Slice {
             values,
             step: Some(d),
@@ -147,7 +203,11 @@ impl WeightScheme for Linear {
         verify_affine(proof, true)
     }
     fn grid(&self, w: &[f32], bits: u32, _: Option<&str>, p: &Params, _: usize) -> Grid {
-        let sf = (bits as i32 - 1 - integral_part(w, p.overflow_rate)).clamp(-127, 126);
+        let sf = if p.mse_grid {
+            linear_sf_mse(w, bits, p.overflow_rate)
+        } else {
+            (bits as i32 - 1 - integral_part(w, p.overflow_rate)).clamp(-127, 126)
+        };
         Grid::Linear {
             d: 2f32.powi(-sf),
             lo: -(2f64.powi(bits as i32 - 1)),
@@ -172,8 +232,13 @@ impl WeightScheme for MinMax {
     fn storage(&self, _: u32) -> Storage {
         Storage::Affine { offset: 0 }
     }
-    fn quantize(&self, w: &[f32], bits: u32, _: Option<&str>, _: &Params, _: usize) -> Slice {
-        let (values, s, z, clipped) = minmax(w, bits);
+    fn quantize(&self, w: &[f32], bits: u32, _: Option<&str>, p: &Params, _: usize) -> Slice {
+        let (s, z) = if p.mse_grid {
+            minmax_grid_mse(w, bits)
+        } else {
+            minmax_grid(w, bits)
+        };
+        let (values, clipped) = minmax_with(w, bits, s, z);
         Slice {
             values,
             step: Some(s),
@@ -185,8 +250,12 @@ impl WeightScheme for MinMax {
     fn verify(&self, proof: &Proof) -> Result<(), String> {
         verify_affine(proof, false)
     }
-    fn grid(&self, w: &[f32], bits: u32, _: Option<&str>, _: &Params, _: usize) -> Grid {
-        let (s, z) = minmax_grid(w, bits);
+    fn grid(&self, w: &[f32], bits: u32, _: Option<&str>, p: &Params, _: usize) -> Grid {
+        let (s, z) = if p.mse_grid {
+            minmax_grid_mse(w, bits)
+        } else {
+            minmax_grid(w, bits)
+        };
         Grid::MinMax {
             s,
             z,

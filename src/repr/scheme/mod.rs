@@ -35,6 +35,9 @@ pub struct Params {
     pub msu_alpha: f64,
     /// ec2t entropy weight.
     pub ec2t_lambda: f64,
+    /// Choose affine grids (linear, minmax) by the error they give instead of by
+    /// the range: see `linear::mse_choice`.
+    pub mse_grid: bool,
 }
 
 /// One tensor, or one channel of it, on a scheme's grid.
