@@ -129,7 +129,8 @@ fn quantized(act_bits: Option<u32>) -> Model {
         };
         let cx = Context {
             reference: None,
-            calib: Some(&data),
+            // Float16 rounding has no range to measure: it runs without images.
+            calib: (bits != 16).then_some(&data),
             input_shape: vec![1, 1, 4, 4],
             threads: 1,
         };

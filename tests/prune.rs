@@ -738,6 +738,75 @@ fn reweighted_hits_the_target_exactly_and_deterministically() {
     }
 }
 
+#[test]
+fn sparsegpt_allocation_by_error_reaches_the_target_with_less_error() {
+    // SparseGPT at 60% with each layer's sparsity chosen by its output error
+    // (prune.allocate = "error"): the pool of four layers (1152 + 144 + 10240 +
+    // 400 = 11936 weights) reaches round(0.6 x 11936) = 7162 zeros or a few more
+    // (candidates are 10% apart), the sparsities differ between layers, and the
+    // summed relative output error is below the uniform 60%'s.
+    let calib = images(24, 77);
+    let cx = Context {
+        reference: None,
+        calib: Some(&calib),
+        input_shape: vec![1, 3, 8, 8],
+        threads: 2,
+    };
+    let run_alloc = |allocate_by_error: bool| {
+        let mut m = small_noise();
+        let r = run_cx(
+            &mut m,
+            PruneConfig {
+                min_elements: 0,
+                allocate_by_error,
+                ..cfg(Method::SparseGpt { nm: None }, 0.6)
+            },
+            &cx,
+        );
+        (m, r)
+    };
+    let (uniform, ru) = run_alloc(false);
+    let (alloc, ra) = run_alloc(true);
+    let sizes = [("w2", 1152usize), ("w3", 144), ("w4", 10240), ("w5", 400)];
+    let total_zeros: usize = sizes.iter().map(|(n, _)| zeros(&weight(&alloc, n))).sum();
+    assert!(
+        (7162..=7162 + 1200).contains(&total_zeros),
+        "{total_zeros} zeros"
+    );
+    let per: Vec<usize> = sizes
+        .iter()
+        .map(|(n, k)| 10 * zeros(&weight(&alloc, n)) / k)
+        .collect();
+    assert!(
+        per.iter().any(|&p| p != per[0]),
+        "sparsities {per:?} (tenths)"
+    );
+    for (n, k) in sizes {
+        assert_eq!(
+            zeros(&weight(&uniform, n)),
+            (0.6 * k as f64).round() as usize,
+            "{n}"
+        );
+        assert!(changed(&ra, n).contains("allocated sparsity"), "{ra:?}");
+    }
+    let sum = |r: &PassReport| r.errors.iter().map(|e| e.after).sum::<f64>();
+    assert_eq!((ra.errors.len(), ru.errors.len()), (4, 4));
+    assert!(sum(&ra) < sum(&ru), "{} vs uniform {}", sum(&ra), sum(&ru));
+    // Only SparseGPT with parallel calibration allocates.
+    let mut m = small_noise();
+    let e = Prune(PruneConfig {
+        allocate_by_error: true,
+        ..cfg(Method::Magnitude, 0.6)
+    })
+    .run(&mut m, &cx)
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("needs --prune sparsegpt:S and parallel calibration"),
+        "{e}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // real fixtures
 

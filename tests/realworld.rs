@@ -193,6 +193,47 @@ fn kind1_bn_over_a_matmul_sequence_axis_is_left_with_its_reason() {
     same_outputs("k1_matmul2d_bn", &m, 1e-5);
 }
 
+/// The score's count of the one BatchNormalization of a fixture.
+fn bn_count(name: &str) -> onnx_micronet::score::Layer {
+    let m = onnx_micronet::load(&rw(name)).unwrap();
+    let r = onnx_micronet::score::score(&m, &Default::default()).unwrap();
+    r.layers
+        .into_iter()
+        .find(|l| l.op_type == "BatchNormalization")
+        .unwrap()
+}
+
+#[test]
+fn the_score_merges_a_bn_only_where_the_fold_would() {
+    // The same assumption in `score`: a BN counts as merged into its layer only when
+    // the fold pass would merge it. Unquantized, so the 16-bit freebie: 0.5 units
+    // per parameter and per multiply, adds at 32 bits.
+    // k1_matmul3d_bn: BN over L = 4 of a [1, 4, 4] MatMul output (16 elements) stays
+    // a scale + shift: params 2 x 4 x 0.5 = 4, mults 16 x 0.5 = 8, adds 16.
+    let l = bn_count("k1_matmul3d_bn");
+    assert_eq!((l.params, l.mults, l.adds), (4.0, 8.0, 16.0), "{}", l.note);
+    assert!(
+        l.note
+            .contains("normalizes axis 1 of a rank-3 MatMul output, not its feature axis"),
+        "{}",
+        l.note
+    );
+    // k1_matmul2d_bn: merged into the MatMul (no bias) as a bias of C = 4 features
+    // on its [2, 4] output (8 elements): params 4 x 0.5 = 2, no multiplies, adds 8.
+    let l = bn_count("k1_matmul2d_bn");
+    assert_eq!((l.params, l.mults, l.adds), (2.0, 0.0, 8.0), "{}", l.note);
+    // k5_overridable_bn: statistics a caller may replace: scale + shift over
+    // [1, 3, 4, 4] = 48 elements: params 2 x 3 x 0.5 = 3, mults 24, adds 48.
+    let l = bn_count("k5_overridable_bn");
+    assert_eq!((l.params, l.mults, l.adds), (3.0, 24.0, 48.0), "{}", l.note);
+    assert!(
+        l.note
+            .contains("is an initializer also listed as a graph input"),
+        "{}",
+        l.note
+    );
+}
+
 // 2. broadcasting read wrong
 
 #[test]
@@ -293,6 +334,47 @@ fn kind5_initializers_listed_as_inputs_are_not_constants() {
         .unwrap();
     assert!(w.metadata_props.is_empty(), "the weight was not rewritten");
     same_outputs("k5_overridable_weight", &m, 0.0);
+}
+
+#[test]
+fn kind5_kind7_an_overridable_mul_add_constant_is_left_with_its_reason() {
+    // x [1,2,4,4] -> Conv(w, b) -> Mul(m [3,1,1]) -> Add(a [3,1,1]) -> y, with 'm'
+    // also a graph input (IR 8: a default a caller may replace): the Mul/Add form
+    // stays, and the report says why (before: skipped without a word).
+    let mut m = tiny_conv();
+    let g = m.graph.as_mut().unwrap();
+    g.node.truncate(1);
+    g.node.push(node("Mul", "mul_0", &["c", "m"], &["cm"]));
+    g.node.push(node("Add", "add_0", &["cm", "a"], &["y"]));
+    g.initializer
+        .push(tensor_f32("m", &[3, 1, 1], &[2.0, 0.5, -1.0]));
+    g.initializer
+        .push(tensor_f32("a", &[3, 1, 1], &[0.1, 0.2, 0.3]));
+    g.input.push(value_info("m", &[3, 1, 1]));
+    let dir = tempfile::tempdir().unwrap();
+    let (src, out, rep) = (
+        dir.path().join("m.onnx"),
+        dir.path().join("o.onnx"),
+        dir.path().join("r.json"),
+    );
+    write_model(&src, &m);
+    let o = cli(&[
+        "optimize",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--report",
+        rep.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+    let why = reason_for(&skipped(&r), "mul_0");
+    assert!(
+        why.contains("Mul 'mul_0' + Add 'add_0' after Conv 'conv' left: 'm' is an initializer also listed as a graph input"),
+        "{why}"
+    );
+    let w = onnx_micronet::load(&out).unwrap();
+    assert_eq!((count(&w, "Mul"), count(&w, "Add")), (1, 1));
 }
 
 // 6. decisions taken before the graph is normalized

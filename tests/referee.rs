@@ -2,7 +2,8 @@
 //! quantize_static (QDQ with int8 and int4 weights, QOperator) and
 //! quantize_dynamic outputs (made in the test by tests/referee/ort_quantize.py)
 //! of a small real-shaped CNN, counted against a hand derivation, and of the
-//! committed CIFAR MobileNetV2 fixture, counted completely (`--strict` clean).
+//! committed CIFAR MobileNetV2 fixture, counted completely (`--strict` clean) and,
+//! for the QDQ forms, layer by layer against the same hand derivation.
 
 mod common;
 
@@ -191,6 +192,28 @@ fn onnxruntime_outputs_of_a_real_cnn_score_completely() {
             v
         };
         assert_eq!(weighted(&r), weighted(&f), "{form}");
+        if form.starts_with("qdq") {
+            // Per layer by hand, as in the tiny model above: per-channel codes at 8
+            // (or 4) bits, plus a one-bit mask over the tensor when a code is 0,
+            // plus 3 x 32 bits per output channel (weight scale, int32 bias, bias
+            // scale; zero points 0, not counted). Output channels: axis 0 of the
+            // Conv weight [C, K/g, kh, kw] and of the Gemm weight [C, K] (transB).
+            let bits = if form == "qdq_int8" { 8.0 } else { 4.0 };
+            for l in r.layers.iter().filter(|l| l.weight_shape.is_some()) {
+                let shape = l.weight_shape.as_ref().unwrap();
+                let n = shape.iter().product::<usize>() as f64;
+                let zeros = (l.sparsity.unwrap_or(0.0) * n).round();
+                let mask = if zeros > 0.0 { n } else { 0.0 };
+                let want = ((n - zeros) * bits + mask + 3.0 * 32.0 * shape[0] as f64) / 32.0;
+                assert!(
+                    (l.params - want).abs() < 1e-9,
+                    "{form} {}: {} params vs {want} by hand",
+                    l.name,
+                    l.params
+                );
+                assert_eq!(l.weight_bits, Some(bits as u32), "{form} {}", l.name);
+            }
+        }
         scores.push((form, r.score, r.totals.params));
     }
     eprintln!(

@@ -620,9 +620,11 @@ impl Pass for ActQuant {
     fn run(&self, model: &mut Model, cx: &Context) -> Result<PassReport> {
         let cfg = &self.0;
         let mut report = PassReport::new(self.name());
-        let Some(data) = cx.calib.filter(|d| !d.is_empty()) else {
+        // Float16 rounding has no range to choose: it runs without images.
+        let data = cx.calib.filter(|d| !d.is_empty());
+        if data.is_none() && cfg.bits != 16 {
             return Err(Error::Usage(NEEDS_CALIB.into()));
-        };
+        }
         let opset = model.opset();
         if opset < 11 {
             return Err(Error::Usage(format!(
@@ -750,52 +752,54 @@ impl Pass for ActQuant {
             return Ok(report);
         }
 
-        // Calibration.
-        let input_shape = if cx.input_shape.is_empty() {
-            let mut s = data.images.shape().to_vec();
-            s[0] = 1;
-            s
-        } else {
-            cx.input_shape.clone()
-        };
-        let values: Vec<String> = targets.iter().map(|t| t.value.clone()).collect();
-        let start = std::time::Instant::now();
-        let mut stats: Vec<Stats> = vec![Stats::default(); values.len()];
-        crate::engine::capture(
-            model,
-            &input_shape,
-            &values,
-            data.images.view(),
-            cx.threads.max(1),
-            4,
-            || vec![Stats::default(); values.len()],
-            |acc: &mut Vec<Stats>, _i, views| {
-                for (s, v) in acc.iter_mut().zip(views) {
-                    s.add(v.iter().copied());
-                }
-            },
-            |acc| {
-                for (s, a) in stats.iter_mut().zip(&acc) {
-                    s.merge(a);
-                }
-            },
-        )
-        .map_err(|e| Error::Usage(format!("act-quant calibration: {e}")))?;
-        report.changed(
-            "calibration",
-            format!(
-                "{} images: {} activations measured in {:.2}s, range {}{}",
-                data.len(),
-                values.len(),
-                start.elapsed().as_secs_f64(),
-                cfg.range,
-                if cfg.range == Range::MaxAbs {
-                    format!(" with overflow rate {}", cfg.overflow_rate)
-                } else {
-                    String::new()
-                }
-            ),
-        );
+        // Calibration (float16 rounding without images: nothing to measure).
+        let mut stats: Vec<Stats> = vec![Stats::default(); targets.len()];
+        if let Some(data) = data {
+            let input_shape = if cx.input_shape.is_empty() {
+                let mut s = data.images.shape().to_vec();
+                s[0] = 1;
+                s
+            } else {
+                cx.input_shape.clone()
+            };
+            let values: Vec<String> = targets.iter().map(|t| t.value.clone()).collect();
+            let start = std::time::Instant::now();
+            crate::engine::capture(
+                model,
+                &input_shape,
+                &values,
+                data.images.view(),
+                cx.threads.max(1),
+                4,
+                || vec![Stats::default(); values.len()],
+                |acc: &mut Vec<Stats>, _i, views| {
+                    for (s, v) in acc.iter_mut().zip(views) {
+                        s.add(v.iter().copied());
+                    }
+                },
+                |acc| {
+                    for (s, a) in stats.iter_mut().zip(&acc) {
+                        s.merge(a);
+                    }
+                },
+            )
+            .map_err(|e| Error::Usage(format!("act-quant calibration: {e}")))?;
+            report.changed(
+                "calibration",
+                format!(
+                    "{} images: {} activations measured in {:.2}s, range {}{}",
+                    data.len(),
+                    values.len(),
+                    start.elapsed().as_secs_f64(),
+                    cfg.range,
+                    if cfg.range == Range::MaxAbs {
+                        format!(" with overflow rate {}", cfg.overflow_rate)
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
+        }
 
         // Rewrite.
         let bits = cfg.bits;
@@ -857,12 +861,15 @@ impl Pass for ActQuant {
             if form == Form::Half {
                 report.changed(
                     &t.value,
-                    format!(
-                        "16-bit {}, seen [{:.4}, {:.4}] (read by {read_by})",
-                        form.describe(),
-                        st.min,
-                        st.max,
-                    ),
+                    match data {
+                        Some(_) => format!(
+                            "16-bit {}, seen [{:.4}, {:.4}] (read by {read_by})",
+                            form.describe(),
+                            st.min,
+                            st.max,
+                        ),
+                        None => format!("16-bit {} (read by {read_by})", form.describe()),
+                    },
                 );
                 continue;
             }

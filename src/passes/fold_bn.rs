@@ -351,8 +351,16 @@ fn plan_mul_add(g: &Graph, mul_idx: usize) -> std::result::Result<Option<Fold>, 
     let c = w.shape()[0];
     // The conv's output has the weight's rank: [N, C, spatial...].
     let rank = w.ndim();
-    if g.not_fixed(&mul.input[1]).is_some() || g.not_fixed(&add.input[1]).is_some() {
-        return Ok(None);
+    if let Some(why) = [&mul.input[1], &add.input[1]]
+        .into_iter()
+        .find_map(|v| g.not_fixed(v))
+    {
+        return Err(Skip(format!(
+            "Mul '{}' + Add '{}' after Conv '{}' left: {why}",
+            g.node_name(mul_idx),
+            g.node_name(*add_idx),
+            g.node_name(p)
+        )));
     }
     let (Some(m), Some(a)) = (f32_const(g, &mul.input[1])?, f32_const(g, &add.input[1])?) else {
         return Ok(None);
@@ -379,14 +387,21 @@ fn plan_mul_add(g: &Graph, mul_idx: usize) -> std::result::Result<Option<Fold>, 
         g.node_name(*add_idx),
         g.node_name(p)
     );
-    Ok(
-        fold_into_layer(g, p, *add_idx, &f, &shift, vec![mul_idx, *add_idx], note)
-            .ok()
-            .map(|fold| Fold {
+    fold_into_layer(g, p, *add_idx, &f, &shift, vec![mul_idx, *add_idx], note)
+        .map(|fold| {
+            Some(Fold {
                 name: g.node_name(mul_idx).to_string(),
                 ..fold
-            }),
-    )
+            })
+        })
+        .map_err(|Skip(why)| {
+            Skip(format!(
+                "Mul '{}' + Add '{}' after Conv '{}' left: {why}",
+                g.node_name(mul_idx),
+                g.node_name(*add_idx),
+                g.node_name(p)
+            ))
+        })
 }
 
 /// W' = W f along the layer's output channels, b' = b f + shift.

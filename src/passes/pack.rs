@@ -390,11 +390,7 @@ fn quantize_biases(model: &mut Model, report: &mut PassReport) -> Result<()> {
             }
             let Some(b) = bias_input(n) else { continue };
             let Some(bt) = g.initializer(b) else { continue };
-            if bt.data_type() != DataType::Float as i32
-                || g.is_overridable(b)
-                || g.is_output(b)
-                || g.consumers(b) != [i]
-            {
+            if bt.data_type() != DataType::Float as i32 {
                 continue;
             }
             let Some((dq, _)) = g.producer(&n.input[0]) else {
@@ -420,6 +416,23 @@ fn quantize_biases(model: &mut Model, report: &mut PassReport) -> Result<()> {
             if !matches!(c.storage(), Storage::Affine { .. }) {
                 continue;
             }
+            // From here on a runtime would quantize this bias itself: say why we do not.
+            let left = |why: String| {
+                format!("bias left float32 ({why}); onnxruntime's default session may quantize it to int32 itself")
+            };
+            let why = if let Some(why) = g.not_fixed(b) {
+                Some(why)
+            } else if g.is_output(b) {
+                Some(format!("'{b}' is also a graph output"))
+            } else if g.consumers(b) != [i] {
+                Some(format!("'{b}' is also read by {}", g.describe_uses(b)))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                report.skipped(b, left(why));
+                continue;
+            }
             let Some(steps) = g
                 .initializer(&n.input[1])
                 .and_then(|t| claim::meta(t, META_STEP))
@@ -437,7 +450,14 @@ fn quantize_biases(model: &mut Model, report: &mut PassReport) -> Result<()> {
             let scale: Vec<f32> = (0..channels)
                 .map(|k| sx * steps[if per_channel { k } else { 0 }])
                 .collect();
-            if scale.iter().any(|s| !(s.is_normal() && *s > 0.0)) {
+            if let Some(k) = scale.iter().position(|s| !(s.is_normal() && *s > 0.0)) {
+                report.skipped(
+                    b,
+                    left(format!(
+                        "channel {k}: input scale x weight step = {:e} is not a normal float32",
+                        scale[k]
+                    )),
+                );
                 continue;
             }
             let mut change = 0f32;

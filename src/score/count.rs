@@ -735,17 +735,33 @@ fn count_batchnorm(ctx: &mut Ctx, idx: usize, e: f64, layer: &mut Layer) -> Resu
     let pb = ctx.float_bits() as f64 / 32.0;
     let mul_w = layer.act_bits as f64 / 32.0;
     let producer = g.producer(&n.input[0]).map(|(p, _)| p);
-    let after_layer =
-        producer.filter(|&p| ctx.weights.contains_key(&p) && g.use_count(&n.input[0]) == 1);
-    let Some(p) = after_layer else {
+    // Mergeable only as the fold pass merges it: into the one reader of a weighted
+    // layer's output, on that layer's channel axis (a MatMul's BN normalizes axis 1,
+    // its feature axis only when the output has rank 2), with fixed statistics (an
+    // initializer also listed as a graph input may be replaced at run time).
+    let unmergeable = match producer {
+        None => Some("follows no weighted layer".to_string()),
+        Some(p) if !ctx.weights.contains_key(&p) => Some("follows no weighted layer".into()),
+        Some(_) if g.use_count(&n.input[0]) != 1 => Some("its input has other readers".to_string()),
+        Some(p) if g.node(p).op_type() == "MatMul" => {
+            let rank = ctx.shape(&n.input[0], &layer.name)?.len();
+            (rank != 2).then(|| {
+                format!("normalizes axis 1 of a rank-{rank} MatMul output, not its feature axis")
+            })
+        }
+        _ => None,
+    }
+    .or_else(|| n.input.iter().skip(1).find_map(|s| g.not_fixed(s)));
+    if let Some(why) = unmergeable {
         layer.params = 2.0 * c * pb;
         layer.raw_mults = e;
         layer.raw_adds = e;
         layer.mults = e * mul_w;
         layer.adds = e * add_w;
-        layer.note = "follows no weighted layer: scale + shift".into();
+        layer.note = format!("{why}: scale + shift");
         return Ok(());
-    };
+    }
+    let p = producer.expect("checked above");
     let producer_name = g.node_name(p).to_string();
     let pn = g.node(p);
     let has_bias = bias_input(pn).is_some();

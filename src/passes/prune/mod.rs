@@ -217,6 +217,10 @@ pub struct PruneSection {
     /// SparseGPT's layer inputs: parallel (the float model) or sequential[:K]
     /// (the model pruned up to each layer, in K groups of layers).
     pub calib_mode: Option<String>,
+    /// SparseGPT's per-layer sparsities: "uniform" (each layer its target) or
+    /// "error" (chosen by the layers' output errors so that the pool of layers
+    /// without a rule of their own reaches the target overall).
+    pub allocate: Option<String>,
     #[serde(default, rename = "layer")]
     pub layers: Vec<LayerSection>,
 }
@@ -306,6 +310,15 @@ impl PruneSection {
                 Some(m) => m.parse()?,
                 None => defaults.calib_mode,
             },
+            allocate_by_error: match self.allocate.as_deref() {
+                None | Some("uniform") => false,
+                Some("error") => true,
+                Some(other) => {
+                    return Err(Error::Usage(format!(
+                        "prune.allocate = '{other}': expected 'uniform' or 'error'"
+                    )))
+                }
+            },
         })
     }
 }
@@ -349,6 +362,9 @@ pub struct PruneConfig {
     pub rounds: usize,
     /// Where SparseGPT's layer inputs come from.
     pub calib_mode: calib::CalibMode,
+    /// SparseGPT: choose each layer's sparsity by its output error (see
+    /// [`allocate_by_error`]) instead of one sparsity for all.
+    pub allocate_by_error: bool,
 }
 
 impl Default for PruneConfig {
@@ -363,6 +379,7 @@ impl Default for PruneConfig {
             refit: false,
             rounds: 3,
             calib_mode: calib::CalibMode::Parallel,
+            allocate_by_error: false,
         }
     }
 }
@@ -601,6 +618,19 @@ impl Pass for Prune {
                 .into(),
             ));
         }
+        if cfg.allocate_by_error
+            && (cfg.method != (Method::SparseGpt { nm: None })
+                || cfg.calib_mode != calib::CalibMode::Parallel)
+        {
+            return Err(Error::Usage(format!(
+                "prune.allocate = 'error' chooses SparseGPT's per-layer sparsities from errors measured on the float model's inputs: it needs --prune sparsegpt:S and parallel calibration (got {} with {} calibration)",
+                cfg.method,
+                match cfg.calib_mode {
+                    calib::CalibMode::Parallel => "parallel",
+                    calib::CalibMode::Sequential(_) => "sequential",
+                }
+            )));
+        }
         let rounds = cfg.rounds.max(1);
 
         let mut report = PassReport::new(self.name());
@@ -811,6 +841,41 @@ impl Pass for Prune {
                         ),
                     );
                 }
+                if cfg.allocate_by_error {
+                    let pool: Vec<usize> = (0..layers.len())
+                        .filter(|&i| {
+                            !layers[i].own_target
+                                && calibrated[i].is_some()
+                                && layers[i].rows.is_ok()
+                        })
+                        .collect();
+                    let start = std::time::Instant::now();
+                    let plan = allocate_by_error(&layers, &calibrated, &pool, cfg.sparsity);
+                    let total: usize = pool.iter().map(|&i| layers[i].numel()).sum();
+                    let zeros: usize = plan.iter().map(|c| c.zeros).sum();
+                    report.changed(
+                        "allocation",
+                        format!(
+                            "{} of {total} weights in {} layers zeroed ({}, target {}): each layer's sparsity chosen from {:?} to minimize the sum of the layers' relative output errors (Lagrangian, lambda {:.3e}), {:.2}s",
+                            zeros,
+                            pool.len(),
+                            pct(zeros, total),
+                            pct((cfg.sparsity * total as f64).round() as usize, total),
+                            ALLOCATION_CANDIDATES,
+                            plan.first().map_or(0.0, |c| c.lambda),
+                            start.elapsed().as_secs_f64()
+                        ),
+                    );
+                    for c in plan {
+                        notes[c.layer].push(format!(
+                            "allocated sparsity {:.0}% (SparseGPT output error {:.2}%)",
+                            100.0 * c.sparsity,
+                            100.0 * c.error
+                        ));
+                        masks[c.layer] = Some(c.weights.iter().map(|v| *v == 0.0).collect());
+                        solved[c.layer] = Some(c.weights);
+                    }
+                }
                 for (i, l) in layers.iter().enumerate() {
                     if solved[i].is_some() {
                         continue;
@@ -966,18 +1031,152 @@ fn sparsegpt(
     c: &Calibrated,
     sparsity: calib::obs::Sparsity,
 ) -> std::result::Result<Vec<f32>, String> {
+    let factors = factors_of(c)?;
+    Ok(sparsegpt_with(w0, rows, c, &factors, sparsity))
+}
+
+/// The Cholesky factors of a layer's inverse Hessians (one per group).
+fn factors_of(c: &Calibrated) -> std::result::Result<Vec<calib::obs::Factor>, String> {
     use calib::obs;
-    let factors: Vec<obs::Factor> = c
-        .stats
+    c.stats
         .iter()
         .map(|st| obs::Factor::new(&obs::hessian(st, c.dim), c.dim, obs::DEFAULT_DAMP, false))
-        .collect::<std::result::Result<_, _>>()?;
-    let layer = obs::Layer {
+        .collect()
+}
+
+fn sparsegpt_with(
+    w0: &[f32],
+    rows: &Rows,
+    c: &Calibrated,
+    factors: &[calib::obs::Factor],
+    sparsity: calib::obs::Sparsity,
+) -> Vec<f32> {
+    let layer = calib::obs::Layer {
         rows,
         groups: c.stats.len(),
-        factors: &factors,
+        factors,
     };
-    Ok(layer.solve(w0, None, sparsity, true))
+    layer.solve(w0, None, sparsity, true)
+}
+
+/// The per-layer sparsities `prune.allocate = "error"` chooses from.
+pub const ALLOCATION_CANDIDATES: [f64; 12] =
+    [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95];
+
+/// One layer's allocated sparsity.
+struct Allocated {
+    layer: usize,
+    sparsity: f64,
+    zeros: usize,
+    error: f64,
+    weights: Vec<f32>,
+    lambda: f64,
+}
+
+/// Per-layer sparsities for a target over a pool of layers, in the spirit of OBC's
+/// SPDY (Frantar and Alistarh, 2022) with the layers' own errors as the cost: for
+/// every layer l and candidate s in [`ALLOCATION_CANDIDATES`], SparseGPT's relative
+/// output error e_l(s) = ||X (W_s - W)||^2 / ||X W||^2 on the calibration rows; then
+/// the Lagrangian choice s_l(lambda) = argmin_s e_l(s) - lambda n_l s / N (n_l the
+/// layer's weights, N the pool's), with lambda bisected (on a log scale) to the
+/// smallest value whose zeros reach round(target N). Layers whose Hessian cannot
+/// be factored keep the uniform target with the magnitude mask.
+fn allocate_by_error(
+    layers: &[Layer],
+    calibrated: &[Option<Calibrated>],
+    pool: &[usize],
+    target: f64,
+) -> Vec<Allocated> {
+    use rayon::prelude::*;
+    let total: usize = pool.iter().map(|&i| layers[i].numel()).sum();
+    // errors[k][j]: layer pool[k] at candidate j (None: no factorization).
+    let table: Vec<Option<Vec<(f64, usize)>>> = pool
+        .par_iter()
+        .map(|&i| {
+            let (l, c) = (&layers[i], calibrated[i].as_ref().expect("pooled"));
+            let rows = l.rows.as_ref().expect("pooled");
+            let factors = factors_of(c).ok()?;
+            let p = solve::Problem::new(&l.w0, rows, &c.stats, c.dim);
+            Some(
+                ALLOCATION_CANDIDATES
+                    .iter()
+                    .map(|&s| {
+                        let w = sparsegpt_with(
+                            &l.w0,
+                            rows,
+                            c,
+                            &factors,
+                            calib::obs::Sparsity::Fraction(s),
+                        );
+                        let zeros = w.iter().filter(|v| **v == 0.0).count();
+                        (p.output_error(&w), zeros)
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    let want = (target * total as f64).round() as usize;
+    let choose = |lambda: f64| -> (Vec<usize>, usize) {
+        let mut picks = Vec::with_capacity(pool.len());
+        let mut zeros = 0;
+        for (k, row) in table.iter().enumerate() {
+            let n = layers[pool[k]].numel();
+            let j = match row {
+                None => {
+                    // Uniform target (magnitude mask): counted at its target.
+                    zeros += (layers[pool[k]].target * n as f64).round() as usize;
+                    usize::MAX
+                }
+                Some(row) => {
+                    let j = (0..row.len())
+                        .min_by(|&a, &b| {
+                            let cost =
+                                |j: usize| row[j].0 - lambda * row[j].1 as f64 / total as f64;
+                            cost(a).total_cmp(&cost(b))
+                        })
+                        .expect("candidates");
+                    zeros += row[j].1;
+                    j
+                }
+            };
+            picks.push(j);
+        }
+        (picks, zeros)
+    };
+    let (mut lo, mut hi) = (1e-8f64.ln(), 1e4f64.ln());
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if choose(mid.exp()).1 >= want {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    let lambda = hi.exp();
+    let (picks, _) = choose(lambda);
+    pool.iter()
+        .zip(picks)
+        .filter(|(_, j)| *j != usize::MAX)
+        .map(|(&i, j)| {
+            let (l, c) = (&layers[i], calibrated[i].as_ref().expect("pooled"));
+            let rows = l.rows.as_ref().expect("pooled");
+            let s = ALLOCATION_CANDIDATES[j];
+            let factors = factors_of(c).expect("factored above");
+            let weights =
+                sparsegpt_with(&l.w0, rows, c, &factors, calib::obs::Sparsity::Fraction(s));
+            let (error, zeros) = table[pool.iter().position(|&p| p == i).expect("pooled")]
+                .as_ref()
+                .expect("factored")[j];
+            Allocated {
+                layer: i,
+                sparsity: s,
+                zeros,
+                error,
+                weights,
+                lambda,
+            }
+        })
+        .collect()
 }
 
 /// The weights with the masked ones zeroed.
