@@ -422,15 +422,16 @@ pub fn relative_error(f: &Factor, old: &[Vec<f64>], new: &[Vec<f64>]) -> (f64, f
         }
         s
     };
-    let (num, den) = old
+    // Per-row terms in parallel, summed in row order (thread-count independent).
+    let terms: Vec<(f64, f64)> = old
         .par_iter()
         .zip(new)
         .map(|(o, n)| {
             let diff: Vec<f64> = o.iter().zip(n).map(|(a, b)| b - a).collect();
             (quad(&diff), quad(o))
         })
-        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
-    (num, den)
+        .collect();
+    terms.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
 #[cfg(test)]

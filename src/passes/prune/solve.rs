@@ -514,10 +514,14 @@ impl<'a> Problem<'a> {
 
     /// sum_rows (w - w0)^T G (w - w0) / sum_rows w0^T G w0, G undamped.
     pub fn output_error(&self, w: &[f32]) -> f64 {
+        // Per-row terms in parallel, summed in row order: the same bits with any
+        // thread count.
         let den = *self.energy.get_or_init(|| {
             (0..self.rows.count)
                 .into_par_iter()
                 .map(|r| self.quad(r, &self.row(r, self.w0)))
+                .collect::<Vec<f64>>()
+                .iter()
                 .sum()
         });
         let num: f64 = (0..self.rows.count)
@@ -528,6 +532,8 @@ impl<'a> Problem<'a> {
                 let delta: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
                 self.quad(r, &delta)
             })
+            .collect::<Vec<f64>>()
+            .iter()
             .sum();
         if den > 0.0 {
             num / den
