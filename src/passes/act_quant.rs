@@ -755,13 +755,7 @@ impl Pass for ActQuant {
         // Calibration (float16 rounding without images: nothing to measure).
         let mut stats: Vec<Stats> = vec![Stats::default(); targets.len()];
         if let Some(data) = data {
-            let input_shape = if cx.input_shape.is_empty() {
-                let mut s = data.images.shape().to_vec();
-                s[0] = 1;
-                s
-            } else {
-                cx.input_shape.clone()
-            };
+            let input_shape = cx.input_shape_for(data);
             let values: Vec<String> = targets.iter().map(|t| t.value.clone()).collect();
             let start = std::time::Instant::now();
             crate::engine::capture(

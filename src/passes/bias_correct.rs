@@ -139,13 +139,7 @@ impl Pass for BiasCorrect {
             return Ok(report);
         }
         let data = cx.calib.expect("checked");
-        let input_shape = if cx.input_shape.is_empty() {
-            let mut s = data.images.shape().to_vec();
-            s[0] = 1;
-            s
-        } else {
-            cx.input_shape.clone()
-        };
+        let input_shape = cx.input_shape_for(data);
         let start = std::time::Instant::now();
         let (captured, too_big) = calib::gram::collect_with(
             model,

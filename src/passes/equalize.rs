@@ -1034,13 +1034,7 @@ fn channel_ranges(
     data: &crate::data::Dataset,
     pairs: &[Pair],
 ) -> Result<Vec<Vec<f64>>> {
-    let input_shape = if cx.input_shape.is_empty() {
-        let mut s = data.images.shape().to_vec();
-        s[0] = 1;
-        s
-    } else {
-        cx.input_shape.clone()
-    };
+    let input_shape = cx.input_shape_for(data);
     // Every value of every pair, and which pair it belongs to.
     let mut values: Vec<String> = Vec::new();
     let mut owner: Vec<usize> = Vec::new();

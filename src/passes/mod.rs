@@ -39,6 +39,20 @@ pub struct Context<'a> {
     pub threads: usize,
 }
 
+impl Context<'_> {
+    /// The model input shape (batch 1) for runs over `data`: the one the pipeline
+    /// prepared the images for, else the images' own shape with batch 1.
+    pub fn input_shape_for(&self, data: &Dataset) -> Vec<usize> {
+        if self.input_shape.is_empty() {
+            let mut s = data.images.shape().to_vec();
+            s[0] = 1;
+            s
+        } else {
+            self.input_shape.clone()
+        }
+    }
+}
+
 /// One thing a pass did, or did not do.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Item {

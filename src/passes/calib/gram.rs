@@ -116,13 +116,19 @@ fn axis(
     (out, b)
 }
 
-/// Appends the im2col rows of group `g` of a conv input [1, C, H, W] to `buf`.
-fn conv_rows(
-    c: &ConvGeom,
-    x: &ArrayViewD<f32>,
-    g: usize,
-    buf: &mut Vec<f32>,
-) -> std::result::Result<usize, String> {
+/// A conv input [1, C, H, W] (or [1, C, L]) as [C, H, W], with the output size and
+/// the leading padding of both spatial axes.
+struct Patches<'a> {
+    x: ndarray::ArrayView3<'a, f32>,
+    h: usize,
+    w: usize,
+    ho: usize,
+    wo: usize,
+    pt: usize,
+    pl: usize,
+}
+
+fn patches<'a>(c: &ConvGeom, x: &'a ArrayViewD<f32>) -> std::result::Result<Patches<'a>, String> {
     let shape = x.shape();
     let (ch, h, w) = match shape.len() {
         3 => (shape[1], 1, shape[2]),
@@ -140,11 +146,54 @@ fn conv_rows(
         .view()
         .into_shape_with_order((ch, h, w))
         .map_err(|e| format!("conv input '{}': {e}", c.input))?;
+    let (ho, pt) = axis(
+        h,
+        c.kernel[0],
+        c.strides[0],
+        c.dilations[0],
+        c.pads[0],
+        c.pads[2],
+        c.auto_pad,
+    );
+    let (wo, pl) = axis(
+        w,
+        c.kernel[1],
+        c.strides[1],
+        c.dilations[1],
+        c.pads[1],
+        c.pads[3],
+        c.auto_pad,
+    );
+    Ok(Patches {
+        x,
+        h,
+        w,
+        ho,
+        wo,
+        pt,
+        pl,
+    })
+}
+
+/// Appends the im2col rows of group `g` of a conv input [1, C, H, W] to `buf`.
+fn conv_rows(
+    c: &ConvGeom,
+    x: &ArrayViewD<f32>,
+    g: usize,
+    buf: &mut Vec<f32>,
+) -> std::result::Result<usize, String> {
+    let Patches {
+        x,
+        h,
+        w,
+        ho,
+        wo,
+        pt,
+        pl,
+    } = patches(c, x)?;
     let [kh, kw] = c.kernel;
     let [sh, sw] = c.strides;
     let [dh, dw] = c.dilations;
-    let (ho, pt) = axis(h, kh, sh, dh, c.pads[0], c.pads[2], c.auto_pad);
-    let (wo, pl) = axis(w, kw, sw, dw, c.pads[1], c.pads[3], c.auto_pad);
     let c0 = g * c.cin_per_group;
     for oy in 0..ho {
         for ox in 0..wo {
@@ -177,28 +226,18 @@ fn conv_row_sum(
     g: usize,
     sum: &mut Vec<f64>,
 ) -> std::result::Result<usize, String> {
-    let shape = x.shape();
-    let (ch, h, w) = match shape.len() {
-        3 => (shape[1], 1, shape[2]),
-        4 => (shape[1], shape[2], shape[3]),
-        _ => return Err(format!("conv input '{}' has shape {shape:?}", c.input)),
-    };
-    if ch != c.cin_per_group * c.groups || shape[0] != 1 {
-        return Err(format!(
-            "conv input '{}' has shape {shape:?}, expected {} channels",
-            c.input,
-            c.cin_per_group * c.groups
-        ));
-    }
-    let x = x
-        .view()
-        .into_shape_with_order((ch, h, w))
-        .map_err(|e| format!("conv input '{}': {e}", c.input))?;
+    let Patches {
+        x,
+        h,
+        w,
+        ho,
+        wo,
+        pt,
+        pl,
+    } = patches(c, x)?;
     let [kh, kw] = c.kernel;
     let [sh, sw] = c.strides;
     let [dh, dw] = c.dilations;
-    let (ho, pt) = axis(h, kh, sh, dh, c.pads[0], c.pads[2], c.auto_pad);
-    let (wo, pl) = axis(w, kw, sw, dw, c.pads[1], c.pads[3], c.auto_pad);
     let dim = c.cin_per_group * kh * kw;
     if sum.is_empty() {
         *sum = vec![0.0; dim];

@@ -219,13 +219,7 @@ pub fn capture(
     if wanted.is_empty() {
         return Ok((out, Vec::new(), 0.0));
     }
-    let input_shape = if cx.input_shape.is_empty() {
-        let mut s = data.images.shape().to_vec();
-        s[0] = 1;
-        s
-    } else {
-        cx.input_shape.clone()
-    };
+    let input_shape = cx.input_shape_for(data);
     let start = std::time::Instant::now();
     let (captured, too_big) = gram::collect(
         model,

@@ -653,13 +653,7 @@ impl Pass for Prune {
         };
         if needs_calib && sequential.is_none() {
             let data = cx.calib.expect("checked above");
-            let input_shape = if cx.input_shape.is_empty() {
-                let mut s = data.images.shape().to_vec();
-                s[0] = 1;
-                s
-            } else {
-                cx.input_shape.clone()
-            };
+            let input_shape = cx.input_shape_for(data);
             let mut wanted = Vec::new();
             for (i, l) in layers.iter().enumerate() {
                 match (&l.geoms, &l.rows) {
