@@ -866,3 +866,79 @@ fn quantizers_absorb_relu6_exactly_and_sit_after_it() {
     let (a, b) = (tract_run(&m, &x), tract_run(&kept, &x));
     assert_eq!(a, b[..a.len()]);
 }
+
+#[test]
+fn bias_correction_zeroes_the_mean_output_shift_on_the_calibration_rows() {
+    // x [1, 2, 1, 2] -> Conv(W [2, 2, 1, 1], b [2]) -> y: a 1x1 conv, every output
+    // position one row x = (x0, x1). Reference W = [[1, 2], [3, -1]], b = [0.5, 0].
+    // Compressed W' = [[1, 2.5], [2.5, -1]] (as if rounded), b unchanged.
+    // Calibration: 2 images x 2 positions, rows (1, 0), (0, 1), (2, 1), (1, 2):
+    // E[x] = (1, 1). Shift per output channel: (W - W') E[x] = (0 - 0.5, 0.5 + 0)
+    // = (-0.5, 0.5), so b' = (0.5 - 0.5, 0 + 0.5) = (0, 0.5), and the mean output
+    // of the compressed layer over the rows equals the reference's.
+    use onnx_micronet::passes::bias_correct::BiasCorrect;
+    let build = |w: &[f32]| {
+        let conv = node("Conv", "conv", &["x", "w", "b"], &["y"]);
+        wrap(model(
+            GraphProto {
+                name: Some("bc".into()),
+                node: vec![conv],
+                initializer: vec![
+                    tensor_f32("w", &[2, 2, 1, 1], w),
+                    tensor_f32("b", &[2], &[0.5, 0.0]),
+                ],
+                input: vec![value_info("x", &[1, 2, 1, 2])],
+                output: vec![value_info("y", &[1, 2, 1, 2])],
+                ..Default::default()
+            },
+            13,
+        ))
+    };
+    let reference = build(&[1.0, 2.0, 3.0, -1.0]);
+    let mut m = build(&[1.0, 2.5, 2.5, -1.0]);
+    // images[n, c, 0, p]: image 0 rows (1, 0), (0, 1); image 1 rows (2, 1), (1, 2).
+    let images =
+        Array4::from_shape_vec((2, 2, 1, 2), vec![1.0, 0.0, 0.0, 1.0, 2.0, 1.0, 1.0, 2.0]).unwrap();
+    let data = Dataset {
+        images: images.clone(),
+        labels: vec![None, None],
+        names: vec!["a".into(), "b".into()],
+        description: "hand-made".into(),
+        warnings: Vec::new(),
+    };
+    let cx = Context {
+        reference: Some(&reference),
+        calib: Some(&data),
+        input_shape: vec![1, 2, 1, 2],
+        threads: 1,
+    };
+    BiasCorrect.run(&mut m, &cx).unwrap();
+    let b = m
+        .graph()
+        .initializer
+        .iter()
+        .find(|t| t.name() == "b")
+        .map(|t| TensorData::from_proto(t).unwrap().to_f32())
+        .unwrap();
+    assert_eq!(b.as_slice().unwrap(), &[0.0, 0.5]);
+    // The mean output shift on the calibration rows is zero, measured in tract.
+    let mean = |m: &Model| {
+        let plan = onnx_micronet::engine::plan(m, &[1, 2, 1, 2]).unwrap();
+        let y = onnx_micronet::engine::run_images(&plan, images.view(), 1, &|_| {}).unwrap();
+        // y: [2 images, 4 values] = [c0p0, c0p1, c1p0, c1p1] per image.
+        let y: Vec<f32> = y.iter().copied().collect();
+        let m0 = (y[0] + y[1] + y[4] + y[5]) / 4.0;
+        let m1 = (y[2] + y[3] + y[6] + y[7]) / 4.0;
+        (m0, m1)
+    };
+    let (r, c) = (mean(&reference), mean(&m));
+    assert!(
+        (r.0 - c.0).abs() < 1e-6 && (r.1 - c.1).abs() < 1e-6,
+        "{r:?} vs {c:?}"
+    );
+    // And the reference means by hand: W E[x] + b = (3.5, 2).
+    assert!(
+        (r.0 - 3.5).abs() < 1e-6 && (r.1 - 2.0).abs() < 1e-6,
+        "{r:?}"
+    );
+}
