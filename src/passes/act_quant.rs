@@ -270,7 +270,7 @@ pub struct Stats {
     pub max: f64,
     pub absmax: f64,
     pub count: u64,
-    /// hist[0]: |x| below 2^-40 (zeros); hist[i]: [2^((i-1)/32 - 40), 2^(i/32 - 40)).
+    /// hist[0]: |x| below 2^-40 (zeros) or NaN; hist[i], i = (e + 40) * 32 + m + 1: |x| = 2^e (1 + f) with top 5 mantissa bits m (32 equal steps per octave).
     pub hist: Vec<u64>,
 }
 
@@ -290,14 +290,16 @@ impl Default for Stats {
 /// a = 2^e (1 + m/32 + ...), read off the f32's exponent and top five mantissa
 /// bits (no logarithm per value: capture runs this on every activation element).
 fn bin_of(a: f32) -> usize {
-    if a.is_nan() || a < 2f32.powi(-40) {
+    // On the bits of |a|: exponent and the top 5 mantissa bits are the bin, so
+    // (bits - bits(2^LOW_EXP)) >> 18 = (e - LOW_EXP) * 32 + m. NaN and |a| below
+    // 2^LOW_EXP go to bin 0; infinity to the last bin.
+    const _: () = assert!(PER_OCTAVE as u32 == 1 << 5);
+    const LOW: u32 = ((127 + LOW_EXP as i32) as u32) << 23;
+    let b = a.to_bits() & 0x7fff_ffff;
+    if !(LOW..=0x7f80_0000).contains(&b) {
         return 0;
     }
-    let bits = a.to_bits();
-    let e = ((bits >> 23) & 0xff) as i64 - 127;
-    let m = ((bits >> 18) & 0x1f) as i64;
-    let i = (e - LOW_EXP as i64) * PER_OCTAVE as i64 + m + 1;
-    (i.max(1) as usize).min(BINS)
+    (((b - LOW) >> 18) as usize + 1).min(BINS)
 }
 
 /// 2^e (1 + f) for bin i and the fraction f of its width (0: lower edge, 1: upper).
@@ -321,6 +323,11 @@ fn center(i: usize) -> f64 {
 }
 
 impl Stats {
+    /// [`Stats::add`] on a contiguous slice (the common case: tract's outputs).
+    pub fn add_slice(&mut self, xs: &[f32]) {
+        self.add(xs.iter().copied())
+    }
+
     pub fn add(&mut self, xs: impl Iterator<Item = f32>) {
         let (mut lo, mut hi, mut am) = (f32::INFINITY, f32::NEG_INFINITY, 0f32);
         let mut n = 0u64;
@@ -768,7 +775,10 @@ impl Pass for ActQuant {
                 || vec![Stats::default(); values.len()],
                 |acc: &mut Vec<Stats>, _i, views| {
                     for (s, v) in acc.iter_mut().zip(views) {
-                        s.add(v.iter().copied());
+                        match v.as_slice() {
+                            Some(xs) => s.add_slice(xs),
+                            None => s.add(v.iter().copied()),
+                        }
                     }
                 },
                 |acc| {
@@ -922,5 +932,29 @@ impl Pass for ActQuant {
         // Constants only the absorbed nodes read (Clip bounds) go with them.
         crate::graph::edit::remove_dead_constants(g, &bound_inputs);
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_bins_by_hand() {
+        // |a| = 2^e (1 + f) with unbiased exponent e >= -40 and top 5 bits m of its
+        // mantissa f is in bin (e + 40) * 32 + m + 1 (32 equal steps per octave).
+        assert_eq!(bin_of(1.0), 40 * 32 + 1); // e 0, m 0
+        assert_eq!(bin_of(1.5), 40 * 32 + 16 + 1); // mantissa .1 -> m 16
+        assert_eq!(bin_of(-1.5), bin_of(1.5));
+        assert_eq!(bin_of(2f32.powi(-40)), 1);
+        assert_eq!(bin_of(2f32.powi(-41)), 0);
+        assert_eq!(bin_of(0.0), 0);
+        assert_eq!(bin_of(f32::NAN), 0);
+        assert_eq!(bin_of(f32::INFINITY), BINS);
+        assert_eq!(bin_of(3.0e38), BINS);
+        // Every bin's centre falls in its own bin.
+        for i in 1..BINS {
+            assert_eq!(bin_of(bin_point(i, 0.5) as f32), i, "bin {i}");
+        }
     }
 }

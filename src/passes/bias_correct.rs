@@ -91,6 +91,11 @@ impl Pass for BiasCorrect {
                     skip(&mut report, "its weight changed shape".into());
                     continue;
                 }
+                // (W - W') E[x'] is zero: no capture for it.
+                if w_ref.values == w_new.values {
+                    skip(&mut report, "its weights are the reference's".into());
+                    continue;
+                }
                 let bias = bias_input(n).map(str::to_string);
                 let mut shared = false;
                 if let Some(b) = &bias {

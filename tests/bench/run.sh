@@ -3,7 +3,9 @@
 # (fold only; fold + prune + quantize + pack as far as they exist) against a plain prost
 # round trip (tests/bench/plain_roundtrip.rs) and, in the same run, Python's onnx.load +
 # onnx.save, onnxoptimizer's fuse_bn_into_conv and onnxruntime's quantize_dynamic; on the
-# fixtures, a generated ResNet-50 with unfused BN, and a generated model over 2 GiB.
+# fixtures, a generated ResNet-50 with unfused BN, and a generated model over 2 GiB; then
+# inference throughput against onnxruntime (validate_speed.py) and calibration speed
+# against onnxruntime quantize_static and a plain tract run (calib_speed.py).
 #
 #   make venv && tests/bench/run.sh          (or simply: make bench)
 #
@@ -79,3 +81,5 @@ echo "bench: measuring ($REPEAT runs per command; this takes a few minutes)" >&2
     --python "$PY" --repeat "$REPEAT" "${BIG_ARGS[@]}"
 echo "bench: inference throughput (validate vs onnxruntime)" >&2
 "$PY" "$ROOT/tests/bench/validate_speed.py"
+echo "bench: calibration speed (ours vs a plain tract run vs onnxruntime quantize_static)" >&2
+"$PY" "$ROOT/tests/bench/calib_speed.py"

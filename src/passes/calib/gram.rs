@@ -324,15 +324,22 @@ fn flush(buf: &mut Vec<f32>, dim: usize, gram: &mut Vec<f64>, sum: &mut Vec<f64>
     add_rows(buf, dim, sum);
     let rows = buf.len() / dim;
     if dim <= 16 {
-        for r in buf.chunks_exact(dim) {
-            for a in 0..dim {
-                let xa = r[a] as f64;
-                if xa == 0.0 {
-                    continue;
-                }
-                let ga = &mut gram[a * dim..(a + 1) * dim];
-                for (gb, &xb) in ga.iter_mut().zip(r) {
-                    *gb += xa * xb as f64;
+        // Few inputs (depthwise groups: 9): the columns of X copied out contiguous,
+        // then the upper triangle of X^T X as dot products of columns, in f32 within
+        // one flush as below (vectorized), summed across flushes in f64.
+        let mut cols = vec![0f32; rows * dim];
+        for (r, row) in buf.chunks_exact(dim).enumerate() {
+            for (a, &v) in row.iter().enumerate() {
+                cols[a * rows + r] = v;
+            }
+        }
+        for a in 0..dim {
+            let ca = &cols[a * rows..(a + 1) * rows];
+            for b in a..dim {
+                let v = dot(ca, &cols[b * rows..(b + 1) * rows]) as f64;
+                gram[a * dim + b] += v;
+                if a != b {
+                    gram[b * dim + a] += v;
                 }
             }
         }
@@ -347,6 +354,24 @@ fn flush(buf: &mut Vec<f32>, dim: usize, gram: &mut Vec<f64>, sum: &mut Vec<f64>
         }
     }
     buf.clear();
+}
+
+/// The dot product of two equally long slices, in 8 f32 lanes.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// sum += each row of `buf`.
