@@ -14,7 +14,7 @@ use onnx_micronet::data::{self, Dataset, Layout, Preprocess};
 use onnx_micronet::engine;
 use onnx_micronet::onnx::proto::{AttributeProto, GraphProto, ModelProto, TensorProto};
 use onnx_micronet::onnx::{AttributeType, DataType, Model, TensorData};
-use onnx_micronet::passes::prune::{parse_spec, LayerRule, Method, Prune, PruneConfig};
+use onnx_micronet::passes::prune::{parse_spec, Allocation, LayerRule, Method, Prune, PruneConfig};
 use onnx_micronet::passes::{Context, Pass, PassReport};
 use onnx_micronet::validate;
 use onnx_micronet::Error;
@@ -752,21 +752,21 @@ fn sparsegpt_allocation_by_error_reaches_the_target_with_less_error() {
         input_shape: vec![1, 3, 8, 8],
         threads: 2,
     };
-    let run_alloc = |allocate_by_error: bool| {
+    let run_alloc = |allocation: Allocation| {
         let mut m = small_noise();
         let r = run_cx(
             &mut m,
             PruneConfig {
                 min_elements: 0,
-                allocate_by_error,
+                allocation,
                 ..cfg(Method::SparseGpt { nm: None }, 0.6)
             },
             &cx,
         );
         (m, r)
     };
-    let (uniform, ru) = run_alloc(false);
-    let (alloc, ra) = run_alloc(true);
+    let (uniform, ru) = run_alloc(Allocation::Uniform);
+    let (alloc, ra) = run_alloc(Allocation::Error);
     let sizes = [("w2", 1152usize), ("w3", 144), ("w4", 10240), ("w5", 400)];
     let total_zeros: usize = sizes.iter().map(|(n, _)| zeros(&weight(&alloc, n))).sum();
     assert!(
@@ -789,13 +789,22 @@ fn sparsegpt_allocation_by_error_reaches_the_target_with_less_error() {
         );
         assert!(changed(&ra, n).contains("allocated sparsity"), "{ra:?}");
     }
+    // Weighted by each layer's measured effect on the network's output: the same
+    // target, the same candidates.
+    let (net, rn) = run_alloc(Allocation::Network);
+    let net_zeros: usize = sizes.iter().map(|(n, _)| zeros(&weight(&net, n))).sum();
+    assert!((7162..=7162 + 1200).contains(&net_zeros), "{net_zeros} zeros");
+    assert!(
+        changed(&rn, "allocation").contains("weighted by its effect on the network's output"),
+        "{rn:?}"
+    );
     let sum = |r: &PassReport| r.errors.iter().map(|e| e.after).sum::<f64>();
     assert_eq!((ra.errors.len(), ru.errors.len()), (4, 4));
     assert!(sum(&ra) < sum(&ru), "{} vs uniform {}", sum(&ra), sum(&ru));
     // Only SparseGPT with parallel calibration allocates.
     let mut m = small_noise();
     let e = Prune(PruneConfig {
-        allocate_by_error: true,
+        allocation: Allocation::Error,
         ..cfg(Method::Magnitude, 0.6)
     })
     .run(&mut m, &cx)

@@ -310,12 +310,13 @@ impl PruneSection {
                 Some(m) => m.parse()?,
                 None => defaults.calib_mode,
             },
-            allocate_by_error: match self.allocate.as_deref() {
-                None | Some("uniform") => false,
-                Some("error") => true,
+            allocation: match self.allocate.as_deref() {
+                None | Some("uniform") => Allocation::Uniform,
+                Some("error") => Allocation::Error,
+                Some("network") => Allocation::Network,
                 Some(other) => {
                     return Err(Error::Usage(format!(
-                        "prune.allocate = '{other}': expected 'uniform' or 'error'"
+                        "prune.allocate = '{other}': expected 'uniform', 'error' or 'network'"
                     )))
                 }
             },
@@ -362,9 +363,21 @@ pub struct PruneConfig {
     pub rounds: usize,
     /// Where SparseGPT's layer inputs come from.
     pub calib_mode: calib::CalibMode,
-    /// SparseGPT: choose each layer's sparsity by its output error (see
-    /// [`allocate_by_error`]) instead of one sparsity for all.
-    pub allocate_by_error: bool,
+    /// SparseGPT: one sparsity for all layers, or each layer's chosen by its
+    /// errors (see [`allocate_by_error`]).
+    pub allocation: Allocation,
+}
+
+/// How SparseGPT's per-layer sparsities are chosen (`prune.allocate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// Every layer its target.
+    Uniform,
+    /// By the layers' own relative output errors.
+    Error,
+    /// By the layers' errors, each weighted by its measured effect on the network's
+    /// output (one run of the model per layer on the calibration images).
+    Network,
 }
 
 impl Default for PruneConfig {
@@ -379,7 +392,7 @@ impl Default for PruneConfig {
             refit: false,
             rounds: 3,
             calib_mode: calib::CalibMode::Parallel,
-            allocate_by_error: false,
+            allocation: Allocation::Uniform,
         }
     }
 }
@@ -618,7 +631,7 @@ impl Pass for Prune {
                 .into(),
             ));
         }
-        if cfg.allocate_by_error
+        if cfg.allocation != Allocation::Uniform
             && (cfg.method != (Method::SparseGpt { nm: None })
                 || cfg.calib_mode != calib::CalibMode::Parallel)
         {
@@ -835,7 +848,7 @@ impl Pass for Prune {
                         ),
                     );
                 }
-                if cfg.allocate_by_error {
+                if cfg.allocation != Allocation::Uniform {
                     let pool: Vec<usize> = (0..layers.len())
                         .filter(|&i| {
                             !layers[i].own_target
@@ -844,18 +857,44 @@ impl Pass for Prune {
                         })
                         .collect();
                     let start = std::time::Instant::now();
-                    let plan = allocate_by_error(&layers, &calibrated, &pool, cfg.sparsity);
+                    let weights = match cfg.allocation {
+                        Allocation::Network => Some(network_weights(
+                            model,
+                            cx,
+                            &layers,
+                            &calibrated,
+                            &pool,
+                            cfg.sparsity,
+                        )?),
+                        _ => None,
+                    };
+                    let plan = allocate_by_error(
+                        &layers,
+                        &calibrated,
+                        &pool,
+                        cfg.sparsity,
+                        weights.as_deref(),
+                    );
                     let total: usize = pool.iter().map(|&i| layers[i].numel()).sum();
                     let zeros: usize = plan.iter().map(|c| c.zeros).sum();
                     report.changed(
                         "allocation",
                         format!(
-                            "{} of {total} weights in {} layers zeroed ({}, target {}): each layer's sparsity chosen from {:?} to minimize the sum of the layers' relative output errors (Lagrangian, lambda {:.3e}), {:.2}s",
+                            "{} of {total} weights in {} layers zeroed ({}, target {}): each layer's sparsity chosen from {:?} to minimize the sum of the layers' relative output errors{} (Lagrangian, lambda {:.3e}), {:.2}s",
                             zeros,
                             pool.len(),
                             pct(zeros, total),
                             pct((cfg.sparsity * total as f64).round() as usize, total),
                             ALLOCATION_CANDIDATES,
+                            if weights.is_some() {
+                                format!(
+                                    ", each weighted by its effect on the network's output (measured with that layer alone at {} on {} images)",
+                                    pct((cfg.sparsity * 1000.0).round() as usize, 1000),
+                                    NETWORK_IMAGES.min(cx.calib.map_or(0, |d| d.len()))
+                                )
+                            } else {
+                                String::new()
+                            },
                             plan.first().map_or(0.0, |c| c.lambda),
                             start.elapsed().as_secs_f64()
                         ),
@@ -1057,6 +1096,67 @@ fn sparsegpt_with(
 pub const ALLOCATION_CANDIDATES: [f64; 12] =
     [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95];
 
+/// Calibration images the network-sensitivity runs use (the first ones).
+pub const NETWORK_IMAGES: usize = 32;
+
+/// Per pooled layer, how much of the network's output one unit of its relative
+/// output error moves: with that layer alone pruned by SparseGPT at the target,
+/// the relative change of the model's outputs ||y_l - y||^2 / ||y||^2 on the first
+/// [`NETWORK_IMAGES`] calibration images, divided by the layer's own error at that
+/// sparsity. Layers without a factorization get weight 1.
+fn network_weights(
+    model: &Model,
+    cx: &Context,
+    layers: &[Layer],
+    calibrated: &[Option<Calibrated>],
+    pool: &[usize],
+    target: f64,
+) -> Result<Vec<f64>> {
+    let data = cx.calib.expect("checked above");
+    let input_shape = cx.input_shape_for(data);
+    let n = NETWORK_IMAGES.min(data.len());
+    let images = data.images.slice(ndarray::s![..n, .., .., ..]);
+    let threads = cx.threads.max(1);
+    let run = |m: &Model| -> Result<ndarray::Array2<f32>> {
+        let plan = crate::engine::plan(m, &input_shape)?;
+        crate::engine::run_images(&plan, images, threads, &|_| {})
+    };
+    let y0 = run(model)?;
+    let energy: f64 = y0.iter().map(|v| (*v as f64).powi(2)).sum();
+    let mut out = Vec::with_capacity(pool.len());
+    for &i in pool {
+        let (l, c) = (&layers[i], calibrated[i].as_ref().expect("pooled"));
+        let rows = l.rows.as_ref().expect("pooled");
+        let Ok(factors) = factors_of(c) else {
+            out.push(1.0);
+            continue;
+        };
+        let w = sparsegpt_with(
+            &l.w0,
+            rows,
+            c,
+            &factors,
+            calib::obs::Sparsity::Fraction(target),
+        );
+        let e = solve::Problem::new(&l.w0, rows, &c.stats, c.dim).output_error(&w);
+        let mut m = model.clone();
+        let arr = ArrayD::from_shape_vec(l.shape.clone(), w).expect("same shape");
+        set_initializer(m.graph_mut(), &l.init, &TensorData::F32(arr));
+        let y = run(&m)?;
+        let d: f64 = y
+            .iter()
+            .zip(y0.iter())
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum();
+        out.push(if e > 0.0 && energy > 0.0 {
+            d / energy / e
+        } else {
+            1.0
+        });
+    }
+    Ok(out)
+}
+
 /// One layer's allocated sparsity.
 struct Allocated {
     layer: usize,
@@ -1068,7 +1168,8 @@ struct Allocated {
 }
 
 /// Per-layer sparsities for a target over a pool of layers, in the spirit of OBC's
-/// SPDY (Frantar and Alistarh, 2022) with the layers' own errors as the cost: for
+/// SPDY (Frantar and Alistarh, 2022) with the layers' own errors as the cost
+/// (times a per-layer weight when given, see [`network_weights`]): for
 /// every layer l and candidate s in [`ALLOCATION_CANDIDATES`], SparseGPT's relative
 /// output error e_l(s) = ||X (W_s - W)||^2 / ||X W||^2 on the calibration rows; then
 /// the Lagrangian choice s_l(lambda) = argmin_s e_l(s) - lambda n_l s / N (n_l the
@@ -1080,6 +1181,7 @@ fn allocate_by_error(
     calibrated: &[Option<Calibrated>],
     pool: &[usize],
     target: f64,
+    weights: Option<&[f64]>,
 ) -> Vec<Allocated> {
     use rayon::prelude::*;
     let total: usize = pool.iter().map(|&i| layers[i].numel()).sum();
@@ -1122,10 +1224,11 @@ fn allocate_by_error(
                     usize::MAX
                 }
                 Some(row) => {
+                    let wk = weights.map_or(1.0, |w| w[k]);
                     let j = (0..row.len())
                         .min_by(|&a, &b| {
                             let cost =
-                                |j: usize| row[j].0 - lambda * row[j].1 as f64 / total as f64;
+                                |j: usize| wk * row[j].0 - lambda * row[j].1 as f64 / total as f64;
                             cost(a).total_cmp(&cost(b))
                         })
                         .expect("candidates");
