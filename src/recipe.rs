@@ -20,7 +20,7 @@
 //! skip_first_conv = true         # default
 //! refit = false                  # least-squares refit of survivors (needs --calib)
 //! rounds = 3                     # reweighting rounds
-//! allocate = "uniform"           # sparsegpt: uniform | error (per-layer sparsities by output error, the target overall)
+//! allocate = "uniform"           # sparsegpt: uniform | error | network (per-layer sparsities by output error, unweighted or weighted by measured effect on the output; the target overall)
 //!
 //! [[prune.layer]]                # later entries win
 //! match = "*classifier*"

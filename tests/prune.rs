@@ -793,7 +793,10 @@ fn sparsegpt_allocation_by_error_reaches_the_target_with_less_error() {
     // target, the same candidates.
     let (net, rn) = run_alloc(Allocation::Network);
     let net_zeros: usize = sizes.iter().map(|(n, _)| zeros(&weight(&net, n))).sum();
-    assert!((7162..=7162 + 1200).contains(&net_zeros), "{net_zeros} zeros");
+    assert!(
+        (7162..=7162 + 1200).contains(&net_zeros),
+        "{net_zeros} zeros"
+    );
     assert!(
         changed(&rn, "allocation").contains("weighted by its effect on the network's output"),
         "{rn:?}"

@@ -1197,6 +1197,10 @@ fn allocate_by_error(
                 ALLOCATION_CANDIDATES
                     .iter()
                     .map(|&s| {
+                        if s == 0.0 {
+                            // Nothing to prune: the layer as it is.
+                            return (0.0, l.w0.iter().filter(|v| **v == 0.0).count());
+                        }
                         let w = sparsegpt_with(
                             &l.w0,
                             rows,
@@ -1258,9 +1262,12 @@ fn allocate_by_error(
             let (l, c) = (&layers[i], calibrated[i].as_ref().expect("pooled"));
             let rows = l.rows.as_ref().expect("pooled");
             let s = ALLOCATION_CANDIDATES[j];
-            let factors = factors_of(c).expect("factored above");
-            let weights =
-                sparsegpt_with(&l.w0, rows, c, &factors, calib::obs::Sparsity::Fraction(s));
+            let weights = if s == 0.0 {
+                l.w0.clone()
+            } else {
+                let factors = factors_of(c).expect("factored above");
+                sparsegpt_with(&l.w0, rows, c, &factors, calib::obs::Sparsity::Fraction(s))
+            };
             let (error, zeros) = table[pool.iter().position(|&p| p == i).expect("pooled")]
                 .as_ref()
                 .expect("factored")[j];
