@@ -422,6 +422,17 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
         )?),
         None => None,
     };
+    if let (Some(e), Some(c)) = (&eval, &calib) {
+        let shared = e.data.also_in(&c.data);
+        if !shared.is_empty() {
+            eprintln!(
+                "warning: {} of the {} evaluation images are also calibration images (same content), e.g. '{}': agreement and accuracy on them are in-sample; use disjoint sets",
+                shared.len(),
+                e.data.len(),
+                shared[0]
+            );
+        }
+    }
     let geometry = validate::input_geometry(&original, &a.counting.input_shape).ok();
     let cx = PassContext {
         reference: None,

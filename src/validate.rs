@@ -19,6 +19,8 @@ pub struct ModelRun {
     pub images: usize,
     /// Fractions in [0, 1]; `None` when the data has no labels.
     pub top1: Option<f64>,
+    /// Wilson 95% interval of top-1 over the labelled images ([`wilson`]).
+    pub top1_interval: Option<(f64, f64)>,
     pub top5: Option<f64>,
     pub images_per_second: f64,
     #[serde(skip)]
@@ -30,9 +32,36 @@ pub struct ModelRun {
 pub struct Agreement {
     /// Share of images where both models give the same top-1 class.
     pub top1_agreement: f64,
+    /// Its Wilson 95% interval ([`wilson`]).
+    pub top1_agreement_interval: (f64, f64),
     pub max_abs_logit_diff: f64,
     pub mean_abs_logit_diff: f64,
+    /// Rows (images) whose top-1 class differs.
+    pub changed: Vec<usize>,
 }
+
+/// The Wilson score interval at 95% (z = 1.959964) for k successes in n trials
+/// (Wilson 1927; Brown, Cai and DasGupta 2001, "Interval Estimation for a Binomial
+/// Proportion", eq. 4): centre (p + z^2/2n) / (1 + z^2/n), half-width
+/// z / (1 + z^2/n) sqrt(p (1 - p) / n + z^2 / 4n^2). (0, 1) when n is 0.
+pub fn wilson(k: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (k, n) = (k as f64, n as f64);
+    let z = 1.959964f64;
+    let p = k / n;
+    let d = 1.0 + z * z / n;
+    let c = (p + z * z / (2.0 * n)) / d;
+    let h = z / d * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt();
+    // At k = 0 (k = n) the lower (upper) bound is exactly 0 (1); spare it the round-off.
+    let lo = if k == 0.0 { 0.0 } else { (c - h).max(0.0) };
+    let hi = if k == n { 1.0 } else { (c + h).min(1.0) };
+    (lo, hi)
+}
+
+/// Below this many images a top-1 figure is flagged as too uncertain to claim.
+pub const FEW_IMAGES: usize = 300;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -41,6 +70,8 @@ pub struct Report {
     pub threads: usize,
     pub runs: Vec<ModelRun>,
     pub agreement: Option<Agreement>,
+    /// The images whose top-1 class changed between the two models.
+    pub changed_images: Vec<String>,
 }
 
 /// A model's image input: the shape it runs with and what preprocessing must match.
@@ -129,10 +160,12 @@ pub fn validate(
         let logits = engine::run_images(&plan, images, threads, &|done| progress(k, done))?;
         let secs = start.elapsed().as_secs_f64();
         let (top1, top5) = accuracy(&logits, &data.labels);
+        let labelled = data.labels.iter().filter(|l| l.is_some()).count();
         runs.push(ModelRun {
             model: name.to_string(),
             images: logits.nrows(),
             top1,
+            top1_interval: top1.map(|t| wilson((t * labelled as f64).round() as usize, labelled)),
             top5,
             images_per_second: logits.nrows() as f64 / secs.max(1e-9),
             logits,
@@ -142,12 +175,18 @@ pub fn validate(
         [a, b, ..] => Some(agreement(&a.logits, &b.logits)?),
         _ => None,
     };
+    let changed_images = agreement
+        .iter()
+        .flat_map(|a| &a.changed)
+        .filter_map(|&i| data.names.get(i).cloned())
+        .collect();
     Ok(Report {
         data: data.description.clone(),
         labelled: data.labels.iter().filter(|l| l.is_some()).count(),
         threads,
         runs,
         agreement,
+        changed_images,
     })
 }
 
@@ -216,17 +255,22 @@ pub fn agreement(a: &Array2<f32>, b: &Array2<f32>) -> Result<Agreement> {
         )));
     }
     let n = a.nrows().max(1) as f64;
-    let same = a
+    let changed: Vec<usize> = a
         .rows()
         .into_iter()
         .zip(b.rows())
-        .filter(|(x, y)| argmax(*x) == argmax(*y))
-        .count();
+        .enumerate()
+        .filter(|(_, (x, y))| argmax(*x) != argmax(*y))
+        .map(|(i, _)| i)
+        .collect();
+    let same = a.nrows() - changed.len();
     let diffs = (a - b).mapv(|d| d.abs() as f64);
     Ok(Agreement {
         top1_agreement: same as f64 / n,
+        top1_agreement_interval: wilson(same, a.nrows()),
         max_abs_logit_diff: diffs.iter().copied().fold(0.0, f64::max),
         mean_abs_logit_diff: diffs.mean().unwrap_or(0.0),
+        changed,
     })
 }
 
@@ -305,6 +349,10 @@ impl Report {
             x.map(|v| format!("{:.2}%", 100.0 * v))
                 .unwrap_or_else(|| "-".into())
         };
+        let ci = |i: Option<(f64, f64)>| {
+            i.map(|(lo, hi)| format!(" [95% CI {:.1}-{:.1}%]", 100.0 * lo, 100.0 * hi))
+                .unwrap_or_default()
+        };
         let _ = writeln!(
             s,
             "data: {} ({} labelled), {} threads",
@@ -313,9 +361,10 @@ impl Report {
         for r in &self.runs {
             let _ = writeln!(
                 s,
-                "{}: top-1 {}  top-5 {}  ({} images, {:.1} images/s)",
+                "{}: top-1 {}{}  top-5 {}  ({} images, {:.1} images/s)",
                 r.model,
                 pct(r.top1),
+                ci(r.top1_interval),
                 pct(r.top5),
                 r.images,
                 r.images_per_second
@@ -324,10 +373,19 @@ impl Report {
         if let Some(a) = &self.agreement {
             let _ = writeln!(
                 s,
-                "agreement: top-1 {:.2}%, max |logit diff| {:.3e}, mean {:.3e}",
+                "agreement: top-1 {:.2}%{}, max |logit diff| {:.3e}, mean {:.3e}",
                 100.0 * a.top1_agreement,
+                ci(Some(a.top1_agreement_interval)),
                 a.max_abs_logit_diff,
                 a.mean_abs_logit_diff
+            );
+        }
+        let n = self.runs.first().map_or(0, |r| r.images);
+        if n > 0 && n < FEW_IMAGES {
+            let _ = writeln!(
+                s,
+                "warning: {n} images: one image is {:.1} points; a figure to claim needs a few hundred held-out images",
+                100.0 / n as f64
             );
         }
         s

@@ -146,3 +146,86 @@ fn dry_run_writes_nothing_and_bad_recipes_exit_2() {
     assert!(err.contains("--prune 'magnitude'"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn wilson_intervals_by_hand() {
+    use onnx_micronet::validate::wilson;
+    // 19 of 20: p = 0.95, z^2 = 3.8415, 1 + z^2/n = 1.19207; centre
+    // (0.95 + 0.096037) / 1.19207 = 0.87748; half-width 1.959964 / 1.19207 x
+    // sqrt(0.95 x 0.05 / 20 + 3.8415 / 1600) = 1.64418 x 0.069108 = 0.11362:
+    // [0.7639, 0.9911] (the "95% agreement with 20 images is [76%, 99%]").
+    let (lo, hi) = wilson(19, 20);
+    assert!(
+        (lo - 0.7639).abs() < 1e-4 && (hi - 0.9911).abs() < 1e-4,
+        "{lo} {hi}"
+    );
+    // 0 of 10: centre = half-width = (3.8415 / 20) / 1.38415 = 0.13877: [0, 0.2775].
+    let (lo, hi) = wilson(0, 10);
+    assert!(lo == 0.0 && (hi - 0.2775).abs() < 1e-4, "{lo} {hi}");
+    // 644 of 644 is not [1, 1]: (0.9941, 1).
+    let (lo, hi) = wilson(644, 644);
+    assert!((lo - 0.99407).abs() < 1e-4 && hi == 1.0, "{lo} {hi}");
+}
+
+#[test]
+fn intervals_changed_images_and_overlapping_sets_are_reported() {
+    // Calibration and evaluation on the same 20 digits: a warning names the overlap;
+    // 20 images: a warning that one image is 5 points; the agreement carries its
+    // Wilson interval and the JSON lists the images whose prediction changed.
+    let d = tempfile::tempdir_in(root().join("target")).unwrap();
+    let out = d.path().join("q.onnx");
+    let report = d.path().join("r.json");
+    let m = fixture("mnist_ccexam.onnx");
+    let data = fixture("data/mnist-digits-1000/images-idx3-ubyte.gz");
+    let o = cli(&[
+        "optimize",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--quantize",
+        "linear:3",
+        "--calib",
+        data.to_str().unwrap(),
+        "--calib-samples",
+        "20",
+        "--data",
+        data.to_str().unwrap(),
+        "--limit",
+        "20",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(
+        stderr.contains("warning: 20 of the 20 evaluation images are also calibration images"),
+        "{stderr}"
+    );
+    let all = format!("{stdout}{stderr}");
+    assert!(
+        all.contains("warning: 20 images: one image is 5.0 points"),
+        "{all}"
+    );
+    assert!(all.contains("[95% CI "), "{all}");
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let v = &j["validation"];
+    let a = &v["agreement"];
+    let agree = a["top1_agreement"].as_f64().unwrap();
+    let changed = v["changed_images"].as_array().unwrap();
+    // The changed images are exactly the disagreements.
+    assert_eq!(
+        changed.len(),
+        ((1.0 - agree) * 20.0).round() as usize,
+        "{a}"
+    );
+    let (lo, hi) = (
+        a["top1_agreement_interval"][0].as_f64().unwrap(),
+        a["top1_agreement_interval"][1].as_f64().unwrap(),
+    );
+    let same = (agree * 20.0).round() as usize;
+    assert_eq!((lo, hi), onnx_micronet::validate::wilson(same, 20));
+    assert!(lo <= agree && agree <= hi);
+}

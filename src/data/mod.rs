@@ -71,6 +71,29 @@ impl Dataset {
     pub fn is_labelled(&self) -> bool {
         !self.labels.is_empty() && self.labels.iter().all(Option::is_some)
     }
+
+    /// The names of this set's images whose preprocessed content (every value, bit
+    /// for bit) is also an image of `other`: the same photo in both sets, whatever
+    /// its file name. Used to warn when evaluation images were also calibration
+    /// images (agreement on them is in-sample).
+    pub fn also_in(&self, other: &Dataset) -> Vec<String> {
+        use std::collections::HashSet;
+        use std::hash::{Hash, Hasher};
+        let key = |img: ndarray::ArrayView3<f32>| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for v in img.iter() {
+                v.to_bits().hash(&mut h);
+            }
+            h.finish()
+        };
+        let theirs: HashSet<u64> = other.images.outer_iter().map(key).collect();
+        self.images
+            .outer_iter()
+            .zip(&self.names)
+            .filter(|(img, _)| theirs.contains(&key(img.view())))
+            .map(|(_, name)| name.clone())
+            .collect()
+    }
 }
 
 /// A data format, for the `--data-format` override of the detection in [`load`].
