@@ -627,6 +627,17 @@ pub fn run_images(
     Ok(out)
 }
 
+/// Progress of the calibration runs ([`capture`]): called with (images merged so
+/// far, images in the run), first with 0. The library prints nothing itself; the
+/// CLI installs a progress bar here (once per process).
+static CAPTURE_PROGRESS: std::sync::OnceLock<Box<dyn Fn(usize, usize) + Send + Sync>> =
+    std::sync::OnceLock::new();
+
+/// Installs the [`capture`] progress callback (the first call wins).
+pub fn set_capture_progress(f: impl Fn(usize, usize) + Send + Sync + 'static) {
+    let _ = CAPTURE_PROGRESS.set(Box::new(f));
+}
+
 /// Runs the model on every image and hands the values named in `values` (graph
 /// input or any intermediate value, in that order) to `fold`, never holding more
 /// than one image's activations per worker.
@@ -806,6 +817,10 @@ pub fn capture<S: Send>(
         let _on_panic = OnPanic(&stop);
         let mut pending: BTreeMap<usize, S> = BTreeMap::new();
         let mut want = 0usize;
+        let progress = CAPTURE_PROGRESS.get();
+        if let Some(p) = progress {
+            p(0, n);
+        }
         for (k, r) in rx {
             match r {
                 Err(e) => {
@@ -817,6 +832,9 @@ pub fn capture<S: Send>(
                     while let Some(acc) = pending.remove(&want) {
                         merge(acc);
                         want += 1;
+                        if let Some(p) = progress {
+                            p((want * chunk).min(n), n);
+                        }
                     }
                     *merged.0.lock().expect("no poisoned lock") = want;
                     merged.1.notify_all();

@@ -131,6 +131,33 @@ fn threads(prep: &PrepArgs) -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// A progress bar for every calibration run of the passes (activation ranges, Gram
+/// capture, bias correction, equalization), on standard error (hidden when it is
+/// not a terminal).
+fn show_calibration_progress() {
+    let bar: std::sync::Mutex<Option<indicatif::ProgressBar>> = std::sync::Mutex::new(None);
+    onnx_micronet::engine::set_capture_progress(move |done, total| {
+        let mut b = bar.lock().expect("no poisoned lock");
+        if done == 0 {
+            let p = indicatif::ProgressBar::new(total as u64);
+            p.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "calibration run [{bar:30}] {pos}/{len} images {per_sec} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            *b = Some(p);
+        } else if let Some(p) = b.as_ref() {
+            p.set_position(done as u64);
+            if done >= total {
+                p.finish_and_clear();
+                *b = None;
+            }
+        }
+    });
+}
+
 /// Runs one or two models on prepared data, with progress bars.
 fn run_validation(
     models: &[(String, &onnx::Model)],
@@ -432,6 +459,9 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
                 shared[0]
             );
         }
+    }
+    if calib.is_some() {
+        show_calibration_progress();
     }
     let geometry = validate::input_geometry(&original, &a.counting.input_shape).ok();
     let cx = PassContext {
