@@ -36,7 +36,9 @@ pub struct Agreement {
     pub top1_agreement_interval: (f64, f64),
     pub max_abs_logit_diff: f64,
     pub mean_abs_logit_diff: f64,
-    /// Rows (images) whose top-1 class differs.
+    /// Rows (images) whose top-1 class differs (in the JSON by name:
+    /// [`Report::changed_images`]).
+    #[serde(skip)]
     pub changed: Vec<usize>,
 }
 

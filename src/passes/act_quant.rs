@@ -323,11 +323,6 @@ fn center(i: usize) -> f64 {
 }
 
 impl Stats {
-    /// [`Stats::add`] on a contiguous slice (the common case: tract's outputs).
-    pub fn add_slice(&mut self, xs: &[f32]) {
-        self.add(xs.iter().copied())
-    }
-
     pub fn add(&mut self, xs: impl Iterator<Item = f32>) {
         let (mut lo, mut hi, mut am) = (f32::INFINITY, f32::NEG_INFINITY, 0f32);
         let mut n = 0u64;
@@ -775,8 +770,10 @@ impl Pass for ActQuant {
                 || vec![Stats::default(); values.len()],
                 |acc: &mut Vec<Stats>, _i, views| {
                     for (s, v) in acc.iter_mut().zip(views) {
+                        // A contiguous output (tract's usual) as a slice: much
+                        // faster than ndarray's element iterator.
                         match v.as_slice() {
-                            Some(xs) => s.add_slice(xs),
+                            Some(xs) => s.add(xs.iter().copied()),
                             None => s.add(v.iter().copied()),
                         }
                     }

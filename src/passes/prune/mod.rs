@@ -1257,8 +1257,9 @@ fn allocate_by_error(
     let (picks, _) = choose(lambda);
     pool.iter()
         .zip(picks)
-        .filter(|(_, j)| *j != usize::MAX)
-        .map(|(&i, j)| {
+        .zip(&table)
+        .filter(|((_, j), _)| *j != usize::MAX)
+        .map(|((&i, j), row)| {
             let (l, c) = (&layers[i], calibrated[i].as_ref().expect("pooled"));
             let rows = l.rows.as_ref().expect("pooled");
             let s = ALLOCATION_CANDIDATES[j];
@@ -1268,9 +1269,7 @@ fn allocate_by_error(
                 let factors = factors_of(c).expect("factored above");
                 sparsegpt_with(&l.w0, rows, c, &factors, calib::obs::Sparsity::Fraction(s))
             };
-            let (error, zeros) = table[pool.iter().position(|&p| p == i).expect("pooled")]
-                .as_ref()
-                .expect("factored")[j];
+            let (error, zeros) = row.as_ref().expect("factored")[j];
             Allocated {
                 layer: i,
                 sparsity: s,
