@@ -22,6 +22,17 @@
 //! rounds = 3                     # reweighting rounds
 //! allocate = "uniform"           # sparsegpt: uniform | error | network (per-layer sparsities by output error, unweighted or weighted by measured effect on the output; the target overall)
 //!
+//! [channels]                     # passes/prune_channels.rs; structured: whole channels go
+//! ratio = 0.3                    # fraction of each group's channels removed
+//! criterion = "reconstruction"   # reconstruction (default with --calib) | l1 | l2
+//! reconstruct = true             # least-squares refit of the layers reading them (default with --calib)
+//! coupled = false                # also groups tied by residual Adds, all members together
+//! damp = 0.01                    # ridge, fraction of the mean diagonal of the input covariance
+//! skip = ["features.0.*"]        # globs on the roots' node or weight names
+//! [[channels.layer]]             # later entries win
+//! match = "*features.18*"
+//! ratio = 0.1                    # and/or skip = true
+//!
 //! [[prune.layer]]                # later entries win
 //! match = "*classifier*"
 //! sparsity = 0.8
@@ -55,6 +66,7 @@ use crate::error::{Error, Result};
 use crate::passes::act_quant::ActQuantSection;
 use crate::passes::equalize::EqualizeSection;
 use crate::passes::prune::PruneSection;
+use crate::passes::prune_channels::ChannelSection;
 use crate::passes::quantize::{parse_layer_bits, parse_qbn, QuantizeSection};
 use crate::passes::{self, Pipeline};
 
@@ -66,6 +78,8 @@ pub struct Recipe {
     /// Cross-layer equalization / SmoothQuant scaling of layer pairs.
     pub equalize: Option<EqualizeSection>,
     pub prune: Option<PruneSection>,
+    /// Structured channel pruning.
+    pub channels: Option<ChannelSection>,
     /// Weight quantization.
     pub quantize: Option<QuantizeSection>,
     /// Calibrated activation quantization.
@@ -93,7 +107,8 @@ pub struct Overrides {
     /// Prune: magnitude:S (each layer to sparsity S, a fraction or a percentage: 0.5, 50%),
     /// global:S (one threshold), nm:N:M (N of every M kept), reweighted:S (reweighted L1 on
     /// calibration data, needs --calib), sparsegpt:S or sparsegpt:N:M (SparseGPT's OBS
-    /// mask and update, needs --calib).
+    /// mask and update, needs --calib); or channels:R[:l1|l2|reconstruction] to remove a
+    /// fraction R of whole channels (structured; [channels] in a recipe).
     #[arg(long, value_name = "METHOD:SPARSITY")]
     pub prune: Option<String>,
     /// Never prune weights whose node or initializer name matches this glob (repeatable).
@@ -212,6 +227,11 @@ impl Recipe {
         Ok(passes::pipeline(passes::Plan {
             bias_correct: quantizing && self.bias_correction.unwrap_or(true),
             fold_bn: self.fold_bn.unwrap_or(true),
+            channels: self
+                .channels
+                .as_ref()
+                .map(ChannelSection::config)
+                .transpose()?,
             equalize: self
                 .equalize
                 .as_ref()
@@ -276,7 +296,19 @@ impl Recipe {
                 ..old
             });
         }
-        if let Some(p) = &o.prune {
+        if let Some(p) = o
+            .prune
+            .as_ref()
+            .filter(|p| p.trim().starts_with("channels:"))
+        {
+            let section = ChannelSection::from_flag(p)?;
+            let old = self.channels.take().unwrap_or_default();
+            self.channels = Some(ChannelSection {
+                ratio: section.ratio,
+                criterion: section.criterion.or(old.criterion),
+                ..old
+            });
+        } else if let Some(p) = &o.prune {
             let mut section = PruneSection::from_flag(p)?;
             if let Some(old) = self.prune.take() {
                 section = PruneSection {

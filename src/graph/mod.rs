@@ -10,6 +10,7 @@
 //! table of weighted layers (weight, bias, output-channel axis, fan-in) every
 //! pass and the score use.
 
+pub mod channels;
 pub mod edit;
 pub mod layers;
 

@@ -13,6 +13,7 @@ pub mod equalize;
 pub mod fold_bn;
 pub mod pack;
 pub mod prune;
+pub mod prune_channels;
 pub mod quantize;
 pub mod select;
 
@@ -187,6 +188,8 @@ impl Pipeline {
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
     pub fold_bn: bool,
+    /// Structured channel pruning (before everything that reads weights).
+    pub channels: Option<prune_channels::ChannelConfig>,
     pub equalize: Option<equalize::EqualizeConfig>,
     pub prune: Option<prune::PruneConfig>,
     pub quantize: Option<quantize::QuantConfig>,
@@ -196,13 +199,16 @@ pub struct Plan {
     pub pack: bool,
 }
 
-/// The passes in the order they run: fold-bn, equalize, prune, quantize,
+/// The passes in the order they run: fold-bn, prune-channels, equalize, prune, quantize,
 /// act-quant, bias-correct, pack.
 /// A new pass is one line here.
 pub fn pipeline(plan: Plan) -> Pipeline {
     let mut p = Pipeline::default();
     if plan.fold_bn {
         p.passes.push(Box::new(fold_bn::FoldBatchNorm));
+    }
+    if let Some(c) = plan.channels {
+        p.passes.push(Box::new(prune_channels::PruneChannels(c)));
     }
     if let Some(c) = plan.equalize {
         p.passes.push(Box::new(equalize::Equalize(c)));

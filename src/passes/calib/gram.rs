@@ -396,6 +396,9 @@ pub struct Captured {
     pub means: Vec<Vec<f64>>,
     /// Rows seen per group.
     pub rows: usize,
+    /// What G (and X) were divided by: `stats` hold G / scale (X / sqrt(scale));
+    /// 1 when G was zero.
+    pub scale: f64,
 }
 
 /// What a layer's calibration leaves for the solves, per group, scaled so the
@@ -657,8 +660,10 @@ pub fn collect_with(
                     Stats::Rows { x, .. } => x.iter().map(|v| v * v).sum(),
                 })
                 .sum();
-            let scale = trace / (groups * dim) as f64;
-            if scale > 0.0 && scale.is_finite() {
+            let mut scale = trace / (groups * dim) as f64;
+            if !(scale > 0.0 && scale.is_finite()) {
+                scale = 1.0;
+            } else {
                 let root = scale.sqrt();
                 for s in &mut stats {
                     match s {
@@ -676,6 +681,7 @@ pub fn collect_with(
                 stats,
                 means,
                 rows: layer_count,
+                scale,
             });
         }
     }

@@ -196,6 +196,10 @@ pub struct Calibrated {
     pub means: Vec<Vec<f64>>,
     pub dim: usize,
     pub groups: usize,
+    /// Input rows seen per group.
+    pub rows: usize,
+    /// What `stats` were scaled by (G / scale; see [`gram::Captured`]).
+    pub scale: f64,
 }
 
 /// Captures the Gram matrices and mean input rows of the `wanted` layers (key,
@@ -241,6 +245,8 @@ pub fn capture(
                 groups: geoms[0].groups(),
                 stats: c.stats,
                 means: c.means,
+                rows: c.rows,
+                scale: c.scale,
             },
         );
     }

@@ -1,0 +1,950 @@
+//! Structured channel pruning with reconstruction: remove whole output channels
+//! of layers, and everything tied to them, so the written model is an ordinary
+//! dense model with smaller tensors (seed 004's filter pruning, post-training).
+//!
+//! Groups come from [`crate::graph::channels`]: a root layer's output channels
+//! with the channel-wise nodes they pass through (activations, pooling, BN,
+//! depthwise convs) and the *sinks* that read them as input channels. Channels
+//! joined through an elementwise op with another root's (a residual Add) form one
+//! coupled group, pruned only with `coupled = true`, all members together.
+//!
+//! For a group of C channels and ratio R, k = round(R C) channels are removed
+//! (at least one kept). Choosing them:
+//!
+//! - `l1` / `l2` (seed 004's filter norms): channel c's score is the sum over the
+//!   roots of ||W_root[c]||_p divided by that root's mean norm; the k lowest go.
+//! - `reconstruction` (with calibration images): the sinks' output error after
+//!   the least-squares refit below, chosen greedily as in Optimal Brain Surgeon
+//!   with channel blocks (Hassibi and Stork, 1993; the channel-wise form of
+//!   ThiNet, Luo et al., 2017, and He et al., 2017, solved in closed form). A
+//!   sink reads channel c through a block B of its input-row columns (kh kw
+//!   columns of a Conv's im2col rows, the Flatten block of a Gemm); with the
+//!   damped inverse Hessian P = (Sigma + lambda mean(diag Sigma) I)^-1 of its
+//!   input rows (Sigma the covariance, below) and its weight rows w_r, removing
+//!   B and refitting the other weights costs
+//!
+//!     dE_c = sum_r w_rB^T (P_BB)^-1 w_rB            (group OBS saliency)
+//!
+//!   summed over the sinks, each divided by its output energy sum_r w_r^T G w_r.
+//!   Each of at most 64 steps removes the ceil(left / steps left) cheapest
+//!   channels together (set R) and applies the OBS update to every sink:
+//!
+//!     w_r <- w_r - P_:R (P_RR)^-1 w_rR,   P <- P - P_:R (P_RR)^-1 P_R:
+//!
+//!   which leaves w_rR = 0 and the rest at the least-squares optimum on the kept
+//!   inputs.
+//!
+//! Reconstruction (`reconstruct`, default on with calibration images): with the
+//! channels chosen (by either criterion), each sink's weights are the
+//! least-squares fit of its original output from the kept inputs on the
+//! calibration rows, with intercept: Sigma = G/n - mu mu^T is the covariance of
+//! the sink's input rows (G = X^T X over n rows, mu their mean), so the fit is on
+//! centered inputs and the bias absorbs the difference of the means,
+//! b_r <- b_r + (w_r - w_r')^T mu (He et al., 2017; "the folded bias absorbs the
+//! removed channels' mean contribution"). The ridge term lambda mean(diag Sigma)
+//! (lambda = `damp`, 0.01 by default) is reported. A MatMul sink (no bias) is fit
+//! on G itself. Without reconstruction the channels are only cut out.
+//!
+//! Reports give, per group, the channels before and after and, per sink, the
+//! relative output error on the calibration rows, sum_r d_r^T G d_r / sum_r w_r^T G w_r
+//! (d_r the change of row r; with the bias update, Sigma in place of G), for the
+//! plain cut and after the refit.
+//!
+//! Deterministic: ties broken by channel index, rows independent, captured sums in
+//! fixed chunks.
+
+use std::collections::{HashMap, HashSet};
+
+use faer::linalg::solvers::DenseSolveCore;
+use faer::prelude::*;
+use ndarray::{ArrayD, Axis};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::calib::{self, Rows};
+use super::select;
+use super::{Context, LayerError, Pass, PassReport};
+use crate::engine;
+use crate::error::{Error, Result};
+use crate::graph::channels::{channel_groups, ChannelGroup};
+use crate::graph::{set_initializer, Graph, Namer};
+use crate::onnx::{Model, TensorData};
+
+/// How channels are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Criterion {
+    L1,
+    L2,
+    Reconstruction,
+}
+
+impl std::str::FromStr for Criterion {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "l1" | "magnitude" => Ok(Criterion::L1),
+            "l2" => Ok(Criterion::L2),
+            "reconstruction" | "obs" | "recon" => Ok(Criterion::Reconstruction),
+            _ => Err(Error::Usage(format!(
+                "channel criterion '{s}': expected l1, l2 or reconstruction"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Criterion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Criterion::L1 => "l1",
+            Criterion::L2 => "l2",
+            Criterion::Reconstruction => "reconstruction",
+        })
+    }
+}
+
+/// The `[channels]` recipe section.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelSection {
+    /// Fraction of each group's channels to remove.
+    pub ratio: f64,
+    /// l1 | l2 | reconstruction (default: reconstruction with --calib, else l1).
+    pub criterion: Option<String>,
+    /// Least-squares refit of the sinks (default: on with --calib).
+    pub reconstruct: Option<bool>,
+    /// Also prune groups coupled through elementwise ops (residual Add), all
+    /// members together (default false).
+    pub coupled: Option<bool>,
+    /// Ridge term as a fraction of the mean diagonal of the covariance (default 0.01).
+    pub damp: Option<f64>,
+    /// Groups to leave: globs on any root's node or weight name.
+    #[serde(default)]
+    pub skip: Vec<String>,
+    #[serde(default, rename = "layer")]
+    pub layers: Vec<ChannelLayer>,
+}
+
+/// A `[[channels.layer]]` rule: a glob on a root's node or weight name; later rules win.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelLayer {
+    #[serde(rename = "match")]
+    pub pattern: String,
+    pub ratio: Option<f64>,
+    pub skip: Option<bool>,
+}
+
+impl select::LayerRule for ChannelLayer {
+    fn pattern(&self) -> &str {
+        &self.pattern
+    }
+}
+
+/// The pass's configuration (from [`ChannelSection::config`]).
+#[derive(Debug, Clone)]
+pub struct ChannelConfig {
+    pub ratio: f64,
+    pub criterion: Option<Criterion>,
+    pub reconstruct: Option<bool>,
+    pub coupled: bool,
+    pub damp: f64,
+    pub skip: Vec<String>,
+    pub rules: Vec<ChannelLayer>,
+}
+
+fn check_ratio(r: f64, what: &str) -> Result<()> {
+    if !(0.0..1.0).contains(&r) {
+        return Err(Error::Usage(format!(
+            "{what} {r}: a fraction of channels to remove, in [0, 1)"
+        )));
+    }
+    Ok(())
+}
+
+impl ChannelSection {
+    /// `--prune channels:R[:CRITERION]` (R a fraction or a percentage).
+    pub fn from_flag(s: &str) -> Result<ChannelSection> {
+        let rest = s
+            .trim()
+            .strip_prefix("channels:")
+            .ok_or_else(|| Error::Usage(format!("--prune '{s}': expected channels:R")))?;
+        let (r, criterion) = match rest.split_once(':') {
+            Some((r, c)) => (r, Some(c.to_string())),
+            None => (rest, None),
+        };
+        let ratio = super::prune::parse_sparsity(r)
+            .map_err(|e| Error::Usage(format!("--prune '{s}': {e}")))?;
+        Ok(ChannelSection {
+            ratio,
+            criterion,
+            ..Default::default()
+        })
+    }
+
+    pub fn config(&self) -> Result<ChannelConfig> {
+        check_ratio(self.ratio, "channels.ratio")?;
+        for l in &self.layers {
+            if let Some(r) = l.ratio {
+                check_ratio(r, &format!("channels layer '{}': ratio", l.pattern))?;
+            }
+        }
+        let damp = self.damp.unwrap_or(calib::obs::DEFAULT_DAMP);
+        if !(damp.is_finite() && damp > 0.0) {
+            return Err(Error::Usage(format!(
+                "channels.damp {damp}: must be a positive number"
+            )));
+        }
+        Ok(ChannelConfig {
+            ratio: self.ratio,
+            criterion: self.criterion.as_deref().map(str::parse).transpose()?,
+            reconstruct: self.reconstruct,
+            coupled: self.coupled.unwrap_or(false),
+            damp,
+            skip: self.skip.clone(),
+            rules: self.layers.clone(),
+        })
+    }
+}
+
+/// Why reconstruction needs `--calib`.
+pub const NEEDS_CALIB: &str = "channel pruning by 'reconstruction' (and the least-squares \
+refit) needs calibration images (--calib DATA); without them use --prune channels:R:l1 \
+and --set channels.reconstruct=false";
+
+pub struct PruneChannels(pub ChannelConfig);
+
+/// A group chosen for pruning.
+struct Planned {
+    group: ChannelGroup,
+    remove: usize,
+    label: String,
+}
+
+/// One sink's data for the solves.
+struct SinkData {
+    node: usize,
+    name: String,
+    weight: String,
+    rows: Rows,
+    d: usize,
+    cols: usize,
+    /// Weight rows (f64), updated by the OBS steps.
+    w: Vec<Vec<f64>>,
+    w0: Vec<Vec<f64>>,
+    /// G / scale (d x d).
+    g: Vec<f64>,
+    /// Mean input row (unscaled) and n / scale, for the centered form.
+    mu: Vec<f64>,
+    n_over_scale: f64,
+    /// Whether the fit has an intercept (the sink has or can take a bias).
+    center: bool,
+    /// The damped inverse of the (centered) Hessian, updated by the OBS steps.
+    p: Mat<f64>,
+    energy: f64,
+    ridge: f64,
+}
+
+impl SinkData {
+    /// The quadratic form sum_r d_r^T H d_r with H = G (or the covariance when centered).
+    fn form(&self, deltas: &[Vec<f64>], centered: bool) -> f64 {
+        let d = self.d;
+        deltas
+            .par_iter()
+            .map(|dr| {
+                let mut s = 0.0;
+                for a in 0..d {
+                    if dr[a] == 0.0 {
+                        continue;
+                    }
+                    let row = &self.g[a * d..(a + 1) * d];
+                    let dot: f64 = row.iter().zip(dr).map(|(x, y)| x * y).sum();
+                    s += dr[a] * dot;
+                }
+                if centered {
+                    let m: f64 = self.mu.iter().zip(dr).map(|(x, y)| x * y).sum();
+                    s -= self.n_over_scale * m * m;
+                }
+                s
+            })
+            .sum()
+    }
+
+    /// Columns of channel c.
+    fn block(&self, c: usize) -> std::ops::Range<usize> {
+        c * self.cols..(c + 1) * self.cols
+    }
+
+    /// The OBS saliency of removing channel c (sum over rows).
+    fn saliency(&self, c: usize) -> f64 {
+        let b = self.block(c);
+        let n = b.len();
+        let m = if n == 1 {
+            let v = self.p[(b.start, b.start)];
+            if v <= 0.0 {
+                return f64::INFINITY;
+            }
+            Mat::from_fn(1, 1, |_, _| 1.0 / v)
+        } else {
+            let pb = Mat::from_fn(n, n, |i, j| self.p[(b.start + i, b.start + j)]);
+            match pb.llt(faer::Side::Lower) {
+                Ok(l) => l.inverse(),
+                Err(_) => return f64::INFINITY,
+            }
+        };
+        self.w
+            .iter()
+            .map(|w| {
+                let wb = &w[b.clone()];
+                let mut s = 0.0;
+                for i in 0..n {
+                    for j in 0..n {
+                        s += wb[i] * m[(i, j)] * wb[j];
+                    }
+                }
+                s
+            })
+            .sum::<f64>()
+            / self.energy.max(f64::MIN_POSITIVE)
+    }
+
+    /// Removes the columns of `channels` together: the OBS update of the rows and of P.
+    fn remove(&mut self, channels: &[usize]) -> std::result::Result<(), String> {
+        let r: Vec<usize> = channels.iter().flat_map(|&c| self.block(c)).collect();
+        let nr = r.len();
+        let d = self.d;
+        let prr = Mat::from_fn(nr, nr, |i, j| self.p[(r[i], r[j])]);
+        let m = prr
+            .llt(faer::Side::Lower)
+            .map_err(|_| {
+                format!(
+                    "{}: the removed block of P is not positive definite",
+                    self.name
+                )
+            })?
+            .inverse();
+        let pr = Mat::from_fn(d, nr, |i, j| self.p[(i, r[j])]);
+        let t = &pr * &m; // d x nr
+        self.w.par_iter_mut().for_each(|w| {
+            let wr: Vec<f64> = r.iter().map(|&j| w[j]).collect();
+            for (i, wi) in w.iter_mut().enumerate() {
+                let mut s = 0.0;
+                for (j, &v) in wr.iter().enumerate() {
+                    s += t[(i, j)] * v;
+                }
+                *wi -= s;
+            }
+            for &j in &r {
+                w[j] = 0.0;
+            }
+        });
+        let upd = &t * pr.transpose();
+        self.p = &self.p - &upd;
+        Ok(())
+    }
+}
+
+impl Pass for PruneChannels {
+    fn name(&self) -> &'static str {
+        "prune-channels"
+    }
+
+    fn run(&self, model: &mut Model, cx: &Context) -> Result<PassReport> {
+        let cfg = &self.0;
+        let mut report = PassReport::new(self.name());
+        let has_calib = cx.calib.is_some_and(|d| !d.is_empty());
+        let criterion = cfg.criterion.unwrap_or(if has_calib {
+            Criterion::Reconstruction
+        } else {
+            Criterion::L1
+        });
+        let reconstruct = cfg.reconstruct.unwrap_or(has_calib);
+        if (criterion == Criterion::Reconstruction || reconstruct) && !has_calib {
+            return Err(Error::Usage(NEEDS_CALIB.into()));
+        }
+        let overrides = if cx.input_shape.is_empty() {
+            Vec::new()
+        } else {
+            vec![cx.input_shape.clone()]
+        };
+        let shapes = engine::value_shapes(model, &engine::input_shapes(model, &overrides)?)?;
+
+        let plans = {
+            let g = Graph::of(model)?;
+            plan(&g, &shapes, cfg, &mut report)
+        };
+        if plans.is_empty() {
+            return Ok(report);
+        }
+
+        // Calibration of every sink (keyed by node index).
+        let mut sinks: HashMap<usize, SinkData> = HashMap::new();
+        let mut no_data: HashMap<usize, String> = HashMap::new();
+        if has_calib {
+            let g = Graph::of(model)?;
+            let mut wanted = Vec::new();
+            for p in &plans {
+                for s in &p.group.sinks {
+                    let node = g.node(s.node);
+                    let shape = crate::onnx::tensor::shape_of(
+                        g.initializer(&node.input[1])
+                            .expect("checked by the grouping"),
+                    )?;
+                    match calib::geom_of(node, &shape) {
+                        Ok(geom) => wanted.push((s.node, vec![geom])),
+                        Err(e) => {
+                            no_data.insert(s.node, e);
+                        }
+                    }
+                }
+            }
+            let (cal, too_big, secs) = calib::capture(model, cx, &wanted)?;
+            report.changed(
+                "calibration",
+                format!(
+                    "{} images: inputs of {} sinks captured in {secs:.2}s",
+                    cx.calib.map_or(0, |d| d.len()),
+                    cal.len()
+                ),
+            );
+            for (n, why) in too_big {
+                no_data.insert(n, why);
+            }
+            for (n, c) in cal {
+                let sink = plans
+                    .iter()
+                    .flat_map(|p| &p.group.sinks)
+                    .find(|s| s.node == n)
+                    .expect("wanted");
+                match sink_data(&g, n, sink.cols, c, cfg.damp) {
+                    Ok(s) => {
+                        sinks.insert(n, s);
+                    }
+                    Err(e) => {
+                        no_data.insert(n, e);
+                    }
+                }
+            }
+        }
+
+        let mut edits: Vec<(Planned, Vec<usize>)> = Vec::new();
+        for p in plans {
+            let group_sinks: Vec<usize> = p.group.sinks.iter().map(|s| s.node).collect();
+            let missing: Vec<String> = group_sinks
+                .iter()
+                .filter_map(|n| no_data.get(n).map(|w| format!("{n}: {w}")))
+                .collect();
+            let needs_data = criterion == Criterion::Reconstruction || reconstruct;
+            if needs_data && !missing.is_empty() {
+                report.skipped(
+                    &p.label,
+                    format!("no calibration for its sinks ({})", missing.join("; ")),
+                );
+                continue;
+            }
+            let g = Graph::of(model)?;
+            let removed = match criterion {
+                Criterion::L1 | Criterion::L2 => {
+                    let chosen = by_norm(&g, &p.group, p.remove, criterion == Criterion::L1)?;
+                    if reconstruct {
+                        let failed = group_sinks.iter().find_map(|n| {
+                            sinks.get_mut(n).expect("calibrated").remove(&chosen).err()
+                        });
+                        if let Some(e) = failed {
+                            report.skipped(&p.label, e);
+                            continue;
+                        }
+                    }
+                    chosen
+                }
+                Criterion::Reconstruction => {
+                    let mut group: Vec<SinkData> = group_sinks
+                        .iter()
+                        .map(|n| sinks.remove(n).expect("calibrated"))
+                        .collect();
+                    let chosen = greedy(&mut group, p.group.channels, p.remove);
+                    for s in group {
+                        sinks.insert(s.node, s);
+                    }
+                    match chosen {
+                        Ok(c) => c,
+                        Err(e) => {
+                            report.skipped(&p.label, e);
+                            continue;
+                        }
+                    }
+                }
+            };
+            // Errors and the report line.
+            let mut notes = Vec::new();
+            for n in &group_sinks {
+                let Some(s) = sinks.get(n) else { continue };
+                let cut: Vec<Vec<f64>> =
+                    s.w0.iter()
+                        .map(|w| {
+                            let mut d = vec![0.0; s.d];
+                            for &c in &removed {
+                                for j in s.block(c) {
+                                    d[j] = -w[j];
+                                }
+                            }
+                            d
+                        })
+                        .collect();
+                let e_cut = s.form(&cut, false) / s.energy.max(f64::MIN_POSITIVE);
+                let e_after = if reconstruct {
+                    let deltas: Vec<Vec<f64>> =
+                        s.w.iter()
+                            .zip(&s.w0)
+                            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x - y).collect())
+                            .collect();
+                    s.form(&deltas, s.center) / s.energy.max(f64::MIN_POSITIVE)
+                } else {
+                    e_cut
+                };
+                notes.push(format!(
+                    "{} error {e_cut:.4} cut{}",
+                    s.name,
+                    if reconstruct {
+                        format!(", {e_after:.4} refit (ridge {:.3e})", s.ridge)
+                    } else {
+                        String::new()
+                    }
+                ));
+                report.errors.push(LayerError {
+                    layer: s.name.clone(),
+                    method: format!("channels:{criterion}"),
+                    nearest: e_cut,
+                    after: e_after,
+                });
+            }
+            let kept = p.group.channels - removed.len();
+            report.changed(
+                &p.label,
+                format!(
+                    "{} -> {kept} channels ({criterion}{}){}{}",
+                    p.group.channels,
+                    if reconstruct { ", refit" } else { "" },
+                    if p.group.coupled() {
+                        format!(", coupled group of {} layers", p.group.roots.len())
+                    } else {
+                        String::new()
+                    },
+                    if notes.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {}", notes.join("; "))
+                    }
+                ),
+            );
+            edits.push((p, removed));
+        }
+
+        apply(model, &edits, if reconstruct { Some(&sinks) } else { None })?;
+        Ok(report)
+    }
+}
+
+/// The groups to prune and how many channels each loses; the others are reported.
+fn plan(
+    g: &Graph,
+    shapes: &HashMap<String, Vec<usize>>,
+    cfg: &ChannelConfig,
+    report: &mut PassReport,
+) -> Vec<Planned> {
+    let mut out = Vec::new();
+    for found in channel_groups(g, shapes) {
+        let names: Vec<String> = found
+            .roots
+            .iter()
+            .flat_map(|&n| [g.node_name(n).to_string(), g.node(n).input[1].clone()])
+            .collect();
+        let label = {
+            let first = g.node_name(found.roots[0]).to_string();
+            match found.roots.len() {
+                1 => first,
+                k => format!("{first} (+{} coupled)", k - 1),
+            }
+        };
+        let group = match found.group {
+            Ok(gr) => gr,
+            Err(why) => {
+                report.skipped(&label, why);
+                continue;
+            }
+        };
+        if let Some(p) = select::first_match(&cfg.skip, &names) {
+            report.skipped(&label, format!("matches skip pattern '{p}'"));
+            continue;
+        }
+        let mut ratio = cfg.ratio;
+        let mut skip = false;
+        for r in select::matching(&cfg.rules, &names) {
+            if let Some(v) = r.ratio {
+                ratio = v;
+            }
+            if let Some(s) = r.skip {
+                skip = s;
+            }
+        }
+        if skip {
+            report.skipped(&label, "a [[channels.layer]] rule skips it");
+            continue;
+        }
+        if group.coupled() && !cfg.coupled {
+            report.skipped(
+                &label,
+                format!(
+                    "coupled with {} other layer{} through elementwise ops (residual Add); set channels.coupled = true to prune them together",
+                    group.roots.len() - 1,
+                    if group.roots.len() == 2 { "" } else { "s" }
+                ),
+            );
+            continue;
+        }
+        let remove = ((ratio * group.channels as f64).round() as usize).min(group.channels - 1);
+        if remove == 0 {
+            report.skipped(
+                &label,
+                format!("ratio {ratio} of {} channels removes none", group.channels),
+            );
+            continue;
+        }
+        if group.sinks.is_empty() {
+            report.skipped(&label, "no layer reads these channels");
+            continue;
+        }
+        out.push(Planned {
+            group,
+            remove,
+            label,
+        });
+    }
+    out
+}
+
+/// A sink's weight rows, Hessian and damped inverse.
+fn sink_data(
+    g: &Graph,
+    n: usize,
+    cols: usize,
+    c: calib::Calibrated,
+    damp: f64,
+) -> std::result::Result<SinkData, String> {
+    let node = g.node(n);
+    let weight = node.input[1].clone();
+    let t = g
+        .initializer(&weight)
+        .ok_or("weight is not an initializer")?;
+    let w = TensorData::from_proto(t)
+        .map_err(|e| e.to_string())?
+        .to_f32();
+    let rows = calib::rows_of(node, w.shape())?;
+    let d = rows.len;
+    let flat: Vec<f32> = w.iter().copied().collect();
+    let w0: Vec<Vec<f64>> = (0..rows.count)
+        .map(|r| (0..d).map(|j| flat[rows.index(r, j)] as f64).collect())
+        .collect();
+    let stats = c.stats.first().ok_or("no statistics")?;
+    let gm = calib::obs::hessian(stats, d);
+    let mu = c.means.first().cloned().unwrap_or_else(|| vec![0.0; d]);
+    let center = node.op_type() != "MatMul";
+    let n_over_scale = c.rows as f64 / c.scale;
+    let h: Vec<f64> = if center {
+        let mut h = gm.clone();
+        for a in 0..d {
+            for b in 0..d {
+                h[a * d + b] -= n_over_scale * mu[a] * mu[b];
+            }
+        }
+        h
+    } else {
+        gm.clone()
+    };
+    let mean_diag = (0..d).map(|i| h[i * d + i]).sum::<f64>() / d.max(1) as f64;
+    let unit = if mean_diag > 0.0 { mean_diag } else { 1.0 };
+    // The ridge asked for, raised tenfold while the damped covariance is not
+    // numerically positive definite (inputs that are exact combinations of others),
+    // up to 1; the one used is reported.
+    let mut lambda = damp;
+    let p = loop {
+        let ridge = lambda * unit;
+        let hd = Mat::from_fn(d, d, |i, j| {
+            let v = h[i * d + j];
+            if i == j {
+                v.max(0.0) + ridge
+            } else {
+                v
+            }
+        });
+        match hd.llt(faer::Side::Lower) {
+            Ok(l) => break l.inverse(),
+            Err(_) if lambda < 1.0 => lambda *= 10.0,
+            Err(_) => {
+                return Err("the damped covariance of its inputs is not positive definite".into())
+            }
+        }
+    };
+    let energy: f64 = w0
+        .iter()
+        .map(|wr| {
+            let mut s = 0.0;
+            for a in 0..d {
+                let row = &gm[a * d..(a + 1) * d];
+                s += wr[a] * row.iter().zip(wr).map(|(x, y)| x * y).sum::<f64>();
+            }
+            s
+        })
+        .sum();
+    Ok(SinkData {
+        node: n,
+        name: g.node_name(n).to_string(),
+        weight,
+        rows,
+        d,
+        cols,
+        w: w0.clone(),
+        w0,
+        g: gm,
+        mu,
+        n_over_scale,
+        center,
+        p,
+        energy,
+        ridge: lambda,
+    })
+}
+
+/// The `remove` channels of lowest summed, per-root normalized filter norm.
+fn by_norm(g: &Graph, group: &ChannelGroup, remove: usize, l1: bool) -> Result<Vec<usize>> {
+    let c = group.channels;
+    let mut score = vec![0.0f64; c];
+    for &r in &group.roots {
+        let node = g.node(r);
+        let w = g.constant_f32(&node.input[1])?.expect("an initializer");
+        let axis = crate::graph::layers::weight_axis(node, w.shape())?.0;
+        let slice = group
+            .slices
+            .iter()
+            .find(|s| s.tensor == node.input[1] && Some(s.axis) == axis)
+            .expect("a root's weight is sliced along its output axis");
+        let mut norms = vec![0.0f64; c];
+        for (ch, sub) in w.axis_iter(Axis(slice.axis)).enumerate() {
+            norms[ch / slice.block] += sub
+                .iter()
+                .map(|&v| {
+                    if l1 {
+                        v.abs() as f64
+                    } else {
+                        (v as f64) * (v as f64)
+                    }
+                })
+                .sum::<f64>();
+        }
+        if !l1 {
+            norms.iter_mut().for_each(|v| *v = v.sqrt());
+        }
+        let mean = norms.iter().sum::<f64>() / c as f64;
+        for (s, v) in score.iter_mut().zip(norms) {
+            *s += if mean > 0.0 { v / mean } else { v };
+        }
+    }
+    let mut order: Vec<usize> = (0..c).collect();
+    order.sort_by(|&a, &b| score[a].total_cmp(&score[b]).then(a.cmp(&b)));
+    let mut chosen = order[..remove].to_vec();
+    chosen.sort_unstable();
+    Ok(chosen)
+}
+
+/// Greedy OBS channel removal over the group's sinks (module doc).
+fn greedy(
+    sinks: &mut [SinkData],
+    channels: usize,
+    remove: usize,
+) -> std::result::Result<Vec<usize>, String> {
+    const STEPS: usize = 64;
+    let mut alive: Vec<usize> = (0..channels).collect();
+    let mut removed = Vec::new();
+    let steps = remove.min(STEPS);
+    for step in 0..steps {
+        let left = remove - removed.len();
+        let take = left.div_ceil(steps - step);
+        let costs: Vec<f64> = alive
+            .par_iter()
+            .map(|&c| sinks.iter().map(|s| s.saliency(c)).sum())
+            .collect();
+        let mut order: Vec<usize> = (0..alive.len()).collect();
+        order.sort_by(|&a, &b| costs[a].total_cmp(&costs[b]).then(alive[a].cmp(&alive[b])));
+        let mut now: Vec<usize> = order[..take].iter().map(|&i| alive[i]).collect();
+        now.sort_unstable();
+        for s in sinks.iter_mut() {
+            s.remove(&now)?;
+        }
+        let gone: HashSet<usize> = now.iter().copied().collect();
+        alive.retain(|c| !gone.contains(c));
+        removed.extend(now);
+    }
+    removed.sort_unstable();
+    Ok(removed)
+}
+
+/// Writes the smaller tensors: refit sink weights and biases first, then every
+/// slice, depthwise `group` attributes and declared shapes.
+fn apply(
+    model: &mut Model,
+    edits: &[(Planned, Vec<usize>)],
+    refit: Option<&HashMap<usize, SinkData>>,
+) -> Result<()> {
+    // New values of tensors before slicing.
+    let mut values: HashMap<String, ArrayD<f32>> = HashMap::new();
+    let mut new_biases: Vec<(usize, Option<String>, Vec<f32>)> = Vec::new();
+    {
+        let g = Graph::of(model)?;
+        for (p, _) in edits {
+            let Some(sinks) = refit else { break };
+            for s in &p.group.sinks {
+                let Some(sd) = sinks.get(&s.node) else {
+                    continue;
+                };
+                let mut w = g.constant_f32(&sd.weight)?.expect("an initializer");
+                {
+                    let flat = w.as_slice_mut().expect("standard layout");
+                    for (r, row) in sd.w.iter().enumerate() {
+                        for (j, &v) in row.iter().enumerate() {
+                            flat[sd.rows.index(r, j)] = v as f32;
+                        }
+                    }
+                }
+                values.insert(sd.weight.clone(), w);
+                if sd.center {
+                    let node = g.node(s.node);
+                    let bias = crate::graph::layers::bias_input(node).map(str::to_string);
+                    let mut b: Vec<f32> = match &bias {
+                        Some(b) => g
+                            .constant_f32(b)?
+                            .ok_or_else(|| {
+                                Error::Usage(format!(
+                                    "the bias '{b}' of '{}' is not a constant",
+                                    sd.name
+                                ))
+                            })?
+                            .iter()
+                            .copied()
+                            .collect(),
+                        None => vec![0.0; sd.rows.count],
+                    };
+                    if b.len() != sd.rows.count {
+                        return Err(Error::Usage(format!(
+                            "the bias of '{}' has {} values for {} outputs",
+                            sd.name,
+                            b.len(),
+                            sd.rows.count
+                        )));
+                    }
+                    for (r, (w1, w0)) in sd.w.iter().zip(&sd.w0).enumerate() {
+                        let shift: f64 = w1
+                            .iter()
+                            .zip(w0)
+                            .zip(&sd.mu)
+                            .map(|((a, b), m)| (b - a) * m)
+                            .sum();
+                        b[r] += shift as f32;
+                    }
+                    new_biases.push((s.node, bias, b));
+                }
+            }
+        }
+    }
+    let gp = model.graph_mut();
+    let mut namer = Namer::of(gp);
+    // Refit weights are written whole first: a sink may also be a root of another
+    // group, whose slices (of the other axis) then read them.
+    let mut refit_weights: Vec<(String, ArrayD<f32>)> = values.into_iter().collect();
+    refit_weights.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, w) in refit_weights {
+        set_initializer(gp, &name, &TensorData::F32(w));
+    }
+    for (node, name, b) in new_biases {
+        let data = TensorData::F32(ArrayD::from_shape_vec(vec![b.len()], b).expect("1-D"));
+        let name = match name {
+            Some(n) => n,
+            None => {
+                let base = format!("{}_bias", gp.node[node].output[0]);
+                let n = namer.fresh(&base);
+                let inputs = &mut gp.node[node].input;
+                while inputs.len() < 2 {
+                    inputs.push(String::new());
+                }
+                inputs.truncate(2);
+                inputs.push(n.clone());
+                n
+            }
+        };
+        set_initializer(gp, &name, &data);
+    }
+    for (p, removed) in edits {
+        let gone: HashSet<usize> = removed.iter().copied().collect();
+        let keep: Vec<usize> = (0..p.group.channels)
+            .filter(|c| !gone.contains(c))
+            .collect();
+        for s in &p.group.slices {
+            let t = gp
+                .initializer
+                .iter()
+                .find(|t| t.name() == s.tensor)
+                .expect("checked by the grouping");
+            let a = TensorData::from_proto(t)?.to_f32();
+            let idx: Vec<usize> = keep
+                .iter()
+                .flat_map(|&c| c * s.block..(c + 1) * s.block)
+                .collect();
+            let sliced = a.select(Axis(s.axis), &idx);
+            set_initializer(gp, &s.tensor, &TensorData::F32(sliced.clone()));
+            // Before IR 4 initializers are graph inputs too: their declared shape follows.
+            for i in gp.input.iter_mut().filter(|i| i.name() == s.tensor) {
+                set_dims(i, sliced.shape());
+            }
+        }
+        for &n in &p.group.depthwise {
+            let node = &mut gp.node[n];
+            for a in node.attribute.iter_mut().filter(|a| a.name() == "group") {
+                a.i = Some(keep.len() as i64);
+            }
+        }
+        for (v, block) in &p.group.values {
+            for vi in gp.value_info.iter_mut().filter(|i| i.name() == v) {
+                set_dim1(vi, keep.len() * block);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn tensor_dims(
+    info: &mut crate::onnx::proto::ValueInfoProto,
+) -> Option<&mut Vec<crate::onnx::proto::tensor_shape_proto::Dimension>> {
+    use crate::onnx::proto::type_proto::Value;
+    match info.r#type.as_mut()?.value.as_mut()? {
+        Value::TensorType(t) => Some(&mut t.shape.as_mut()?.dim),
+        _ => None,
+    }
+}
+
+fn set_dims(info: &mut crate::onnx::proto::ValueInfoProto, shape: &[usize]) {
+    use crate::onnx::proto::tensor_shape_proto::dimension::Value as D;
+    if let Some(dims) = tensor_dims(info) {
+        if dims.len() == shape.len() {
+            for (d, &s) in dims.iter_mut().zip(shape) {
+                d.value = Some(D::DimValue(s as i64));
+            }
+        }
+    }
+}
+
+fn set_dim1(info: &mut crate::onnx::proto::ValueInfoProto, n: usize) {
+    use crate::onnx::proto::tensor_shape_proto::dimension::Value as D;
+    if let Some(d) = tensor_dims(info).and_then(|d| d.get_mut(1)) {
+        if matches!(d.value, Some(D::DimValue(_))) {
+            d.value = Some(D::DimValue(n as i64));
+        }
+    }
+}
