@@ -97,8 +97,25 @@ fn section(ratio: f64, criterion: &str, reconstruct: bool) -> ChannelSection {
         ratio,
         criterion: Some(criterion.into()),
         reconstruct: Some(reconstruct),
+        multiple: Some(1),
         ..Default::default()
     }
+}
+
+#[test]
+fn kept_channel_counts_round_to_the_multiple() {
+    use onnx_micronet::passes::prune_channels::removed_count;
+    // 96 x 0.3 = 28.8 -> 29 removed, 67 kept; 67 / 8 = 8.4 -> 8 x 8 = 64 kept: 32 go.
+    assert_eq!(removed_count(96, 0.3, 8), 32);
+    // 960 x 0.3 = 288 removed, 672 = 84 x 8 kept: unchanged.
+    assert_eq!(removed_count(960, 0.3, 8), 288);
+    // 144 x 0.3 = 43.2 -> 43, 101 kept; 101 / 8 = 12.6 -> 13 x 8 = 104: 40 go.
+    assert_eq!(removed_count(144, 0.3, 8), 40);
+    // 4 x 0.25 = 1, 3 kept -> rounds to one multiple (8), more than there are: none go.
+    assert_eq!(removed_count(4, 0.25, 8), 0);
+    // Without rounding, 1 of 4; and never all of them.
+    assert_eq!(removed_count(4, 0.25, 1), 1);
+    assert_eq!(removed_count(4, 0.99, 1), 3);
 }
 
 /// x[1,2,5,5] -> Conv a (4 out, 1x1) -> Relu -> depthwise Conv (3x3, pads 1,
@@ -451,5 +468,103 @@ print(" ".join(repr(float(v)) for v in np.concatenate(ys)))
     let scale = ort.iter().map(|v| v.abs()).fold(0.0, f32::max);
     for (a, b) in ort.iter().zip(&tract_out) {
         assert!((a - b).abs() <= 1e-4 * scale, "ort {a} tract {b}");
+    }
+}
+
+/// The bench's generated ResNet-50 (tests/bench/gen_resnet50.py: bottlenecks with
+/// projection shortcuts, unfused BN): every residual stage is one coupled group
+/// (its shortcut conv and the last conv of each block), pruned together with
+/// `coupled = true`. The written model passes onnx's full check and gives the
+/// same logits in onnxruntime and tract; each stage's members keep equal counts.
+#[test]
+fn generated_resnet50_coupled_stages_are_pruned_together_and_run() {
+    let Some(py) = venv_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let gen = root().join("tests/bench/gen_resnet50.py");
+    let o = std::process::Command::new(&py)
+        .arg(&gen)
+        .arg("--out-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let input = dir.path().join("resnet50_bn.onnx");
+    let out = dir.path().join("r50_ch.onnx");
+    let report = dir.path().join("r.json");
+    let o = cli(&[
+        "optimize",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--prune",
+        "channels:0.3:l1",
+        "--set",
+        "channels.coupled=true",
+        "--set",
+        "channels.reconstruct=false",
+        "--storage",
+        "float",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let pass = json["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pass"] == "prune-channels")
+        .unwrap();
+    let coupled: Vec<&str> = pass["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["what"].as_str().unwrap())
+        .filter(|w| w.contains("coupled group"))
+        .collect();
+    // Stages of 3, 4, 6 and 3 blocks: 1 shortcut + one last conv per block.
+    // 256 x 0.7 = 179.2 -> 176 (22 x 8); 512 -> 358.4 -> 360; 1024 -> 716.8 -> 720;
+    // 2048 -> 1433.6 -> 1432.
+    assert_eq!(
+        coupled,
+        [
+            "256 -> 176 channels (l1), coupled group of 4 layers",
+            "512 -> 360 channels (l1), coupled group of 5 layers",
+            "1024 -> 720 channels (l1), coupled group of 7 layers",
+            "2048 -> 1432 channels (l1), coupled group of 4 layers",
+        ]
+    );
+    let before = std::fs::metadata(&input).unwrap().len();
+    let after = std::fs::metadata(&out).unwrap().len();
+    assert!((after as f64) < 0.6 * before as f64, "{after} of {before}");
+    let m = onnx_micronet::load(&out).unwrap();
+    let x: ArrayD<f32> =
+        ArrayD::from_shape_vec(vec![1, 3, 224, 224], values(3 * 224 * 224, 31)).unwrap();
+    let y = run(&m, &x);
+    let xs = dir.path().join("x.npy");
+    write_npy(
+        &xs,
+        &x.clone().into_dimensionality::<ndarray::Ix4>().unwrap(),
+    );
+    let ort = run_python(
+        &py,
+        r#"
+import sys, numpy as np, onnx, onnxruntime as ort
+onnx.checker.check_model(onnx.load(sys.argv[1]), full_check=True)
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+y = s.run(None, {s.get_inputs()[0].name: np.load(sys.argv[2])})[0].ravel()
+print(" ".join(repr(float(v)) for v in y))
+"#,
+        &[out.to_str().unwrap(), xs.to_str().unwrap()],
+    );
+    let ort: Vec<f32> = ort.split_whitespace().map(|v| v.parse().unwrap()).collect();
+    assert_eq!(ort.len(), y.len());
+    let scale = ort.iter().map(|v| v.abs()).fold(0.0, f32::max);
+    for (a, b) in ort.iter().zip(y.iter()) {
+        assert!(
+            (a - b).abs() <= 1e-3 * scale,
+            "ort {a} tract {b} (scale {scale})"
+        );
     }
 }

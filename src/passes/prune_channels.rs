@@ -9,7 +9,10 @@
 //! coupled group, pruned only with `coupled = true`, all members together.
 //!
 //! For a group of C channels and ratio R, k = round(R C) channels are removed
-//! (at least one kept). Choosing them:
+//! (at least one kept), then the kept count C - k is rounded to the nearest
+//! multiple of `multiple` (default 8: onnxruntime's blocked NCHWc convolutions
+//! run odd channel counts slower than the unpruned model; measured on
+//! MobileNetV2, 0.68x). Choosing them:
 //!
 //! - `l1` / `l2` (seed 004's filter norms): channel c's score is the sum over the
 //!   roots of ||W_root[c]||_p divided by that root's mean norm; the k lowest go.
@@ -117,6 +120,10 @@ pub struct ChannelSection {
     pub coupled: Option<bool>,
     /// Ridge term as a fraction of the mean diagonal of the covariance (default 0.01).
     pub damp: Option<f64>,
+    /// Kept channel counts are rounded to a multiple of this (default 8; 1 = exact
+    /// ratio): onnxruntime's blocked convolutions (NCHWc, blocks of 8 or 16
+    /// channels) need it to run the smaller model faster.
+    pub multiple: Option<usize>,
     /// Groups to leave: globs on any root's node or weight name.
     #[serde(default)]
     pub skip: Vec<String>,
@@ -148,6 +155,7 @@ pub struct ChannelConfig {
     pub reconstruct: Option<bool>,
     pub coupled: bool,
     pub damp: f64,
+    pub multiple: usize,
     pub skip: Vec<String>,
     pub rules: Vec<ChannelLayer>,
 }
@@ -200,6 +208,15 @@ impl ChannelSection {
             reconstruct: self.reconstruct,
             coupled: self.coupled.unwrap_or(false),
             damp,
+            multiple: match self.multiple {
+                None => 8,
+                Some(0) => {
+                    return Err(Error::Usage(
+                        "channels.multiple = 0: kept channel counts are rounded to a multiple of it (1 = no rounding)".into(),
+                    ))
+                }
+                Some(m) => m,
+            },
             skip: self.skip.clone(),
             rules: self.layers.clone(),
         })
@@ -601,11 +618,14 @@ fn plan(
             );
             continue;
         }
-        let remove = ((ratio * group.channels as f64).round() as usize).min(group.channels - 1);
+        let remove = removed_count(group.channels, ratio, cfg.multiple);
         if remove == 0 {
             report.skipped(
                 &label,
-                format!("ratio {ratio} of {} channels removes none", group.channels),
+                format!(
+                    "ratio {ratio} of {} channels removes none (kept counts are rounded to a multiple of {}: channels.multiple)",
+                    group.channels, cfg.multiple
+                ),
             );
             continue;
         }
@@ -620,6 +640,19 @@ fn plan(
         });
     }
     out
+}
+
+/// How many of `c` channels ratio `r` removes: k = round(r c), the kept count
+/// c - k then rounded to the nearest multiple of `multiple` (at least one
+/// multiple; a group of fewer channels keeps at least one).
+pub fn removed_count(c: usize, r: f64, multiple: usize) -> usize {
+    let k = ((r * c as f64).round() as usize).min(c.saturating_sub(1));
+    if multiple <= 1 || k == 0 {
+        return k;
+    }
+    let kept = c - k;
+    let rounded = ((kept as f64 / multiple as f64).round() as usize).max(1) * multiple;
+    c.saturating_sub(rounded.min(c))
 }
 
 /// A sink's weight rows, Hessian and damped inverse.
