@@ -232,21 +232,26 @@ fn the_refit_recovers_the_exact_output_when_the_removed_channel_is_a_combination
     // other two: e3 = e0 + 2 e1, everywhere including b's zero padding), whose
     // removal costs nothing once b's kernels of the others absorb its kernel:
     // w0' = w0 + w3, w1' = w1 + 2 w3 when channel 3 goes.
-    let mut m = base.clone();
-    let mut s = section(0.25, "reconstruction", true);
-    s.damp = Some(1e-9); // an almost plain least-squares fit (raised until the factor exists): exact here
-    let r = prune(&mut m, s, Some(&calib));
-    let e = r.errors.first().unwrap_or_else(|| panic!("{r:#?}"));
-    assert!(e.after < 1e-8, "refit error {}", e.after);
-    assert!(e.nearest > 1e-2, "cut error {}", e.nearest);
-    assert_eq!(init(&m, "wa").shape(), &[3, 3, 1, 1]);
-    assert_eq!(init(&m, "wb").shape(), &[2, 3, 3, 3]);
-    let y1 = run(&m, &x);
-    assert!(
-        max_diff(&y0, &y1) < 1e-4 * scale,
-        "{} of {scale}",
-        max_diff(&y0, &y1)
-    );
+    // The same in sequential calibration (the pruned model's inputs beside the
+    // original's: one group, so both are the original's here).
+    for mode in ["parallel", "sequential"] {
+        let mut m = base.clone();
+        let mut s = section(0.25, "reconstruction", true);
+        s.damp = Some(1e-9); // an almost plain least-squares fit (raised until the factor exists): exact here
+        s.calib_mode = Some(mode.into());
+        let r = prune(&mut m, s, Some(&calib));
+        let e = r.errors.first().unwrap_or_else(|| panic!("{r:#?}"));
+        assert!(e.after < 1e-8, "{mode}: refit error {}", e.after);
+        assert!(e.nearest > 1e-2, "{mode}: cut error {}", e.nearest);
+        assert_eq!(init(&m, "wa").shape(), &[3, 3, 1, 1]);
+        assert_eq!(init(&m, "wb").shape(), &[2, 3, 3, 3]);
+        let y1 = run(&m, &x);
+        assert!(
+            max_diff(&y0, &y1) < 1e-4 * scale,
+            "{mode}: {} of {scale}",
+            max_diff(&y0, &y1)
+        );
+    }
 
     // The plain cut of the lowest-L1 channel, without the refit, changes the output.
     let mut cut = base.clone();

@@ -64,7 +64,9 @@ use ndarray::{ArrayD, Axis};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::calib::{self, Rows};
+use std::sync::Arc;
+
+use super::calib::{self, CalibMode, Geom, Rows};
 use super::select;
 use super::{Context, LayerError, Pass, PassReport};
 use crate::engine;
@@ -120,6 +122,10 @@ pub struct ChannelSection {
     pub coupled: Option<bool>,
     /// Ridge term as a fraction of the mean diagonal of the covariance (default 0.01).
     pub damp: Option<f64>,
+    /// Where the sinks' inputs come from: "parallel" (the original model) or
+    /// "sequential[:K]" (the model pruned so far, in K steps, fit to the original
+    /// model's outputs).
+    pub calib_mode: Option<String>,
     /// Kept channel counts are rounded to a multiple of this (default 8; 1 = exact
     /// ratio): onnxruntime's blocked convolutions (NCHWc, blocks of 8 or 16
     /// channels) need it to run the smaller model faster.
@@ -156,6 +162,7 @@ pub struct ChannelConfig {
     pub coupled: bool,
     pub damp: f64,
     pub multiple: usize,
+    pub calib_mode: CalibMode,
     pub skip: Vec<String>,
     pub rules: Vec<ChannelLayer>,
 }
@@ -208,6 +215,10 @@ impl ChannelSection {
             reconstruct: self.reconstruct,
             coupled: self.coupled.unwrap_or(false),
             damp,
+            calib_mode: match &self.calib_mode {
+                Some(m) => m.parse()?,
+                None => CalibMode::Parallel,
+            },
             multiple: match self.multiple {
                 None => 8,
                 Some(0) => {
@@ -237,7 +248,9 @@ struct Planned {
     label: String,
 }
 
-/// One sink's data for the solves.
+/// One sink's data for the solves. Its input rows are x_p (the model being
+/// pruned) and x_o (the original model): the same rows in parallel calibration,
+/// where the three Grams are one matrix.
 struct SinkData {
     node: usize,
     name: String,
@@ -245,43 +258,60 @@ struct SinkData {
     rows: Rows,
     d: usize,
     cols: usize,
-    /// Weight rows (f64), updated by the OBS steps.
+    /// The weight rows as they are (the target is t_r^T x_o).
+    target: Vec<Vec<f64>>,
+    /// The solution rows w_r (the fit on x_p), updated by the OBS steps.
     w: Vec<Vec<f64>>,
-    w0: Vec<Vec<f64>>,
-    /// G / scale (d x d).
-    g: Vec<f64>,
-    /// Mean input row (unscaled) and n / scale, for the centered form.
-    mu: Vec<f64>,
+    /// G_pp, G_po, G_oo (d x d each, / scale, uncentered).
+    gpp: Arc<Vec<f64>>,
+    gpo: Arc<Vec<f64>>,
+    goo: Arc<Vec<f64>>,
+    /// Mean input rows (unscaled) and n / scale, for the centered forms.
+    mu_p: Vec<f64>,
+    mu_o: Vec<f64>,
     n_over_scale: f64,
     /// Whether the fit has an intercept (the sink has or can take a bias).
     center: bool,
-    /// The damped inverse of the (centered) Hessian, updated by the OBS steps.
+    /// The damped inverse of the (centered) Hessian of x_p, updated by the OBS steps.
     p: Mat<f64>,
+    /// sum_r t_r^T G_oo t_r (the output energy).
     energy: f64,
+    /// The ridge used, as a fraction of the mean diagonal.
     ridge: f64,
 }
 
+/// a^T M b for a d x d row-major M.
+fn quad(a: &[f64], m: &[f64], b: &[f64]) -> f64 {
+    let d = a.len();
+    let mut s = 0.0;
+    for (i, &ai) in a.iter().enumerate() {
+        if ai == 0.0 {
+            continue;
+        }
+        let row = &m[i * d..(i + 1) * d];
+        s += ai * row.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    }
+    s
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
 impl SinkData {
-    /// The quadratic form sum_r d_r^T H d_r with H = G (or the covariance when centered).
-    fn form(&self, deltas: &[Vec<f64>], centered: bool) -> f64 {
-        let d = self.d;
-        deltas
-            .par_iter()
-            .map(|dr| {
-                let mut s = 0.0;
-                for a in 0..d {
-                    if dr[a] == 0.0 {
-                        continue;
-                    }
-                    let row = &self.g[a * d..(a + 1) * d];
-                    let dot: f64 = row.iter().zip(dr).map(|(x, y)| x * y).sum();
-                    s += dr[a] * dot;
-                }
+    /// sum_r ||w_r^T x_p - t_r^T x_o||^2 on the calibration rows (/ scale), with
+    /// the bias absorbing the difference of means when `centered`.
+    fn error(&self, w: &[Vec<f64>], centered: bool) -> f64 {
+        w.par_iter()
+            .zip(&self.target)
+            .map(|(w, t)| {
+                let mut s =
+                    quad(w, &self.gpp, w) - 2.0 * quad(w, &self.gpo, t) + quad(t, &self.goo, t);
                 if centered {
-                    let m: f64 = self.mu.iter().zip(dr).map(|(x, y)| x * y).sum();
+                    let m = dot(w, &self.mu_p) - dot(t, &self.mu_o);
                     s -= self.n_over_scale * m * m;
                 }
-                s
+                s.max(0.0)
             })
             .sum()
     }
@@ -291,7 +321,7 @@ impl SinkData {
         c * self.cols..(c + 1) * self.cols
     }
 
-    /// The OBS saliency of removing channel c (sum over rows).
+    /// The OBS saliency of removing channel c (sum over rows), relative to the energy.
     fn saliency(&self, c: usize) -> f64 {
         let b = self.block(c);
         let n = b.len();
@@ -375,7 +405,8 @@ impl Pass for PruneChannels {
             Criterion::L1
         });
         let reconstruct = cfg.reconstruct.unwrap_or(has_calib);
-        if (criterion == Criterion::Reconstruction || reconstruct) && !has_calib {
+        let needs_data = criterion == Criterion::Reconstruction || reconstruct;
+        if needs_data && !has_calib {
             return Err(Error::Usage(NEEDS_CALIB.into()));
         }
         let overrides = if cx.input_shape.is_empty() {
@@ -384,7 +415,6 @@ impl Pass for PruneChannels {
             vec![cx.input_shape.clone()]
         };
         let shapes = engine::value_shapes(model, &engine::input_shapes(model, &overrides)?)?;
-
         let plans = {
             let g = Graph::of(model)?;
             plan(&g, &shapes, cfg, &mut report)
@@ -392,65 +422,80 @@ impl Pass for PruneChannels {
         if plans.is_empty() {
             return Ok(report);
         }
-
-        // Calibration of every sink (keyed by node index).
-        let mut sinks: HashMap<usize, SinkData> = HashMap::new();
-        let mut no_data: HashMap<usize, String> = HashMap::new();
-        if has_calib {
-            let g = Graph::of(model)?;
-            let mut wanted = Vec::new();
-            for p in &plans {
-                for s in &p.group.sinks {
-                    let node = g.node(s.node);
-                    let shape = crate::onnx::tensor::shape_of(
-                        g.initializer(&node.input[1])
-                            .expect("checked by the grouping"),
-                    )?;
-                    match calib::geom_of(node, &shape) {
-                        Ok(geom) => wanted.push((s.node, vec![geom])),
-                        Err(e) => {
-                            no_data.insert(s.node, e);
-                        }
+        let how = Solve {
+            criterion,
+            reconstruct,
+            damp: cfg.damp,
+        };
+        let chunks = match cfg.calib_mode {
+            CalibMode::Sequential(k) if needs_data => {
+                let k = k.clamp(1, plans.len());
+                let size = plans.len().div_ceil(k);
+                let mut chunks: Vec<Vec<Planned>> = Vec::new();
+                for p in plans {
+                    match chunks.last_mut() {
+                        Some(c) if c.len() < size => c.push(p),
+                        _ => chunks.push(vec![p]),
                     }
                 }
+                chunks
             }
-            let (cal, too_big, secs) = calib::capture(model, cx, &wanted)?;
-            report.changed(
-                "calibration",
-                format!(
-                    "{} images: inputs of {} sinks captured in {secs:.2}s",
-                    cx.calib.map_or(0, |d| d.len()),
-                    cal.len()
-                ),
-            );
-            for (n, why) in too_big {
-                no_data.insert(n, why);
-            }
-            for (n, c) in cal {
-                let sink = plans
-                    .iter()
-                    .flat_map(|p| &p.group.sinks)
-                    .find(|s| s.node == n)
-                    .expect("wanted");
-                match sink_data(&g, n, sink.cols, c, cfg.damp) {
-                    Ok(s) => {
-                        sinks.insert(n, s);
-                    }
-                    Err(e) => {
-                        no_data.insert(n, e);
-                    }
-                }
-            }
+            _ => vec![plans],
+        };
+        let sequential = chunks.len() > 1 || matches!(cfg.calib_mode, CalibMode::Sequential(_));
+        let original = sequential.then(|| model.clone());
+        for chunk in chunks {
+            let sinks = if needs_data {
+                calibrate(model, original.as_ref(), &chunk, cx, cfg.damp, &mut report)?
+            } else {
+                Default::default()
+            };
+            let edits = how.choose(model, chunk, sinks, &mut report)?;
+            apply(model, &edits)?;
         }
+        Ok(report)
+    }
+}
 
-        let mut edits: Vec<(Planned, Vec<usize>)> = Vec::new();
-        for p in plans {
-            let group_sinks: Vec<usize> = p.group.sinks.iter().map(|s| s.node).collect();
-            let missing: Vec<String> = group_sinks
-                .iter()
-                .filter_map(|n| no_data.get(n).map(|w| format!("{n}: {w}")))
-                .collect();
-            let needs_data = criterion == Criterion::Reconstruction || reconstruct;
+/// How channels are chosen and refit.
+struct Solve {
+    criterion: Criterion,
+    reconstruct: bool,
+    damp: f64,
+}
+
+/// What one group's pruning writes: the channels removed and the sinks' new rows.
+struct Edit {
+    planned: Planned,
+    removed: Vec<usize>,
+    sinks: Vec<SinkData>,
+    refit: bool,
+}
+
+impl Solve {
+    /// Chooses each group's channels, refits its sinks and reports.
+    fn choose(
+        &self,
+        model: &Model,
+        chunk: Vec<Planned>,
+        mut sinks: HashMap<usize, std::result::Result<SinkData, String>>,
+        report: &mut PassReport,
+    ) -> Result<Vec<Edit>> {
+        let _ = self.damp;
+        let needs_data = self.criterion == Criterion::Reconstruction || self.reconstruct;
+        let mut edits = Vec::new();
+        for p in chunk {
+            let ids: Vec<usize> = p.group.sinks.iter().map(|s| s.node).collect();
+            let mut group: Vec<SinkData> = Vec::new();
+            let mut missing = Vec::new();
+            for n in &ids {
+                match sinks.remove(n) {
+                    Some(Ok(s)) => group.push(s),
+                    Some(Err(e)) => missing.push(e),
+                    None if needs_data => missing.push(format!("node {n}: not captured")),
+                    None => {}
+                }
+            }
             if needs_data && !missing.is_empty() {
                 report.skipped(
                     &p.label,
@@ -459,77 +504,57 @@ impl Pass for PruneChannels {
                 continue;
             }
             let g = Graph::of(model)?;
-            let removed = match criterion {
+            let removed = match self.criterion {
                 Criterion::L1 | Criterion::L2 => {
-                    let chosen = by_norm(&g, &p.group, p.remove, criterion == Criterion::L1)?;
-                    if reconstruct {
-                        let failed = group_sinks.iter().find_map(|n| {
-                            sinks.get_mut(n).expect("calibrated").remove(&chosen).err()
-                        });
-                        if let Some(e) = failed {
+                    let chosen = by_norm(&g, &p.group, p.remove, self.criterion == Criterion::L1)?;
+                    if self.reconstruct {
+                        if let Some(e) = group.iter_mut().find_map(|s| s.remove(&chosen).err()) {
                             report.skipped(&p.label, e);
                             continue;
                         }
                     }
                     chosen
                 }
-                Criterion::Reconstruction => {
-                    let mut group: Vec<SinkData> = group_sinks
-                        .iter()
-                        .map(|n| sinks.remove(n).expect("calibrated"))
-                        .collect();
-                    let chosen = greedy(&mut group, p.group.channels, p.remove);
-                    for s in group {
-                        sinks.insert(s.node, s);
+                Criterion::Reconstruction => match greedy(&mut group, p.group.channels, p.remove) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        report.skipped(&p.label, e);
+                        continue;
                     }
-                    match chosen {
-                        Ok(c) => c,
-                        Err(e) => {
-                            report.skipped(&p.label, e);
-                            continue;
-                        }
-                    }
-                }
+                },
             };
-            // Errors and the report line.
             let mut notes = Vec::new();
-            for n in &group_sinks {
-                let Some(s) = sinks.get(n) else { continue };
-                let cut: Vec<Vec<f64>> =
-                    s.w0.iter()
-                        .map(|w| {
-                            let mut d = vec![0.0; s.d];
-                            for &c in &removed {
-                                for j in s.block(c) {
-                                    d[j] = -w[j];
-                                }
-                            }
-                            d
-                        })
-                        .collect();
-                let e_cut = s.form(&cut, false) / s.energy.max(f64::MIN_POSITIVE);
-                let e_after = if reconstruct {
-                    let deltas: Vec<Vec<f64>> =
-                        s.w.iter()
-                            .zip(&s.w0)
-                            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x - y).collect())
-                            .collect();
-                    s.form(&deltas, s.center) / s.energy.max(f64::MIN_POSITIVE)
+            for s in &group {
+                let cut: Vec<Vec<f64>> = s
+                    .target
+                    .iter()
+                    .map(|t| {
+                        let mut w = t.clone();
+                        for &c in &removed {
+                            w[s.block(c)].iter_mut().for_each(|v| *v = 0.0);
+                        }
+                        w
+                    })
+                    .collect();
+                let energy = s.energy.max(f64::MIN_POSITIVE);
+                let e_cut = s.error(&cut, false) / energy;
+                let e_after = if self.reconstruct {
+                    s.error(&s.w, s.center) / energy
                 } else {
                     e_cut
                 };
                 notes.push(format!(
                     "{} error {e_cut:.4} cut{}",
                     s.name,
-                    if reconstruct {
-                        format!(", {e_after:.4} refit (ridge {:.3e})", s.ridge)
+                    if self.reconstruct {
+                        format!(", {e_after:.4} refit (ridge {:.0e})", s.ridge)
                     } else {
                         String::new()
                     }
                 ));
                 report.errors.push(LayerError {
                     layer: s.name.clone(),
-                    method: format!("channels:{criterion}"),
+                    method: format!("channels:{}", self.criterion),
                     nearest: e_cut,
                     after: e_after,
                 });
@@ -538,9 +563,10 @@ impl Pass for PruneChannels {
             report.changed(
                 &p.label,
                 format!(
-                    "{} -> {kept} channels ({criterion}{}){}{}",
+                    "{} -> {kept} channels ({}{}){}{}",
                     p.group.channels,
-                    if reconstruct { ", refit" } else { "" },
+                    self.criterion,
+                    if self.reconstruct { ", refit" } else { "" },
                     if p.group.coupled() {
                         format!(", coupled group of {} layers", p.group.roots.len())
                     } else {
@@ -553,12 +579,148 @@ impl Pass for PruneChannels {
                     }
                 ),
             );
-            edits.push((p, removed));
+            edits.push(Edit {
+                planned: p,
+                removed,
+                sinks: group,
+                refit: self.reconstruct,
+            });
         }
-
-        apply(model, &edits, if reconstruct { Some(&sinks) } else { None })?;
-        Ok(report)
+        Ok(edits)
     }
+}
+
+/// The name of a value of the pruned copy inside the capture model.
+fn pruned_name(v: &str) -> String {
+    format!("{v}\u{1}pruned")
+}
+
+/// A model that runs the original and the model being pruned side by side on
+/// the same input, with, per sink, the Concat of its two inputs along the
+/// channels (the pruned one first): the Gram of that Concat holds G_pp, G_po
+/// and G_oo.
+fn side_by_side(original: &Model, pruned: &Model, sinks: &[(usize, String)]) -> Result<Model> {
+    let mut out = original.clone();
+    let inputs: HashSet<String> = Graph::of(pruned)?
+        .inputs()
+        .map(|i| i.name().to_string())
+        .collect();
+    let rename = |v: &str| {
+        if v.is_empty() || inputs.contains(v) {
+            v.to_string()
+        } else {
+            pruned_name(v)
+        }
+    };
+    let pg = pruned.graph();
+    if pg.node.iter().any(|n| {
+        !crate::graph::subgraph_free_values(n).is_empty()
+            || n.attribute
+                .iter()
+                .any(|a| a.g.is_some() || !a.graphs.is_empty())
+    }) {
+        return Err(Error::Usage(
+            "sequential channel calibration does not handle subgraphs (If/Loop/Scan); use channels.calib_mode = \"parallel\"".into(),
+        ));
+    }
+    let g = out.graph_mut();
+    for n in &pg.node {
+        let mut n = n.clone();
+        n.name = Some(pruned_name(n.name()));
+        n.input.iter_mut().for_each(|v| *v = rename(v));
+        n.output.iter_mut().for_each(|v| *v = rename(v));
+        g.node.push(n);
+    }
+    for t in &pg.initializer {
+        let mut t = t.clone();
+        t.name = Some(pruned_name(t.name()));
+        g.initializer.push(t);
+    }
+    for (node, input) in sinks {
+        let mut cat = crate::onnx::proto::NodeProto {
+            op_type: Some("Concat".into()),
+            name: Some(format!("{}\u{1}concat", node)),
+            input: vec![pruned_name(input), input.clone()],
+            output: vec![concat_name(*node)],
+            ..Default::default()
+        };
+        cat.attribute.push(crate::onnx::attr::int("axis", 1));
+        g.node.push(cat);
+    }
+    Ok(out)
+}
+
+fn concat_name(node: usize) -> String {
+    format!("\u{1}sink{node}")
+}
+
+/// Captures the sinks of a chunk of groups and builds their solve data. With
+/// `original`, the sink inputs of the model as pruned so far are paired with the
+/// original model's (sequential calibration); else both are the current model's.
+fn calibrate(
+    model: &Model,
+    original: Option<&Model>,
+    chunk: &[Planned],
+    cx: &Context,
+    damp: f64,
+    report: &mut PassReport,
+) -> Result<HashMap<usize, std::result::Result<SinkData, String>>> {
+    let g = Graph::of(model)?;
+    let mut out = HashMap::new();
+    let mut wanted = Vec::new();
+    let mut cols = HashMap::new();
+    let mut pairs = Vec::new();
+    for p in chunk {
+        for s in &p.group.sinks {
+            let node = g.node(s.node);
+            let shape = crate::onnx::tensor::shape_of(
+                g.initializer(&node.input[1])
+                    .expect("checked by the grouping"),
+            )?;
+            cols.insert(s.node, s.cols);
+            match calib::geom_of(node, &shape) {
+                Ok(mut geom) => {
+                    if original.is_some() {
+                        match &mut geom {
+                            Geom::Conv(c) => c.cin_per_group *= 2,
+                            Geom::Dense { k, .. } => *k *= 2,
+                        }
+                        geom.set_input(&concat_name(s.node));
+                        pairs.push((s.node, node.input[0].clone()));
+                    }
+                    wanted.push((s.node, vec![geom]));
+                }
+                Err(e) => {
+                    out.insert(s.node, Err(e));
+                }
+            }
+        }
+    }
+    let capture_model = match original {
+        Some(o) => side_by_side(o, model, &pairs)?,
+        None => model.clone(),
+    };
+    let (cal, too_big, secs) = calib::capture(&capture_model, cx, &wanted)?;
+    report.changed(
+        "calibration",
+        format!(
+            "{} images: inputs of {} sinks captured in {secs:.2}s{}",
+            cx.calib.map_or(0, |d| d.len()),
+            cal.len(),
+            if original.is_some() {
+                " (beside the original model's: sequential)"
+            } else {
+                ""
+            }
+        ),
+    );
+    for (n, why) in too_big {
+        out.insert(n, Err(why));
+    }
+    for (n, c) in cal {
+        out.insert(n, sink_data(&g, n, cols[&n], c, damp, original.is_some()));
+    }
+    Ok(out)
 }
 
 /// The groups to prune and how many channels each loses; the others are reported.
@@ -655,13 +817,15 @@ pub fn removed_count(c: usize, r: f64, multiple: usize) -> usize {
     c.saturating_sub(rounded.min(c))
 }
 
-/// A sink's weight rows, Hessian and damped inverse.
+/// A sink's weight rows, Grams and damped inverse. With `paired`, the captured
+/// statistics are those of [x_p; x_o] (2d columns).
 fn sink_data(
     g: &Graph,
     n: usize,
     cols: usize,
     c: calib::Calibrated,
     damp: f64,
+    paired: bool,
 ) -> std::result::Result<SinkData, String> {
     let node = g.node(n);
     let weight = node.input[1].clone();
@@ -674,25 +838,56 @@ fn sink_data(
     let rows = calib::rows_of(node, w.shape())?;
     let d = rows.len;
     let flat: Vec<f32> = w.iter().copied().collect();
-    let w0: Vec<Vec<f64>> = (0..rows.count)
+    let target: Vec<Vec<f64>> = (0..rows.count)
         .map(|r| (0..d).map(|j| flat[rows.index(r, j)] as f64).collect())
         .collect();
     let stats = c.stats.first().ok_or("no statistics")?;
-    let gm = calib::obs::hessian(stats, d);
-    let mu = c.means.first().cloned().unwrap_or_else(|| vec![0.0; d]);
+    let means = c.means.first().cloned().unwrap_or_default();
+    let (gpp, gpo, goo, mu_p, mu_o) = if paired {
+        let big = calib::obs::hessian(stats, 2 * d);
+        let block = |r0: usize, c0: usize| -> Vec<f64> {
+            let mut m = vec![0.0; d * d];
+            for i in 0..d {
+                m[i * d..(i + 1) * d]
+                    .copy_from_slice(&big[(r0 + i) * 2 * d + c0..(r0 + i) * 2 * d + c0 + d]);
+            }
+            m
+        };
+        let mu = if means.len() == 2 * d {
+            means
+        } else {
+            vec![0.0; 2 * d]
+        };
+        (
+            Arc::new(block(0, 0)),
+            Arc::new(block(0, d)),
+            Arc::new(block(d, d)),
+            mu[..d].to_vec(),
+            mu[d..].to_vec(),
+        )
+    } else {
+        let gm = Arc::new(calib::obs::hessian(stats, d));
+        let mu = if means.len() == d {
+            means
+        } else {
+            vec![0.0; d]
+        };
+        (gm.clone(), gm.clone(), gm, mu.clone(), mu)
+    };
     let center = node.op_type() != "MatMul";
     let n_over_scale = c.rows as f64 / c.scale;
-    let h: Vec<f64> = if center {
-        let mut h = gm.clone();
-        for a in 0..d {
-            for b in 0..d {
-                h[a * d + b] -= n_over_scale * mu[a] * mu[b];
+    let centered = |m: &[f64], a: &[f64], b: &[f64]| -> Vec<f64> {
+        let mut h = m.to_vec();
+        if center {
+            for i in 0..d {
+                for j in 0..d {
+                    h[i * d + j] -= n_over_scale * a[i] * b[j];
+                }
             }
         }
         h
-    } else {
-        gm.clone()
     };
+    let h = centered(&gpp, &mu_p, &mu_p);
     let mean_diag = (0..d).map(|i| h[i * d + i]).sum::<f64>() / d.max(1) as f64;
     let unit = if mean_diag > 0.0 { mean_diag } else { 1.0 };
     // The ridge asked for, raised tenfold while the damped covariance is not
@@ -717,17 +912,24 @@ fn sink_data(
             }
         }
     };
-    let energy: f64 = w0
-        .iter()
-        .map(|wr| {
-            let mut s = 0.0;
-            for a in 0..d {
-                let row = &gm[a * d..(a + 1) * d];
-                s += wr[a] * row.iter().zip(wr).map(|(x, y)| x * y).sum::<f64>();
-            }
-            s
-        })
-        .sum();
+    // The fit with every channel: w = P C_po t (the targets themselves in parallel
+    // calibration, where x_p = x_o).
+    let w = if paired {
+        let cpo = centered(&gpo, &mu_p, &mu_o);
+        let cpo = Mat::from_fn(d, d, |i, j| cpo[i * d + j]);
+        let m = &p * &cpo;
+        target
+            .par_iter()
+            .map(|t| {
+                (0..d)
+                    .map(|i| (0..d).map(|j| m[(i, j)] * t[j]).sum())
+                    .collect()
+            })
+            .collect()
+    } else {
+        target.clone()
+    };
+    let energy: f64 = target.par_iter().map(|t| quad(t, &goo, t)).sum();
     Ok(SinkData {
         node: n,
         name: g.node_name(n).to_string(),
@@ -735,10 +937,13 @@ fn sink_data(
         rows,
         d,
         cols,
-        w: w0.clone(),
-        w0,
-        g: gm,
-        mu,
+        target,
+        w,
+        gpp,
+        gpo,
+        goo,
+        mu_p,
+        mu_o,
         n_over_scale,
         center,
         p,
@@ -822,22 +1027,14 @@ fn greedy(
 
 /// Writes the smaller tensors: refit sink weights and biases first, then every
 /// slice, depthwise `group` attributes and declared shapes.
-fn apply(
-    model: &mut Model,
-    edits: &[(Planned, Vec<usize>)],
-    refit: Option<&HashMap<usize, SinkData>>,
-) -> Result<()> {
+fn apply(model: &mut Model, edits: &[Edit]) -> Result<()> {
     // New values of tensors before slicing.
     let mut values: HashMap<String, ArrayD<f32>> = HashMap::new();
     let mut new_biases: Vec<(usize, Option<String>, Vec<f32>)> = Vec::new();
     {
         let g = Graph::of(model)?;
-        for (p, _) in edits {
-            let Some(sinks) = refit else { break };
-            for s in &p.group.sinks {
-                let Some(sd) = sinks.get(&s.node) else {
-                    continue;
-                };
+        for e in edits.iter().filter(|e| e.refit) {
+            for sd in &e.sinks {
                 let mut w = g.constant_f32(&sd.weight)?.expect("an initializer");
                 {
                     let flat = w.as_slice_mut().expect("standard layout");
@@ -849,7 +1046,7 @@ fn apply(
                 }
                 values.insert(sd.weight.clone(), w);
                 if sd.center {
-                    let node = g.node(s.node);
+                    let node = g.node(sd.node);
                     let bias = crate::graph::layers::bias_input(node).map(str::to_string);
                     let mut b: Vec<f32> = match &bias {
                         Some(b) => g
@@ -873,16 +1070,12 @@ fn apply(
                             sd.rows.count
                         )));
                     }
-                    for (r, (w1, w0)) in sd.w.iter().zip(&sd.w0).enumerate() {
-                        let shift: f64 = w1
-                            .iter()
-                            .zip(w0)
-                            .zip(&sd.mu)
-                            .map(|((a, b), m)| (b - a) * m)
-                            .sum();
+                    // b' = b + t^T mu_o - w^T mu_p: the means' difference.
+                    for (r, (w1, t)) in sd.w.iter().zip(&sd.target).enumerate() {
+                        let shift = dot(t, &sd.mu_o) - dot(w1, &sd.mu_p);
                         b[r] += shift as f32;
                     }
-                    new_biases.push((s.node, bias, b));
+                    new_biases.push((sd.node, bias, b));
                 }
             }
         }
@@ -914,7 +1107,8 @@ fn apply(
         };
         set_initializer(gp, &name, &data);
     }
-    for (p, removed) in edits {
+    for e in edits {
+        let (p, removed) = (&e.planned, &e.removed);
         let gone: HashSet<usize> = removed.iter().copied().collect();
         let keep: Vec<usize> = (0..p.group.channels)
             .filter(|c| !gone.contains(c))
