@@ -308,6 +308,49 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// One line when only weights or only activations are quantized: quantizing
+/// anything below 16 bits cancels the rules' 16-bit freebie (float32 counts as
+/// 16-bit only in a model with no quantization), so the operations that still
+/// read float32 count at 32 bits and the score may be worse than the original's.
+fn half_quantized_note(
+    r: &Recipe,
+    before: &onnx_micronet::score::Report,
+    after: &onnx_micronet::score::Report,
+) -> Option<String> {
+    let (w, a) = (r.quantize.is_some(), r.act_quant.is_some());
+    let what = match (w, a) {
+        (true, false) => "only weights are quantized: multiplies still read float32 activations",
+        (false, true) => "only activations are quantized: multiplies still read float32 weights",
+        _ => return None,
+    };
+    let fix = if w {
+        "quantize activations too (--act-bits 8 --calib DATA)"
+    } else {
+        "quantize weights too (--quantize linear:8)"
+    };
+    let worse = if after.score > before.score {
+        format!(
+            ", and the score is worse than the original's ({:.3}x)",
+            after.score / before.score
+        )
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "note: {what}, which count at 32 bits once anything is quantized (the 16-bit freebie is for unquantized models){worse}; {fix}"
+    ))
+}
+
+/// Checks output paths (with the option that names each) before any work.
+fn check_outputs(paths: &[(Option<&Path>, &str)]) -> anyhow::Result<()> {
+    for (p, what) in paths {
+        if let Some(p) = p {
+            onnx::io::check_output_path(p, what)?;
+        }
+    }
+    Ok(())
+}
+
 /// Prints the report as text, or as JSON to a file or standard output ('-').
 fn emit_report<T: serde::Serialize>(
     text: impl FnOnce() -> String,
@@ -341,6 +384,7 @@ fn convert(
     external_data: bool,
     external_threshold: usize,
 ) -> anyhow::Result<ExitCode> {
+    onnx::io::check_output_path(output, "-o")?;
     let m = onnx_micronet::load(model)?;
     let opts = SaveOptions {
         layout: if external_data {
@@ -366,6 +410,7 @@ fn score(
     json: Option<&Path>,
     markdown: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
+    check_outputs(&[(json, "--json"), (markdown, "--markdown")])?;
     let m = onnx_micronet::load(model)?;
     let report = score::score(&m, &counting.resolve(&m)?)?;
     emit_report(|| report.to_text(), &report, json)?;
@@ -381,6 +426,7 @@ fn validate(
     data: &DataArgs,
     json: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
+    check_outputs(&[(json, "--json")])?;
     let first = onnx_micronet::load(model)?;
     let second = other.map(onnx_micronet::load).transpose()?;
     let p = prepare(
@@ -417,12 +463,16 @@ struct OptimizeArgs {
 }
 
 fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
+    // Every output path first: a bad one fails before any work.
+    let model_out = (!a.dry_run).then_some(a.output.as_path());
+    check_outputs(&[(model_out, "-o"), (a.report.as_deref(), "--report")])?;
     let original = onnx_micronet::load(&a.model)?;
     let mut r = match &a.recipe {
         Some(p) => Recipe::from_file(p)?,
         None => Recipe::default(),
     };
     r.apply(&a.overrides)?;
+    r.check_patterns(&original)?;
     let opts = a.counting.resolve(&original)?;
     let threads = threads(&a.prep);
     // The evaluation data first: a gate it cannot answer fails before any work.
@@ -472,6 +522,9 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
     };
     let (optimized, passes) = optimize::run(&original, &r, &cx)?;
     let (before, mut after) = optimize::scores(&original, &optimized, &opts)?;
+    if let Some(note) = half_quantized_note(&r, &before, &after) {
+        eprintln!("{note}");
+    }
     let validation = match &eval {
         Some(p) => Some(run_validation(
             &[

@@ -42,6 +42,63 @@ pub fn scores(
 }
 
 impl OptimizeReport {
+    /// When accuracy collapsed (top-1 agreement with the original under 50%, or
+    /// top-1 under half the original's), what to try: the layers with the largest
+    /// measured output errors and the flags that address the passes that ran.
+    pub fn collapse_advice(&self) -> Option<String> {
+        let v = self.validation.as_ref()?;
+        let agreement = v.agreement.as_ref().map(|a| a.top1_agreement);
+        let top1 = |i: usize| v.runs.get(i).and_then(|r| r.top1);
+        let halved = matches!((top1(0), top1(1)), (Some(b), Some(a)) if a < 0.5 * b);
+        if !(agreement.is_some_and(|a| a < 0.5) || halved) {
+            return None;
+        }
+        let mut s = String::from("accuracy collapsed");
+        if let Some(a) = agreement {
+            let _ = write!(s, " (top-1 agreement {:.1}%)", 100.0 * a);
+        }
+        s.push_str(". ");
+        let mut errors: Vec<(&str, &crate::passes::LayerError)> = self
+            .passes
+            .iter()
+            .flat_map(|p| p.errors.iter().map(move |e| (p.pass.as_str(), e)))
+            .collect();
+        errors.sort_by(|a, b| b.1.after.total_cmp(&a.1.after));
+        if errors.is_empty() {
+            s.push_str("No per-layer errors were measured: calibrate (--calib DATA) for them and for the data-aware methods (GPTQ, SparseGPT, reconstruction).");
+        } else {
+            s.push_str("Largest relative output errors on the calibration images: ");
+            let worst: Vec<String> = errors
+                .iter()
+                .take(3)
+                .map(|(p, e)| format!("{} ({p}, {:.3})", e.layer, e.after))
+                .collect();
+            s.push_str(&worst.join(", "));
+            s.push('.');
+        }
+        let r = &self.recipe;
+        let mut tries: Vec<&str> = Vec::new();
+        if r.channels.is_some() {
+            tries.push(
+                "a lower channel ratio, or channels.skip / [[channels.layer]] for the worst groups",
+            );
+        }
+        if r.prune.is_some() {
+            tries.push("a lower sparsity, or --prune sparsegpt:S with --set prune.allocate=network (needs --calib)");
+        }
+        if r.quantize.is_some() {
+            tries.push("more bits for the worst layers (--layer-bits NAME=8), --rounding gptq and --equalize with --calib, --weight-range mse");
+        }
+        if r.act_quant.is_some() {
+            tries
+                .push("--act-range percentile:99.99 or mse, or --act-bits 16 for the worst inputs");
+        }
+        if !tries.is_empty() {
+            let _ = write!(s, " Try: {}.", tries.join("; "));
+        }
+        Some(s)
+    }
+
     pub fn to_text(&self) -> String {
         let mut s = String::new();
         for p in &self.passes {
@@ -123,6 +180,9 @@ impl OptimizeReport {
         if let Some(v) = &self.validation {
             let _ = writeln!(s);
             s.push_str(&v.to_text());
+        }
+        if let Some(a) = self.collapse_advice() {
+            let _ = writeln!(s, "\n{a}");
         }
         if let Some(o) = &self.output {
             let _ = writeln!(s, "\nwrote {o}");

@@ -199,6 +199,102 @@ impl Recipe {
         })
     }
 
+    /// Every layer pattern of the recipe (skip lists and per-layer rules, from the
+    /// file or the flags) with the key it came from.
+    pub fn patterns(&self) -> Vec<(&str, &'static str)> {
+        let mut out: Vec<(&str, &'static str)> = Vec::new();
+        if let Some(e) = &self.equalize {
+            out.extend(e.skip.iter().map(|p| (p.as_str(), "equalize.skip")));
+        }
+        if let Some(c) = &self.channels {
+            out.extend(c.skip.iter().map(|p| (p.as_str(), "channels.skip")));
+            out.extend(
+                c.layers
+                    .iter()
+                    .map(|l| (l.pattern.as_str(), "[[channels.layer]]")),
+            );
+        }
+        if let Some(p) = &self.prune {
+            out.extend(
+                p.skip
+                    .iter()
+                    .map(|p| (p.as_str(), "prune.skip (--prune-skip)")),
+            );
+            out.extend(
+                p.layers
+                    .iter()
+                    .map(|l| (l.pattern.as_str(), "[[prune.layer]]")),
+            );
+        }
+        if let Some(q) = &self.quantize {
+            out.extend(q.skip.iter().map(|p| (p.as_str(), "quantize.skip")));
+            out.extend(
+                q.layers
+                    .iter()
+                    .map(|l| (l.pattern.as_str(), "[[quantize.layer]] (--layer-bits)")),
+            );
+        }
+        out
+    }
+
+    /// Errors on the first layer pattern that matches no node or initializer name
+    /// of the model, naming it, where it came from and the nearest layer names
+    /// (Jaro-Winkler similarity to the pattern without its wildcards): a rule that
+    /// matches nothing would change nothing without a word.
+    pub fn check_patterns(&self, model: &crate::onnx::Model) -> Result<()> {
+        let g = crate::graph::Graph::of(model)?;
+        let mut names: Vec<String> = (0..g.nodes().len())
+            .map(|i| g.node_name(i).to_string())
+            .collect();
+        names.extend(
+            model
+                .graph()
+                .initializer
+                .iter()
+                .map(|t| t.name().to_string()),
+        );
+        for (pattern, source) in self.patterns() {
+            if crate::passes::select::matches_any(pattern, &names) {
+                continue;
+            }
+            let core: String = pattern
+                .chars()
+                .filter(|c| !matches!(c, '*' | '?' | '[' | ']' | '\\'))
+                .collect();
+            let mut layers: Vec<String> = Vec::new();
+            for l in crate::graph::weighted_layers(&g) {
+                layers.extend(l.nodes.iter().map(|&n| g.node_name(n).to_string()));
+                layers.push(l.weight.clone());
+            }
+            layers.sort();
+            layers.dedup();
+            let mut scored: Vec<(f64, &String)> = layers
+                .iter()
+                .map(|n| {
+                    (
+                        strsim::jaro_winkler(&core.to_lowercase(), &n.to_lowercase()),
+                        n,
+                    )
+                })
+                .collect();
+            scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(b.1)));
+            let nearest: Vec<String> = scored
+                .iter()
+                .take(3)
+                .map(|(_, n)| format!("'{n}'"))
+                .collect();
+            return Err(Error::Usage(format!(
+                "{source} pattern '{pattern}' matches no node or weight of the model; nearest layer names: {}",
+                if nearest.is_empty() {
+                    "none (the model has no weighted layers)".to_string()
+                } else {
+                    nearest.join(", ")
+                }
+            )));
+        }
+        Ok(())
+    }
+
     /// The pipeline the recipe describes, in the fixed order of [`passes::pipeline`].
     pub fn pipeline(&self) -> Result<Pipeline> {
         // Packed storage is the default whenever something is pruned or quantized.

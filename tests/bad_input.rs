@@ -281,3 +281,121 @@ fn usage_errors_exit_2() {
     let o = cli(&["frobnicate"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// A bad output path fails at once, before loading, calibrating or validating:
+/// exit 2, one line naming the option and the path, no temporary file left.
+#[test]
+fn bad_output_paths_fail_before_any_work() {
+    let d = dir();
+    let model = fixture("mnist_ccexam.onnx");
+    let m = model.to_str().unwrap();
+    let missing = d.path().join("missing_dir").join("out.onnx");
+    // The calibration folder does not exist either: the output error comes first,
+    // so no calibration (or any other work) ran before it.
+    let nowhere = d.path().join("no_such_images");
+    let err = cli_fails(&[
+        "optimize",
+        m,
+        "-o",
+        missing.to_str().unwrap(),
+        "--quantize",
+        "linear:8",
+        "--act-bits",
+        "8",
+        "--calib",
+        nowhere.to_str().unwrap(),
+    ]);
+    assert!(err.contains("-o '"), "{err}");
+    assert!(err.contains("missing_dir' does not exist"), "{err}");
+    assert!(!err.contains(".onnx-micronet-"), "{err}");
+    // A folder given as the output.
+    let folder = format!("{}/", d.path().display());
+    let err = cli_fails(&["optimize", m, "-o", &folder]);
+    assert!(err.contains("is a folder: give a file path"), "{err}");
+    let err = cli_fails(&["convert", m, "-o", d.path().to_str().unwrap()]);
+    assert!(err.contains("is a folder"), "{err}");
+    // The report path too, and score's outputs.
+    let out = d.path().join("ok.onnx");
+    let err = cli_fails(&[
+        "optimize",
+        m,
+        "-o",
+        out.to_str().unwrap(),
+        "--report",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(err.contains("--report '"), "{err}");
+    let err = cli_fails(&["score", m, "--markdown", missing.to_str().unwrap()]);
+    assert!(err.contains("--markdown '"), "{err}");
+    assert!(!out.exists());
+    let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A layer rule that matches nothing is an error naming the pattern, where it came
+/// from and the nearest layer names (exit 2), from a flag and from a recipe; the
+/// shipped recipe's "*classifier*" rule matches the EfficientNet-style fixture's
+/// `classifier` and so runs there.
+#[test]
+fn layer_patterns_that_match_nothing_are_errors_with_the_nearest_names() {
+    let d = dir();
+    let model = fixture("mnist_ccexam.onnx");
+    let m = model.to_str().unwrap();
+    let out = d.path().join("o.onnx");
+    let o = out.to_str().unwrap();
+    let err = cli_fails(&[
+        "optimize",
+        m,
+        "-o",
+        o,
+        "--quantize",
+        "linear:8",
+        "--layer-bits",
+        "*clasifier.2*=6",
+    ]);
+    assert!(
+        err.contains("[[quantize.layer]] (--layer-bits) pattern '*clasifier.2*' matches no node or weight of the model; nearest layer names: '"),
+        "{err}"
+    );
+    // The nearest name is the one the typo meant.
+    assert!(err.contains("classifier.2"), "{err}");
+    let err = cli_fails(&[
+        "optimize",
+        m,
+        "-o",
+        o,
+        "--prune",
+        "magnitude:0.5",
+        "--prune-skip",
+        "features.9*",
+    ]);
+    assert!(
+        err.contains("prune.skip (--prune-skip) pattern 'features.9*'"),
+        "{err}"
+    );
+    let recipe = d.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        "[prune]\nmethod = \"magnitude\"\nsparsity = 0.5\n[[prune.layer]]\nmatch = \"fc*\"\nsparsity = 0.9\n",
+    )
+    .unwrap();
+    let err = cli_fails(&["optimize", m, "-o", o, "--recipe", recipe.to_str().unwrap()]);
+    assert!(err.contains("[[prune.layer]] pattern 'fc*'"), "{err}");
+    assert!(!out.exists());
+    // A pattern that matches runs.
+    let ok = cli(&[
+        "optimize",
+        fixture("efficientnet_style_bn.onnx").to_str().unwrap(),
+        "-o",
+        o,
+        "--quantize",
+        "minmax:6",
+        "--layer-bits",
+        "*classifier*=8",
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}

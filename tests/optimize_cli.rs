@@ -229,3 +229,73 @@ fn intervals_changed_images_and_overlapping_sets_are_reported() {
     assert_eq!((lo, hi), onnx_micronet::validate::wilson(same, 20));
     assert!(lo <= agree && agree <= hi);
 }
+
+/// Quantizing only weights cancels the 16-bit freebie: one line says so, with the
+/// fix, and that the score got worse when it did.
+#[test]
+fn weight_only_quantization_says_the_freebie_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("w12.onnx");
+    let o = cli(&[
+        "optimize",
+        fixture("efficientnet_style_bn.onnx").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--quantize",
+        "linear:12",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("note: only weights are quantized"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains("--act-bits 8 --calib DATA"), "{line}");
+    // Measured: 1.046x the original's score.
+    assert!(
+        line.contains("the score is worse than the original's (1.0"),
+        "{line}"
+    );
+}
+
+/// When accuracy collapses, the report says what to try: without calibration, to
+/// calibrate; the flags for the passes that ran.
+#[test]
+fn a_collapse_says_what_to_try() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p99.onnx");
+    let o = cli(&[
+        "optimize",
+        fixture("mnist_ccexam.onnx").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--prune",
+        "magnitude:0.995",
+        "--data",
+        fixture("data/mnist-digits-1000").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("accuracy collapsed"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains("No per-layer errors were measured: calibrate (--calib DATA)"),
+        "{line}"
+    );
+    assert!(line.contains("Try: a lower sparsity"), "{line}");
+    // A model that keeps its accuracy gets no such line.
+    let o = cli(&[
+        "optimize",
+        fixture("mnist_ccexam.onnx").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--prune",
+        "magnitude:0.1",
+        "--data",
+        fixture("data/mnist-digits-1000").to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("accuracy collapsed"));
+}

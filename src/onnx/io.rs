@@ -584,6 +584,50 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Checks, before any work, that `path` can be written as a file: it is not a
+/// folder, its folder exists and accepts a new file. `what` names the option
+/// (`-o`, `--report`) in the error. `-` (standard output) passes.
+pub fn check_output_path(path: &Path, what: &str) -> Result<()> {
+    if path.as_os_str() == "-" {
+        return Ok(());
+    }
+    let shown = path.display();
+    let trailing = path.as_os_str().to_string_lossy().ends_with(['/', '\\']);
+    if trailing || path.is_dir() {
+        return Err(Error::Usage(format!(
+            "{what} '{shown}' is a folder: give a file path (e.g. '{}')",
+            path.join("model.onnx").display()
+        )));
+    }
+    let dir = parent_dir(path);
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::Usage(format!(
+                "{what} '{shown}': '{}' is not a folder",
+                dir.display()
+            )))
+        }
+        Err(_) => {
+            return Err(Error::Usage(format!(
+                "{what} '{shown}': folder '{}' does not exist",
+                dir.display()
+            )))
+        }
+    }
+    tempfile::Builder::new()
+        .prefix(".onnx-micronet-probe-")
+        .tempfile_in(dir)
+        .map(drop)
+        .map_err(|e| {
+            Error::Usage(format!(
+                "{what} '{shown}': cannot create a file in '{}' ({})",
+                dir.display(),
+                e.kind()
+            ))
+        })
+}
+
 fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
