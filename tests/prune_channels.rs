@@ -573,3 +573,55 @@ print(" ".join(repr(float(v)) for v in y))
         );
     }
 }
+
+/// Channel pruning before quantization: bias correction's reference is the
+/// channel-pruned model (its layers have the new shapes), so the whole pipeline
+/// runs and bias correction corrects every quantized layer it can.
+#[test]
+fn channel_pruning_then_8_bit_quantization_with_bias_correction_runs() {
+    let path = fixture("mobilenetv2_cifar_bn.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("chq.onnx");
+    let report = dir.path().join("r.json");
+    let calib = fixture("data/foolbox/cifar100");
+    let o = cli(&[
+        "optimize",
+        path.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--prune",
+        "channels:0.25",
+        "--quantize",
+        "minmax:8",
+        "--per-channel",
+        "--act-bits",
+        "8",
+        "--calib",
+        calib.to_str().unwrap(),
+        "--preprocess",
+        "cifar",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let pass = |name: &str| {
+        json["passes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pass"] == name)
+            .unwrap_or_else(|| panic!("no {name} pass"))
+            .clone()
+    };
+    let channels = pass("prune-channels");
+    assert!(channels["changed"].as_array().unwrap().len() >= 5);
+    let bc = pass("bias-correct");
+    let corrected = bc["changed"].as_array().unwrap().len();
+    assert!(corrected >= 20, "{bc:#}");
+    // Nothing was left for a shape mismatch with the reference.
+    for s in bc["skipped"].as_array().unwrap() {
+        assert!(!s["what"].as_str().unwrap().contains("shape"), "{s}");
+    }
+}

@@ -745,6 +745,12 @@ impl Pass for Equalize {
         self.0.across_clip != AcrossClip::Relu
     }
 
+    /// Even when lossy (a Relu6 rescaled as Relu), the reference is the rescaled
+    /// model: bias correction compares each layer's weights with its rescaled ones.
+    fn reference_after(&self) -> bool {
+        true
+    }
+
     fn run(&self, model: &mut Model, cx: &Context) -> Result<PassReport> {
         let cfg = &self.0;
         let mut report = PassReport::new(self.name());

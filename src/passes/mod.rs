@@ -123,6 +123,14 @@ pub trait Pass {
     fn lossless(&self) -> bool {
         false
     }
+    /// Whether bias correction's reference is taken after this pass: after the
+    /// lossless passes, and after the passes whose changes are not compression
+    /// error of the layers (channel pruning reshapes them and refits its own;
+    /// equalization rescales them), so reference and compressed weights compare
+    /// layer by layer.
+    fn reference_after(&self) -> bool {
+        self.lossless()
+    }
 }
 
 /// Passes in order.
@@ -141,7 +149,7 @@ impl Pipeline {
         let mut reference: Option<Model> = None;
         for pass in &self.passes {
             // The reference: the model as it is when the first lossy pass starts.
-            if !pass.lossless() && reference.is_none() && cx.reference.is_none() {
+            if !pass.reference_after() && reference.is_none() && cx.reference.is_none() {
                 reference = Some(model.clone());
             }
             let cx = Context {

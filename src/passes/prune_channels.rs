@@ -395,6 +395,12 @@ impl Pass for PruneChannels {
         "prune-channels"
     }
 
+    /// The layers change shape: bias correction compares the later passes'
+    /// weights with the channel-pruned ones (this pass refits its own).
+    fn reference_after(&self) -> bool {
+        true
+    }
+
     fn run(&self, model: &mut Model, cx: &Context) -> Result<PassReport> {
         let cfg = &self.0;
         let mut report = PassReport::new(self.name());

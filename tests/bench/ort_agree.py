@@ -92,9 +92,9 @@ def main():
         with open(a.manifest) as f:
             for row in csv.DictReader(f):
                 if row.get("labels"):
-                    full = os.path.abspath(os.path.join(base, row["file"]))
+                    full = os.path.realpath(os.path.join(base, row["file"]))
                     labels[full] = {int(v) for v in row["labels"].split()}
-    lab = [labels.get(os.path.abspath(p)) for p in paths]
+    lab = [labels.get(os.path.realpath(p)) for p in paths]  # symlinked splits: the real file
     ref = run(a.models[0], x, True)
     report = {"images": len(paths), "labelled": sum(l is not None for l in lab), "models": []}
     for m in a.models:
