@@ -180,6 +180,13 @@ pub enum Command {
         /// Print the plan and the predicted score without writing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Print every change and every layer left alone, with the reason (by
+        /// default: one line per pass).
+        #[arg(long, short = 'v')]
+        verbose: bool,
+        /// Also write the before/after table as Markdown to FILE.
+        #[arg(long, value_name = "FILE")]
+        markdown: Option<PathBuf>,
         /// Also write the whole report as JSON.
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,

@@ -283,6 +283,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_drop,
             min_agreement,
             dry_run,
+            verbose,
+            markdown,
             report,
             external_data,
             counting,
@@ -301,6 +303,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 min_agreement,
             },
             dry_run,
+            verbose,
+            markdown,
             report,
             external_data,
             counting,
@@ -457,6 +461,8 @@ struct OptimizeArgs {
     prep: PrepArgs,
     gates: Gates,
     dry_run: bool,
+    verbose: bool,
+    markdown: Option<PathBuf>,
     report: Option<PathBuf>,
     external_data: bool,
     counting: Counting,
@@ -465,7 +471,11 @@ struct OptimizeArgs {
 fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
     // Every output path first: a bad one fails before any work.
     let model_out = (!a.dry_run).then_some(a.output.as_path());
-    check_outputs(&[(model_out, "-o"), (a.report.as_deref(), "--report")])?;
+    check_outputs(&[
+        (model_out, "-o"),
+        (a.report.as_deref(), "--report"),
+        (a.markdown.as_deref(), "--markdown"),
+    ])?;
     let original = onnx_micronet::load(&a.model)?;
     let mut r = match &a.recipe {
         Some(p) => Recipe::from_file(p)?,
@@ -537,6 +547,7 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let mut rep = optimize::OptimizeReport {
+        plan: passes.iter().map(|p| p.pass.clone()).collect(),
         input: a.model.display().to_string(),
         output: None,
         recipe: r,
@@ -547,7 +558,7 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
     };
     if let Some(v) = &rep.validation {
         if let Some(why) = a.gates.shortfall(v) {
-            out(&rep.to_text())?;
+            out(&rep.to_text(a.verbose))?;
             eprintln!("error: {why}; nothing written");
             return Ok(ExitCode::from(3));
         }
@@ -571,9 +582,12 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
     } else {
         eprintln!("dry run: nothing written; the 'after' column is the predicted score");
     }
-    out(&rep.to_text())?;
+    out(&rep.to_text(a.verbose))?;
     if let Some(path) = &a.report {
         emit(path, &serde_json::to_string_pretty(&rep)?)?;
+    }
+    if let Some(path) = &a.markdown {
+        emit(path, &rep.to_markdown())?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -23,6 +23,8 @@ pub fn run(model: &Model, recipe: &Recipe, cx: &Context) -> Result<(Model, Vec<P
 /// Everything `optimize` prints.
 #[derive(Debug, Serialize)]
 pub struct OptimizeReport {
+    /// The passes that ran, in order.
+    pub plan: Vec<String>,
     pub input: String,
     pub output: Option<String>,
     pub recipe: Recipe,
@@ -42,6 +44,79 @@ pub fn scores(
 }
 
 impl OptimizeReport {
+    /// The before/after table as Markdown (for a pull request or a paper):
+    /// score, parameters, operations, file size, and top-1 and agreement with
+    /// their Wilson 95% intervals when validated.
+    pub fn to_markdown(&self) -> String {
+        let (b, a) = (&self.before, &self.after);
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "| {} | before | after | after/before |\n|---|---:|---:|---:|",
+            self.output.as_deref().unwrap_or("(not written)")
+        );
+        let ratio = |x: f64, y: f64| {
+            if x != 0.0 {
+                format!("{:.3}x", y / x)
+            } else {
+                "-".into()
+            }
+        };
+        let si = crate::score::render::si;
+        let _ = writeln!(
+            s,
+            "| MicroNet score ({:?} track) | {:.4} | {:.4} | {} |",
+            a.track,
+            b.score,
+            a.score,
+            ratio(b.score, a.score)
+        );
+        for (what, x, y) in [
+            (
+                "parameters (32-bit units)",
+                b.totals.params,
+                a.totals.params,
+            ),
+            ("operations (32-bit units)", b.totals.ops, a.totals.ops),
+            (
+                "file bytes",
+                b.disk.file_bytes as f64,
+                a.disk.file_bytes as f64,
+            ),
+        ] {
+            let _ = writeln!(s, "| {what} | {} | {} | {} |", si(x), si(y), ratio(x, y));
+        }
+        if let Some(v) = &self.validation {
+            let pct = |x: Option<f64>, i: Option<(f64, f64)>| match (x, i) {
+                (Some(x), Some((lo, hi))) => {
+                    format!("{:.2}% [{:.1}-{:.1}]", 100.0 * x, 100.0 * lo, 100.0 * hi)
+                }
+                (Some(x), None) => format!("{:.2}%", 100.0 * x),
+                _ => "-".into(),
+            };
+            if let (Some(r0), Some(r1)) = (v.runs.first(), v.runs.get(1)) {
+                if r0.top1.is_some() {
+                    let _ = writeln!(
+                        s,
+                        "| top-1 ({} labelled images, 95% interval) | {} | {} | |",
+                        v.labelled,
+                        pct(r0.top1, r0.top1_interval),
+                        pct(r1.top1, r1.top1_interval)
+                    );
+                }
+            }
+            if let Some(ag) = &v.agreement {
+                let _ = writeln!(
+                    s,
+                    "| top-1 agreement with the original ({} images) | | {} | |",
+                    v.runs.first().map_or(0, |r| r.images),
+                    pct(Some(ag.top1_agreement), Some(ag.top1_agreement_interval))
+                );
+            }
+        }
+        s
+    }
+
     /// When accuracy collapsed (top-1 agreement with the original under 50%, or
     /// top-1 under half the original's), what to try: the layers with the largest
     /// measured output errors and the flags that address the passes that ran.
@@ -99,8 +174,12 @@ impl OptimizeReport {
         Some(s)
     }
 
-    pub fn to_text(&self) -> String {
+    /// The text report: one line per pass (every change and every node left
+    /// alone, with the reason, when `verbose`), the before/after table, accuracy.
+    pub fn to_text(&self, verbose: bool) -> String {
         let mut s = String::new();
+        let _ = writeln!(s, "plan: {}", self.plan.join(" -> "));
+        let mut hidden = 0;
         for p in &self.passes {
             let _ = writeln!(
                 s,
@@ -110,12 +189,22 @@ impl OptimizeReport {
                 p.changed.len(),
                 p.skipped.len()
             );
+            if !verbose {
+                hidden += p.changed.len() + p.skipped.len();
+                continue;
+            }
             for c in &p.changed {
                 let _ = writeln!(s, "  changed  {}: {}", c.target, c.what);
             }
             for c in &p.skipped {
                 let _ = writeln!(s, "  left     {}: {}", c.target, c.what);
             }
+        }
+        if hidden > 0 {
+            let _ = writeln!(
+                s,
+                "({hidden} per-layer lines: --verbose prints them, --report FILE writes them as JSON)"
+            );
         }
         let (b, a) = (&self.before, &self.after);
         let row = |s: &mut String, what: &str, x: f64, y: f64| {

@@ -57,6 +57,7 @@ fn equalize(fixture: &std::path::Path, extra: &[&str]) -> (Model, Model, String)
         fixture.to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
+        "--verbose",
     ];
     args.extend_from_slice(extra);
     let o = cli(&args);

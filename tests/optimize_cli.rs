@@ -299,3 +299,67 @@ fn a_collapse_says_what_to_try() {
     assert!(o.status.success());
     assert!(!String::from_utf8_lossy(&o.stdout).contains("accuracy collapsed"));
 }
+
+/// By default one line per pass and a pointer to --verbose; --verbose lists every
+/// change with its reason; --markdown writes the before/after table with the
+/// accuracy and its interval.
+#[test]
+fn summary_by_default_details_with_verbose_and_a_markdown_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p.onnx");
+    let md = dir.path().join("t.md");
+    let args = |verbose: bool| {
+        let mut a = vec![
+            "optimize".to_string(),
+            fixture("mnist_ccexam.onnx").display().to_string(),
+            "-o".into(),
+            out.display().to_string(),
+            "--prune".into(),
+            "magnitude:0.5".into(),
+            "--data".into(),
+            fixture("data/mnist-digits-1000").display().to_string(),
+            "--markdown".into(),
+            md.display().to_string(),
+        ];
+        if verbose {
+            a.push("--verbose".into());
+        }
+        a
+    };
+    let run = |v: bool| {
+        let a = args(v);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let o = cli(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (short, _) = run(false);
+    assert!(
+        short.starts_with("plan: fold-bn -> prune -> pack\n"),
+        "{short}"
+    );
+    assert!(short.contains("prune ("), "{short}");
+    assert!(!short.contains("  changed  "), "{short}");
+    assert!(short.contains("--verbose prints them"), "{short}");
+    let (long, _) = run(true);
+    assert!(long.contains("  changed  "), "{long}");
+    assert!(!long.contains("--verbose prints them"), "{long}");
+    let table = std::fs::read_to_string(&md).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines[1], "|---|---:|---:|---:|");
+    assert!(
+        lines[2].starts_with("| MicroNet score (Cifar100 track) | 0.0064 |"),
+        "{table}"
+    );
+    assert!(
+        table.contains("| top-1 (1000 labelled images, 95% interval) | 99.80% [99.3-99.9] |"),
+        "{table}"
+    );
+    assert!(
+        table.contains("| top-1 agreement with the original (1000 images) | |"),
+        "{table}"
+    );
+}

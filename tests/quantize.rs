@@ -624,6 +624,7 @@ fn cli_end_to_end_on_mnist() {
         d,
         "--limit",
         "100",
+        "--verbose",
     ]);
     let stdout = String::from_utf8_lossy(&r.stdout);
     assert!(
