@@ -345,6 +345,62 @@ fn half_quantized_note(
     ))
 }
 
+/// Records in the model's `metadata_props` how it was made: the tool version,
+/// the recipe in force (TOML: every flag that changes the model is in it), the
+/// calibration images (their description and count, when used), the input file's
+/// name and its SHA-256 (of the .onnx file itself; external data files are not
+/// hashed). Not the command line: output paths and thread counts do not change
+/// the model, and the same model is written byte for byte whatever they are.
+/// Keys from an earlier run of the tool are replaced.
+fn stamp_provenance(
+    m: &mut onnx::Model,
+    input: &Path,
+    recipe: &Recipe,
+    calib: Option<&Prepared>,
+) -> anyhow::Result<()> {
+    use sha2::Digest;
+    let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
+    let hash: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut entries = vec![
+        (
+            "onnx-micronet.version",
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
+        ("onnx-micronet.recipe", toml::to_string(recipe)?),
+        (
+            "onnx-micronet.input",
+            input
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        ),
+        ("onnx-micronet.input_sha256", hash),
+    ];
+    if let Some(c) = calib {
+        entries.push((
+            "onnx-micronet.calibration",
+            format!(
+                "{} images: {} (preprocessing '{}')",
+                c.data.len(),
+                c.data.description,
+                c.preset
+            ),
+        ));
+    }
+    let props = &mut m.proto.metadata_props;
+    props.retain(|p| !p.key().starts_with("onnx-micronet."));
+    for (k, v) in entries {
+        props.push(onnx::proto::StringStringEntryProto {
+            key: Some(k.to_string()),
+            value: Some(v),
+        });
+    }
+    Ok(())
+}
+
 /// Checks output paths (with the option that names each) before any work.
 fn check_outputs(paths: &[(Option<&Path>, &str)]) -> anyhow::Result<()> {
     for (p, what) in paths {
@@ -530,7 +586,9 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
         input_shape: geometry.map(|g| g.shape).unwrap_or_default(),
         threads,
     };
-    let (optimized, passes) = optimize::run(&original, &r, &cx)?;
+    let (mut optimized, passes) = optimize::run(&original, &r, &cx)?;
+    // Provenance before scoring: the file's bytes (and so its size) include it.
+    stamp_provenance(&mut optimized, &a.model, &r, calib.as_ref())?;
     let (before, mut after) = optimize::scores(&original, &optimized, &opts)?;
     if let Some(note) = half_quantized_note(&r, &before, &after) {
         eprintln!("{note}");

@@ -122,6 +122,28 @@ fn pass<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value 
         .unwrap_or_else(|| panic!("no pass '{name}' in {}", report["passes"]))
 }
 
+/// The model's bytes with the tool's provenance entries removed.
+fn without_provenance(path: &std::path::Path) -> Vec<u8> {
+    use prost::Message;
+    let mut m =
+        onnx_micronet::onnx::proto::ModelProto::decode(&*std::fs::read(path).unwrap()).unwrap();
+    m.metadata_props
+        .retain(|p| !p.key().starts_with("onnx-micronet."));
+    m.encode_to_vec()
+}
+
+/// One provenance value of a written model.
+fn provenance(path: &std::path::Path, key: &str) -> String {
+    use prost::Message;
+    let m = onnx_micronet::onnx::proto::ModelProto::decode(&*std::fs::read(path).unwrap()).unwrap();
+    m.metadata_props
+        .iter()
+        .find(|p| p.key() == key)
+        .unwrap_or_else(|| panic!("no {key}"))
+        .value()
+        .to_string()
+}
+
 fn changed_whats(report: &serde_json::Value, name: &str) -> Vec<String> {
     pass(report, name)["changed"]
         .as_array()
@@ -211,11 +233,21 @@ fn optimizing_twice_folds_nothing_twice_and_keeps_the_weights() {
             weights(&twice_dir.join("out.onnx")),
             "{model}: weights changed"
         );
-        assert_eq!(
-            std::fs::read(&once).unwrap(),
-            bytes2,
-            "{model}: the second run rewrote the model"
+        // The same model but for its provenance, which now names the once-optimized
+        // file as the input (by its hash).
+        let (m1, m2) = (
+            without_provenance(&once),
+            without_provenance(&twice_dir.join("out.onnx")),
         );
+        assert_eq!(m1, m2, "{model}: the second run rewrote the model");
+        let sha = provenance(&twice_dir.join("out.onnx"), "onnx-micronet.input_sha256");
+        use sha2::Digest;
+        let want: String = sha2::Sha256::digest(std::fs::read(&once).unwrap())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(sha, want, "{model}: provenance hash");
+        let _ = bytes2;
         eprintln!(
             "{model}: {folded} BN folded once; the second run changed nothing, bytes identical"
         );

@@ -363,3 +363,54 @@ fn summary_by_default_details_with_verbose_and_a_markdown_table() {
         "{table}"
     );
 }
+
+/// Every written model carries its provenance: tool version, recipe, input name
+/// and SHA-256, and the calibration images when used.
+#[test]
+fn written_models_carry_their_provenance() {
+    use prost::Message;
+    use sha2::Digest;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("p.onnx");
+    let input = fixture("mnist_ccexam.onnx");
+    let o = cli(&[
+        "optimize",
+        input.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--prune",
+        "magnitude:0.5",
+        "--quantize",
+        "linear:8",
+        "--act-bits",
+        "8",
+        "--calib",
+        fixture("data/foolbox/mnist").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = onnx_micronet::onnx::proto::ModelProto::decode(&*std::fs::read(&out).unwrap()).unwrap();
+    let get = |k: &str| {
+        m.metadata_props
+            .iter()
+            .find(|p| p.key() == k)
+            .unwrap_or_else(|| panic!("no {k}: {:?}", m.metadata_props))
+            .value()
+            .to_string()
+    };
+    assert_eq!(get("onnx-micronet.version"), env!("CARGO_PKG_VERSION"));
+    assert_eq!(get("onnx-micronet.input"), "mnist_ccexam.onnx");
+    let want: String = sha2::Sha256::digest(std::fs::read(&input).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(get("onnx-micronet.input_sha256"), want);
+    let recipe = get("onnx-micronet.recipe");
+    assert!(
+        recipe.contains("[prune]") && recipe.contains("sparsity = 0.5"),
+        "{recipe}"
+    );
+    assert!(get("onnx-micronet.calibration").starts_with("20 images: "));
+    // The recipe recorded reproduces the run: parsed back, it is a valid recipe.
+    let r: onnx_micronet::recipe::Recipe = toml::from_str(&recipe).unwrap();
+    assert!(r.quantize.is_some() && r.act_quant.is_some());
+}
