@@ -340,7 +340,10 @@ pub fn load_data_with(
         }
         pre.resize = data::Resize::ShortSideThenCenterCrop(s);
     }
-    data::load(path, &pre, format, limit)
+    // The preprocessing goes with the data into every report (text and JSON).
+    let mut d = data::load(path, &pre, format, limit)?;
+    d.description = format!("{}; preprocessing: {}", d.description, pre.describe());
+    Ok(d)
 }
 
 impl Report {

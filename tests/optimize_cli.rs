@@ -409,8 +409,43 @@ fn written_models_carry_their_provenance() {
         recipe.contains("[prune]") && recipe.contains("sparsity = 0.5"),
         "{recipe}"
     );
-    assert!(get("onnx-micronet.calibration").starts_with("20 images: "));
+    let calib = get("onnx-micronet.calibration");
+    assert!(calib.starts_with("20 images: "), "{calib}");
+    assert!(calib.contains("preprocessing: 28x28x1 (HxWxC)"), "{calib}");
     // The recipe recorded reproduces the run: parsed back, it is a valid recipe.
     let r: onnx_micronet::recipe::Recipe = toml::from_str(&recipe).unwrap();
     assert!(r.quantize.is_some() && r.act_quant.is_some());
+}
+
+/// The preprocessing actually applied is in the reports (text and JSON), with the
+/// preset's adjustments.
+#[test]
+fn preprocessing_is_recorded_in_the_json() {
+    let o = cli(&[
+        "validate",
+        fixture("efficientnet_style_bn.onnx").to_str().unwrap(),
+        "--data",
+        fixture("data/foolbox/cifar10").to_str().unwrap(),
+        "--preprocess",
+        "imagenet",
+        "--mean",
+        "0.5,0.5,0.5",
+        "--std",
+        "0.5",
+        "--resize",
+        "72",
+        "--json",
+        "-",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let data = j["data"].as_str().unwrap();
+    assert!(data.contains("; preprocessing: "), "{data}");
+    assert!(
+        data.contains(
+            "preprocessing: 64x64x3 (HxWxC) NCHW RGB, bilinear short side 72 + centre crop, /255"
+        ),
+        "{data}"
+    );
+    assert!(data.contains("mean [0.5, 0.5, 0.5], std [0.5]"), "{data}");
 }
