@@ -34,6 +34,24 @@ pub struct Inspection {
     pub metadata_props: BTreeMap<String, String>,
     pub functions: usize,
     pub sparse_initializers: usize,
+    /// The weighted layers as the score reads them (logical weights: scheme, bits
+    /// and sparsity of packed or quantized storage, not its decoder tensors).
+    pub layers: Vec<LayerView>,
+    /// Why `layers` is empty when the score could not read the model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layers_note: Option<String>,
+}
+
+/// One weighted layer's logical weight.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerView {
+    pub name: String,
+    pub op_type: String,
+    pub weight_shape: Option<Vec<usize>>,
+    pub scheme: Option<String>,
+    pub bits: Option<u32>,
+    pub sparsity: Option<f64>,
+    pub act_bits: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -68,6 +86,30 @@ pub struct Weight {
 
 /// Collects the inspection of a loaded model.
 pub fn inspect(model: &Model) -> Result<Inspection> {
+    // The layers' logical weights, read the way the score reads them (default
+    // counting options); a model the score cannot read still inspects.
+    let (layers, layers_note) = match crate::score::options::Counting::default()
+        .resolve(model)
+        .and_then(|o| crate::score::score(model, &o))
+    {
+        Ok(r) => (
+            r.layers
+                .iter()
+                .filter(|l| l.weight_shape.is_some())
+                .map(|l| LayerView {
+                    name: l.name.clone(),
+                    op_type: l.op_type.clone(),
+                    weight_shape: l.weight_shape.clone(),
+                    scheme: l.weight_scheme.clone(),
+                    bits: l.weight_bits,
+                    sparsity: l.sparsity,
+                    act_bits: l.act_bits,
+                })
+                .collect(),
+            None,
+        ),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
     let proto = &model.proto;
     let graph = proto.graph.as_ref().expect("loaded models have a graph");
     let view = Graph::new(graph)?;
@@ -168,6 +210,8 @@ pub fn inspect(model: &Model) -> Result<Inspection> {
             .collect(),
         functions: proto.functions.len(),
         sparse_initializers: graph.sparse_initializer.len(),
+        layers,
+        layers_note,
     })
 }
 
@@ -283,9 +327,61 @@ impl Inspection {
                 let _ = writeln!(w, "  (+{rest} smaller initializers)");
             }
         }
+        // Packed or quantized storage: the layers as they compute, not the
+        // decoder tensors above.
+        let compressed = self
+            .layers
+            .iter()
+            .any(|l| l.scheme.is_some() || l.bits.is_some_and(|b| b < 32));
+        if compressed {
+            let _ = writeln!(
+                w,
+                "\nlayers (logical weights of packed or quantized storage):"
+            );
+            let name_w = self
+                .layers
+                .iter()
+                .map(|l| l.name.len())
+                .max()
+                .unwrap_or(4)
+                .clamp(4, 48);
+            let _ = writeln!(
+                w,
+                "  {:<name_w$} {:<8} {:<16} {:>4} {:>9} {:>8}  storage",
+                "layer", "op", "weight", "bits", "sparsity", "act bits"
+            );
+            for l in &self.layers {
+                let shape = l
+                    .weight_shape
+                    .as_ref()
+                    .map(|s| {
+                        s.iter()
+                            .map(|d| d.to_string())
+                            .collect::<Vec<_>>()
+                            .join("x")
+                    })
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    w,
+                    "  {:<name_w$} {:<8} {:<16} {:>4} {:>8.2}% {:>8}  {}",
+                    l.name,
+                    l.op_type,
+                    shape,
+                    l.bits.map(|b| b.to_string()).unwrap_or_else(|| "-".into()),
+                    100.0 * l.sparsity.unwrap_or(0.0),
+                    l.act_bits,
+                    l.scheme.as_deref().unwrap_or("float"),
+                );
+            }
+        }
+        if let Some(n) = &self.layers_note {
+            let _ = writeln!(w, "\nlayers: not read ({n})");
+        }
         if !self.metadata_props.is_empty() {
             let _ = writeln!(w, "\nmetadata:");
             for (k, v) in &self.metadata_props {
+                // Multi-line values (a recipe) indented under their key.
+                let v = v.trim_end().replace('\n', "\n      ");
                 let _ = writeln!(w, "  {k} = {v}");
             }
         }
