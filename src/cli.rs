@@ -230,6 +230,11 @@ pub struct PrepArgs {
     /// CenterCrop), overriding the preset's (imagenet: round(H * 256/224)).
     #[arg(long, value_name = "S")]
     pub resize: Option<usize>,
+    /// The resize filter: bilinear (torchvision's default), bicubic (timm's usual
+    /// choice) or nearest, each as Pillow computes it. The crop is the model's input
+    /// size; --resize sets the crop fraction (timm's crop_pct = input / S).
+    #[arg(long, value_name = "FILTER", value_parser = ["bilinear", "bicubic", "nearest"])]
+    pub interpolation: Option<String>,
     /// Force the data format instead of detecting it: cifar10, cifar100, idx, npy, npz, images.
     #[arg(long, value_name = "FORMAT")]
     pub data_format: Option<onnx_micronet::data::Format>,

@@ -103,6 +103,11 @@ fn prepare(
         mean: prep.mean.clone(),
         std: prep.std.clone(),
         resize: prep.resize,
+        interpolation: prep
+            .interpolation
+            .as_deref()
+            .map(|i| i.parse().map_err(onnx_micronet::Error::Usage))
+            .transpose()?,
     };
     let data =
         validate::load_data_with(path, &preset, &adjust, prep.data_format, limit, &geometry)?;
@@ -118,6 +123,9 @@ fn prepare(
     }
     if let Some(s) = adjust.resize {
         preset.push_str(&format!(", resize {s}"));
+    }
+    if let Some(i) = adjust.interpolation {
+        preset.push_str(&format!(", {i}"));
     }
     Ok(Prepared {
         data,

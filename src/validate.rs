@@ -295,6 +295,8 @@ pub struct Adjust {
     pub std: Option<Vec<f32>>,
     /// torchvision's Resize(S) short side before the centre crop.
     pub resize: Option<usize>,
+    /// The resize's filter (bilinear by default).
+    pub interpolation: Option<data::Interpolation>,
 }
 
 /// [`load_data`] with the preset adjusted. Errors: a mean or std whose length is
@@ -339,6 +341,9 @@ pub fn load_data_with(
             )));
         }
         pre.resize = data::Resize::ShortSideThenCenterCrop(s);
+    }
+    if let Some(i) = adjust.interpolation {
+        pre.interpolation = i;
     }
     // The preprocessing goes with the data into every report (text and JSON).
     let mut d = data::load(path, &pre, format, limit)?;

@@ -39,6 +39,7 @@ fn raw(h: usize, w: usize, c: usize, layout: Layout) -> Preprocess {
         width: w,
         channels: c,
         resize: Resize::None,
+        interpolation: Default::default(),
         channel_order: ChannelOrder::Rgb,
         layout,
         scale: 1.0,
@@ -625,6 +626,10 @@ for path in sys.argv[5:]:
         x = x.transpose(2, 0, 1)
     elif mode == "exact":  # straight bilinear resize, raw values
         im = im.convert("RGB").resize((w, h), Image.BILINEAR)
+        x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1)
+    elif mode in ("bicubic", "nearest"):  # straight resize with that filter, raw values
+        f = Image.BICUBIC if mode == "bicubic" else Image.NEAREST
+        im = im.convert("RGB").resize((w, h), f)
         x = np.asarray(im, dtype=np.float32).transpose(2, 0, 1)
     elif mode == "grey":  # convert("L") then bilinear resize, raw values
         im = im.convert("L").resize((w, h), Image.BILINEAR)
@@ -1441,4 +1446,31 @@ fn formats_presets_and_settings() {
     // A format override on the wrong kind of path.
     let err = load(&data("foolbox/cifar10"), &bad, Some(Format::Npy), None);
     assert!(err.is_err());
+}
+
+/// Bicubic and nearest resizes are Pillow's to the byte, downscaling 512x512
+/// photos to 77x100 and upscaling 32x32 CIFAR images to 70x45.
+#[test]
+fn bicubic_and_nearest_match_pil() {
+    use onnx_micronet::data::Interpolation;
+    let Some(py) = venv_python() else { return };
+    for (folder, h, w) in [("foolbox/imagenet", 77, 100), ("foolbox/cifar10", 70, 45)] {
+        let folder = data(folder);
+        for (how, mode) in [
+            (Interpolation::Bicubic, "bicubic"),
+            (Interpolation::Nearest, "nearest"),
+        ] {
+            let mut pre = raw(h, w, 3, Layout::Nchw);
+            pre.resize = Resize::Exact;
+            pre.interpolation = how;
+            let d = load(&folder, &pre, None, Some(4)).unwrap();
+            let files: Vec<PathBuf> = d.names.iter().map(|n| folder.join(n)).collect();
+            let want = pil(&py, mode, h, w, &files, &d.images);
+            assert_eq!(
+                max_abs_diff(&d.images, &want),
+                0.0,
+                "{mode} {h}x{w}: 8-bit results are PIL's bytes"
+            );
+        }
+    }
 }

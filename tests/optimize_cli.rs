@@ -434,6 +434,8 @@ fn preprocessing_is_recorded_in_the_json() {
         "0.5",
         "--resize",
         "72",
+        "--interpolation",
+        "bicubic",
         "--json",
         "-",
     ]);
@@ -443,7 +445,7 @@ fn preprocessing_is_recorded_in_the_json() {
     assert!(data.contains("; preprocessing: "), "{data}");
     assert!(
         data.contains(
-            "preprocessing: 64x64x3 (HxWxC) NCHW RGB, bilinear short side 72 + centre crop, /255"
+            "preprocessing: 64x64x3 (HxWxC) NCHW RGB, bicubic short side 72 + centre crop, /255"
         ),
         "{data}"
     );

@@ -38,6 +38,7 @@ use ndarray::Array4;
 use rayon::prelude::*;
 
 pub use preprocess::{ChannelOrder, Layout, Preprocess, Resize};
+pub use resample::Interpolation;
 
 use crate::{Error, Result};
 

@@ -92,6 +92,9 @@ pub struct Preprocess {
     pub width: usize,
     pub channels: usize,
     pub resize: Resize,
+    /// The resampling filter of the resize (Pillow's; bilinear by default, as
+    /// torchvision's `Resize`).
+    pub interpolation: super::resample::Interpolation,
     pub channel_order: ChannelOrder,
     pub layout: Layout,
     /// Multiplies the raw 0..255 bytes (1/255 or 1); float arrays are multiplied as stored.
@@ -153,6 +156,7 @@ impl Preprocess {
             width,
             channels,
             resize,
+            interpolation: Default::default(),
             channel_order: ChannelOrder::Rgb,
             layout,
             scale,
@@ -206,9 +210,9 @@ impl Preprocess {
     pub fn describe(&self) -> String {
         let resize = match self.resize {
             Resize::None => "no resize".to_string(),
-            Resize::Exact => "bilinear resize".to_string(),
+            Resize::Exact => format!("{} resize", self.interpolation),
             Resize::ShortSideThenCenterCrop(s) => {
-                format!("bilinear short side {s} + centre crop")
+                format!("{} short side {s} + centre crop", self.interpolation)
             }
         };
         let scale = if (self.scale - 1.0 / 255.0).abs() < 1e-9 {
@@ -283,7 +287,7 @@ impl Preprocess {
                     "image {h}x{w} (HxW) would resize to an empty {rh}x{rw}"
                 ));
             }
-            data = T::resize(&data, h, w, c, rh, rw);
+            data = T::resize(&data, (h, w, c), (rh, rw), self.interpolation);
         }
         // 3. values, written in the model's layout: (raw * scale - mean[k]) / std[k],
         //    from a per-channel table for bytes.
@@ -440,7 +444,12 @@ pub(crate) trait Sample: Copy + Send + Sync + 'static {
     fn byte(self) -> u8;
     fn luma(r: Self, g: Self, b: Self) -> Self;
     fn to_f32(self) -> f32;
-    fn resize(src: &[Self], h: usize, w: usize, c: usize, nh: usize, nw: usize) -> Vec<Self>;
+    fn resize(
+        src: &[Self],
+        from: (usize, usize, usize),
+        to: (usize, usize),
+        how: super::resample::Interpolation,
+    ) -> Vec<Self>;
 }
 
 impl Sample for u8 {
@@ -455,8 +464,13 @@ impl Sample for u8 {
     fn to_f32(self) -> f32 {
         self as f32
     }
-    fn resize(src: &[u8], h: usize, w: usize, c: usize, nh: usize, nw: usize) -> Vec<u8> {
-        resample::resize_u8(src, h, w, c, nh, nw)
+    fn resize(
+        src: &[u8],
+        from: (usize, usize, usize),
+        to: (usize, usize),
+        how: super::resample::Interpolation,
+    ) -> Vec<u8> {
+        resample::resize_u8(src, from, to, how)
     }
 }
 
@@ -471,8 +485,13 @@ impl Sample for f32 {
     fn to_f32(self) -> f32 {
         self
     }
-    fn resize(src: &[f32], h: usize, w: usize, c: usize, nh: usize, nw: usize) -> Vec<f32> {
-        resample::resize_f32(src, h, w, c, nh, nw)
+    fn resize(
+        src: &[f32],
+        from: (usize, usize, usize),
+        to: (usize, usize),
+        how: super::resample::Interpolation,
+    ) -> Vec<f32> {
+        resample::resize_f32(src, from, to, how)
     }
 }
 

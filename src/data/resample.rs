@@ -16,6 +16,52 @@ struct Coeffs {
     ksize: usize,
 }
 
+/// The resampling filter (Pillow's `Image.BILINEAR`, `BICUBIC`, `NEAREST`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Interpolation {
+    #[default]
+    Bilinear,
+    Bicubic,
+    Nearest,
+}
+
+impl std::str::FromStr for Interpolation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "bilinear" => Ok(Interpolation::Bilinear),
+            "bicubic" => Ok(Interpolation::Bicubic),
+            "nearest" => Ok(Interpolation::Nearest),
+            _ => Err(format!(
+                "interpolation '{s}': expected bilinear, bicubic or nearest"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Interpolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Interpolation::Bilinear => "bilinear",
+            Interpolation::Bicubic => "bicubic",
+            Interpolation::Nearest => "nearest",
+        })
+    }
+}
+
+/// Pillow's `bicubic_filter` (a = -0.5, support 2).
+fn bicubic_filter(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
 fn bilinear_filter(x: f64) -> f64 {
     let x = x.abs();
     if x < 1.0 {
@@ -25,12 +71,34 @@ fn bilinear_filter(x: f64) -> f64 {
     }
 }
 
-/// Pillow's `precompute_coeffs` with the BILINEAR filter (support 1) and the
-/// whole input as the box.
-fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
+/// Pillow's `precompute_coeffs` with the BILINEAR (support 1) or BICUBIC
+/// (support 2) filter and the whole input as the box; NEAREST takes input pixel
+/// floor((x + 0.5) scale), as Pillow's nearest scale transform does.
+fn coeffs(in_size: usize, out_size: usize, how: Interpolation) -> Coeffs {
     let scale = in_size as f64 / out_size as f64;
+    if how == Interpolation::Nearest {
+        // Pillow's ImagingScaleAffine: the position is accumulated, not multiplied
+        // (xo = scale / 2, then += scale), so it truncates as Pillow does.
+        let mut xo = scale * 0.5;
+        let bounds = (0..out_size)
+            .map(|_| {
+                let i = (xo as usize).min(in_size - 1);
+                xo += scale;
+                (i, 1)
+            })
+            .collect();
+        return Coeffs {
+            bounds,
+            k: vec![1.0; out_size],
+            ksize: 1,
+        };
+    }
+    let (filter, base): (fn(f64) -> f64, f64) = match how {
+        Interpolation::Bicubic => (bicubic_filter, 2.0),
+        _ => (bilinear_filter, 1.0),
+    };
     let filterscale = scale.max(1.0);
-    let support = filterscale; // BILINEAR support 1.0 * filterscale
+    let support = base * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let mut bounds = Vec::with_capacity(out_size);
     let mut k = vec![0f64; out_size * ksize];
@@ -44,7 +112,7 @@ fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
         let taps = &mut k[xx * ksize..xx * ksize + n.min(ksize)];
         let mut ww = 0.0;
         for (x, t) in taps.iter_mut().enumerate() {
-            let w = bilinear_filter((x as f64 + xmin as f64 - center + 0.5) * ss);
+            let w = filter((x as f64 + xmin as f64 - center + 0.5) * ss);
             *t = w;
             ww += w;
         }
@@ -79,12 +147,17 @@ fn clip8(ss: i32) -> u8 {
 }
 
 /// Resizes an interleaved `h x w x c` byte image to `nh x nw`.
-pub(crate) fn resize_u8(src: &[u8], h: usize, w: usize, c: usize, nh: usize, nw: usize) -> Vec<u8> {
+pub(crate) fn resize_u8(
+    src: &[u8],
+    (h, w, c): (usize, usize, usize),
+    (nh, nw): (usize, usize),
+    how: Interpolation,
+) -> Vec<u8> {
     let mut cur: Vec<u8>;
     let mut cur_ref: &[u8] = src;
     let mut cur_w = w;
     if nw != w {
-        let co = coeffs(w, nw);
+        let co = coeffs(w, nw, how);
         let kk = fixed(&co.k);
         let mut out = vec![0u8; h * nw * c];
         for y in 0..h {
@@ -106,7 +179,7 @@ pub(crate) fn resize_u8(src: &[u8], h: usize, w: usize, c: usize, nh: usize, nw:
         cur_w = nw;
     }
     if nh != h {
-        let co = coeffs(h, nh);
+        let co = coeffs(h, nh, how);
         let kk = fixed(&co.k);
         let rowlen = cur_w * c;
         let mut out = vec![0u8; nh * rowlen];
@@ -130,17 +203,15 @@ pub(crate) fn resize_u8(src: &[u8], h: usize, w: usize, c: usize, nh: usize, nw:
 /// Resizes an interleaved `h x w x c` float image to `nh x nw` (no rounding).
 pub(crate) fn resize_f32(
     src: &[f32],
-    h: usize,
-    w: usize,
-    c: usize,
-    nh: usize,
-    nw: usize,
+    (h, w, c): (usize, usize, usize),
+    (nh, nw): (usize, usize),
+    how: Interpolation,
 ) -> Vec<f32> {
     let mut cur: Vec<f32>;
     let mut cur_ref: &[f32] = src;
     let mut cur_w = w;
     if nw != w {
-        let co = coeffs(w, nw);
+        let co = coeffs(w, nw, how);
         let mut out = vec![0f32; h * nw * c];
         for y in 0..h {
             let row = &src[y * w * c..(y + 1) * w * c];
@@ -161,7 +232,7 @@ pub(crate) fn resize_f32(
         cur_w = nw;
     }
     if nh != h {
-        let co = coeffs(h, nh);
+        let co = coeffs(h, nh, how);
         let rowlen = cur_w * c;
         let mut out = vec![0f32; nh * rowlen];
         for (yy, &(ymin, n)) in co.bounds.iter().enumerate() {
@@ -188,7 +259,10 @@ mod tests {
     #[test]
     fn same_size_is_identity() {
         let src: Vec<u8> = (0..5 * 7 * 3).map(|i| (i * 37 % 256) as u8).collect();
-        assert_eq!(resize_u8(&src, 5, 7, 3, 5, 7), src);
+        assert_eq!(
+            resize_u8(&src, (5, 7, 3), (5, 7), Interpolation::Bilinear),
+            src
+        );
     }
 
     #[test]
@@ -196,7 +270,12 @@ mod tests {
         // 1x4 -> 1x2: scale 2, so the triangle's support is 2 input pixels. Output 0 is
         // centred at 1.0; taps at input centres 0.5, 1.5, 2.5 are 0.5, 0.5, 1.5 away:
         // weights 1 - d/2 = 0.75, 0.75, 0.25 (sum 1.75, normalised).
-        let out = resize_f32(&[0.0, 10.0, 20.0, 30.0], 1, 4, 1, 1, 2);
+        let out = resize_f32(
+            &[0.0, 10.0, 20.0, 30.0],
+            (1, 4, 1),
+            (1, 2),
+            Interpolation::Bilinear,
+        );
         let want0 = (0.75 * 0.0 + 0.75 * 10.0 + 0.25 * 20.0) / 1.75;
         assert!((out[0] as f64 - want0).abs() < 1e-5, "{out:?}");
     }
@@ -204,6 +283,10 @@ mod tests {
     #[test]
     fn constant_stays_constant() {
         let src = vec![200u8; 13 * 9];
-        assert!(resize_u8(&src, 13, 9, 1, 4, 31).iter().all(|&v| v == 200));
+        assert!(
+            resize_u8(&src, (13, 9, 1), (4, 31), Interpolation::Bilinear)
+                .iter()
+                .all(|&v| v == 200)
+        );
     }
 }
