@@ -3,6 +3,7 @@
 #   make test   run every test (creates the conformance venv in .venv on first use)
 #   make bench  time and memory against a plain protobuf read/write and the Python tools
 #   make fixtures / make fixtures-extra   regenerate the fixtures (installs PyTorch in .venv-fixtures)
+#   make wheel  a Python wheel that ships the binary (pip install it), checked in a fresh venv
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -13,7 +14,7 @@ BIN := target/release/onnx-micronet
 DEMO_MODEL := fixtures/mobilenetv2_cifar_bn.onnx
 DEMO_MNIST := fixtures/mnist_ccexam.onnx
 
-.PHONY: demo test bench fixtures fixtures-extra lint venv release clean-venv
+.PHONY: demo test bench fixtures fixtures-extra lint venv release clean-venv wheel
 
 release:
 	$(CARGO) build --release --locked
@@ -63,3 +64,24 @@ fixtures-extra:
 
 clean-venv:
 	rm -rf $(VENV)
+
+# `pip install target/wheels/onnx_micronet-*.whl` puts the `onnx-micronet` binary on
+# the venv's PATH (maturin's binary bindings, as ruff and uv ship). The wheel is built
+# with maturin from its own venv, then installed into a fresh venv that runs
+# --version and the demo's optimize.
+MATURIN_VERSION := 1.16.0
+WHEEL_TOOLS := $(CURDIR)/target/wheel-tools
+WHEEL_CHECK := $(CURDIR)/target/wheel-check
+wheel:
+	test -x $(WHEEL_TOOLS)/bin/maturin || ( $(PYTHON) -m venv $(WHEEL_TOOLS) && \
+	  $(WHEEL_TOOLS)/bin/pip install --quiet --disable-pip-version-check maturin==$(MATURIN_VERSION) )
+	rm -rf target/wheels
+	$(WHEEL_TOOLS)/bin/maturin build --release --strip --bindings bin -m Cargo.toml -o target/wheels
+	rm -rf $(WHEEL_CHECK)
+	$(PYTHON) -m venv $(WHEEL_CHECK)
+	$(WHEEL_CHECK)/bin/pip install --quiet --disable-pip-version-check target/wheels/onnx_micronet-*.whl
+	$(WHEEL_CHECK)/bin/onnx-micronet --version
+	$(WHEEL_CHECK)/bin/onnx-micronet optimize $(DEMO_MNIST) -o target/wheels/demo.onnx \
+	  --prune magnitude:0.7 --quantize linear:4 --act-bits 8 --act-range mse \
+	  --calib fixtures/data/foolbox/mnist --data fixtures/data/mnist-digits-1000
+	ls -l target/wheels/*.whl
