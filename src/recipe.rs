@@ -28,6 +28,9 @@
 //! reconstruct = true             # least-squares refit of the layers reading them (default with --calib)
 //! coupled = false                # also groups tied by residual Adds, all members together
 //! damp = 0.01                    # ridge, fraction of the mean diagonal of the input covariance
+//! multiple = 8                   # kept counts rounded to a multiple (onnxruntime's blocked convs)
+//! allocate = "uniform"           # uniform | error (per-group counts by estimated error, same parameters removed)
+//! calib_mode = "parallel"        # parallel | sequential[:K] (the pruned model's inputs fit to the original's outputs)
 //! skip = ["features.0.*"]        # globs on the roots' node or weight names
 //! [[channels.layer]]             # later entries win
 //! match = "*features.18*"

@@ -625,3 +625,71 @@ fn channel_pruning_then_8_bit_quantization_with_bias_correction_runs() {
         assert!(!s["what"].as_str().unwrap().contains("shape"), "{s}");
     }
 }
+
+/// `allocate = "error"` moves the removal between groups by their estimated errors
+/// and removes as many parameters as the uniform ratio does (up to the rounding
+/// of each count to the multiple): the two files are within 2% in size, and the
+/// groups' kept shares spread further apart.
+#[test]
+fn error_allocation_keeps_the_parameter_budget_and_varies_the_groups() {
+    let path = fixture("mobilenetv2_cifar_bn.onnx");
+    let dir = tempfile::tempdir().unwrap();
+    let calib = fixture("data/foolbox/cifar100");
+    let run = |allocate: &str| {
+        let out = dir.path().join(format!("{allocate}.onnx"));
+        let report = dir.path().join(format!("{allocate}.json"));
+        let o = cli(&[
+            "optimize",
+            path.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--prune",
+            "channels:0.3",
+            "--set",
+            &format!("channels.allocate=\"{allocate}\""),
+            "--storage",
+            "float",
+            "--calib",
+            calib.to_str().unwrap(),
+            "--preprocess",
+            "cifar",
+            "--report",
+            report.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let pass = json["passes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pass"] == "prune-channels")
+            .unwrap()
+            .clone();
+        // "C -> K channels (...)": the kept shares.
+        let shares: Vec<f64> = pass["changed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|i| {
+                let w = i["what"].as_str()?;
+                let (c, rest) = w.split_once(" -> ")?;
+                let k = rest.split_whitespace().next()?;
+                Some(k.parse::<f64>().ok()? / c.parse::<f64>().ok()?)
+            })
+            .collect();
+        (std::fs::metadata(&out).unwrap().len() as f64, shares)
+    };
+    let (uniform, u) = run("uniform");
+    let (error, e) = run("error");
+    assert!((error / uniform - 1.0).abs() < 0.02, "{error} vs {uniform}");
+    let spread = |v: &[f64]| {
+        v.iter().cloned().fold(f64::MIN, f64::max) - v.iter().cloned().fold(f64::MAX, f64::min)
+    };
+    // Uniform shares differ only by the rounding to multiples of 8 (16 channels
+    // keep 8: 0.5); the error allocation spreads them further.
+    assert!(
+        spread(&e) > spread(&u) + 0.1,
+        "error shares {e:?}, uniform {u:?}"
+    );
+}

@@ -48,6 +48,16 @@
 //! (lambda = `damp`, 0.01 by default) is reported. A MatMul sink (no bias) is fit
 //! on G itself. Without reconstruction the channels are only cut out.
 //!
+//! Allocation (`allocate = "error"`, with reconstruction): each group's greedy
+//! removal is run up to twice its uniform count (at most 90%), and removal
+//! batches are taken across groups, lowest estimated error increase per removed
+//! parameter first (each group's in its own order), until the uniform ratios'
+//! parameter count is removed; each group is then refit on its chosen channels
+//! at once. Measured on MobileNetV2's expansion channels at 30%: 58.4% top-1
+//! agreement on 644 photos against 55.9% uniform, at the same file size, but the
+//! late, parameter-heavy blocks take the cuts, so operations fall less (score
+//! 0.883x against 0.783x).
+//!
 //! Reports give, per group, the channels before and after and, per sink, the
 //! relative output error on the calibration rows, sum_r d_r^T G d_r / sum_r w_r^T G w_r
 //! (d_r the change of row r; with the bias update, Sigma in place of G), for the
@@ -130,6 +140,9 @@ pub struct ChannelSection {
     /// ratio): onnxruntime's blocked convolutions (NCHWc, blocks of 8 or 16
     /// channels) need it to run the smaller model faster.
     pub multiple: Option<usize>,
+    /// Per-group ratios: "uniform" (each group its ratio, the default) or "error"
+    /// (chosen by the sinks' estimated errors, the same parameters removed overall).
+    pub allocate: Option<String>,
     /// Groups to leave: globs on any root's node or weight name.
     #[serde(default)]
     pub skip: Vec<String>,
@@ -162,6 +175,7 @@ pub struct ChannelConfig {
     pub coupled: bool,
     pub damp: f64,
     pub multiple: usize,
+    pub allocate_by_error: bool,
     pub calib_mode: CalibMode,
     pub skip: Vec<String>,
     pub rules: Vec<ChannelLayer>,
@@ -215,6 +229,15 @@ impl ChannelSection {
             reconstruct: self.reconstruct,
             coupled: self.coupled.unwrap_or(false),
             damp,
+            allocate_by_error: match self.allocate.as_deref() {
+                None | Some("uniform") => false,
+                Some("error") => true,
+                Some(o) => {
+                    return Err(Error::Usage(format!(
+                        "channels.allocate = '{o}': expected 'uniform' or 'error'"
+                    )))
+                }
+            },
             calib_mode: match &self.calib_mode {
                 Some(m) => m.parse()?,
                 None => CalibMode::Parallel,
@@ -248,6 +271,7 @@ struct Planned {
     label: String,
 }
 
+#[derive(Clone)]
 /// One sink's data for the solves. Its input rows are x_p (the model being
 /// pruned) and x_o (the original model): the same rows in parallel calibration,
 /// where the three Grams are one matrix.
@@ -432,7 +456,14 @@ impl Pass for PruneChannels {
             criterion,
             reconstruct,
             damp: cfg.damp,
+            by_error: cfg.allocate_by_error,
+            multiple: cfg.multiple,
         };
+        if cfg.allocate_by_error && !(criterion == Criterion::Reconstruction && reconstruct) {
+            return Err(Error::Usage(
+                "channels.allocate = \"error\" needs the reconstruction criterion and the refit (with --calib)".into(),
+            ));
+        }
         let chunks = match cfg.calib_mode {
             CalibMode::Sequential(k) if needs_data => {
                 let k = k.clamp(1, plans.len());
@@ -468,6 +499,9 @@ struct Solve {
     criterion: Criterion,
     reconstruct: bool,
     damp: f64,
+    /// Per-group counts by the sinks' errors (`allocate = "error"`).
+    by_error: bool,
+    multiple: usize,
 }
 
 /// What one group's pruning writes: the channels removed and the sinks' new rows.
@@ -489,8 +523,15 @@ impl Solve {
     ) -> Result<Vec<Edit>> {
         let _ = self.damp;
         let needs_data = self.criterion == Criterion::Reconstruction || self.reconstruct;
+        let mut fixed: Vec<Option<Vec<usize>>> = if self.by_error {
+            let g = Graph::of(model)?;
+            allocate_by_error(&g, &chunk, &sinks, self.multiple)
+        } else {
+            vec![None; chunk.len()]
+        };
         let mut edits = Vec::new();
-        for p in chunk {
+        for (pi, p) in chunk.into_iter().enumerate() {
+            let preset = fixed[pi].take();
             let ids: Vec<usize> = p.group.sinks.iter().map(|s| s.node).collect();
             let mut group: Vec<SinkData> = Vec::new();
             let mut missing = Vec::new();
@@ -510,6 +551,29 @@ impl Solve {
                 continue;
             }
             let g = Graph::of(model)?;
+            if let Some(chosen) = preset {
+                if chosen.is_empty() {
+                    report.skipped(
+                        &p.label,
+                        "the error allocation removes none of its channels",
+                    );
+                    continue;
+                }
+                if let Some(e) = group.iter_mut().find_map(|s| s.remove(&chosen).err()) {
+                    report.skipped(&p.label, e);
+                    continue;
+                }
+                let removed = chosen;
+                self.finish(
+                    p,
+                    removed,
+                    group,
+                    report,
+                    &mut edits,
+                    ", allocated by error",
+                );
+                continue;
+            }
             let removed = match self.criterion {
                 Criterion::L1 | Criterion::L2 => {
                     let chosen = by_norm(&g, &p.group, p.remove, self.criterion == Criterion::L1)?;
@@ -529,70 +593,83 @@ impl Solve {
                     }
                 },
             };
-            let mut notes = Vec::new();
-            for s in &group {
-                let cut: Vec<Vec<f64>> = s
-                    .target
-                    .iter()
-                    .map(|t| {
-                        let mut w = t.clone();
-                        for &c in &removed {
-                            w[s.block(c)].iter_mut().for_each(|v| *v = 0.0);
-                        }
-                        w
-                    })
-                    .collect();
-                let energy = s.energy.max(f64::MIN_POSITIVE);
-                let e_cut = s.error(&cut, false) / energy;
-                let e_after = if self.reconstruct {
-                    s.error(&s.w, s.center) / energy
-                } else {
-                    e_cut
-                };
-                notes.push(format!(
-                    "{} error {e_cut:.4} cut{}",
-                    s.name,
-                    if self.reconstruct {
-                        format!(", {e_after:.4} refit (ridge {:.0e})", s.ridge)
-                    } else {
-                        String::new()
-                    }
-                ));
-                report.errors.push(LayerError {
-                    layer: s.name.clone(),
-                    method: format!("channels:{}", self.criterion),
-                    nearest: e_cut,
-                    after: e_after,
-                });
-            }
-            let kept = p.group.channels - removed.len();
-            report.changed(
-                &p.label,
-                format!(
-                    "{} -> {kept} channels ({}{}){}{}",
-                    p.group.channels,
-                    self.criterion,
-                    if self.reconstruct { ", refit" } else { "" },
-                    if p.group.coupled() {
-                        format!(", coupled group of {} layers", p.group.roots.len())
-                    } else {
-                        String::new()
-                    },
-                    if notes.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; {}", notes.join("; "))
-                    }
-                ),
-            );
-            edits.push(Edit {
-                planned: p,
-                removed,
-                sinks: group,
-                refit: self.reconstruct,
-            });
+            self.finish(p, removed, group, report, &mut edits, "");
         }
         Ok(edits)
+    }
+
+    /// Reports one group's errors and change, and queues its edit.
+    fn finish(
+        &self,
+        p: Planned,
+        removed: Vec<usize>,
+        group: Vec<SinkData>,
+        report: &mut PassReport,
+        edits: &mut Vec<Edit>,
+        how: &str,
+    ) {
+        let mut notes = Vec::new();
+        for s in &group {
+            let cut: Vec<Vec<f64>> = s
+                .target
+                .iter()
+                .map(|t| {
+                    let mut w = t.clone();
+                    for &c in &removed {
+                        w[s.block(c)].iter_mut().for_each(|v| *v = 0.0);
+                    }
+                    w
+                })
+                .collect();
+            let energy = s.energy.max(f64::MIN_POSITIVE);
+            let e_cut = s.error(&cut, false) / energy;
+            let e_after = if self.reconstruct {
+                s.error(&s.w, s.center) / energy
+            } else {
+                e_cut
+            };
+            notes.push(format!(
+                "{} error {e_cut:.4} cut{}",
+                s.name,
+                if self.reconstruct {
+                    format!(", {e_after:.4} refit (ridge {:.0e})", s.ridge)
+                } else {
+                    String::new()
+                }
+            ));
+            report.errors.push(LayerError {
+                layer: s.name.clone(),
+                method: format!("channels:{}", self.criterion),
+                nearest: e_cut,
+                after: e_after,
+            });
+        }
+        let kept = p.group.channels - removed.len();
+        report.changed(
+            &p.label,
+            format!(
+                "{} -> {kept} channels ({}{}{how}){}{}",
+                p.group.channels,
+                self.criterion,
+                if self.reconstruct { ", refit" } else { "" },
+                if p.group.coupled() {
+                    format!(", coupled group of {} layers", p.group.roots.len())
+                } else {
+                    String::new()
+                },
+                if notes.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {}", notes.join("; "))
+                }
+            ),
+        );
+        edits.push(Edit {
+            planned: p,
+            removed,
+            sinks: group,
+            refit: self.reconstruct,
+        });
     }
 }
 
@@ -1005,12 +1082,28 @@ fn greedy(
     channels: usize,
     remove: usize,
 ) -> std::result::Result<Vec<usize>, String> {
+    let mut removed: Vec<usize> = greedy_batches(sinks, channels, remove)?
+        .into_iter()
+        .flat_map(|(b, _)| b)
+        .collect();
+    removed.sort_unstable();
+    Ok(removed)
+}
+
+/// The greedy removal as its batches, in order, each with its summed saliency
+/// (the estimated increase of the sinks' relative output error).
+fn greedy_batches(
+    sinks: &mut [SinkData],
+    channels: usize,
+    remove: usize,
+) -> std::result::Result<Vec<(Vec<usize>, f64)>, String> {
     const STEPS: usize = 64;
     let mut alive: Vec<usize> = (0..channels).collect();
-    let mut removed = Vec::new();
+    let mut batches = Vec::new();
+    let mut done = 0;
     let steps = remove.min(STEPS);
     for step in 0..steps {
-        let left = remove - removed.len();
+        let left = remove - done;
         let take = left.div_ceil(steps - step);
         let costs: Vec<f64> = alive
             .par_iter()
@@ -1018,6 +1111,7 @@ fn greedy(
             .collect();
         let mut order: Vec<usize> = (0..alive.len()).collect();
         order.sort_by(|&a, &b| costs[a].total_cmp(&costs[b]).then(alive[a].cmp(&alive[b])));
+        let cost: f64 = order[..take].iter().map(|&i| costs[i]).sum();
         let mut now: Vec<usize> = order[..take].iter().map(|&i| alive[i]).collect();
         now.sort_unstable();
         for s in sinks.iter_mut() {
@@ -1025,10 +1119,104 @@ fn greedy(
         }
         let gone: HashSet<usize> = now.iter().copied().collect();
         alive.retain(|c| !gone.contains(c));
-        removed.extend(now);
+        done += now.len();
+        batches.push((now, cost));
     }
-    removed.sort_unstable();
-    Ok(removed)
+    Ok(batches)
+}
+
+/// Per-group channel counts by the sinks' errors (`allocate = "error"`): every
+/// group's greedy removal is run up to twice its uniform count (at most 90%),
+/// and batches are taken, cheapest estimated error per removed parameter first
+/// (each group's in its own order), until as many parameters are removed as
+/// the uniform ratios remove; each count is then rounded to the multiple. Returns
+/// per plan the channels to remove (a prefix of its greedy order), or None for
+/// plans it could not treat (they keep the uniform count).
+fn allocate_by_error(
+    g: &Graph,
+    chunk: &[Planned],
+    sinks: &HashMap<usize, std::result::Result<SinkData, String>>,
+    multiple: usize,
+) -> Vec<Option<Vec<usize>>> {
+    struct Curve {
+        batches: Vec<(Vec<usize>, f64)>,
+        per_channel: f64,
+    }
+    let curves: Vec<Option<Curve>> = chunk
+        .iter()
+        .map(|p| {
+            let mut group: Vec<SinkData> = p
+                .group
+                .sinks
+                .iter()
+                .map(|s| sinks.get(&s.node).and_then(|r| r.as_ref().ok()).cloned())
+                .collect::<Option<_>>()?;
+            let c = p.group.channels;
+            let ratio = p.remove as f64 / c as f64;
+            let max = removed_count(c, (2.0 * ratio).min(0.9), 1).max(p.remove);
+            let batches = greedy_batches(&mut group, c, max).ok()?;
+            // Parameters that go with one channel: every sliced tensor's share.
+            let per_channel: f64 = p
+                .group
+                .slices
+                .iter()
+                .filter_map(|s| g.initializer(&s.tensor))
+                .filter_map(|t| crate::onnx::tensor::shape_of(t).ok())
+                .map(|sh| sh.iter().product::<usize>() as f64 / c as f64)
+                .sum();
+            Some(Curve {
+                batches,
+                per_channel: per_channel.max(1.0),
+            })
+        })
+        .collect();
+    let budget: f64 = chunk
+        .iter()
+        .zip(&curves)
+        .filter_map(|(p, c)| c.as_ref().map(|c| p.remove as f64 * c.per_channel))
+        .sum();
+    let mut next = vec![0usize; chunk.len()];
+    let mut count = vec![0usize; chunk.len()];
+    let mut removed = 0.0;
+    while removed < budget {
+        let best = curves
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let c = c.as_ref()?;
+                let (b, cost) = c.batches.get(next[i])?;
+                Some((i, cost / (b.len() as f64 * c.per_channel)))
+            })
+            .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+        let Some((i, _)) = best else { break };
+        let c = curves[i].as_ref().expect("some");
+        let n = c.batches[next[i]].0.len();
+        count[i] += n;
+        removed += n as f64 * c.per_channel;
+        next[i] += 1;
+    }
+    chunk
+        .iter()
+        .zip(&curves)
+        .zip(&count)
+        .map(|((p, c), &k)| {
+            let c = c.as_ref()?;
+            let ch = p.group.channels;
+            let k = if k == 0 {
+                0
+            } else {
+                removed_count(ch, k as f64 / ch as f64, multiple)
+            };
+            let order: Vec<usize> = c
+                .batches
+                .iter()
+                .flat_map(|(b, _)| b.iter().copied())
+                .collect();
+            let mut chosen = order[..k.min(order.len())].to_vec();
+            chosen.sort_unstable();
+            Some(chosen)
+        })
+        .collect()
 }
 
 /// Writes the smaller tensors: refit sink weights and biases first, then every
