@@ -148,8 +148,11 @@ impl Pipeline {
         let ir = model.proto.ir_version();
         let mut reference: Option<Model> = None;
         for pass in &self.passes {
-            // The reference: the model as it is when the first lossy pass starts.
-            if !pass.reference_after() && reference.is_none() && cx.reference.is_none() {
+            // The reference: the model as it is when the first lossy pass starts. Only
+            // bias correction reads it, and only with calibration images: without
+            // them the (model-sized) copy is not made.
+            let wanted = cx.calib.is_some_and(|d| !d.is_empty());
+            if wanted && !pass.reference_after() && reference.is_none() && cx.reference.is_none() {
                 reference = Some(model.clone());
             }
             let cx = Context {
