@@ -166,6 +166,32 @@ fn show_calibration_progress() {
     });
 }
 
+/// A progress bar for the per-layer solvers (GPTQ, SparseGPT, channel selection).
+fn show_solver_progress() {
+    let bar: std::sync::Mutex<Option<indicatif::ProgressBar>> = std::sync::Mutex::new(None);
+    onnx_micronet::passes::set_solve_progress(move |what, done, total| {
+        let mut b = bar.lock().expect("no poisoned lock");
+        if done == 0 {
+            let p = indicatif::ProgressBar::new(total as u64);
+            p.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {pos}/{len} layers eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            p.set_message(what.to_string());
+            *b = Some(p);
+        } else if let Some(p) = b.as_ref() {
+            p.set_position(done as u64);
+            if done >= total {
+                p.finish_and_clear();
+                *b = None;
+            }
+        }
+    });
+}
+
 /// Runs one or two models on prepared data, with progress bars.
 fn run_validation(
     models: &[(String, &onnx::Model)],
@@ -586,6 +612,7 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
     }
     if calib.is_some() {
         show_calibration_progress();
+        show_solver_progress();
     }
     let geometry = validate::input_geometry(&original, &a.counting.input_shape).ok();
     let cx = PassContext {

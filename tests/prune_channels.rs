@@ -693,3 +693,25 @@ fn error_allocation_keeps_the_parameter_budget_and_varies_the_groups() {
         "error shares {e:?}, uniform {u:?}"
     );
 }
+
+/// The per-layer solvers report their progress to the callback the CLI installs
+/// (its progress bar): channel selection counts its groups from 0 to all.
+#[test]
+fn channel_selection_reports_progress() {
+    use std::sync::Mutex;
+    static SEEN: Mutex<Vec<(String, usize, usize)>> = Mutex::new(Vec::new());
+    onnx_micronet::passes::set_solve_progress(|what, done, total| {
+        SEEN.lock().unwrap().push((what.to_string(), done, total));
+    });
+    let mut m = wrap(linear_pair());
+    let calib = images(16, [3, 6, 6], 11);
+    prune(&mut m, section(0.25, "reconstruction", true), Some(&calib));
+    let seen = SEEN.lock().unwrap().clone();
+    let ours: Vec<(usize, usize)> = seen
+        .iter()
+        .filter(|(w, ..)| w == "channel selection")
+        .map(|(_, d, t)| (*d, *t))
+        .collect();
+    // One group (conv a -> conv b; b's own channels are the graph output).
+    assert!(ours.windows(2).any(|w| w == [(0, 1), (1, 1)]), "{seen:?}");
+}

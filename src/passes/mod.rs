@@ -26,6 +26,24 @@ use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::onnx::Model;
 
+/// The per-layer solver progress callback (what, layers done, layers in all),
+/// installed once by the CLI; the library reports nothing by default.
+static SOLVE_PROGRESS: std::sync::OnceLock<Box<dyn Fn(&str, usize, usize) + Send + Sync>> =
+    std::sync::OnceLock::new();
+
+/// Installs the callback the per-layer solvers (GPTQ, SparseGPT, channel
+/// reconstruction) report to: `done` of `total` layers of `what` (0 at start).
+pub fn set_solve_progress(f: impl Fn(&str, usize, usize) + Send + Sync + 'static) {
+    let _ = SOLVE_PROGRESS.set(Box::new(f));
+}
+
+/// Reports solver progress to the installed callback, if any.
+pub(crate) fn solve_progress(what: &str, done: usize, total: usize) {
+    if let Some(f) = SOLVE_PROGRESS.get() {
+        f(what, done, total);
+    }
+}
+
 /// What passes may need besides the model.
 #[derive(Default, Clone)]
 pub struct Context<'a> {

@@ -530,7 +530,10 @@ impl Solve {
             vec![None; chunk.len()]
         };
         let mut edits = Vec::new();
+        let total = chunk.len();
+        crate::passes::solve_progress("channel selection", 0, total);
         for (pi, p) in chunk.into_iter().enumerate() {
+            crate::passes::solve_progress("channel selection", pi + 1, total);
             let preset = fixed[pi].take();
             let ids: Vec<usize> = p.group.sinks.iter().map(|s| s.node).collect();
             let mut group: Vec<SinkData> = Vec::new();

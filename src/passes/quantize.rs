@@ -887,6 +887,11 @@ impl Pass for Quantize {
             }
             Ok(())
         };
+        let solving = stages.iter().map(Vec::len).sum::<usize>();
+        let mut solved = 0;
+        if solving > 0 {
+            crate::passes::solve_progress("weight rounding (GPTQ)", 0, solving);
+        }
         for stage in &stages {
             let wanted: Vec<(usize, Vec<calib::Geom>)> = stage
                 .iter()
@@ -905,6 +910,8 @@ impl Pass for Quantize {
                     &mut report,
                 )?;
                 done[ji] = true;
+                solved += 1;
+                crate::passes::solve_progress("weight rounding (GPTQ)", solved, solving);
             }
         }
         let left: Vec<usize> = (0..jobs.len()).filter(|&ji| !done[ji]).collect();

@@ -909,7 +909,10 @@ impl Pass for Prune {
                         solved[c.layer] = Some(c.weights);
                     }
                 }
+                let total = layers.len();
+                crate::passes::solve_progress("SparseGPT", 0, total);
                 for (i, l) in layers.iter().enumerate() {
+                    crate::passes::solve_progress("SparseGPT", i + 1, total);
                     if solved[i].is_some() {
                         continue;
                     }
