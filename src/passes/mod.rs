@@ -28,8 +28,8 @@ use crate::onnx::Model;
 
 /// The per-layer solver progress callback (what, layers done, layers in all),
 /// installed once by the CLI; the library reports nothing by default.
-static SOLVE_PROGRESS: std::sync::OnceLock<Box<dyn Fn(&str, usize, usize) + Send + Sync>> =
-    std::sync::OnceLock::new();
+type Progress = Box<dyn Fn(&str, usize, usize) + Send + Sync>;
+static SOLVE_PROGRESS: std::sync::OnceLock<Progress> = std::sync::OnceLock::new();
 
 /// Installs the callback the per-layer solvers (GPTQ, SparseGPT, channel
 /// reconstruction) report to: `done` of `total` layers of `what` (0 at start).
