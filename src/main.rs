@@ -139,46 +139,18 @@ fn threads(prep: &PrepArgs) -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// A progress bar for every calibration run of the passes (activation ranges, Gram
-/// capture, bias correction, equalization), on standard error (hidden when it is
-/// not a terminal).
-fn show_calibration_progress() {
+/// A progress-bar callback: a bar appears at `done == 0` (with `template`, the
+/// message `what`), moves with `done` and is cleared at `total`.
+fn progress_bars(template: &'static str) -> impl Fn(&str, usize, usize) + Send + Sync {
     let bar: std::sync::Mutex<Option<indicatif::ProgressBar>> = std::sync::Mutex::new(None);
-    onnx_micronet::engine::set_capture_progress(move |done, total| {
+    move |what, done, total| {
         let mut b = bar.lock().expect("no poisoned lock");
         if done == 0 {
             let p = indicatif::ProgressBar::new(total as u64);
             p.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "calibration run [{bar:30}] {pos}/{len} images {per_sec} eta {eta}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
-            *b = Some(p);
-        } else if let Some(p) = b.as_ref() {
-            p.set_position(done as u64);
-            if done >= total {
-                p.finish_and_clear();
-                *b = None;
-            }
-        }
-    });
-}
-
-/// A progress bar for the per-layer solvers (GPTQ, SparseGPT, channel selection).
-fn show_solver_progress() {
-    let bar: std::sync::Mutex<Option<indicatif::ProgressBar>> = std::sync::Mutex::new(None);
-    onnx_micronet::passes::set_solve_progress(move |what, done, total| {
-        let mut b = bar.lock().expect("no poisoned lock");
-        if done == 0 {
-            let p = indicatif::ProgressBar::new(total as u64);
-            p.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {pos}/{len} layers eta {eta}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(template)
+                    .expect("valid template")
+                    .progress_chars("=> "),
             );
             p.set_message(what.to_string());
             *b = Some(p);
@@ -189,7 +161,17 @@ fn show_solver_progress() {
                 *b = None;
             }
         }
-    });
+    }
+}
+
+/// Progress bars for the calibration runs (images) and the per-layer solvers
+/// (GPTQ, SparseGPT, channel selection: layers).
+fn show_calibration_progress() {
+    let images = progress_bars("calibration run [{bar:30}] {pos}/{len} images {per_sec} eta {eta}");
+    onnx_micronet::engine::set_capture_progress(move |done, total| images("", done, total));
+    onnx_micronet::passes::set_solve_progress(progress_bars(
+        "{msg} [{bar:30}] {pos}/{len} layers eta {eta}",
+    ));
 }
 
 /// Runs one or two models on prepared data, with progress bars.
@@ -612,7 +594,6 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
     }
     if calib.is_some() {
         show_calibration_progress();
-        show_solver_progress();
     }
     let geometry = validate::input_geometry(&original, &a.counting.input_shape).ok();
     let cx = PassContext {

@@ -92,6 +92,19 @@ fn prune(m: &mut Model, section: ChannelSection, calib: Option<&Dataset>) -> Pas
     r
 }
 
+/// One pass's entry of an `optimize --report` JSON file.
+fn pass_report(report: &std::path::Path, name: &str) -> serde_json::Value {
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
+    json["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pass"] == name)
+        .unwrap_or_else(|| panic!("no {name} pass in {report:?}"))
+        .clone()
+}
+
 fn section(ratio: f64, criterion: &str, reconstruct: bool) -> ChannelSection {
     ChannelSection {
         ratio,
@@ -426,14 +439,7 @@ fn mobilenetv2_cifar_channels_written_model_is_valid_smaller_and_refit_helps() {
     let before = std::fs::metadata(&path).unwrap().len();
     let after = std::fs::metadata(&out).unwrap().len();
     assert!((after as f64) < 0.85 * before as f64, "{after} of {before}");
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let pass = json["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pass"] == "prune-channels")
-        .unwrap();
+    let pass = pass_report(&report, "prune-channels");
     let errors = pass["errors"].as_array().unwrap();
     assert!(errors.len() >= 5, "{pass:#}");
     for e in errors {
@@ -513,14 +519,7 @@ fn generated_resnet50_coupled_stages_are_pruned_together_and_run() {
         report.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let pass = json["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pass"] == "prune-channels")
-        .unwrap();
+    let pass = pass_report(&report, "prune-channels");
     let coupled: Vec<&str> = pass["changed"]
         .as_array()
         .unwrap()
@@ -604,17 +603,7 @@ fn channel_pruning_then_8_bit_quantization_with_bias_correction_runs() {
         report.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    let pass = |name: &str| {
-        json["passes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["pass"] == name)
-            .unwrap_or_else(|| panic!("no {name} pass"))
-            .clone()
-    };
+    let pass = |name: &str| pass_report(&report, name);
     let channels = pass("prune-channels");
     assert!(channels["changed"].as_array().unwrap().len() >= 5);
     let bc = pass("bias-correct");
@@ -657,15 +646,7 @@ fn error_allocation_keeps_the_parameter_budget_and_varies_the_groups() {
             report.to_str().unwrap(),
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-        let pass = json["passes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["pass"] == "prune-channels")
-            .unwrap()
-            .clone();
+        let pass = pass_report(&report, "prune-channels");
         // "C -> K channels (...)": the kept shares.
         let shares: Vec<f64> = pass["changed"]
             .as_array()

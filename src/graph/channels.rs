@@ -588,21 +588,30 @@ impl<'a, 'g> Explorer<'a, 'g> {
         }
     }
 
+    /// The shape of node `n`'s weight (input 1), which must be an initializer
+    /// (else the group fails, saying so).
+    fn weight_shape(&mut self, n: usize) -> Option<Vec<usize>> {
+        let w = self
+            .g
+            .initializer(&self.g.node(n).input[1])
+            .and_then(|t| shape_of(t).ok());
+        if w.is_none() {
+            self.fail(format!(
+                "the weight of {} is not an initializer",
+                self.name(n)
+            ));
+        }
+        w
+    }
+
     fn root(&mut self, n: usize) {
         self.roots.insert(n);
         let node = self.g.node(n);
         let op = node.op_type();
         let o = node.output[0].clone();
         self.add_value(&o, 1);
-        let Some(w) = self
-            .g
-            .initializer(&node.input[1])
-            .and_then(|t| shape_of(t).ok())
-        else {
-            return self.fail(format!(
-                "the weight of {} is not an initializer",
-                self.name(n)
-            ));
+        let Some(w) = self.weight_shape(n) else {
+            return;
         };
         match op {
             "Conv" => {
@@ -641,15 +650,8 @@ impl<'a, 'g> Explorer<'a, 'g> {
         let node = self.g.node(n);
         let i = node.input[0].clone();
         let block = self.values.get(&i).copied().unwrap_or(1);
-        let Some(w) = self
-            .g
-            .initializer(&node.input[1])
-            .and_then(|t| shape_of(t).ok())
-        else {
-            return self.fail(format!(
-                "the weight of {} is not an initializer",
-                self.name(n)
-            ));
+        let Some(w) = self.weight_shape(n) else {
+            return;
         };
         match node.op_type() {
             "Conv" => {
