@@ -455,7 +455,6 @@ impl Pass for PruneChannels {
         let how = Solve {
             criterion,
             reconstruct,
-            damp: cfg.damp,
             by_error: cfg.allocate_by_error,
             multiple: cfg.multiple,
         };
@@ -498,7 +497,6 @@ impl Pass for PruneChannels {
 struct Solve {
     criterion: Criterion,
     reconstruct: bool,
-    damp: f64,
     /// Per-group counts by the sinks' errors (`allocate = "error"`).
     by_error: bool,
     multiple: usize,
@@ -521,7 +519,6 @@ impl Solve {
         mut sinks: HashMap<usize, std::result::Result<SinkData, String>>,
         report: &mut PassReport,
     ) -> Result<Vec<Edit>> {
-        let _ = self.damp;
         let needs_data = self.criterion == Criterion::Reconstruction || self.reconstruct;
         let mut fixed: Vec<Option<Vec<usize>>> = if self.by_error {
             let g = Graph::of(model)?;
