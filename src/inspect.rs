@@ -35,7 +35,8 @@ pub struct Inspection {
     pub functions: usize,
     pub sparse_initializers: usize,
     /// The weighted layers as the score reads them (logical weights: scheme, bits
-    /// and sparsity of packed or quantized storage, not its decoder tensors).
+    /// and sparsity of packed or quantized storage, not its decoder tensors), when
+    /// some weight is packed or quantized; empty for plain float weights.
     pub layers: Vec<LayerView>,
     /// Why `layers` is empty when the score could not read the model.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -87,12 +88,26 @@ pub struct Weight {
 /// Collects the inspection of a loaded model.
 pub fn inspect(model: &Model) -> Result<Inspection> {
     // The layers' logical weights, read the way the score reads them (default
-    // counting options); a model the score cannot read still inspects.
-    let (layers, layers_note) = match crate::score::options::Counting::default()
-        .resolve(model)
-        .and_then(|o| crate::score::score(model, &o))
-    {
-        Ok(r) => (
+    // counting options), for models with packed or quantized weights (for plain
+    // float weights the weights table says it all, and a large model is not read
+    // twice); a model the score cannot read still inspects.
+    let compressed = {
+        let g = crate::graph::Graph::of(model)?;
+        crate::graph::weighted_layers(&g)
+            .iter()
+            .any(|l| l.not_float_initializer(&g).is_some())
+    };
+    let scored = if compressed {
+        crate::score::options::Counting::default()
+            .resolve(model)
+            .and_then(|o| crate::score::score(model, &o))
+            .map(Some)
+    } else {
+        Ok(None)
+    };
+    let (layers, layers_note) = match scored {
+        Ok(None) => (Vec::new(), None),
+        Ok(Some(r)) => (
             r.layers
                 .iter()
                 .filter(|l| l.weight_shape.is_some())

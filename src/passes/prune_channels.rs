@@ -408,8 +408,15 @@ impl SinkData {
                 w[j] = 0.0;
             }
         });
-        let upd = &t * pr.transpose();
-        self.p = &self.p - &upd;
+        // P <- P - t P_R: in place, no d x d temporary.
+        faer::linalg::matmul::matmul(
+            &mut self.p,
+            faer::Accum::Add,
+            &t,
+            pr.transpose(),
+            -1.0,
+            faer::Par::Seq,
+        );
         Ok(())
     }
 }
