@@ -9,6 +9,7 @@ use crate::error::Result;
 use crate::graph::{declared_elem_type, shape_string, Graph};
 use crate::onnx::tensor::{dtype_name, elem_bits, shape_of};
 use crate::onnx::{Model, TensorData};
+use crate::score::render::{fmt_shape, name_width};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Inspection {
@@ -314,25 +315,19 @@ impl Inspection {
                 w,
                 "\nweights of {min_elements}+ elements (sparsity = exact zeros):"
             );
-            let name_w = listed
-                .iter()
-                .map(|x| x.name.len())
-                .max()
-                .unwrap_or(4)
-                .clamp(4, 48);
+            let name_w = name_width(listed.iter().map(|x| x.name.as_str()), 48);
             let _ = writeln!(
                 w,
                 "  {:<name_w$} {:<8} {:<18} {:>10} {:>9}",
                 "name", "type", "shape", "elements", "sparsity"
             );
             for x in &listed {
-                let shape: Vec<String> = x.shape.iter().map(|d| d.to_string()).collect();
                 let _ = writeln!(
                     w,
                     "  {:<name_w$} {:<8} {:<18} {:>10} {:>8.2}%",
                     x.name,
                     x.elem_type,
-                    shape.join("x"),
+                    fmt_shape(&x.shape),
                     group_digits(x.elements as u64),
                     100.0 * x.sparsity
                 );
@@ -353,29 +348,14 @@ impl Inspection {
                 w,
                 "\nlayers (logical weights of packed or quantized storage):"
             );
-            let name_w = self
-                .layers
-                .iter()
-                .map(|l| l.name.len())
-                .max()
-                .unwrap_or(4)
-                .clamp(4, 48);
+            let name_w = name_width(self.layers.iter().map(|l| l.name.as_str()), 48);
             let _ = writeln!(
                 w,
                 "  {:<name_w$} {:<8} {:<16} {:>4} {:>9} {:>8}  storage",
                 "layer", "op", "weight", "bits", "sparsity", "act bits"
             );
             for l in &self.layers {
-                let shape = l
-                    .weight_shape
-                    .as_ref()
-                    .map(|s| {
-                        s.iter()
-                            .map(|d| d.to_string())
-                            .collect::<Vec<_>>()
-                            .join("x")
-                    })
-                    .unwrap_or_default();
+                let shape = l.weight_shape.as_deref().map(fmt_shape).unwrap_or_default();
                 let _ = writeln!(
                     w,
                     "  {:<name_w$} {:<8} {:<16} {:>4} {:>8.2}% {:>8}  {}",

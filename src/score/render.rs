@@ -5,9 +5,15 @@ use std::fmt::Write as _;
 
 use super::{Layer, Report};
 
-fn fmt_shape(s: &[usize]) -> String {
+/// A shape as text tables print it: "32x3x3x3".
+pub fn fmt_shape(s: &[usize]) -> String {
     let parts: Vec<String> = s.iter().map(|d| d.to_string()).collect();
     parts.join("x")
+}
+
+/// The width of a table's name column: the longest name, within [4, max].
+pub fn name_width<'a>(names: impl Iterator<Item = &'a str>, max: usize) -> usize {
+    names.map(str::len).max().unwrap_or(4).clamp(4, max)
 }
 
 /// Compact number: 1234567 -> "1.235M".
@@ -87,13 +93,7 @@ impl Report {
                 "unquantized, freebie off: 32-bit"
             }
         );
-        let name_w = self
-            .layers
-            .iter()
-            .map(|l| l.name.len())
-            .max()
-            .unwrap_or(4)
-            .clamp(4, 36);
+        let name_w = name_width(self.layers.iter().map(|l| l.name.as_str()), 36);
         let _ = writeln!(
             w,
             "\n{:<name_w$} {:<18} {:<14} {:<14} {:>6} {:>4} {:>4} {:>10} {:>10} {:>10}",
