@@ -1,6 +1,7 @@
 # onnx-micronet: the commands a fresh machine needs.
 #   make demo   run the main job on a bundled fixture
-#   make test   run every test (creates the conformance venv in .venv on first use)
+#   make test   run every test (creates the conformance venv in .venv and installs
+#               Debian's chromium for the HTML report's render test on first use)
 #   make bench  time and memory against a plain protobuf read/write and the Python tools
 #   make fixtures / make fixtures-extra   regenerate the fixtures (installs PyTorch in .venv-fixtures)
 #   make wheel  a Python wheel that ships the binary (pip install it), checked in a fresh venv
@@ -14,7 +15,7 @@ BIN := target/release/onnx-micronet
 DEMO_MODEL := fixtures/mobilenetv2_cifar_bn.onnx
 DEMO_MNIST := fixtures/mnist_ccexam.onnx
 
-.PHONY: demo test bench fixtures fixtures-extra lint venv release clean-venv wheel
+.PHONY: demo test bench fixtures fixtures-extra lint venv release clean-venv wheel browser
 
 release:
 	$(CARGO) build --release --locked
@@ -31,9 +32,11 @@ demo: release
 	$(BIN) optimize $(DEMO_MNIST) -o target/demo/mnist_small.onnx \
 	  --prune magnitude:0.7 --quantize linear:4 --act-bits 8 --act-range mse \
 	  --calib fixtures/data/foolbox/mnist --data fixtures/data/mnist-digits-1000 \
-	  --report target/demo/optimize.json
+	  --report target/demo/optimize.json --html target/demo/optimize.html
 	@echo "== score of the written model (MicroNet, CIFAR-100 track)"
 	$(BIN) score target/demo/mnist_small.onnx --markdown target/demo/score.md --json target/demo/score.json
+	@echo "== the HTML report (plots: score per layer, bits, weight histograms with grids, activation"
+	@echo "   ranges, per-layer errors, accuracy): target/demo/optimize.html"
 	ls -l $(DEMO_MNIST) target/demo/mnist_small.onnx
 
 $(VENV_STAMP): tests/conformance/requirements.txt
@@ -44,10 +47,17 @@ $(VENV_STAMP): tests/conformance/requirements.txt
 
 venv: $(VENV_STAMP)
 
-# The tests use the venv (onnx's test models, the checker, onnxruntime) and fail,
-# rather than skip, when it is missing.
-test: $(VENV_STAMP)
-	ONNX_MICRONET_VENV=$(VENV) ONNX_MICRONET_REQUIRE_VENV=1 $(CARGO) test --locked --all-targets
+CHROMIUM ?= /usr/bin/chromium
+
+# Debian's Chromium for the HTML report's render test (tests/html_report.rs).
+browser:
+	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+	@test -x $(CHROMIUM) && $(CHROMIUM) --version
+
+# The tests use the venv (onnx's test models, the checker, onnxruntime, Playwright)
+# and Chromium, and fail, rather than skip, when either is missing.
+test: $(VENV_STAMP) browser
+	ONNX_MICRONET_VENV=$(VENV) ONNX_MICRONET_REQUIRE_VENV=1 ONNX_MICRONET_CHROMIUM=$(CHROMIUM) $(CARGO) test --locked --all-targets
 
 lint:
 	$(CARGO) fmt --all -- --check

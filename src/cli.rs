@@ -106,6 +106,9 @@ pub enum Command {
         /// Write the report as Markdown (for a submission README) to FILE.
         #[arg(long, value_name = "FILE")]
         markdown: Option<PathBuf>,
+        /// Write a self-contained HTML report (tables and SVG plots, no network) to FILE.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
     },
     /// Measure accuracy in tract (an independent runtime) on labelled images: top-1 and
     /// top-5 of each model, and with a second model their top-1 agreement and the
@@ -131,6 +134,9 @@ pub enum Command {
         /// Write the report as JSON to FILE ('-' for standard output, replacing the text).
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Write a self-contained HTML report (tables and SVG plots, no network) to FILE.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
     },
     /// Compress a model: fold BatchNorm, prune, ... as a recipe or the flags say, write
     /// the result, and print what each pass did and the MicroNet score before and
@@ -190,6 +196,11 @@ pub enum Command {
         /// Also write the whole report as JSON.
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
+        /// Also write a self-contained HTML report (tables and SVG plots: score per
+        /// layer, bits and sparsity, weight histograms with their grids, activation
+        /// ranges, per-layer errors, accuracy) to FILE.
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
         /// Write initializers to one side file `<OUT>.data`.
         #[arg(long)]
         external_data: bool,
@@ -230,6 +241,11 @@ pub struct PrepArgs {
     /// CenterCrop), overriding the preset's (imagenet: round(H * 256/224)).
     #[arg(long, value_name = "S")]
     pub resize: Option<usize>,
+    /// The centre crop as a fraction of the resized short side (timm's crop_pct,
+    /// e.g. 0.875): the short side is resized to floor(input / P) before the crop
+    /// to the model's input size. Instead of --resize.
+    #[arg(long, value_name = "P", conflicts_with = "resize")]
+    pub crop_pct: Option<f64>,
     /// The resize filter: bilinear (torchvision's default), bicubic (timm's usual
     /// choice) or nearest, each as Pillow computes it. The crop is the model's input
     /// size; --resize sets the crop fraction (timm's crop_pct = input / S).

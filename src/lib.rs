@@ -13,6 +13,7 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod graph;
+pub mod html;
 pub mod inspect;
 pub mod onnx;
 pub mod optimize;

@@ -13,7 +13,7 @@ use cli::{Cli, Command, DataArgs, PrepArgs};
 use onnx_micronet::onnx::{self, io::Layout, SaveOptions};
 use onnx_micronet::optimize;
 use onnx_micronet::passes::Context as PassContext;
-use onnx_micronet::recipe::{Overrides, Recipe};
+use onnx_micronet::recipe::{Overrides, PreprocessSection, Recipe};
 use onnx_micronet::score::{self, Counting};
 use onnx_micronet::validate;
 
@@ -99,10 +99,18 @@ fn prepare(
         .preprocess
         .clone()
         .unwrap_or_else(|| geometry.default_preset().to_string());
+    // timm's crop_pct: scale_size = floor(img_size / crop_pct) on the short side.
+    let resize = match prep.crop_pct {
+        Some(p) if !(p > 0.0 && p <= 1.0) => anyhow::bail!(onnx_micronet::Error::Usage(format!(
+            "--crop-pct {p}: expected a fraction in (0, 1], e.g. 0.875"
+        ))),
+        Some(p) => Some((geometry.height.min(geometry.width) as f64 / p).floor() as usize),
+        None => prep.resize,
+    };
     let adjust = validate::Adjust {
         mean: prep.mean.clone(),
         std: prep.std.clone(),
-        resize: prep.resize,
+        resize,
         interpolation: prep
             .interpolation
             .as_deref()
@@ -132,6 +140,34 @@ fn prepare(
         geometry,
         preset,
     })
+}
+
+/// The preprocessing flags over the recipe's `[preprocess]` section (the flags
+/// win); the recipe then records the settings used, so that it reproduces the run.
+fn merge_preprocess(r: &mut Recipe, flags: &PrepArgs) -> anyhow::Result<PrepArgs> {
+    let sec = r.preprocess.clone().unwrap_or_default();
+    sec.check()?;
+    let mut p = flags.clone();
+    p.preprocess = p.preprocess.or(sec.preset);
+    p.mean = p.mean.or(sec.mean);
+    p.std = p.std.or(sec.std);
+    if p.crop_pct.is_none() {
+        p.resize = p.resize.or(sec.resize);
+    }
+    p.crop_pct = p
+        .crop_pct
+        .or(sec.crop_pct.filter(|_| flags.resize.is_none()));
+    p.interpolation = p.interpolation.or(sec.interpolation);
+    let used = PreprocessSection {
+        preset: p.preprocess.clone(),
+        mean: p.mean.clone(),
+        std: p.std.clone(),
+        resize: p.resize,
+        crop_pct: p.crop_pct,
+        interpolation: p.interpolation.clone(),
+    };
+    r.preprocess = (used != PreprocessSection::default()).then_some(used);
+    Ok(p)
 }
 
 fn threads(prep: &PrepArgs) -> usize {
@@ -279,13 +315,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             counting,
             json,
             markdown,
-        } => score(&model, &counting, json.as_deref(), markdown.as_deref()),
+            html,
+        } => score(
+            &model,
+            &counting,
+            json.as_deref(),
+            markdown.as_deref(),
+            html.as_deref(),
+        ),
         Command::Validate {
             model,
             other,
             data,
             json,
-        } => validate(&model, other.as_deref(), &data, json.as_deref()),
+            html,
+        } => validate(
+            &model,
+            other.as_deref(),
+            &data,
+            json.as_deref(),
+            html.as_deref(),
+        ),
         Command::Optimize {
             model,
             output,
@@ -302,6 +352,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             verbose,
             markdown,
             report,
+            html,
             external_data,
             counting,
         } => optimize(OptimizeArgs {
@@ -322,6 +373,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             verbose,
             markdown,
             report,
+            html,
             external_data,
             counting,
         }),
@@ -485,13 +537,18 @@ fn score(
     counting: &Counting,
     json: Option<&Path>,
     markdown: Option<&Path>,
+    html: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
-    check_outputs(&[(json, "--json"), (markdown, "--markdown")])?;
+    check_outputs(&[(json, "--json"), (markdown, "--markdown"), (html, "--html")])?;
     let m = onnx_micronet::load(model)?;
     let report = score::score(&m, &counting.resolve(&m)?)?;
     emit_report(|| report.to_text(), &report, json)?;
     if let Some(path) = markdown {
         emit(path, &report.to_markdown())?;
+    }
+    if let Some(path) = html {
+        let weights = onnx_micronet::html::collect_weights(None, &m)?;
+        emit(path, &onnx_micronet::html::score_page(&report, &weights)?)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -501,8 +558,9 @@ fn validate(
     other: Option<&Path>,
     data: &DataArgs,
     json: Option<&Path>,
+    html: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
-    check_outputs(&[(json, "--json")])?;
+    check_outputs(&[(json, "--json"), (html, "--html")])?;
     let first = onnx_micronet::load(model)?;
     let second = other.map(onnx_micronet::load).transpose()?;
     let p = prepare(
@@ -518,6 +576,9 @@ fn validate(
     }
     let report = run_validation(&models, &p, threads(&data.prep))?;
     emit_report(|| report.to_text(), &report, json)?;
+    if let Some(path) = html {
+        emit(path, &onnx_micronet::html::validate_page(&report)?)?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -536,6 +597,7 @@ struct OptimizeArgs {
     verbose: bool,
     markdown: Option<PathBuf>,
     report: Option<PathBuf>,
+    html: Option<PathBuf>,
     external_data: bool,
     counting: Counting,
 }
@@ -547,6 +609,7 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
         (model_out, "-o"),
         (a.report.as_deref(), "--report"),
         (a.markdown.as_deref(), "--markdown"),
+        (a.html.as_deref(), "--html"),
     ])?;
     let original = onnx_micronet::load(&a.model)?;
     let mut r = match &a.recipe {
@@ -555,6 +618,8 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
     };
     r.apply(&a.overrides)?;
     r.check_patterns(&original)?;
+    let mut a = a;
+    a.prep = merge_preprocess(&mut r, &a.prep)?;
     let opts = a.counting.resolve(&original)?;
     let threads = threads(&a.prep);
     // The evaluation data first: a gate it cannot answer fails before any work.
@@ -602,7 +667,8 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
         input_shape: geometry.map(|g| g.shape).unwrap_or_default(),
         threads,
     };
-    let (mut optimized, passes) = optimize::run(&original, &r, &cx)?;
+    let (mut optimized, passes, snapshot) =
+        optimize::run_with_snapshot(&original, &r, &cx, a.html.is_some())?;
     // Provenance before scoring: the file's bytes (and so its size) include it.
     stamp_provenance(&mut optimized, &a.model, &r, calib.as_ref())?;
     let (before, mut after) = optimize::scores(&original, &optimized, &opts)?;
@@ -662,6 +728,10 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(path) = &a.markdown {
         emit(path, &rep.to_markdown())?;
+    }
+    if let Some(path) = &a.html {
+        let weights = onnx_micronet::html::collect_weights(snapshot.as_ref(), &optimized)?;
+        emit(path, &onnx_micronet::html::optimize_page(&rep, &weights)?)?;
     }
     Ok(ExitCode::SUCCESS)
 }

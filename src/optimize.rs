@@ -14,10 +14,23 @@ use crate::validate;
 
 /// Runs the recipe's pipeline on a copy of the model.
 pub fn run(model: &Model, recipe: &Recipe, cx: &Context) -> Result<(Model, Vec<PassReport>)> {
+    let (out, reports, _) = run_with_snapshot(model, recipe, cx, false)?;
+    Ok((out, reports))
+}
+
+/// [`run`], and with `snapshot`, the model as the first lossy pass received it
+/// (`passes::Pipeline::run_with_snapshot`; `None` when every pass was lossless).
+pub fn run_with_snapshot(
+    model: &Model,
+    recipe: &Recipe,
+    cx: &Context,
+    snapshot: bool,
+) -> Result<(Model, Vec<PassReport>, Option<Model>)> {
     let pipeline = recipe.pipeline()?;
     let mut out = model.clone();
-    let reports = pipeline.run(&mut out, cx)?;
-    Ok((out, reports))
+    let mut snap = None;
+    let reports = pipeline.run_with_snapshot(&mut out, cx, snapshot.then_some(&mut snap))?;
+    Ok((out, reports, snap))
 }
 
 /// Everything `optimize` prints.
@@ -44,17 +57,13 @@ pub fn scores(
 }
 
 impl OptimizeReport {
-    /// The before/after table as Markdown (for a pull request or a paper):
-    /// score, parameters, operations, file size, and top-1 and agreement with
-    /// their Wilson 95% intervals when validated.
-    pub fn to_markdown(&self) -> String {
+    /// The before/after summary: score, parameters, operations, file size, and
+    /// top-1 and agreement with their Wilson 95% intervals when validated. Rows
+    /// of [what, before, after, after/before]; the Markdown and HTML renderings
+    /// print the same rows.
+    pub fn summary_rows(&self) -> Vec<[String; 4]> {
         let (b, a) = (&self.before, &self.after);
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "| {} | before | after | after/before |\n|---|---:|---:|---:|",
-            self.output.as_deref().unwrap_or("(not written)")
-        );
+        let mut rows = Vec::new();
         let ratio = |x: f64, y: f64| {
             if x != 0.0 {
                 format!("{:.3}x", y / x)
@@ -63,14 +72,12 @@ impl OptimizeReport {
             }
         };
         let si = crate::score::render::si;
-        let _ = writeln!(
-            s,
-            "| MicroNet score ({:?} track) | {:.4} | {:.4} | {} |",
-            a.track,
-            b.score,
-            a.score,
-            ratio(b.score, a.score)
-        );
+        rows.push([
+            format!("MicroNet score ({:?} track)", a.track),
+            format!("{:.4}", b.score),
+            format!("{:.4}", a.score),
+            ratio(b.score, a.score),
+        ]);
         for (what, x, y) in [
             (
                 "parameters (32-bit units)",
@@ -84,7 +91,7 @@ impl OptimizeReport {
                 a.disk.file_bytes as f64,
             ),
         ] {
-            let _ = writeln!(s, "| {what} | {} | {} | {} |", si(x), si(y), ratio(x, y));
+            rows.push([what.to_string(), si(x), si(y), ratio(x, y)]);
         }
         if let Some(v) = &self.validation {
             let pct = |x: Option<f64>, i: Option<(f64, f64)>| match (x, i) {
@@ -96,23 +103,48 @@ impl OptimizeReport {
             };
             if let (Some(r0), Some(r1)) = (v.runs.first(), v.runs.get(1)) {
                 if r0.top1.is_some() {
-                    let _ = writeln!(
-                        s,
-                        "| top-1 ({} labelled images, 95% interval) | {} | {} | |",
-                        v.labelled,
+                    rows.push([
+                        format!("top-1 ({} labelled images, 95% interval)", v.labelled),
                         pct(r0.top1, r0.top1_interval),
-                        pct(r1.top1, r1.top1_interval)
-                    );
+                        pct(r1.top1, r1.top1_interval),
+                        String::new(),
+                    ]);
                 }
             }
             if let Some(ag) = &v.agreement {
-                let _ = writeln!(
-                    s,
-                    "| top-1 agreement with the original ({} images) | | {} | |",
-                    v.runs.first().map_or(0, |r| r.images),
-                    pct(Some(ag.top1_agreement), Some(ag.top1_agreement_interval))
-                );
+                rows.push([
+                    format!(
+                        "top-1 agreement with the original ({} images)",
+                        v.runs.first().map_or(0, |r| r.images)
+                    ),
+                    String::new(),
+                    pct(Some(ag.top1_agreement), Some(ag.top1_agreement_interval)),
+                    String::new(),
+                ]);
             }
+        }
+        rows
+    }
+
+    /// The before/after table ([`Self::summary_rows`]) as Markdown, for a pull
+    /// request or a paper.
+    pub fn to_markdown(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "| {} | before | after | after/before |\n|---|---:|---:|---:|",
+            self.output.as_deref().unwrap_or("(not written)")
+        );
+        for r in self.summary_rows() {
+            s.push('|');
+            for c in &r {
+                s.push_str(&if c.is_empty() {
+                    " |".into()
+                } else {
+                    format!(" {c} |")
+                });
+            }
+            s.push('\n');
         }
         s
     }

@@ -54,6 +54,14 @@
 //! match = "*classifier*"
 //! bits = 6                       # and/or scheme = "...", skip = true
 //!
+//! [preprocess]                   # how --calib and --data images are prepared (flags win)
+//! preset = "imagenet"            # imagenet | cifar | mnist | raw
+//! mean = [0.5, 0.5, 0.5]         # after scaling to 0..1, overriding the preset's
+//! std = [0.5, 0.5, 0.5]
+//! resize = 297                   # short side before the centre crop (crop fraction = input / resize)
+//! # crop_pct = 0.875             # or timm's crop fraction: short side floor(input / crop_pct)
+//! interpolation = "bicubic"      # bilinear | bicubic | nearest
+//!
 //! [act_quant]                    # activations (passes/act_quant.rs; needs --calib)
 //! bits = 8                       # 8: QuantizeLinear/DequantizeLinear; 16: float16; else fake-quant
 //! range = "maxabs"               # maxabs | percentile:99.99 | mse | minmax
@@ -92,6 +100,82 @@ pub struct Recipe {
     pub storage: Option<String>,
     /// Bias correction after quantization, with calibration data (default true).
     pub bias_correction: Option<bool>,
+    /// How calibration and evaluation images are prepared; the `--preprocess`,
+    /// `--mean`, `--std`, `--resize` and `--interpolation` flags win over it.
+    pub preprocess: Option<PreprocessSection>,
+}
+
+/// The `[preprocess]` section: the same settings as the preprocessing flags, so
+/// that a recipe reproduces a run, images included (an EfficientNet-Lite recipe
+/// carries its mean = std = 0.5).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessSection {
+    /// imagenet | cifar | mnist | raw.
+    pub preset: Option<String>,
+    /// Per-channel mean subtracted after scaling to 0..1.
+    pub mean: Option<Vec<f32>>,
+    /// Per-channel standard deviation divided by.
+    pub std: Option<Vec<f32>>,
+    /// Short side before the centre crop, pixels.
+    pub resize: Option<usize>,
+    /// Or the crop as a fraction of the resized short side (timm's crop_pct).
+    pub crop_pct: Option<f64>,
+    /// bilinear | bicubic | nearest.
+    pub interpolation: Option<String>,
+}
+
+impl PreprocessSection {
+    /// Checks the names (preset, interpolation) and the mean/std values.
+    pub fn check(&self) -> Result<()> {
+        let bad = |k: &str, v: &str, allowed: &str| {
+            Error::Usage(format!(
+                "recipe [preprocess] {k} = '{v}': expected one of {allowed}"
+            ))
+        };
+        if let Some(p) = &self.preset {
+            if !["imagenet", "cifar", "mnist", "raw"].contains(&p.as_str()) {
+                return Err(bad("preset", p, "imagenet, cifar, mnist, raw"));
+            }
+        }
+        if let Some(i) = &self.interpolation {
+            if !["bilinear", "bicubic", "nearest"].contains(&i.as_str()) {
+                return Err(bad("interpolation", i, "bilinear, bicubic, nearest"));
+            }
+        }
+        if let Some(s) = &self.std {
+            if s.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
+                return Err(Error::Usage(format!(
+                    "recipe [preprocess] std = {s:?}: every value must be finite and positive"
+                )));
+            }
+        }
+        if let Some(m) = &self.mean {
+            if m.iter().any(|x| !x.is_finite()) {
+                return Err(Error::Usage(format!(
+                    "recipe [preprocess] mean = {m:?}: every value must be finite"
+                )));
+            }
+        }
+        if let Some(p) = self.crop_pct {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(Error::Usage(format!(
+                    "recipe [preprocess] crop_pct = {p}: expected a fraction in (0, 1], e.g. 0.875"
+                )));
+            }
+            if self.resize.is_some() {
+                return Err(Error::Usage(
+                    "recipe [preprocess]: resize and crop_pct both set; keep one".into(),
+                ));
+            }
+        }
+        if self.resize == Some(0) {
+            return Err(Error::Usage(
+                "recipe [preprocess] resize = 0: expected the short side in pixels".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The flags of `optimize` that set recipe keys (clap derives them from this

@@ -451,3 +451,104 @@ fn preprocessing_is_recorded_in_the_json() {
     );
     assert!(data.contains("mean [0.5, 0.5, 0.5], std [0.5]"), "{data}");
 }
+
+/// A recipe's `[preprocess]` section prepares the images as the flags would
+/// (the same data description and the same top-1 to the last image), the flags
+/// win over it, the written recipe records what was used, and a bad value is an
+/// error naming the key.
+#[test]
+fn recipes_carry_preprocessing_and_flags_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture("efficientnet_style_bn.onnx");
+    let data = fixture("data/foolbox/cifar10");
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        "[preprocess]\npreset = \"imagenet\"\nmean = [0.5, 0.5, 0.5]\nstd = [0.5, 0.5, 0.5]\nresize = 72\ninterpolation = \"bicubic\"\n",
+    )
+    .unwrap();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = dir.path().join("o.onnx");
+        let rep = dir.path().join("rep.json");
+        let mut a = vec![
+            "optimize",
+            model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--report",
+            rep.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        let o = cli(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap()
+    };
+    let by_recipe = run(&["--recipe", recipe.to_str().unwrap()]);
+    let by_flags = run(&[
+        "--preprocess",
+        "imagenet",
+        "--mean",
+        "0.5,0.5,0.5",
+        "--std",
+        "0.5,0.5,0.5",
+        "--resize",
+        "72",
+        "--interpolation",
+        "bicubic",
+    ]);
+    let desc = |j: &serde_json::Value| j["validation"]["data"].as_str().unwrap().to_string();
+    assert_eq!(desc(&by_recipe), desc(&by_flags));
+    assert!(
+        desc(&by_recipe).contains(
+            "bicubic short side 72 + centre crop, /255, mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]"
+        ),
+        "{}",
+        desc(&by_recipe)
+    );
+    assert_eq!(
+        by_recipe["validation"]["runs"][0]["top1"],
+        by_flags["validation"]["runs"][0]["top1"]
+    );
+    // Both reports' recipes record the settings used.
+    for j in [&by_recipe, &by_flags] {
+        let p = &j["recipe"]["preprocess"];
+        assert_eq!(p["preset"], "imagenet");
+        assert_eq!(p["resize"], 72);
+        assert_eq!(p["interpolation"], "bicubic");
+        assert_eq!(p["std"], serde_json::json!([0.5, 0.5, 0.5]));
+    }
+    // A flag wins over the recipe's key.
+    let mixed = run(&["--recipe", recipe.to_str().unwrap(), "--resize", "64"]);
+    assert!(
+        desc(&mixed).contains("bicubic short side 64"),
+        "{}",
+        desc(&mixed)
+    );
+    assert_eq!(mixed["recipe"]["preprocess"]["resize"], 64);
+    // timm's crop_pct: the 64 px input with crop_pct 0.875 resizes the short
+    // side to floor(64 / 0.875) = floor(73.14) = 73; the recipe's resize yields to it.
+    let pct = run(&["--recipe", recipe.to_str().unwrap(), "--crop-pct", "0.875"]);
+    assert!(
+        desc(&pct).contains("bicubic short side 73"),
+        "{}",
+        desc(&pct)
+    );
+    assert_eq!(pct["recipe"]["preprocess"]["crop_pct"], 0.875);
+    assert!(pct["recipe"]["preprocess"]["resize"].is_null());
+    // A bad value names the section and key.
+    std::fs::write(&recipe, "[preprocess]\ninterpolation = \"lanczos\"\n").unwrap();
+    let err = common::cli_fails(&[
+        "optimize",
+        model.to_str().unwrap(),
+        "-o",
+        dir.path().join("x.onnx").to_str().unwrap(),
+        "--recipe",
+        recipe.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("[preprocess] interpolation = 'lanczos'"),
+        "{err}"
+    );
+}

@@ -894,6 +894,16 @@ impl Pass for ActQuant {
                     absorbed_names.join(", ")
                 ));
             }
+            if data.is_some() {
+                report.ranges.push(super::ActRange {
+                    value: t.value.clone(),
+                    bits,
+                    seen_min: st.min,
+                    seen_max: st.max,
+                    grid_min: scale as f64 * lo,
+                    grid_max: top,
+                });
+            }
             report.changed(
                 &t.value,
                 format!(

@@ -92,6 +92,19 @@ pub struct LayerError {
     pub after: f64,
 }
 
+/// One activation quantizer's calibrated range (act-quant): the smallest and
+/// largest value the calibration images produced, and the range its grid
+/// represents, [lowest level, highest level] x scale (values outside it clip).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ActRange {
+    pub value: String,
+    pub bits: u32,
+    pub seen_min: f64,
+    pub seen_max: f64,
+    pub grid_min: f64,
+    pub grid_max: f64,
+}
+
 /// A pass's account of its run.
 #[derive(Debug, Clone, Serialize)]
 pub struct PassReport {
@@ -102,6 +115,9 @@ pub struct PassReport {
     /// Per-layer output errors, where calibration data measured them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<LayerError>,
+    /// Calibrated activation ranges (act-quant with calibration images).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ranges: Vec<ActRange>,
 }
 
 impl PassReport {
@@ -112,6 +128,7 @@ impl PassReport {
             skipped: Vec::new(),
             seconds: 0.0,
             errors: Vec::new(),
+            ranges: Vec::new(),
         }
     }
 
@@ -162,6 +179,18 @@ impl Pipeline {
     /// every initializer a pass adds is also listed as a graph input (that version's
     /// rule), and inputs naming initializers it removed are dropped.
     pub fn run(&self, model: &mut Model, cx: &Context) -> Result<Vec<PassReport>> {
+        self.run_with_snapshot(model, cx, None)
+    }
+
+    /// [`Self::run`], and when `snapshot` is given, a copy of the model as the
+    /// first lossy pass receives it (after BN folding and equalization: the float
+    /// weights the compression starts from; the HTML report's "before" histograms).
+    pub fn run_with_snapshot(
+        &self,
+        model: &mut Model,
+        cx: &Context,
+        mut snapshot: Option<&mut Option<Model>>,
+    ) -> Result<Vec<PassReport>> {
         let mut reports = Vec::new();
         let ir = model.proto.ir_version();
         let mut reference: Option<Model> = None;
@@ -172,6 +201,11 @@ impl Pipeline {
             let wanted = cx.calib.is_some_and(|d| !d.is_empty());
             if wanted && !pass.reference_after() && reference.is_none() && cx.reference.is_none() {
                 reference = Some(model.clone());
+            }
+            if let Some(snap) = snapshot.as_deref_mut() {
+                if !pass.lossless() && snap.is_none() {
+                    *snap = Some(model.clone());
+                }
             }
             let cx = Context {
                 reference: cx.reference.or(reference.as_ref()),
