@@ -50,6 +50,7 @@
 //! range = "minmax"               # minmax | mse (linear, minmax grids chosen by their error)
 //! rounding = "gptq"              # gptq (default with --calib) | nearest
 //! calib_mode = "parallel"        # parallel | sequential[:K] (GPTQ's inputs from the model quantized so far)
+//! avg_bits = 4.0                 # per-layer bits from 2..8 with this parameter-weighted mean (needs --calib)
 //! [[quantize.layer]]             # later entries win
 //! match = "*classifier*"
 //! bits = 6                       # and/or scheme = "...", skip = true
@@ -219,6 +220,12 @@ pub struct Overrides {
     /// One grid per output channel (linear, minmax).
     #[arg(long)]
     pub per_channel: bool,
+    /// Choose each layer's weight bits (from 2, 3, 4, 5, 6, 8) so that the mean
+    /// weight width, weighted by parameter count, is at most B, minimizing the sum
+    /// of the layers' relative output errors on the calibration images (seed 004's
+    /// avg_bit_weights budget; needs --calib). Sets quantize.avg_bits.
+    #[arg(long, value_name = "B")]
+    pub avg_weight_bits: Option<f64>,
     /// Fraction of values allowed to clip when choosing a range (weights and activations; default 0).
     #[arg(long, value_name = "R")]
     pub overflow_rate: Option<f64>,
@@ -546,6 +553,9 @@ impl Recipe {
                 if o.per_channel {
                     q.per_channel = Some(true);
                 }
+                if o.avg_weight_bits.is_some() {
+                    q.avg_bits = o.avg_weight_bits;
+                }
                 if o.overflow_rate.is_some() {
                     q.overflow_rate = o.overflow_rate;
                 }
@@ -568,6 +578,7 @@ impl Recipe {
             None if o.layer_bits.is_some()
                 || o.qbn.is_some()
                 || o.per_channel
+                || o.avg_weight_bits.is_some()
                 || o.bias_bits.is_some()
                 || o.rounding.is_some()
                 || o.gptq_damp.is_some()
@@ -575,7 +586,7 @@ impl Recipe {
                 || o.weight_range.is_some() =>
             {
                 return Err(Error::Usage(
-                    "--layer-bits, --qbn, --per-channel, --bias-bits, --rounding, --gptq-damp, --act-order and --weight-range need --quantize (or a [quantize] section in the recipe)".into(),
+                    "--layer-bits, --qbn, --per-channel, --avg-weight-bits, --bias-bits, --rounding, --gptq-damp, --act-order and --weight-range need --quantize (or a [quantize] section in the recipe)".into(),
                 ));
             }
             None => {}

@@ -943,3 +943,119 @@ fn bias_correction_zeroes_the_mean_output_shift_on_the_calibration_rows() {
         "{r:?}"
     );
 }
+
+/// `--avg-weight-bits B` (seed 004's avg_bit_weights budget): every layer's bits
+/// chosen from 2..8 by its measured errors, the parameter-weighted mean width of
+/// the written model (read back by `score`) at most B and close to it, the widths
+/// mixed, more bits for a larger budget with smaller errors; bad uses exit 2.
+#[test]
+fn avg_weight_bits_allocates_within_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    // 37 weighted layers (convs, depthwise convs, SE's 1x1 convs, the classifier).
+    let model = fixture("efficientnet_style_bn.onnx");
+    let calib = fixture("data/foolbox/cifar10");
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = dir.path().join("o.onnx");
+        let rep = dir.path().join("r.json");
+        let mut a = vec![
+            "optimize",
+            model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--calib",
+            calib.to_str().unwrap(),
+            "--quantize",
+            "minmax:4",
+            "--per-channel",
+            "--report",
+            rep.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        let o = cli(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap()
+    };
+    // (mean width over all weights, distinct widths, summed layer errors)
+    let measure = |j: &serde_json::Value| -> (f64, usize, f64) {
+        let (mut bits, mut n) = (0.0, 0.0);
+        let mut widths = std::collections::BTreeSet::new();
+        for l in j["after"]["layers"].as_array().unwrap() {
+            let (Some(b), Some(shape)) = (l["weight_bits"].as_u64(), l["weight_shape"].as_array())
+            else {
+                continue;
+            };
+            let numel: u64 = shape.iter().map(|d| d.as_u64().unwrap()).product();
+            bits += (numel * b) as f64;
+            n += numel as f64;
+            widths.insert(b);
+        }
+        let q = j["passes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pass"] == "quantize")
+            .unwrap();
+        let err: f64 = q["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["after"].as_f64().unwrap())
+            .sum();
+        (bits / n, widths.len(), err)
+    };
+    let (mean, widths, err) = measure(&run(&["--avg-weight-bits", "3.5"]));
+    assert!(mean <= 3.5 && mean > 3.4, "mean width {mean}");
+    assert!(widths >= 3, "{widths} distinct widths");
+    // A larger budget: a larger mean, still within it, and the allocation line.
+    let j = run(&["--avg-weight-bits", "5"]);
+    let (mean5, _, err5) = measure(&j);
+    assert!(mean5 <= 5.0 && mean5 > 4.9 && mean5 > mean, "{mean5}");
+    assert!(
+        err5 < err,
+        "summed layer errors {err5} at 5 bits vs {err} at 3.5"
+    );
+    let q = &j["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pass"] == "quantize")
+        .unwrap()["changed"];
+    let line = q
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["target"] == "allocation")
+        .unwrap()["what"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        line.starts_with(&format!("mean weight width {mean5:.3} bits")),
+        "{line}"
+    );
+    // Bad uses name the problem.
+    let out = dir.path().join("x.onnx");
+    let e = cli_fails(&[
+        "optimize",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--quantize",
+        "minmax:4",
+        "--avg-weight-bits",
+        "4",
+    ]);
+    assert!(e.contains("avg_bits") && e.contains("--calib"), "{e}");
+    let e = cli_fails(&[
+        "optimize",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--quantize",
+        "ternary",
+        "--avg-weight-bits",
+        "4",
+    ]);
+    assert!(e.contains("avg_bits") && e.contains("ternary"), "{e}");
+    assert!(!out.exists());
+}

@@ -169,6 +169,9 @@ pub struct QuantizeSection {
     pub calib_mode: Option<String>,
     /// GPTQ visits the inputs by decreasing diag(H) (default false).
     pub act_order: Option<bool>,
+    /// Per-layer bits chosen by output error under this parameter-weighted mean
+    /// width ([`allocate_bits`]; needs calibration).
+    pub avg_bits: Option<f64>,
     #[serde(default, rename = "layer")]
     pub layers: Vec<LayerSection>,
 }
@@ -290,6 +293,24 @@ impl QuantizeSection {
                 "quantize damp {damp}: must be positive (a fraction of the mean diagonal of H, e.g. 0.01)"
             )));
         }
+        if let Some(b) = self.avg_bits {
+            let lo = *ALLOCATION_BITS.first().expect("candidates");
+            if !(b.is_finite() && b >= lo as f64) {
+                return Err(Error::Usage(format!(
+                    "quantize avg_bits {b}: expected a mean width of at least {lo} bits"
+                )));
+            }
+            if scheme.imp().fixed_bits().is_some() || !scheme.bit_range().contains(&lo) {
+                return Err(Error::Usage(format!(
+                    "quantize avg_bits: scheme {scheme} has no {lo}..8-bit widths to choose from (use linear or minmax)"
+                )));
+            }
+            if self.qbn.is_some() {
+                return Err(Error::Usage(
+                    "quantize avg_bits and qbn both set: qbn fixes every layer's bits, avg_bits chooses them; keep one".into(),
+                ));
+            }
+        }
         Ok(QuantConfig {
             scheme,
             bits,
@@ -304,6 +325,7 @@ impl QuantizeSection {
             rounding: self.rounding.as_deref().map(str::parse).transpose()?,
             damp,
             act_order: self.act_order.unwrap_or(false),
+            avg_bits: self.avg_bits,
             calib_mode: match &self.calib_mode {
                 Some(m) => m.parse()?,
                 None => calib::CalibMode::Parallel,
@@ -399,6 +421,8 @@ pub struct QuantConfig {
     pub rounding: Option<Rounding>,
     pub damp: f64,
     pub act_order: bool,
+    /// Allocate per-layer bits under this mean width ([`allocate_bits`]).
+    pub avg_bits: Option<f64>,
     pub calib_mode: calib::CalibMode,
     /// Affine grids chosen by their error (`range = "mse"`), not by the range.
     pub mse_grid: bool,
@@ -420,6 +444,7 @@ impl Default for QuantConfig {
             rounding: None,
             damp: crate::passes::calib::obs::DEFAULT_DAMP,
             act_order: false,
+            avg_bits: None,
             calib_mode: calib::CalibMode::Parallel,
             mse_grid: false,
         }
@@ -514,6 +539,29 @@ pub fn layer_order(graph: &Graph, report: Option<&mut PassReport>) -> Vec<(Strin
 /// The weight quantization pass.
 pub struct Quantize(pub QuantConfig);
 
+/// One layer the pass quantizes, as planned before any write.
+struct Job {
+    index: usize,
+    init: String,
+    node: String,
+    scheme: Scheme,
+    bits: u32,
+    axis: Option<usize>,
+    fan_in: usize,
+    bias: Option<String>,
+    nodes: Vec<usize>,
+    /// Other readers of the weight (it is quantized as a private copy), in words.
+    weight_shared: Option<String>,
+    /// Other readers of the bias, or why it stays float.
+    bias_shared: Option<String>,
+    bias_fixed: Option<String>,
+    rounding: Rounding,
+    /// Bits fixed by a layer rule or qbn (not chosen by the allocation).
+    pinned: bool,
+    /// The weight's rows and input geometry for calibration, or why none.
+    layout: std::result::Result<(calib::Rows, Vec<calib::Geom>), String>,
+}
+
 impl Pass for Quantize {
     fn name(&self) -> &'static str {
         "quantize"
@@ -527,25 +575,6 @@ impl Pass for Quantize {
             return Err(Error::Usage(GPTQ_NEEDS_CALIB.into()));
         }
         // Plan every layer first (read-only), then write.
-        struct Job {
-            index: usize,
-            init: String,
-            node: String,
-            scheme: Scheme,
-            bits: u32,
-            axis: Option<usize>,
-            fan_in: usize,
-            bias: Option<String>,
-            nodes: Vec<usize>,
-            /// Other readers of the weight (it is quantized as a private copy), in words.
-            weight_shared: Option<String>,
-            /// Other readers of the bias, or why it stays float.
-            bias_shared: Option<String>,
-            bias_fixed: Option<String>,
-            rounding: Rounding,
-            /// The weight's rows and input geometry for calibration, or why none.
-            layout: std::result::Result<(calib::Rows, Vec<calib::Geom>), String>,
-        }
         let mut jobs = Vec::new();
         {
             let view = Graph::of(model)?;
@@ -604,11 +633,13 @@ impl Pass for Quantize {
                     Rounding::Nearest
                 });
                 let mut bits = cfg.qbn.get(index).copied().unwrap_or(cfg.bits);
+                let mut pinned = !cfg.qbn.is_empty();
                 let mut skip = select::first_match(&cfg.skip, &names)
                     .map(|p| format!("matches skip pattern '{p}'"));
                 for r in select::matching(&cfg.rules, &names) {
                     if let Some(b) = r.bits {
                         bits = b;
+                        pinned = true;
                     }
                     if let Some(x) = r.rounding {
                         rounding = x;
@@ -700,6 +731,7 @@ impl Pass for Quantize {
                     bias_shared,
                     bias_fixed,
                     rounding,
+                    pinned,
                     layout,
                 });
             }
@@ -733,6 +765,7 @@ impl Pass for Quantize {
         let mut capture_secs = 0.0;
         let mut captured = 0usize;
         let process = |ji: usize,
+                       bits: u32,
                        cal: Option<&calib::Calibrated>,
                        no_calib: Option<&String>,
                        model: &mut Model,
@@ -747,7 +780,7 @@ impl Pass for Quantize {
                 .find(|t| t.name() == job.init)
                 .expect("planned");
             let w = TensorData::from_proto(t)?.to_f32();
-            let mut q = quantize_tensor(&w, job.scheme, job.bits, cfg, job.axis, job.fan_in);
+            let mut q = quantize_tensor(&w, job.scheme, bits, cfg, job.axis, job.fan_in);
             // GPTQ, the output errors and the bias shift, where calibrated.
             let mut calib_note = String::new();
             match (cal, &job.layout) {
@@ -755,7 +788,7 @@ impl Pass for Quantize {
                     match calibrated_layer(
                         cfg,
                         job.scheme,
-                        job.bits,
+                        bits,
                         job.axis,
                         job.fan_in,
                         &w,
@@ -816,7 +849,7 @@ impl Pass for Quantize {
                 format!(
                     "{} {}-bit, {}, SQNR {} dB, clipped {:.2}%, zeros {} -> {} of {} (weight '{}'){calib_note}",
                     job.scheme,
-                    job.bits,
+                    bits,
                     q.grid,
                     if sqnr.is_finite() {
                         format!("{sqnr:.1}")
@@ -887,6 +920,14 @@ impl Pass for Quantize {
             }
             Ok(())
         };
+        if cfg.avg_bits.is_some()
+            && !(calibrating && matches!(cfg.calib_mode, calib::CalibMode::Parallel))
+        {
+            return Err(Error::Usage(
+                "quantize avg_bits chooses each layer's bits from its output errors on the calibration images: it needs --calib and parallel calibration".into(),
+            ));
+        }
+        let mut chosen: Vec<u32> = jobs.iter().map(|j| j.bits).collect();
         let solving = stages.iter().map(Vec::len).sum::<usize>();
         let mut solved = 0;
         if solving > 0 {
@@ -901,9 +942,18 @@ impl Pass for Quantize {
             capture_secs += secs;
             captured += calibrated.len();
             no_calib.extend(too_big);
+            if let Some(avg) = cfg.avg_bits {
+                let start = std::time::Instant::now();
+                let line = allocate_jobs(model, cx, cfg, &jobs, &calibrated, avg, &mut chosen)?;
+                report.changed(
+                    "allocation",
+                    format!("{line}, {:.2}s", start.elapsed().as_secs_f64()),
+                );
+            }
             for &ji in stage {
                 process(
                     ji,
+                    chosen[ji],
                     calibrated.get(&ji),
                     no_calib.get(&ji),
                     model,
@@ -916,7 +966,7 @@ impl Pass for Quantize {
         }
         let left: Vec<usize> = (0..jobs.len()).filter(|&ji| !done[ji]).collect();
         for ji in left {
-            process(ji, None, no_calib.get(&ji), model, &mut report)?;
+            process(ji, chosen[ji], None, no_calib.get(&ji), model, &mut report)?;
         }
         if !stages.is_empty() {
             report.changed(
@@ -1040,3 +1090,331 @@ fn calibrated_layer(
 
 /// Reads a tensor's claim keys (for tests and reports).
 pub use crate::repr::claim::claim_keys;
+
+/// `quantize.avg_bits`: each pooled layer's relative output error at every width of
+/// [`ALLOCATION_BITS`] (by the pass's rounding, GPTQ or nearest, on the captured
+/// calibration statistics), then [`allocate_bits`] under avg_bits x (all planned
+/// weights) minus the bits of the layers outside the pool (pinned by a rule or
+/// qbn, or without calibration, at their own width). Sets `chosen`; returns the
+/// report line.
+fn allocate_jobs(
+    model: &Model,
+    cx: &Context,
+    cfg: &QuantConfig,
+    jobs: &[Job],
+    calibrated: &HashMap<usize, calib::Calibrated>,
+    avg: f64,
+    chosen: &mut [u32],
+) -> Result<String> {
+    use rayon::prelude::*;
+    let g = model.graph();
+    let values = |init: &str| -> Result<ArrayD<f32>> {
+        let t = g
+            .initializer
+            .iter()
+            .find(|t| t.name() == init)
+            .expect("planned");
+        Ok(TensorData::from_proto(t)?.to_f32())
+    };
+    let candidates: Vec<(usize, ArrayD<f32>)> = (0..jobs.len())
+        .filter(|&ji| !jobs[ji].pinned && calibrated.contains_key(&ji) && jobs[ji].layout.is_ok())
+        .map(|ji| Ok((ji, values(&jobs[ji].init)?)))
+        .collect::<Result<_>>()?;
+    // errors[k][j]: candidate k at ALLOCATION_BITS[j]; a layer whose calibration
+    // fails (too few rows) leaves the pool.
+    // Each width by the layer's rounding; where GPTQ refuses (fewer calibration
+    // rows than inputs) by nearest rounding, as the pass then writes it. The
+    // values at PROBE_BITS are kept for the network's sensitivity runs.
+    let rows: Vec<Option<(Vec<f64>, ArrayD<f32>)>> = candidates
+        .par_iter()
+        .map(|(ji, w)| {
+            let job = &jobs[*ji];
+            let cal = &calibrated[ji];
+            let (rows, _) = job.layout.as_ref().expect("pooled");
+            let mut probe = None;
+            let errs = ALLOCATION_BITS
+                .iter()
+                .map(|&b| {
+                    let q = quantize_tensor(w, job.scheme, b, cfg, job.axis, job.fan_in);
+                    let run = |r| {
+                        calibrated_layer(
+                            cfg, job.scheme, b, job.axis, job.fan_in, w, &q, cal, rows, r,
+                        )
+                    };
+                    let d = run(job.rounding).or_else(|_| run(Rounding::Nearest)).ok()?;
+                    if b == PROBE_BITS {
+                        probe = Some(d.values);
+                    }
+                    Some(d.after)
+                })
+                .collect::<Option<Vec<f64>>>()?;
+            Some((errs, probe?))
+        })
+        .collect();
+    let mut pool = Vec::new();
+    let mut errors = Vec::new();
+    let mut probes = Vec::new();
+    for ((ji, w), row) in candidates.iter().zip(rows) {
+        if let Some((row, probe)) = row {
+            pool.push((*ji, w.len()));
+            errors.push(row);
+            probes.push(probe);
+        }
+    }
+    // Weight each layer's errors by its effect on the network's output.
+    let weights = network_sensitivity(model, cx, jobs, &pool, &errors, &probes)?;
+    let weighted: Vec<Vec<f64>> = errors
+        .iter()
+        .zip(&weights)
+        .map(|(row, w)| row.iter().map(|e| e * w).collect())
+        .collect();
+    let numel_of = |ji: usize| -> usize {
+        g.initializer
+            .iter()
+            .find(|t| t.name() == jobs[ji].init)
+            .map_or(0, |t| t.dims.iter().product::<i64>() as usize)
+    };
+    let all: usize = (0..jobs.len()).map(numel_of).sum();
+    let fixed: f64 = (0..jobs.len())
+        .filter(|ji| !pool.iter().any(|(p, _)| p == ji))
+        .map(|ji| numel_of(ji) as f64 * chosen[ji] as f64)
+        .sum();
+    let budget = avg * all as f64 - fixed;
+    let numel: Vec<usize> = pool.iter().map(|(_, n)| *n).collect();
+    let picks = allocate_bits(&numel, &weighted, &ALLOCATION_BITS, budget).ok_or_else(|| {
+        Error::Usage(format!(
+            "quantize avg_bits {avg}: the layers outside the allocation ({} of them, at their own widths) already take {:.2} bits per weight of the {all}; raise avg_bits or free them",
+            jobs.len() - pool.len(),
+            fixed / all.max(1) as f64
+        ))
+    })?;
+    let mut used = fixed;
+    let mut hist = [0usize; ALLOCATION_BITS.len()];
+    let mut err_sum = 0.0;
+    for (k, &j) in picks.iter().enumerate() {
+        let (ji, n) = pool[k];
+        chosen[ji] = ALLOCATION_BITS[j];
+        used += n as f64 * ALLOCATION_BITS[j] as f64;
+        hist[j] += 1;
+        err_sum += weighted[k][j];
+    }
+    let widths: Vec<String> = ALLOCATION_BITS
+        .iter()
+        .zip(hist)
+        .filter(|(_, c)| *c > 0)
+        .map(|(b, c)| format!("{c} at {b}"))
+        .collect();
+    Ok(format!(
+        "mean weight width {:.3} bits over {all} weights (budget {avg}): the bits of {} layers chosen from {:?} to minimize the sum of their relative output errors on the calibration rows, each weighted by its effect on the network's output (that layer alone at {PROBE_BITS} bits on {} images; dynamic program over the budget; estimated output error {:.4}); {}{}",
+        used / all.max(1) as f64,
+        pool.len(),
+        ALLOCATION_BITS,
+        NETWORK_IMAGES.min(cx.calib.map_or(0, |d| d.len())),
+        err_sum,
+        widths.join(", "),
+        if pool.len() < jobs.len() {
+            format!(
+                "; {} layers at their own widths (a layer rule, or no calibration)",
+                jobs.len() - pool.len()
+            )
+        } else {
+            String::new()
+        }
+    ))
+}
+
+/// The width at which each layer's effect on the network is measured.
+const PROBE_BITS: u32 = 3;
+
+/// Calibration images the sensitivity runs use (the first ones).
+const NETWORK_IMAGES: usize = 32;
+
+/// Per pooled layer, how much of the network's output one unit of its relative
+/// output error moves: with that layer alone at [`PROBE_BITS`] (its probe values),
+/// the relative change of the model's outputs ||y_l - y||^2 / ||y||^2 on the first
+/// [`NETWORK_IMAGES`] calibration images, divided by the layer's own error at that
+/// width (the same measure as `prune.allocate = "network"`). Weight 1 where the
+/// layer's error is 0.
+fn network_sensitivity(
+    model: &Model,
+    cx: &Context,
+    jobs: &[Job],
+    pool: &[(usize, usize)],
+    errors: &[Vec<f64>],
+    probes: &[ArrayD<f32>],
+) -> Result<Vec<f64>> {
+    let data = cx.calib.expect("allocation needs calibration");
+    let input_shape = cx.input_shape_for(data);
+    let n = NETWORK_IMAGES.min(data.len());
+    let images = data.images.slice(ndarray::s![..n, .., .., ..]);
+    let threads = cx.threads.max(1);
+    let run = |m: &Model| -> Result<ndarray::Array2<f32>> {
+        let plan = crate::engine::plan(m, &input_shape)?;
+        crate::engine::run_images(&plan, images, threads, &|_| {})
+    };
+    let y0 = run(model)?;
+    let energy: f64 = y0.iter().map(|v| (*v as f64).powi(2)).sum();
+    let probe = ALLOCATION_BITS
+        .iter()
+        .position(|&b| b == PROBE_BITS)
+        .expect("a candidate");
+    let mut m = model.clone();
+    let mut out = Vec::with_capacity(pool.len());
+    crate::passes::solve_progress("bit allocation: sensitivity", 0, pool.len());
+    for (k, &(ji, _)) in pool.iter().enumerate() {
+        let init = &jobs[ji].init;
+        let g = m.graph_mut();
+        let t = g
+            .initializer
+            .iter()
+            .find(|t| t.name() == init)
+            .expect("planned");
+        let original = TensorData::from_proto(t)?;
+        crate::graph::edit::set_initializer(g, init, &TensorData::F32(probes[k].clone()));
+        let y = run(&m)?;
+        crate::graph::edit::set_initializer(m.graph_mut(), init, &original);
+        let d: f64 = y
+            .iter()
+            .zip(y0.iter())
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum();
+        let e = errors[k][probe];
+        out.push(if e > 0.0 && energy > 0.0 {
+            d / energy / e
+        } else {
+            1.0
+        });
+        crate::passes::solve_progress("bit allocation: sensitivity", k + 1, pool.len());
+    }
+    Ok(out)
+}
+
+/// The weight widths `quantize.avg_bits` chooses from.
+pub const ALLOCATION_BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
+
+/// Budget units of the allocation's dynamic program: the largest possible total
+/// (every layer at 8 bits) is cut into at most this many.
+const ALLOCATION_UNITS: u64 = 65536;
+
+/// Per-layer widths for a bit budget: choose one candidate j_l per layer to
+/// minimize sum_l errors[l][j_l] subject to sum_l numel_l * bits[j_l] <= budget
+/// (in bits), by dynamic programming over the budget in units of
+/// q = ceil(sum_l numel_l * max(bits) / 65536) bits, each layer's cost rounded up
+/// to whole units (so the budget always holds; exact when q = 1). The knapsack
+/// form of OBC's SPDY allocation (Frantar and Alistarh, 2022) and of seed 004's
+/// avg_bit_weights budget. `errors[l][j]` is the cost of layer l at `bits[j]`
+/// (f64::INFINITY: not allowed). Returns the chosen index per layer, or `None`
+/// when even the cheapest choice of every layer exceeds the budget.
+pub fn allocate_bits(
+    numel: &[usize],
+    errors: &[Vec<f64>],
+    bits: &[u32],
+    budget: f64,
+) -> Option<Vec<usize>> {
+    assert!(bits.len() < u8::MAX as usize, "at most 254 candidates");
+    let max_bits = *bits.iter().max()? as u64;
+    let total: u64 = numel.iter().map(|&n| n as u64 * max_bits).sum();
+    let q = total.div_ceil(ALLOCATION_UNITS).max(1);
+    if budget < 0.0 {
+        return None;
+    }
+    let cap = ((budget / q as f64).floor() as u64).min(total.div_ceil(q)) as usize;
+    let cost = |l: usize, j: usize| (numel[l] as u64 * bits[j] as u64).div_ceil(q) as usize;
+    // best[u]: least error of the layers so far within u units; pick[l][u]: the
+    // candidate of layer l on that optimum.
+    let mut best = vec![0.0f64; cap + 1];
+    let mut pick = vec![vec![u8::MAX; cap + 1]; numel.len()];
+    for l in 0..numel.len() {
+        let mut next = vec![f64::INFINITY; cap + 1];
+        for u in 0..=cap {
+            for j in 0..bits.len() {
+                let c = cost(l, j);
+                let e = errors[l][j];
+                if c > u || !e.is_finite() || !best[u - c].is_finite() {
+                    continue;
+                }
+                let v = best[u - c] + e;
+                if v < next[u] {
+                    next[u] = v;
+                    pick[l][u] = j as u8;
+                }
+            }
+        }
+        best = next;
+    }
+    if !best[cap].is_finite() {
+        return None;
+    }
+    let mut out = vec![0; numel.len()];
+    let mut u = cap;
+    for l in (0..numel.len()).rev() {
+        let j = pick[l][u] as usize;
+        out[l] = j;
+        u -= cost(l, j);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::allocate_bits;
+
+    /// The least summed error within `budget` bits over every assignment.
+    fn exhaustive(numel: &[usize], errors: &[Vec<f64>], bits: &[u32], budget: f64) -> Option<f64> {
+        let (l, c) = (numel.len(), bits.len());
+        let mut best: Option<f64> = None;
+        for code in 0..c.pow(l as u32) {
+            let (mut k, mut cost, mut err) = (code, 0.0, 0.0);
+            for i in 0..l {
+                let j = k % c;
+                k /= c;
+                cost += (numel[i] * bits[j] as usize) as f64;
+                err += errors[i][j];
+            }
+            if cost <= budget && err.is_finite() && best.is_none_or(|b| err < b) {
+                best = Some(err);
+            }
+        }
+        best
+    }
+
+    #[test]
+    fn bit_allocation_equals_exhaustive_search() {
+        // 4 layers of 3, 5, 2 and 7 weights; widths 2, 3, 4, 8; the errors are not
+        // convex in the width (layer 1 gains little from 3 to 4 bits, a lot from 2
+        // to 3), and layer 2 may not take 2 bits. Totals: 17 weights, 34 bits at
+        // the cheapest (all 2 bits, not allowed for layer 2: 36), 136 at the most.
+        let numel = [3, 5, 2, 7];
+        let bits = [2, 3, 4, 8];
+        let inf = f64::INFINITY;
+        let errors = vec![
+            vec![0.9, 0.5, 0.2, 0.01],
+            vec![2.0, 0.3, 0.25, 0.0],
+            vec![inf, 0.49, 0.1, 0.05],
+            vec![1.0, 0.7, 0.1, 0.02],
+        ];
+        for budget in (30..=140).map(|b| b as f64) {
+            let got = allocate_bits(&numel, &errors, &bits, budget);
+            match exhaustive(&numel, &errors, &bits, budget) {
+                None => assert!(got.is_none(), "budget {budget}: {got:?}"),
+                Some(best) => {
+                    let picks = got.unwrap_or_else(|| panic!("budget {budget}: none"));
+                    let cost: usize = (0..4).map(|i| numel[i] * bits[picks[i]] as usize).sum();
+                    let err: f64 = (0..4).map(|i| errors[i][picks[i]]).sum();
+                    assert!(cost as f64 <= budget, "budget {budget}: cost {cost}");
+                    assert!(
+                        (err - best).abs() < 1e-12,
+                        "budget {budget}: {err} vs {best}"
+                    );
+                }
+            }
+        }
+        // By hand, budget 36 = the cheapest allowed: 3x2 + 5x2 + 2x3 + 7x2 = 36 bits,
+        // error 0.9 + 2.0 + 0.49 + 1.0 = 4.39; at 35 nothing fits.
+        assert_eq!(
+            allocate_bits(&numel, &errors, &bits, 36.0),
+            Some(vec![0, 0, 1, 0])
+        );
+        assert_eq!(allocate_bits(&numel, &errors, &bits, 35.0), None);
+    }
+}
