@@ -196,6 +196,19 @@ pub enum Command {
         /// Also write the whole report as JSON.
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
+        /// Search the mean weight width: bisect between 2 bits and --avg-weight-bits
+        /// for the smallest whose model passes the accuracy gate (--min-agreement,
+        /// --max-drop or --min-accuracy), building and measuring each plan on --data
+        /// (1 + --search-steps builds); the table of every plan measured is printed
+        /// and written.
+        #[arg(long)]
+        search: bool,
+        /// Bisection steps of --search after the first build.
+        #[arg(long, value_name = "N", default_value_t = 4, requires = "search")]
+        search_steps: usize,
+        /// Write the chosen plan as a recipe (per-layer bits pinned) to FILE.
+        #[arg(long, value_name = "FILE")]
+        plan: Option<PathBuf>,
         /// Also write a self-contained HTML report (tables and SVG plots: score per
         /// layer, bits and sparsity, weight histograms with their grids, activation
         /// ranges, per-layer errors, accuracy) to FILE.

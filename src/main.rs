@@ -353,6 +353,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             markdown,
             report,
             html,
+            search,
+            search_steps,
+            plan,
             external_data,
             counting,
         } => optimize(OptimizeArgs {
@@ -374,6 +377,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             markdown,
             report,
             html,
+            search,
+            search_steps,
+            plan,
             external_data,
             counting,
         }),
@@ -582,6 +588,72 @@ fn validate(
     Ok(ExitCode::SUCCESS)
 }
 
+/// One plan built and measured by `optimize`.
+struct Built {
+    model: onnx::Model,
+    passes: Vec<onnx_micronet::passes::PassReport>,
+    snapshot: Option<onnx::Model>,
+    before: score::Report,
+    after: score::Report,
+    validation: Option<validate::Report>,
+    seconds: f64,
+}
+
+/// `--search`: the smallest mean weight width whose model passes the gates, by
+/// bisection between 2 bits and the recipe's avg_bits (built and measured first:
+/// if it fails, nothing passes), then `steps` more builds. Every plan measured
+/// is a row of the table; the chosen one (the smallest passing) is marked.
+fn search_avg_bits(
+    r: &Recipe,
+    gates: &Gates,
+    steps: usize,
+    build: &dyn Fn(&Recipe) -> anyhow::Result<Built>,
+) -> anyhow::Result<(Option<(Recipe, Built)>, Vec<optimize::SearchRow>)> {
+    let top = r
+        .quantize
+        .as_ref()
+        .and_then(|q| q.avg_bits)
+        .expect("checked");
+    let with = |bits: f64| {
+        let mut r = r.clone();
+        if let Some(q) = r.quantize.as_mut() {
+            q.avg_bits = Some(bits);
+        }
+        r
+    };
+    let mut rows = Vec::new();
+    let mut best: Option<(Recipe, Built)> = None;
+    let (mut lo, mut hi) = (2.0f64, top);
+    let mut next = Some(top);
+    let mut step = 0;
+    while let Some(bits) = next {
+        let recipe = with(bits);
+        eprintln!("search: building the plan with mean weight width <= {bits:.3} bits");
+        let b = build(&recipe)?;
+        let v = b.validation.as_ref().expect("--data checked");
+        let passed = gates.shortfall(v).is_none();
+        rows.push(optimize::SearchRow::of(
+            bits, &b.after, v, passed, b.seconds,
+        ));
+        if passed {
+            hi = bits;
+            best = Some((recipe, b));
+        } else {
+            lo = bits;
+        }
+        step += 1;
+        next = (best.is_some() && step <= steps && hi - lo > 0.05)
+            .then(|| ((lo + hi) / 2.0 * 100.0).round() / 100.0);
+    }
+    if let Some((_, b)) = &best {
+        let chosen = b.after.score;
+        for row in &mut rows {
+            row.chosen = row.passed && row.score == chosen;
+        }
+    }
+    Ok((best, rows))
+}
+
 /// The flags of `optimize`, as parsed.
 struct OptimizeArgs {
     model: PathBuf,
@@ -598,6 +670,9 @@ struct OptimizeArgs {
     markdown: Option<PathBuf>,
     report: Option<PathBuf>,
     html: Option<PathBuf>,
+    search: bool,
+    search_steps: usize,
+    plan: Option<PathBuf>,
     external_data: bool,
     counting: Counting,
 }
@@ -610,6 +685,7 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
         (a.report.as_deref(), "--report"),
         (a.markdown.as_deref(), "--markdown"),
         (a.html.as_deref(), "--html"),
+        (a.plan.as_deref(), "--plan"),
     ])?;
     let original = onnx_micronet::load(&a.model)?;
     let mut r = match &a.recipe {
@@ -661,31 +737,94 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
         show_calibration_progress();
     }
     let geometry = validate::input_geometry(&original, &a.counting.input_shape).ok();
+    if a.search {
+        let ok = r.quantize.as_ref().is_some_and(|q| q.avg_bits.is_some());
+        if !ok || !a.gates.any() || eval.is_none() || calib.is_none() {
+            anyhow::bail!(onnx_micronet::Error::Usage(
+                "--search bisects the mean weight width: it needs --avg-weight-bits B (the largest width tried), an accuracy gate (--min-agreement, --max-drop or --min-accuracy), --data and --calib".into()
+            ));
+        }
+    }
     let cx = PassContext {
         reference: None,
         calib: calib.as_ref().map(|c| &c.data),
         input_shape: geometry.map(|g| g.shape).unwrap_or_default(),
         threads,
     };
-    let (mut optimized, passes, snapshot) =
-        optimize::run_with_snapshot(&original, &r, &cx, a.html.is_some())?;
-    // Provenance before scoring: the file's bytes (and so its size) include it.
-    stamp_provenance(&mut optimized, &a.model, &r, calib.as_ref())?;
-    let (before, mut after) = optimize::scores(&original, &optimized, &opts)?;
+    // One plan built and measured: the model, its pass reports, the snapshot for
+    // the HTML histograms, the scores, the validation.
+    let build = |r: &Recipe| -> anyhow::Result<Built> {
+        let start = std::time::Instant::now();
+        let (mut optimized, passes, snapshot) =
+            optimize::run_with_snapshot(&original, r, &cx, a.html.is_some())?;
+        // Provenance before scoring: the file's bytes (and so its size) include it.
+        stamp_provenance(&mut optimized, &a.model, r, calib.as_ref())?;
+        let (before, mut after) = optimize::scores(&original, &optimized, &opts)?;
+        // A model whose widths an allocation chose records the plan that
+        // reproduces it (the widths pinned), and is scored with that record.
+        let plan = optimize::plan_of(r, &after);
+        if plan.quantize.as_ref().map(|q| q.layers.len())
+            != r.quantize.as_ref().map(|q| q.layers.len())
+        {
+            stamp_provenance(&mut optimized, &a.model, &plan, calib.as_ref())?;
+            after = score::score(&optimized, &opts)?;
+        }
+        let validation = match &eval {
+            Some(p) => Some(run_validation(
+                &[
+                    (a.model.display().to_string(), &original),
+                    (a.output.display().to_string(), &optimized),
+                ],
+                p,
+                threads,
+            )?),
+            None => None,
+        };
+        Ok(Built {
+            model: optimized,
+            passes,
+            snapshot,
+            before,
+            after,
+            validation,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    };
+    let mut search = Vec::new();
+    let built = if a.search {
+        let (b, rows) = search_avg_bits(&r, &a.gates, a.search_steps, &build)?;
+        search = rows;
+        match b {
+            Some((recipe, b)) => {
+                r = recipe;
+                b
+            }
+            None => {
+                eprint!("{}", optimize::search_table(&search));
+                eprintln!(
+                    "error: no mean width up to --avg-weight-bits passes the accuracy gate; nothing written"
+                );
+                return Ok(ExitCode::from(3));
+            }
+        }
+    } else {
+        build(&r)?
+    };
+    let Built {
+        model: optimized,
+        passes,
+        snapshot,
+        before,
+        mut after,
+        validation,
+        ..
+    } = built;
     if let Some(note) = half_quantized_note(&r, &before, &after) {
         eprintln!("{note}");
     }
-    let validation = match &eval {
-        Some(p) => Some(run_validation(
-            &[
-                (a.model.display().to_string(), &original),
-                (a.output.display().to_string(), &optimized),
-            ],
-            p,
-            threads,
-        )?),
-        None => None,
-    };
+    if let Some(path) = &a.plan {
+        emit(path, &toml::to_string(&optimize::plan_of(&r, &after))?)?;
+    }
     let mut rep = optimize::OptimizeReport {
         plan: passes.iter().map(|p| p.pass.clone()).collect(),
         input: a.model.display().to_string(),
@@ -695,6 +834,7 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
         before,
         after: after.clone(),
         validation,
+        search,
     };
     if let Some(v) = &rep.validation {
         if let Some(why) = a.gates.shortfall(v) {

@@ -45,6 +45,126 @@ pub struct OptimizeReport {
     pub before: score::Report,
     pub after: score::Report,
     pub validation: Option<validate::Report>,
+    /// `--search`: every plan built and measured, the chosen one marked.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub search: Vec<SearchRow>,
+}
+
+/// One plan of `--search`: its budget, what it achieved and what it cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct SearchRow {
+    /// The mean weight width allowed (quantize.avg_bits).
+    pub avg_bits: f64,
+    /// The parameter-weighted mean weight width of the model built.
+    pub mean_bits: f64,
+    pub score: f64,
+    /// 32-bit parameter and operation units.
+    pub params: f64,
+    pub ops: f64,
+    pub agreement: Option<f64>,
+    pub agreement_interval: Option<(f64, f64)>,
+    pub top1: Option<f64>,
+    /// Whether it passed the accuracy gate.
+    pub passed: bool,
+    pub chosen: bool,
+    /// Build and measurement, wall seconds.
+    pub seconds: f64,
+}
+
+impl SearchRow {
+    pub fn of(
+        avg_bits: f64,
+        after: &score::Report,
+        v: &validate::Report,
+        passed: bool,
+        seconds: f64,
+    ) -> SearchRow {
+        SearchRow {
+            avg_bits,
+            mean_bits: mean_weight_bits(after),
+            score: after.score,
+            params: after.totals.params,
+            ops: after.totals.ops,
+            agreement: v.agreement.as_ref().map(|a| a.top1_agreement),
+            agreement_interval: v.agreement.as_ref().map(|a| a.top1_agreement_interval),
+            top1: v.runs.get(1).and_then(|r| r.top1),
+            passed,
+            chosen: false,
+            seconds,
+        }
+    }
+}
+
+/// The parameter-weighted mean weight width of a scored model: sum over weighted
+/// layers of elements x bits / sum of elements (seed 004's avg_bit_weights).
+pub fn mean_weight_bits(r: &score::Report) -> f64 {
+    let (mut bits, mut n) = (0.0, 0.0);
+    for l in &r.layers {
+        if let (Some(b), Some(s)) = (l.weight_bits, &l.weight_shape) {
+            let k = s.iter().product::<usize>() as f64;
+            bits += k * b as f64;
+            n += k;
+        }
+    }
+    if n > 0.0 {
+        bits / n
+    } else {
+        0.0
+    }
+}
+
+/// The `--search` table as text, the chosen plan marked with '*'.
+pub fn search_table(rows: &[SearchRow]) -> String {
+    let mut s = String::from(
+        "\n  search    budget  mean bits    score       params          ops   agreement [95%]     top-1  gate  seconds\n",
+    );
+    let pct = |x: Option<f64>| x.map_or("-".into(), |x| format!("{:.2}%", 100.0 * x));
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "  {:>6} {:>9.2} {:>10.3} {:>8.4} {:>12} {:>12}   {:>7} [{}] {:>9}  {:>4} {:>8.1}",
+            if r.chosen { "*" } else { "" },
+            r.avg_bits,
+            r.mean_bits,
+            r.score,
+            crate::score::render::si(r.params),
+            crate::score::render::si(r.ops),
+            pct(r.agreement),
+            r.agreement_interval.map_or("-".into(), |(a, b)| format!(
+                "{:.1}-{:.1}",
+                100.0 * a,
+                100.0 * b
+            )),
+            pct(r.top1),
+            if r.passed { "pass" } else { "fail" },
+            r.seconds
+        );
+    }
+    s
+}
+
+/// The plan a run chose, as a recipe that reproduces it: `recipe` with the
+/// allocation's budget (quantize.avg_bits) replaced by one `[[quantize.layer]]`
+/// rule per weighted layer pinning the width the written model has (read back by
+/// the score). Without a budget, `recipe` itself. A model built by an allocation
+/// records this plan in its provenance, so that `optimize --recipe PLAN` writes
+/// the same file, byte for byte.
+pub fn plan_of(recipe: &Recipe, after: &score::Report) -> Recipe {
+    let mut r = recipe.clone();
+    if let Some(q) = r.quantize.as_mut() {
+        if q.avg_bits.take().is_some() {
+            for l in &after.layers {
+                if let Some(b) = l.weight_bits.filter(|b| *b < 16) {
+                    q.layers.push(crate::passes::quantize::LayerSection {
+                        pattern: l.name.clone(),
+                        bits: Some(b),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+    }
+    r
 }
 
 /// Scores both models with the same options.
@@ -301,6 +421,9 @@ impl OptimizeReport {
         if let Some(v) = &self.validation {
             let _ = writeln!(s);
             s.push_str(&v.to_text());
+        }
+        if !self.search.is_empty() {
+            s.push_str(&search_table(&self.search));
         }
         if let Some(a) = self.collapse_advice() {
             let _ = writeln!(s, "\n{a}");

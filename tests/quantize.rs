@@ -1059,3 +1059,82 @@ fn avg_weight_bits_allocates_within_the_budget() {
     assert!(e.contains("avg_bits") && e.contains("ternary"), "{e}");
     assert!(!out.exists());
 }
+
+/// `--search`: the mean width bisected between 2 bits and --avg-weight-bits, each
+/// plan built and measured; the smallest passing plan written, the table in the
+/// JSON; the plan recipe (`--plan`) reproduces the written file byte for byte; a
+/// gate nothing passes exits 3 with nothing written.
+#[test]
+fn search_finds_the_smallest_passing_width_and_its_plan_reproduces_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    let model = fixture("efficientnet_style_bn.onnx").display().to_string();
+    let data = fixture("data/foolbox/cifar10").display().to_string();
+    let base = [
+        "optimize",
+        &model,
+        "--calib",
+        &data,
+        "--data",
+        &data,
+        "--quantize",
+        "minmax:4",
+        "--per-channel",
+        "--avg-weight-bits",
+        "6",
+        "--search",
+        "--search-steps",
+        "1",
+    ];
+    let mut a: Vec<&str> = base.to_vec();
+    let (out, rep, plan) = (p("s.onnx"), p("s.json"), p("plan.toml"));
+    a.extend([
+        "-o",
+        &out,
+        "--min-agreement",
+        "0.9",
+        "--report",
+        &rep,
+        "--plan",
+        &plan,
+    ]);
+    let o = cli(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+    // Two builds: the top (6 bits), then the middle of [2, 6]; both keep all 20
+    // images' top-1 classes (measured: 100% agreement), so 4 bits is chosen.
+    let rows = j["search"].as_array().unwrap();
+    let col = |k: &str| rows.iter().map(|r| r[k].clone()).collect::<Vec<_>>();
+    assert_eq!(col("avg_bits"), [6.0, 4.0]);
+    assert_eq!(col("passed"), [true, true]);
+    assert_eq!(col("chosen"), [false, true]);
+    let mean = rows[1]["mean_bits"].as_f64().unwrap();
+    assert!(mean <= 4.0 && mean > 3.9, "{mean}");
+    assert_eq!(rows[1]["score"], j["after"]["score"]);
+    // The plan pins every layer's width; optimizing with it writes the same bytes.
+    let text = std::fs::read_to_string(&plan).unwrap();
+    assert_eq!(text.matches("[[quantize.layer]]").count(), 37, "{text}");
+    assert!(!text.contains("avg_bits"), "{text}");
+    let again = p("again.onnx");
+    let o = cli(&[
+        "optimize", &model, "--calib", &data, "--recipe", &plan, "-o", &again,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(),
+        "the plan's rebuild differs from the searched model"
+    );
+    // Nothing passes top-1 >= 99% on this model (10% in float): exit 3, no file.
+    let mut a: Vec<&str> = base.to_vec();
+    let none = p("none.onnx");
+    a.extend(["-o", &none, "--min-accuracy", "0.99"]);
+    let o = cli(&a);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!std::path::Path::new(&none).exists());
+}
