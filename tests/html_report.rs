@@ -102,13 +102,43 @@ fn html_reports_render_in_chromium_with_every_plot() {
         "--html",
         &out("validate.html"),
     ]);
+    // A search's page (two plans on the small EfficientNet-style fixture): its
+    // Pareto plot and table besides the rest.
+    let eff = fixture("efficientnet_style_bn.onnx").display().to_string();
+    let cifar10 = fixture("data/foolbox/cifar10").display().to_string();
+    run_ok(&[
+        "optimize",
+        &eff,
+        "-o",
+        &out("eff.onnx"),
+        "--calib",
+        &cifar10,
+        "--data",
+        &cifar10,
+        "--quantize",
+        "minmax:4",
+        "--per-channel",
+        "--avg-weight-bits",
+        "6",
+        "--search",
+        "--search-steps",
+        "1",
+        "--min-agreement",
+        "0.9",
+        "--html",
+        &out("search.html"),
+    ]);
     let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
     let (opt, score, val) = (
         read("optimize.html"),
         read("score.html"),
         read("validate.html"),
     );
-    for page in [&opt, &score, &val] {
+    let search = read("search.html");
+    // 37 weighted layers: 37 histograms, and the search's plot.
+    assert_eq!(plots(&search, "pareto"), 1);
+    assert_eq!(plots(&search, "weight-histogram"), 37);
+    for page in [&opt, &score, &val, &search] {
         assert_self_contained(page);
     }
     // MobileNetV2 (CIFAR strides) has 52 Conv layers and one Gemm: 53 weighted
@@ -161,6 +191,7 @@ fn html_reports_render_in_chromium_with_every_plot() {
             out("optimize.html"),
             out("score.html"),
             out("validate.html"),
+            out("search.html"),
         ])
         .output()
         .expect("python runs");
@@ -173,8 +204,8 @@ fn html_reports_render_in_chromium_with_every_plot() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 3);
-    let html = [&opt, &score, &val];
+    assert_eq!(lines.len(), 4);
+    let html = [&opt, &score, &val, &search];
     for (r, page) in lines.iter().zip(html) {
         let file = r["file"].as_str().unwrap();
         assert_eq!(

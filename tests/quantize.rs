@@ -1087,7 +1087,7 @@ fn search_finds_the_smallest_passing_width_and_its_plan_reproduces_the_file() {
         "1",
     ];
     let mut a: Vec<&str> = base.to_vec();
-    let (out, rep, plan) = (p("s.onnx"), p("s.json"), p("plan.toml"));
+    let (out, rep, plan, html) = (p("s.onnx"), p("s.json"), p("plan.toml"), p("s.html"));
     a.extend([
         "-o",
         &out,
@@ -1097,6 +1097,8 @@ fn search_finds_the_smallest_passing_width_and_its_plan_reproduces_the_file() {
         &rep,
         "--plan",
         &plan,
+        "--html",
+        &html,
     ]);
     let o = cli(&a);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -1112,6 +1114,9 @@ fn search_finds_the_smallest_passing_width_and_its_plan_reproduces_the_file() {
     let mean = rows[1]["mean_bits"].as_f64().unwrap();
     assert!(mean <= 4.0 && mean > 3.9, "{mean}");
     assert_eq!(rows[1]["score"], j["after"]["score"]);
+    // The HTML report has the search's plot (its rendering: tests/html_report.rs).
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert_eq!(page.matches("data-plot=\"pareto\"").count(), 1);
     // The plan pins every layer's width; optimizing with it writes the same bytes.
     let text = std::fs::read_to_string(&plan).unwrap();
     assert_eq!(text.matches("[[quantize.layer]]").count(), 37, "{text}");

@@ -6,8 +6,9 @@
 //!   an outline), each layer's weight bits, activation bits and sparsity, every
 //!   weighted layer's weight histogram before and after with its quantization grid
 //!   (seed 004's quant-plot), the calibrated activation ranges against their grids,
-//!   the per-layer output errors each data-aware pass measured, and the accuracy
-//!   with its intervals;
+//!   the per-layer output errors each data-aware pass measured, the accuracy with
+//!   its intervals, and after `--search` every plan's score against its agreement
+//!   (the Pareto front, the chosen plan marked);
 //! - `score`: the totals, the split per layer, bits and sparsity, the histograms;
 //! - `validate`: accuracy and agreement with intervals, the images that changed.
 //!
@@ -573,6 +574,54 @@ pub fn optimize_page(rep: &OptimizeReport, weights: &[LayerWeights]) -> Result<S
     }
     if let Some(v) = &rep.validation {
         validation_section(&mut page, v)?;
+    }
+    if !rep.search.is_empty() {
+        page.h2("Search");
+        let points: Vec<plot::PlanPoint> = rep
+            .search
+            .iter()
+            .filter_map(|r| {
+                Some(plot::PlanPoint {
+                    score: r.score,
+                    agreement: r.agreement?,
+                    passed: r.passed,
+                    chosen: r.chosen,
+                })
+            })
+            .collect();
+        page.figure(
+            &plot::pareto(&points)?,
+            "Every plan --search built and measured: its MicroNet score against its top-1 agreement with the original on the evaluation images; the chosen plan (the smallest that passed the gate) ringed.",
+        );
+        let rows: Vec<Vec<String>> = rep
+            .search
+            .iter()
+            .map(|r| {
+                vec![
+                    if r.chosen { "*".into() } else { String::new() },
+                    format!("{:.2}", r.avg_bits),
+                    format!("{:.3}", r.mean_bits),
+                    format!("{:.4}", r.score),
+                    r.agreement.map(pct).unwrap_or_default(),
+                    r.top1.map(pct).unwrap_or_default(),
+                    if r.passed { "pass" } else { "fail" }.into(),
+                    format!("{:.1}", r.seconds),
+                ]
+            })
+            .collect();
+        page.table(
+            &[
+                "chosen",
+                "budget (bits)",
+                "mean bits",
+                "score",
+                "agreement",
+                "top-1",
+                "gate",
+                "seconds",
+            ],
+            &rows,
+        );
     }
     score_sections(&mut page, &rep.after, Some(&rep.before))?;
     histogram_section(&mut page, weights)?;

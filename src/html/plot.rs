@@ -513,3 +513,84 @@ pub fn intervals(rows: &[Interval]) -> Result<String> {
         Ok(())
     })
 }
+
+/// One plan of [`pareto`].
+#[derive(Debug, Clone)]
+pub struct PlanPoint {
+    pub score: f64,
+    /// Top-1 agreement with the original, in [0, 1].
+    pub agreement: f64,
+    pub passed: bool,
+    pub chosen: bool,
+}
+
+/// The search's plans: MicroNet score against top-1 agreement, the plans that
+/// passed the gate in blue, those that failed in grey, the chosen one as a red
+/// ring; the Pareto front (no other plan both smaller and more accurate) joined.
+pub fn pareto(points: &[PlanPoint]) -> Result<String> {
+    let size = (640, 360);
+    let (mut x0, mut x1) = points.iter().fold((f64::INFINITY, 0.0f64), |(a, b), p| {
+        (a.min(p.score), b.max(p.score))
+    });
+    if !x0.is_finite() || x1 - x0 < 1e-9 {
+        (x0, x1) = (x0.min(x1) * 0.9, x1 * 1.1 + 1e-9);
+    }
+    let pad = 0.08 * (x1 - x0);
+    let y0 = points.iter().map(|p| p.agreement).fold(1.0f64, f64::min);
+    let y0 = (100.0 * y0 - 5.0).max(0.0);
+    let mut front: Vec<&PlanPoint> = points
+        .iter()
+        .filter(|p| {
+            !points.iter().any(|q| {
+                q.score <= p.score && q.agreement > p.agreement
+                    || q.score < p.score && q.agreement >= p.agreement
+            })
+        })
+        .collect();
+    front.sort_by(|a, b| a.score.total_cmp(&b.score));
+    svg("pareto", |s| {
+        let root = SVGBackend::with_string(s, size).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut c = ChartBuilder::on(&root)
+            .caption(
+                "plans searched: score against agreement",
+                ("sans-serif", 15),
+            )
+            .margin(8)
+            .x_label_area_size(34)
+            .y_label_area_size(50)
+            .build_cartesian_2d(x0 - pad..x1 + pad, y0..100.0)?;
+        c.configure_mesh()
+            .x_desc("MicroNet score")
+            .y_desc("top-1 agreement, %")
+            .x_label_formatter(&|x| format!("{x:.3}"))
+            .draw()?;
+        c.draw_series(LineSeries::new(
+            front.iter().map(|p| (p.score, 100.0 * p.agreement)),
+            BLUE.mix(0.5),
+        ))?
+        .label("Pareto front")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], BLUE.mix(0.5)));
+        c.draw_series(points.iter().map(|p| {
+            let colour = if p.passed { BLUE } else { GREY };
+            Circle::new((p.score, 100.0 * p.agreement), 5, colour.filled())
+        }))?
+        .label("plan (grey: failed the gate)")
+        .legend(|(x, y)| Circle::new((x + 6, y), 4, BLUE.filled()));
+        c.draw_series(
+            points
+                .iter()
+                .filter(|p| p.chosen)
+                .map(|p| Circle::new((p.score, 100.0 * p.agreement), 9, RED.stroke_width(2))),
+        )?
+        .label("chosen")
+        .legend(|(x, y)| Circle::new((x + 6, y), 5, RED.stroke_width(2)));
+        c.configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(GREY)
+            .draw()?;
+        root.present()?;
+        Ok(())
+    })
+}
