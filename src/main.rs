@@ -599,6 +599,10 @@ struct Built {
     seconds: f64,
 }
 
+/// What `--search` found: the chosen plan (its recipe and build), if any passed,
+/// and every plan measured.
+type Searched = (Option<(Recipe, Built)>, Vec<optimize::SearchRow>);
+
 /// `--search`: the smallest mean weight width whose model passes the gates, by
 /// bisection between 2 bits and the recipe's avg_bits (built and measured first:
 /// if it fails, nothing passes), then `steps` more builds. Every plan measured
@@ -608,7 +612,7 @@ fn search_avg_bits(
     gates: &Gates,
     steps: usize,
     build: &dyn Fn(&Recipe) -> anyhow::Result<Built>,
-) -> anyhow::Result<(Option<(Recipe, Built)>, Vec<optimize::SearchRow>)> {
+) -> anyhow::Result<Searched> {
     let top = r
         .quantize
         .as_ref()

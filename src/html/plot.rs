@@ -536,6 +536,8 @@ pub fn pareto(points: &[PlanPoint]) -> Result<String> {
         (x0, x1) = (x0.min(x1) * 0.9, x1 * 1.1 + 1e-9);
     }
     let pad = 0.08 * (x1 - x0);
+    // Enough decimals to tell the ticks apart: two below the span's magnitude.
+    let digits = ((-(x1 - x0 + 2.0 * pad).log10()).ceil() as i64 + 1).clamp(2, 8) as usize;
     let y0 = points.iter().map(|p| p.agreement).fold(1.0f64, f64::min);
     let y0 = (100.0 * y0 - 5.0).max(0.0);
     let mut front: Vec<&PlanPoint> = points
@@ -563,7 +565,8 @@ pub fn pareto(points: &[PlanPoint]) -> Result<String> {
         c.configure_mesh()
             .x_desc("MicroNet score")
             .y_desc("top-1 agreement, %")
-            .x_label_formatter(&|x| format!("{x:.3}"))
+            .x_labels(6)
+            .x_label_formatter(&|x| format!("{x:.digits$}"))
             .draw()?;
         c.draw_series(LineSeries::new(
             front.iter().map(|p| (p.score, 100.0 * p.agreement)),

@@ -1327,9 +1327,8 @@ pub fn allocate_bits(
     for l in 0..numel.len() {
         let mut next = vec![f64::INFINITY; cap + 1];
         for u in 0..=cap {
-            for j in 0..bits.len() {
+            for (j, &e) in errors[l].iter().enumerate() {
                 let c = cost(l, j);
-                let e = errors[l][j];
                 if c > u || !e.is_finite() || !best[u - c].is_finite() {
                     continue;
                 }
