@@ -15,7 +15,7 @@ BIN := target/release/onnx-micronet
 DEMO_MODEL := fixtures/mobilenetv2_cifar_bn.onnx
 DEMO_MNIST := fixtures/mnist_ccexam.onnx
 
-.PHONY: demo test bench fixtures fixtures-extra lint venv release clean-venv wheel browser
+.PHONY: demo test test-build bench fixtures fixtures-extra lint venv release clean-venv wheel browser
 
 release:
 	$(CARGO) build --release --locked
@@ -56,8 +56,14 @@ browser:
 
 # The tests use the venv (onnx's test models, the checker, onnxruntime, Playwright)
 # and Chromium, and fail, rather than skip, when either is missing.
-test: $(VENV_STAMP) browser
+# The test binaries compile while the venv and the browser install (both mostly
+# downloads): three jobs side by side, then the tests run.
+test:
+	$(MAKE) -j3 --no-print-directory venv browser test-build
 	ONNX_MICRONET_VENV=$(VENV) ONNX_MICRONET_REQUIRE_VENV=1 ONNX_MICRONET_CHROMIUM=$(CHROMIUM) $(CARGO) test --locked --all-targets
+
+test-build:
+	$(CARGO) test --locked --all-targets --no-run
 
 lint:
 	$(CARGO) fmt --all -- --check
