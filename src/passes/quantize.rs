@@ -1243,17 +1243,7 @@ fn network_sensitivity(
     errors: &[Vec<f64>],
     probes: &[ArrayD<f32>],
 ) -> Result<Vec<f64>> {
-    let data = cx.calib.expect("allocation needs calibration");
-    let input_shape = cx.input_shape_for(data);
-    let n = NETWORK_IMAGES.min(data.len());
-    let images = data.images.slice(ndarray::s![..n, .., .., ..]);
-    let threads = cx.threads.max(1);
-    let run = |m: &Model| -> Result<ndarray::Array2<f32>> {
-        let plan = crate::engine::plan(m, &input_shape)?;
-        crate::engine::run_images(&plan, images, threads, &|_| {})
-    };
-    let y0 = run(model)?;
-    let energy: f64 = y0.iter().map(|v| (*v as f64).powi(2)).sum();
+    let probe_run = calib::OutputProbe::new(model, cx, NETWORK_IMAGES)?;
     let probe = ALLOCATION_BITS
         .iter()
         .position(|&b| b == PROBE_BITS)
@@ -1271,18 +1261,12 @@ fn network_sensitivity(
             .expect("planned");
         let original = TensorData::from_proto(t)?;
         crate::graph::edit::set_initializer(g, init, &TensorData::F32(probes[k].clone()));
-        let y = run(&m)?;
+        let d = probe_run.relative_change(&m)?;
         crate::graph::edit::set_initializer(m.graph_mut(), init, &original);
-        let d: f64 = y
-            .iter()
-            .zip(y0.iter())
-            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-            .sum();
         let e = errors[k][probe];
-        out.push(if e > 0.0 && energy > 0.0 {
-            d / energy / e
-        } else {
-            1.0
+        out.push(match d {
+            Some(d) if e > 0.0 => d / e,
+            _ => 1.0,
         });
         crate::passes::solve_progress("bit allocation: sensitivity", k + 1, pool.len());
     }

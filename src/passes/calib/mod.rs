@@ -314,3 +314,60 @@ impl std::str::FromStr for CalibMode {
         }
     }
 }
+
+/// The model's outputs on the first calibration images, to measure how much a
+/// changed copy of it moves them (the per-layer sensitivities of
+/// `prune.allocate = "network"` and `quantize.avg_bits`).
+pub struct OutputProbe<'a> {
+    images: ndarray::ArrayView4<'a, f32>,
+    input_shape: Vec<usize>,
+    threads: usize,
+    y0: ndarray::Array2<f32>,
+    energy: f64,
+}
+
+impl<'a> OutputProbe<'a> {
+    /// Runs `model` on the first `n` calibration images of `cx` (which must have some).
+    pub fn new(
+        model: &crate::onnx::Model,
+        cx: &super::Context<'a>,
+        n: usize,
+    ) -> crate::Result<Self> {
+        let data = cx
+            .calib
+            .ok_or_else(|| crate::Error::Usage("output probe: no calibration images".into()))?;
+        let n = n.min(data.len());
+        let mut p = OutputProbe {
+            images: data.images.slice(ndarray::s![..n, .., .., ..]),
+            input_shape: cx.input_shape_for(data),
+            threads: cx.threads.max(1),
+            y0: ndarray::Array2::zeros((0, 0)),
+            energy: 0.0,
+        };
+        p.y0 = p.run(model)?;
+        p.energy = p.y0.iter().map(|v| (*v as f64).powi(2)).sum();
+        Ok(p)
+    }
+
+    /// The images the probe runs.
+    pub fn images(&self) -> usize {
+        self.images.shape()[0]
+    }
+
+    fn run(&self, m: &crate::onnx::Model) -> crate::Result<ndarray::Array2<f32>> {
+        let plan = crate::engine::plan(m, &self.input_shape)?;
+        crate::engine::run_images(&plan, self.images, self.threads, &|_| {})
+    }
+
+    /// ||y(m) - y||² / ||y||² over the probe's images (`None` when the original
+    /// outputs are all zero).
+    pub fn relative_change(&self, m: &crate::onnx::Model) -> crate::Result<Option<f64>> {
+        let y = self.run(m)?;
+        let d: f64 = y
+            .iter()
+            .zip(self.y0.iter())
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum();
+        Ok((self.energy > 0.0).then(|| d / self.energy))
+    }
+}

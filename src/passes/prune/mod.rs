@@ -1115,17 +1115,7 @@ fn network_weights(
     pool: &[usize],
     target: f64,
 ) -> Result<Vec<f64>> {
-    let data = cx.calib.expect("checked above");
-    let input_shape = cx.input_shape_for(data);
-    let n = NETWORK_IMAGES.min(data.len());
-    let images = data.images.slice(ndarray::s![..n, .., .., ..]);
-    let threads = cx.threads.max(1);
-    let run = |m: &Model| -> Result<ndarray::Array2<f32>> {
-        let plan = crate::engine::plan(m, &input_shape)?;
-        crate::engine::run_images(&plan, images, threads, &|_| {})
-    };
-    let y0 = run(model)?;
-    let energy: f64 = y0.iter().map(|v| (*v as f64).powi(2)).sum();
+    let probe = calib::OutputProbe::new(model, cx, NETWORK_IMAGES)?;
     let mut out = Vec::with_capacity(pool.len());
     for &i in pool {
         let (l, c) = (&layers[i], calibrated[i].as_ref().expect("pooled"));
@@ -1145,16 +1135,10 @@ fn network_weights(
         let mut m = model.clone();
         let arr = ArrayD::from_shape_vec(l.shape.clone(), w).expect("same shape");
         set_initializer(m.graph_mut(), &l.init, &TensorData::F32(arr));
-        let y = run(&m)?;
-        let d: f64 = y
-            .iter()
-            .zip(y0.iter())
-            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-            .sum();
-        out.push(if e > 0.0 && energy > 0.0 {
-            d / energy / e
-        } else {
-            1.0
+        let d = probe.relative_change(&m)?;
+        out.push(match d {
+            Some(d) if e > 0.0 => d / e,
+            _ => 1.0,
         });
     }
     Ok(out)
