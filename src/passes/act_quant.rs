@@ -99,9 +99,9 @@ pub enum Range {
     /// widened to hold 0, on 2^k levels with a zero point. Without negative values:
     /// `Percentile(P)`.
     AsymPercentile(f64),
-    /// Asymmetric: the [lo, hi] (each side searched separately, jointly scored)
-    /// whose zero-point grid has the least estimated quantization MSE. Without
-    /// negative values: `Mse`.
+    /// Asymmetric: the [lo, hi] whose zero-point grid has the least estimated
+    /// quantization MSE, lo and hi each from its own list of candidates and every
+    /// pair scored on both tails. Without negative values: `Mse`.
     AsymMse,
 }
 
