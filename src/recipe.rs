@@ -65,7 +65,7 @@
 //!
 //! [act_quant]                    # activations (passes/act_quant.rs; needs --calib)
 //! bits = 8                       # 8: QuantizeLinear/DequantizeLinear; 16: float16; else fake-quant
-//! range = "maxabs"               # maxabs | percentile:99.99 | mse | minmax
+//! range = "maxabs"               # maxabs | percentile:99.99 | mse | minmax | asym-percentile:99.99 | asym-mse
 //! overflow_rate = 0.0
 //! placement = "inputs"           # inputs (of weighted layers) | outputs
 //! ```
@@ -260,7 +260,10 @@ pub struct Overrides {
     #[arg(long, value_name = "B")]
     pub act_bits: Option<u32>,
     /// Activation range: maxabs (with --overflow-rate; power-of-two scales), percentile:P,
-    /// mse, or minmax (asymmetric, with a zero point: for shifted ranges like BN after ReLU).
+    /// mse, or minmax (asymmetric, with a zero point: for shifted ranges like BN after ReLU);
+    /// asym-percentile:P (each tail of a signed value clipped at its own percentile) and
+    /// asym-mse (lo and hi searched for the least squared error) put signed values on
+    /// a zero-point grid with outliers clipped (unsigned ones as percentile:P and mse).
     #[arg(long, value_name = "RANGE")]
     pub act_range: Option<String>,
     /// Weight storage: packed (a bitmask over pruned zeros + k-bit codes or float32

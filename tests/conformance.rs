@@ -52,6 +52,7 @@ const COMBOS: &[Combo] = &[
     ("fold+ternary-twn", "--quantize ternary:twn", Judge::Top1),
     ("fold+linear8+act8", "--quantize linear:8 --act-bits 8 +ACT", Judge::Top1AtLeast(0.75)),
     ("fold+magnitude50+minmax6+act6", "--prune magnitude:0.5 --quantize minmax:6 --act-bits 6 +ACT", Judge::Top1AtLeast(0.75)),
+    ("fold+minmax8-per-channel+act8-asym", "--quantize minmax:8 --per-channel --act-bits 8 --act-range asym-percentile:99.99 +ACT", Judge::Top1AtLeast(0.75)),
     ("fold+magnitude50+linear8+packed", "--prune magnitude:0.5 --quantize linear:8 --storage packed", Judge::Top1),
     ("fold+nm24+packed", "--prune nm:2:4 --storage packed", Judge::Float),
 ];
@@ -243,6 +244,7 @@ fn mobilenetv2_cifar_bn() {
             "no-fold+global60+external",
             "fold+magnitude50+linear4-per-channel",
             "fold+linear8+act8",
+            "fold+minmax8-per-channel+act8-asym",
             "fold+magnitude50+linear8+packed",
         ]),
     );

@@ -692,6 +692,11 @@ fn cli_end_to_end_on_mnist() {
 
 /// Activation quantization with the asymmetric `minmax` range on a shifted input.
 fn quantize_conv_minmax(act_bits: u32) -> Model {
+    quantize_conv_range(act_bits, "minmax")
+}
+
+/// Activation quantization with range `range` on a shifted input.
+fn quantize_conv_range(act_bits: u32, range: &str) -> Model {
     let mut m = wrap(conv_model());
     // Calibration x = i / 4 - 1 for i in 0..16: [-1, 2.75].
     let x: Vec<f32> = (0..16).map(|i| i as f32 / 4.0 - 1.0).collect();
@@ -712,7 +717,7 @@ fn quantize_conv_minmax(act_bits: u32) -> Model {
     // session would re-quantize them; these numerics are checked with it off).
     let cfg = ActQuantSection {
         bits: act_bits,
-        range: Some("minmax".into()),
+        range: Some(range.into()),
         qdq: Some("always".into()),
         ..Default::default()
     }
@@ -774,6 +779,62 @@ fn minmax_activation_range_is_asymmetric_with_a_zero_point() {
     let rep = score::score(&m, &ScoreOptions::default()).unwrap();
     let conv = rep.layers.iter().find(|l| l.name == "conv").unwrap();
     assert_eq!(conv.act_bits, 6);
+}
+
+#[test]
+fn asym_percentile_clips_each_tail_and_runs_alike_in_tract_and_onnxruntime() {
+    // Calibration x = i / 4 - 1, i < 16: negatives -1, -0.75, -0.5, -0.25 and 0 .. 2.75.
+    // asym-percentile:80: 20% may clip, 10% a side: rank floor(0.1 * 16) = 1 from
+    // each side's extreme.
+    // Positive side: 2.75 (1 seen), 2.5 (2 > 1): 2.5 = 2 (1 + 8/32) is in the bin
+    // whose upper edge is 2 (1 + 9/32) = 2.5625. Negative side: 1 (1), 0.75 (2 > 1):
+    // 0.75 = 0.5 (1 + 16/32), upper edge 0.5 (1 + 17/32) = 0.765625.
+    // [lo, hi] = [-0.765625, 2.5625]: scale = 3.328125 / 255 = 0.0130515, zero point
+    // round(0.765625 / scale) = round(58.662) = 59; k = round(x / s) in [-59, 196].
+    let m = quantize_conv_range(8, "asym-percentile:80");
+    let ops: Vec<&str> = m.graph().node.iter().map(|n| n.op_type()).collect();
+    assert_eq!(ops, vec!["QuantizeLinear", "DequantizeLinear", "Conv"]);
+    let s = (3.328125f64 / 255.0) as f32;
+    assert_eq!(values(&m, "x_act_scale"), vec![s]);
+    let zp = m
+        .graph()
+        .initializer
+        .iter()
+        .find(|t| t.name() == "x_act_zp")
+        .unwrap();
+    assert_eq!(zp.data_type(), onnx_micronet::onnx::DataType::Uint8 as i32);
+    assert_eq!(
+        TensorData::from_proto(zp).unwrap().to_f32()[IxDyn(&[])],
+        59.0
+    );
+    // Inputs a quarter step off the grid (no ties): -70 clips to -59 (the seen -1
+    // becomes -0.770), 210 to 196 (2.75 becomes 2.558).
+    let ks: Vec<i32> = vec![
+        -70, -59, -58, -20, -1, 0, 1, 13, 50, 99, 150, 195, 196, 210, -7, 33,
+    ];
+    let x: Vec<f32> = ks.iter().map(|&k| (k as f32 + 0.25) * s).collect();
+    let xq: Vec<f64> = ks
+        .iter()
+        .map(|&k| k.clamp(-59, 196) as f64 * s as f64)
+        .collect();
+    let want = conv_f64(&xq, &values(&m, "w"));
+    let got: Vec<f64> = tract_run(&m, &x).iter().map(|v| *v as f64).collect();
+    assert_close(&got, &want, "tract vs hand");
+    let rep = score::score(&m, &ScoreOptions::default()).unwrap();
+    let conv = rep.layers.iter().find(|l| l.name == "conv").unwrap();
+    assert_eq!(conv.act_bits, 8);
+    // onnxruntime, default session and optimizations off: the same outputs.
+    for opt in [true, false] {
+        if let Some(ort) = ort_run(&m, &x, opt) {
+            assert_close(&ort, &got, "onnxruntime vs tract");
+        }
+    }
+
+    // asym-mse on the same 16 values keeps [-1, 2.75] whole (clipping the spread
+    // values costs more than the finer step saves): minmax's grid, scale 3.75 / 255,
+    // zero point 68.
+    let m = quantize_conv_range(8, "asym-mse");
+    assert_eq!(values(&m, "x_act_scale"), vec![(3.75f64 / 255.0) as f32]);
 }
 
 /// x[1,1,4,4] -> Conv(w1[2,1,3,3], pads 1) -> Clip(0, 6) -> Conv(w2[1,2,1,1]) -> y[1,1,4,4];

@@ -3,7 +3,8 @@
 //! quantizer is inserted on it:
 //!
 //! - at 8 bits, `QuantizeLinear -> DequantizeLinear` (uint8 when the calibration
-//!   saw no negative value, else int8; zero point 0 except for `minmax`; per tensor), which tract and
+//!   saw no negative value, else int8; zero point 0 except for `minmax` and the
+//!   `asym-` ranges, uint8 with a zero point; per tensor), which tract and
 //!   onnxruntime both run (tract-notes section 3: both round half to even and
 //!   saturate; tract multiplies by 1/scale where ORT divides, so a power-of-two
 //!   scale, the default, makes them agree exactly);
@@ -44,12 +45,25 @@
 //!   shifted ranges such as a BatchNorm after a ReLU;
 //! - `mse`: scale = v / qmax for the v among max|x| 2^(-i/32), i = 0..320, that
 //!   minimizes the quantization MSE estimated from the |x| histogram (clipped
-//!   mass: exact squared excess; inside: s^2/12 per value above s/2, x^2 below).
+//!   mass: exact squared excess; inside: s^2/12 per value above s/2, x^2 below);
+//! - `asym-percentile:P`: minmax's affine grid (2^k levels, zero point, uint8 at
+//!   8 bits) on [lo, hi] = the two tails' quantiles at rank floor((1 - P/100)/2
+//!   count) from each extreme (ranks counted over all values): the 100 - P percent
+//!   that `percentile:P` may clip, split evenly between the tails, as onnxruntime's
+//!   `HistogramCalibrater` does with `symmetric=False` (its `compute_percentile`);
+//! - `asym-mse`: the affine grid over [-a, b], a among -min 2^(-i/32) and b among
+//!   max 2^(-j/32) (i, j = 0..320, or 0), with the least MSE estimated as `mse`
+//!   does but per tail, at the levels the rounded zero point gives (a full search
+//!   of the 322 x 322 pairs, two binary searches each on prefix sums).
+//!
+//! The asymmetric ranges change only values that go below 0: on the others they
+//! are `percentile:P` and `mse` (the same grid, zero point 0).
 //!
 //! |x| is kept in a histogram of 32 bins per octave from 2^-40 to 2^24 (each
 //! octave cut linearly, from the float's exponent and top mantissa bits;
 //! quantiles are taken at a bin's upper edge: at most 3.2% above the exact
-//! value, so the range errs wide), beside the exact min, max and max |x|.
+//! value, so the range errs wide), and the |x| of negative x in a second one of
+//! the same bins (the two tails), beside the exact min, max and max |x|.
 //! Chunks of 4 images are merged in order, so results do not depend on threads.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -79,6 +93,16 @@ pub enum Range {
     Mse,
     /// Asymmetric: the seen [min, max] (widened to hold 0) on 2^k levels, with a zero point.
     MinMax,
+    /// Asymmetric with outlier clipping: [lo, hi] = the (100 - P)/2-th and
+    /// (100 + P)/2-th percentiles of x (the 100 - P percent clipped split evenly
+    /// between the tails, as onnxruntime's asymmetric percentile calibration),
+    /// widened to hold 0, on 2^k levels with a zero point. Without negative values:
+    /// `Percentile(P)`.
+    AsymPercentile(f64),
+    /// Asymmetric: the [lo, hi] whose zero-point grid has the least estimated
+    /// quantization MSE, lo and hi each from its own list of candidates and every
+    /// pair scored on both tails. Without negative values: `Mse`.
+    AsymMse,
 }
 
 impl fmt::Display for Range {
@@ -88,6 +112,8 @@ impl fmt::Display for Range {
             Range::Percentile(p) => write!(f, "percentile:{p}"),
             Range::Mse => f.write_str("mse"),
             Range::MinMax => f.write_str("minmax"),
+            Range::AsymPercentile(p) => write!(f, "asym-percentile:{p}"),
+            Range::AsymMse => f.write_str("asym-mse"),
         }
     }
 }
@@ -100,14 +126,19 @@ impl FromStr for Range {
             "maxabs" | "max-abs" | "max" => return Ok(Range::MaxAbs),
             "mse" => return Ok(Range::Mse),
             "minmax" | "min-max" => return Ok(Range::MinMax),
+            "asym-mse" => return Ok(Range::AsymMse),
             _ => {}
         }
         let bad = || {
             Error::Usage(format!(
-                "--act-range '{s}': expected maxabs, percentile:P (0 < P <= 100, e.g. percentile:99.99), mse or minmax"
+                "--act-range '{s}': expected maxabs, percentile:P (0 < P <= 100, e.g. percentile:99.99), mse, minmax, asym-percentile:P (0 < P <= 100) or asym-mse"
             ))
         };
-        let p: f64 = t
+        let (asym, p) = match t.strip_prefix("asym-") {
+            Some(rest) => (true, rest),
+            None => (false, t.as_str()),
+        };
+        let p: f64 = p
             .strip_prefix("percentile:")
             .ok_or_else(bad)?
             .parse()
@@ -115,7 +146,11 @@ impl FromStr for Range {
         if !(p > 0.0 && p <= 100.0) {
             return Err(bad());
         }
-        Ok(Range::Percentile(p))
+        Ok(if asym {
+            Range::AsymPercentile(p)
+        } else {
+            Range::Percentile(p)
+        })
     }
 }
 
@@ -131,7 +166,7 @@ pub enum Placement {
 #[serde(deny_unknown_fields)]
 pub struct ActQuantSection {
     pub bits: u32,
-    /// maxabs | percentile:P | mse | minmax
+    /// maxabs | percentile:P | mse | minmax | asym-percentile:P | asym-mse
     pub range: Option<String>,
     /// Fraction of |x| allowed to clip (maxabs); default 0.
     pub overflow_rate: Option<f64>,
@@ -272,6 +307,9 @@ pub struct Stats {
     pub count: u64,
     /// hist[0]: |x| below 2^-40 (zeros) or NaN; hist[i], i = (e + 40) * 32 + m + 1: |x| = 2^e (1 + f) with top 5 mantissa bits m (32 equal steps per octave).
     pub hist: Vec<u64>,
+    /// The same bins, negative x only (so hist - neg counts x >= 0): the two
+    /// tails of a signed value for the asymmetric ranges.
+    pub neg: Vec<u64>,
 }
 
 impl Default for Stats {
@@ -282,6 +320,7 @@ impl Default for Stats {
             absmax: 0.0,
             count: 0,
             hist: vec![0; BINS + 1],
+            neg: vec![0; BINS + 1],
         }
     }
 }
@@ -331,7 +370,11 @@ impl Stats {
             hi = hi.max(x);
             let a = x.abs();
             am = am.max(a);
-            self.hist[bin_of(a)] += 1;
+            let b = bin_of(a);
+            self.hist[b] += 1;
+            if x < 0.0 {
+                self.neg[b] += 1;
+            }
             n += 1;
         }
         if n > 0 {
@@ -350,6 +393,74 @@ impl Stats {
         for (a, b) in self.hist.iter_mut().zip(&o.hist) {
             *a += b;
         }
+        for (a, b) in self.neg.iter_mut().zip(&o.neg) {
+            *a += b;
+        }
+    }
+
+    /// Bin counts of one side: x >= 0 (`negative` false, zeros included in bin 0)
+    /// or x < 0 (as |x|).
+    fn side(&self, negative: bool) -> Vec<u64> {
+        if negative {
+            self.neg.clone()
+        } else {
+            self.hist
+                .iter()
+                .zip(&self.neg)
+                .map(|(h, n)| h - n)
+                .collect()
+        }
+    }
+
+    /// The largest |x| seen on one side (0 when it holds no value).
+    fn side_max(&self, negative: bool) -> f64 {
+        if negative {
+            (-self.min).max(0.0)
+        } else {
+            self.max.max(0.0)
+        }
+    }
+
+    /// One tail's quantile, as a magnitude: the x (`negative` false) or -x
+    /// (`negative` true) at rank floor(rate * count) from that side's extreme, the
+    /// rank counted over all values (rate 0: the exact max, or -min). A bin's upper
+    /// edge, capped at the side's max (so it errs wide); 0 when the side holds
+    /// no more than `rank` values.
+    pub fn tail_quantile(&self, negative: bool, rate: f64) -> f64 {
+        let top = self.side_max(negative);
+        let rank = (rate * self.count as f64).floor() as u64;
+        if rank == 0 {
+            return top;
+        }
+        let counts = self.side(negative);
+        let mut seen = 0u64;
+        for i in (1..counts.len()).rev() {
+            seen += counts[i];
+            if seen > rank {
+                return upper_edge(i).min(top);
+            }
+        }
+        0.0
+    }
+
+    /// Estimated fraction of the values outside [lo, hi] (lo <= 0 <= hi): the
+    /// bins whose centre (capped at its side's max) lies beyond either bound.
+    pub fn fraction_outside(&self, lo: f64, hi: f64) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        let mut out = 0u64;
+        for (negative, limit) in [(false, hi), (true, -lo)] {
+            if self.side_max(negative) <= limit {
+                continue;
+            }
+            let (counts, max) = (self.side(negative), self.side_max(negative));
+            out += (1..counts.len())
+                .filter(|&i| center(i).min(max) > limit)
+                .map(|i| counts[i])
+                .sum::<u64>();
+        }
+        out as f64 / self.count as f64
     }
 
     /// |x| at rank floor(rate * count) from the top (rate 0: the exact max).
@@ -372,18 +483,6 @@ impl Stats {
         0.0
     }
 
-    /// Estimated values above `limit`, as a fraction.
-    pub fn fraction_above(&self, limit: f64) -> f64 {
-        if self.count == 0 || self.absmax <= limit {
-            return 0.0;
-        }
-        let above: u64 = (1..self.hist.len())
-            .filter(|&i| center(i) > limit)
-            .map(|i| self.hist[i])
-            .sum();
-        above as f64 / self.count as f64
-    }
-
     fn mse_estimate(&self, s: f64, qmax: f64) -> f64 {
         let top = s * qmax;
         (0..self.hist.len())
@@ -401,6 +500,111 @@ impl Stats {
             })
             .sum()
     }
+}
+
+/// One side of a value's histogram (x >= 0, or |x| for x < 0) as nondecreasing
+/// bin centres (capped at the side's max; bin 0, the zeros, left out: 0 is on every
+/// grid) with prefix sums of n, n c and n c^2, so that the squared error of a grid
+/// on this side costs two binary searches.
+struct Tail {
+    c: Vec<f64>,
+    /// Prefix sums, one longer than `c`: n[k] = sum of the first k counts.
+    n: Vec<f64>,
+    s1: Vec<f64>,
+    s2: Vec<f64>,
+}
+
+impl Tail {
+    fn new(counts: &[u64], max: f64) -> Tail {
+        let mut t = Tail {
+            c: Vec::new(),
+            n: vec![0.0],
+            s1: vec![0.0],
+            s2: vec![0.0],
+        };
+        for (i, &k) in counts.iter().enumerate().skip(1) {
+            if k == 0 {
+                continue;
+            }
+            let (c, k) = (center(i).min(max), k as f64);
+            t.c.push(c);
+            t.n.push(t.n.last().unwrap() + k);
+            t.s1.push(t.s1.last().unwrap() + k * c);
+            t.s2.push(t.s2.last().unwrap() + k * c * c);
+        }
+        t
+    }
+
+    /// Estimated squared error, summed over this side, of a grid with step `s`
+    /// whose last level on this side is `top` (>= 0): the same model as the
+    /// symmetric `mse` (clipped: (c - top)^2; inside: s^2/12 from s/2 up, c^2 below,
+    /// where values round to 0). Clipped sum by expansion: S2 - 2 top S1 + top^2 N
+    /// over the bins above `top`.
+    fn error(&self, s: f64, top: f64) -> f64 {
+        let len = self.c.len();
+        let k2 = self.c.partition_point(|&c| c <= top);
+        let k1 = self.c[..k2].partition_point(|&c| c < s / 2.0);
+        let below = self.s2[k1];
+        let inside = (self.n[k2] - self.n[k1]) * s * s / 12.0;
+        let (cn, c1, c2) = (
+            self.n[len] - self.n[k2],
+            self.s1[len] - self.s1[k2],
+            self.s2[len] - self.s2[k2],
+        );
+        below + inside + (c2 - 2.0 * top * c1 + top * top * cn).max(0.0)
+    }
+}
+
+/// The affine grid on 2^k levels over [lo, hi] widened to hold 0 (so 0, ReLU's
+/// floor and padding, is exact): scale = (hi - lo) / (2^k - 1), zero point =
+/// round(-lo / scale), unsigned codes.
+fn affine(lo: f64, hi: f64, bits: u32) -> Grid {
+    let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+    let levels = 2f64.powi(bits as i32) - 1.0;
+    let scale = finite_scale((hi - lo) / levels);
+    let zp = (-lo / scale as f64).round().clamp(0.0, levels) as i32;
+    Grid {
+        scale,
+        signed: false,
+        zero_point: zp,
+    }
+}
+
+/// `asym-mse`: the [-a, b] with a among -min 2^(-i/32) and b among max 2^(-j/32),
+/// i, j = 0..320, or 0, whose affine grid (scale (a + b) / (2^k - 1), zero point
+/// zp = round(a / scale), so levels from -zp scale to (2^k - 1 - zp) scale) has the
+/// least estimated squared error over both tails ([`Tail::error`]); ties keep the
+/// wider range. Returns (lo, hi) = (-a, b).
+fn asym_mse_range(st: &Stats, bits: u32) -> (f64, f64) {
+    let levels = 2f64.powi(bits as i32) - 1.0;
+    let (a_max, b_max) = (st.side_max(true), st.side_max(false));
+    let (neg, pos) = (
+        Tail::new(&st.side(true), a_max),
+        Tail::new(&st.side(false), b_max),
+    );
+    let cands = |m: f64| -> Vec<f64> {
+        (0..=320)
+            .map(|i| m * 2f64.powf(-(i as f64) / 32.0))
+            .chain(std::iter::once(0.0))
+            .collect()
+    };
+    let (ca, cb) = (cands(a_max), cands(b_max));
+    let mut best = (f64::INFINITY, -a_max, b_max);
+    for &a in &ca {
+        for &b in &cb {
+            if a + b <= 0.0 {
+                continue;
+            }
+            let g = affine(-a, b, bits);
+            let s = g.scale as f64;
+            let zp = g.zero_point as f64;
+            let e = neg.error(s, zp * s) + pos.error(s, (levels - zp) * s);
+            if e < best.0 {
+                best = (e, -a, b);
+            }
+        }
+    }
+    (best.1, best.2)
 }
 
 /// One activation's grid: x ~ (q - zero_point) * scale with q in [qmin, qmax]
@@ -430,20 +634,27 @@ impl Grid {
 
 /// The quantizer for one value.
 pub fn choose_grid(st: &Stats, bits: u32, range: Range, overflow_rate: f64) -> Grid {
-    if range == Range::MinMax {
-        // [lo, hi] holds 0 so that 0 (ReLU's floor, padding) is exact:
-        // scale = (hi - lo) / (2^k - 1), zero point = round(-lo / scale).
-        let (lo, hi) = (st.min.min(0.0), st.max.max(0.0));
-        let levels = 2f64.powi(bits as i32) - 1.0;
-        let scale = finite_scale((hi - lo) / levels);
-        let zp = (-lo / scale as f64).round().clamp(0.0, levels) as i32;
-        return Grid {
-            scale,
-            signed: false,
-            zero_point: zp,
-        };
-    }
     let signed = st.min < 0.0;
+    let range = match range {
+        Range::MinMax => return affine(st.min, st.max, bits),
+        Range::AsymPercentile(p) if signed => {
+            // Half the clipped share on each side.
+            let rate = (1.0 - p / 100.0) / 2.0;
+            return affine(
+                -st.tail_quantile(true, rate),
+                st.tail_quantile(false, rate),
+                bits,
+            );
+        }
+        Range::AsymMse if signed => {
+            let (lo, hi) = asym_mse_range(st, bits);
+            return affine(lo, hi, bits);
+        }
+        // Nothing below 0: the unsigned grids of the symmetric ranges.
+        Range::AsymPercentile(p) => Range::Percentile(p),
+        Range::AsymMse => Range::Mse,
+        r => r,
+    };
     let qmax = if signed {
         2f64.powi(bits as i32 - 1) - 1.0
     } else {
@@ -473,7 +684,9 @@ pub fn choose_grid(st: &Stats, bits: u32, range: Range, overflow_rate: f64) -> G
             }
             best.1
         }
-        Range::MinMax => unreachable!("handled above"),
+        Range::MinMax | Range::AsymPercentile(_) | Range::AsymMse => {
+            unreachable!("handled above")
+        }
     };
     Grid {
         scale: finite_scale(scale),
@@ -874,7 +1087,7 @@ impl Pass for ActQuant {
                 );
                 continue;
             }
-            let top = scale as f64 * hi;
+            let (bottom, top) = (scale as f64 * lo, scale as f64 * hi);
             let mut step = if (scale.log2()).fract() == 0.0 {
                 format!("2^{} = {scale:?}", scale.log2() as i32)
             } else {
@@ -907,11 +1120,11 @@ impl Pass for ActQuant {
             report.changed(
                 &t.value,
                 format!(
-                    "{bits}-bit {}, scale {step}, seen [{:.4}, {:.4}], clipped ~{:.3}% (read by {read_by}){why}",
+                    "{bits}-bit {}, scale {step}, grid [{bottom:.4}, {top:.4}], seen [{:.4}, {:.4}], clipped ~{:.3}% (read by {read_by}){why}",
                     form.describe(),
                     st.min,
                     st.max,
-                    100.0 * st.fraction_above(top),
+                    100.0 * st.fraction_outside(bottom, top),
                 ),
             );
         }
@@ -963,5 +1176,179 @@ mod tests {
         for i in 1..BINS {
             assert_eq!(bin_of(bin_point(i, 0.5) as f32), i, "bin {i}");
         }
+    }
+
+    fn stats_of(xs: &[f32]) -> Stats {
+        let mut st = Stats::default();
+        st.add(xs.iter().copied());
+        st
+    }
+
+    /// n copies of each (value, n).
+    fn repeat(parts: &[(f32, usize)]) -> Vec<f32> {
+        parts
+            .iter()
+            .flat_map(|&(v, n)| std::iter::repeat_n(v, n))
+            .collect()
+    }
+
+    #[test]
+    fn range_names_parse_and_print_back() {
+        for s in [
+            "asym-percentile:99.9",
+            "asym-mse",
+            "percentile:99.99",
+            "minmax",
+        ] {
+            assert_eq!(s.parse::<Range>().unwrap().to_string(), s);
+        }
+        assert_eq!(
+            "ASYM-Percentile:99.99".parse::<Range>().unwrap(),
+            Range::AsymPercentile(99.99)
+        );
+        for bad in [
+            "asym-percentile:0",
+            "asym-percentile:100.5",
+            "asym-minmax",
+            "asym-",
+        ] {
+            let e = bad.parse::<Range>().unwrap_err().to_string();
+            assert!(e.contains("asym-percentile:P (0 < P <= 100)"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn two_tailed_percentile_by_hand() {
+        // 1000 values: negatives -4, -3, -1 x 2, -0.5 x 96; positives 16, 12,
+        // 2 x 2, 1 x 896. asym-percentile:99.6: 0.4% may clip, 0.2% a side: rate
+        // 0.002, rank floor(0.002 * 1000) = 2 from each side's extreme, counted over
+        // all values.
+        let xs = repeat(&[
+            (-4.0, 1),
+            (-3.0, 1),
+            (-1.0, 2),
+            (-0.5, 96),
+            (16.0, 1),
+            (12.0, 1),
+            (2.0, 2),
+            (1.0, 896),
+        ]);
+        let st = stats_of(&xs);
+        // Positive side from the top: 16 (1 seen), 12 (2), 2 (4 > 2): the bin of
+        // 2 = 2^1 (1 + 0/32), upper edge 2 (1 + 1/32) = 2.0625.
+        assert_eq!(st.tail_quantile(false, 0.002), 2.0625);
+        // Negative side: 4 (1), 3 (2), 1 (4 > 2): upper edge of 1's bin, 1.03125.
+        assert_eq!(st.tail_quantile(true, 0.002), 1.03125);
+        // Rate 0: the exact extremes.
+        assert_eq!(st.tail_quantile(false, 0.0), 16.0);
+        assert_eq!(st.tail_quantile(true, 0.0), 4.0);
+        // [lo, hi] = [-1.03125, 2.0625] on 255 steps: scale = 3.09375 / 255
+        // = 0.0121324, zero point = round(1.03125 / scale) = round(255 / 3) = 85.
+        let g = choose_grid(&st, 8, Range::AsymPercentile(99.6), 0.0);
+        assert_eq!(g.scale, (3.09375f64 / 255.0) as f32);
+        assert_eq!((g.signed, g.zero_point), (false, 85));
+        // Codes 0..255 less the zero point: k in [-85, 170], i.e. the grid
+        // [-85 s, 170 s] = [-1.03125, 2.0625].
+        assert_eq!(g.levels(8), (-85.0, 170.0));
+        // The symmetric percentile:99.6 reads |x| at rank 4: 16, 12, 4, 3, 2 (6 > 4),
+        // so v is the upper edge of 2's bin, 2.0625, and the int8 step 2.0625 / 127
+        // = 0.016240: the same four values clip, and the asymmetric step is 0.747
+        // times as wide (3.09375 / 255 over 2.0625 / 127).
+        let sym = choose_grid(&st, 8, Range::Percentile(99.6), 0.0);
+        assert_eq!(sym.scale, (2.0625f64 / 127.0) as f32);
+        assert_eq!((sym.signed, sym.zero_point), (true, 0));
+        // Outside [-1.03125, 2.0625]: the four outliers, 0.4%.
+        assert_eq!(st.fraction_outside(-1.03125, 2.0625), 0.004);
+        // and outside the symmetric grid [-128 s, 127 s] = [-2.0787, 2.0625]: the same four.
+        assert_eq!(st.fraction_outside(-128.0 * 2.0625 / 127.0, 2.0625), 0.004);
+    }
+
+    #[test]
+    fn asymmetric_ranges_without_negatives_are_the_symmetric_ones() {
+        let xs: Vec<f32> = (0..1000).map(|i| (i as f32 / 100.0).powi(2)).collect();
+        let st = stats_of(&xs);
+        for (a, s) in [
+            (Range::AsymPercentile(99.9), Range::Percentile(99.9)),
+            (Range::AsymMse, Range::Mse),
+        ] {
+            assert_eq!(choose_grid(&st, 8, a, 0.0), choose_grid(&st, 8, s, 0.0));
+            assert_eq!(choose_grid(&st, 5, a, 0.0), choose_grid(&st, 5, s, 0.0));
+        }
+    }
+
+    #[test]
+    fn tail_error_by_hand() {
+        // 1 x 2, 2, 4: bin centres 1 (1 + 0.5/32) = 1.015625, 2.03125, and
+        // 4.0625 capped at the max, 4.
+        let st = stats_of(&[1.0, 1.0, 2.0, 4.0]);
+        let t = Tail::new(&st.side(false), st.side_max(false));
+        assert_eq!(t.c, vec![1.015625, 2.03125, 4.0]);
+        // Step 0.5, top 3: 4 clips, (4 - 3)^2 = 1; three inside at 0.25 / 12 each.
+        assert_eq!(t.error(0.5, 3.0), 1.0 + 3.0 * 0.25 / 12.0);
+        // Step 4, top 4: 1.015625 < s/2 = 2 rounds to 0: 2 x 1.015625^2 = 2.06298828125;
+        // 2.03125 and 4 inside, 16 / 12 each.
+        assert_eq!(t.error(4.0, 4.0), 2.06298828125 + 2.0 * 16.0 / 12.0);
+        // Top 0: every value clips to 0, 2 x 1.015625^2 + 2.03125^2 + 4^2.
+        assert_eq!(
+            t.error(0.5, 0.0),
+            2.0 * 1.015625f64.powi(2) + 2.03125f64.powi(2) + 16.0
+        );
+        // The negative side of the same stats is empty: no error.
+        let n = Tail::new(&st.side(true), st.side_max(true));
+        assert_eq!(n.error(0.5, 0.0), 0.0);
+    }
+
+    /// Mean squared error of quantizing xs on the grid, as the runtime does
+    /// (round half to even of x / s, clip to the levels).
+    fn grid_mse(xs: &[f32], g: Grid, bits: u32) -> f64 {
+        let (lo, hi) = g.levels(bits);
+        let s = g.scale as f64;
+        xs.iter()
+            .map(|&x| {
+                let q = (x as f64 / s).round_ties_even().clamp(lo, hi);
+                (q * s - x as f64).powi(2)
+            })
+            .sum::<f64>()
+            / xs.len() as f64
+    }
+
+    #[test]
+    fn asym_mse_beats_symmetric_on_a_skewed_distribution() {
+        // 900 values i / 300 (i < 900: [0, 2.997], uniform) and 100 values
+        // -(i + 1) / 333.3 (i < 100: [-0.3, -0.003]): the range is lopsided 10 : 1.
+        let xs: Vec<f32> = (0..900)
+            .map(|i| i as f32 / 300.0)
+            .chain((0..100).map(|i| -(i as f32 + 1.0) * 0.003))
+            .collect();
+        let st = stats_of(&xs);
+        let sym = choose_grid(&st, 8, Range::Mse, 0.0);
+        let asym = choose_grid(&st, 8, Range::AsymMse, 0.0);
+        // Symmetric int8 keeps all of [-3, 3]: the search's first candidate, max |x|
+        // = 899 / 300 = 2.99667, step 2.99667 / 127 = 0.0235958 (s^2 / 12 = 4.640e-5).
+        assert_eq!(sym, {
+            let v = (899f32 / 300.0) as f64;
+            Grid {
+                scale: (v / 127.0) as f32,
+                signed: true,
+                zero_point: 0,
+            }
+        });
+        // Asymmetric: about [-0.3, 2.997] on 255 steps; the search lands on
+        // [-0.2968, 2.9935] (both a little inside), step 0.0129029 (s^2 / 12 =
+        // 1.387e-5), zero point round(0.2968 / 0.0129029) = 23: a step 0.547 times
+        // as wide.
+        let (lo, hi) = asym.levels(8);
+        let (bottom, top) = (lo * asym.scale as f64, hi * asym.scale as f64);
+        assert!(!asym.signed && asym.zero_point == 23, "{asym:?}");
+        assert!((0.012902..0.012904).contains(&asym.scale), "{asym:?}");
+        assert!((-0.2968..-0.2967).contains(&bottom), "{bottom}");
+        assert!((2.9934..2.9935).contains(&top), "{top}");
+        // The mean squared error, measured by quantizing the 1000 values: each close
+        // to its s^2 / 12 (within 1%: 4.643e-5 and 1.385e-5), the asymmetric one
+        // 0.298 times the symmetric one (0.547^2 = 0.299).
+        let (es, ea) = (grid_mse(&xs, sym, 8), grid_mse(&xs, asym, 8));
+        assert!((4.62e-5..4.66e-5).contains(&es), "{es}");
+        assert!((1.38e-5..1.39e-5).contains(&ea), "{ea}");
+        assert!(ea < 0.3 * es, "asym {ea} vs sym {es}");
     }
 }
