@@ -1113,7 +1113,7 @@ impl Pass for ActQuant {
                     bits,
                     seen_min: st.min,
                     seen_max: st.max,
-                    grid_min: scale as f64 * lo,
+                    grid_min: bottom,
                     grid_max: top,
                 });
             }
