@@ -52,7 +52,7 @@ CHROMIUM ?= /usr/bin/chromium
 # Debian's Chromium for the HTML report's render test (tests/html_report.rs).
 browser:
 	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
-	@test -x $(CHROMIUM) && $(CHROMIUM) --version
+	@test -x $(CHROMIUM) && $(CHROMIUM) --version 2>/dev/null
 
 # The tests use the venv (onnx's test models, the checker, onnxruntime, Playwright)
 # and Chromium, and fail, rather than skip, when either is missing.
