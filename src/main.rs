@@ -216,28 +216,43 @@ fn run_validation(
     p: &Prepared,
     threads: usize,
 ) -> anyhow::Result<validate::Report> {
-    let named: Vec<(&str, &onnx::Model)> = models.iter().map(|(n, m)| (n.as_str(), *m)).collect();
-    let bars: Vec<indicatif::ProgressBar> = named
-        .iter()
-        .map(|(n, _)| {
-            let bar = indicatif::ProgressBar::new(p.data.images.shape()[0] as u64);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
-            bar.set_message(n.to_string());
-            bar
-        })
-        .collect();
-    let report = validate::validate(&named, &p.geometry.shape, &p.data, threads, &|k, done| {
-        bars[k].set_position(done as u64)
-    })?;
-    for b in &bars {
-        b.finish_and_clear();
+    run_validation_reusing(None, models, p, threads)
+}
+
+/// [`run_validation`], with the first model's run taken as given when `first` is
+/// (the original model's, measured once for all the plans of a search).
+fn run_validation_reusing(
+    first: Option<&validate::ModelRun>,
+    models: &[(String, &onnx::Model)],
+    p: &Prepared,
+    threads: usize,
+) -> anyhow::Result<validate::Report> {
+    let mut runs = Vec::new();
+    for (k, (name, m)) in models.iter().enumerate() {
+        if let (0, Some(run)) = (k, first) {
+            runs.push(run.clone());
+            continue;
+        }
+        let bar = indicatif::ProgressBar::new(p.data.images.shape()[0] as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(name.to_string());
+        runs.push(validate::run_model(
+            name,
+            m,
+            &p.geometry.shape,
+            &p.data,
+            threads,
+            &|done| bar.set_position(done as u64),
+        )?);
+        bar.finish_and_clear();
     }
+    let report = validate::compare(runs, &p.data, threads)?;
     eprintln!("preprocess: {}", p.preset);
     Ok(report)
 }
@@ -755,6 +770,8 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
         input_shape: geometry.map(|g| g.shape).unwrap_or_default(),
         threads,
     };
+    // The original model's run on --data, measured once for every plan built.
+    let original_run: std::cell::OnceCell<validate::ModelRun> = std::cell::OnceCell::new();
     // One plan built and measured: the model, its pass reports, the snapshot for
     // the HTML histograms, the scores, the validation.
     let build = |r: &Recipe| -> anyhow::Result<Built> {
@@ -774,14 +791,21 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
             after = score::score(&optimized, &opts)?;
         }
         let validation = match &eval {
-            Some(p) => Some(run_validation(
-                &[
-                    (a.model.display().to_string(), &original),
-                    (a.output.display().to_string(), &optimized),
-                ],
-                p,
-                threads,
-            )?),
+            Some(p) => {
+                let v = run_validation_reusing(
+                    original_run.get(),
+                    &[
+                        (a.model.display().to_string(), &original),
+                        (a.output.display().to_string(), &optimized),
+                    ],
+                    p,
+                    threads,
+                )?;
+                if let Some(first) = v.runs.first() {
+                    let _ = original_run.set(first.clone());
+                }
+                Some(v)
+            }
             None => None,
         };
         Ok(Built {

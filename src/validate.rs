@@ -145,34 +145,60 @@ pub fn validate(
 ) -> Result<Report> {
     let mut runs = Vec::new();
     for (k, (name, model)) in models.iter().enumerate() {
-        let plan = engine::plan(model, input_shape)?;
-        if let Some(classes) = plan.output_len {
-            check_labels(data, classes, name)?;
-        }
-        let start = Instant::now();
-        let images = if input_shape[1..] == data.images.shape()[1..] {
-            data.images.view()
-        } else {
-            return Err(Error::Usage(format!(
-                "the data was prepared as {:?} per image but '{name}' wants {:?}",
-                &data.images.shape()[1..],
-                &input_shape[1..]
-            )));
-        };
-        let logits = engine::run_images(&plan, images, threads, &|done| progress(k, done))?;
-        let secs = start.elapsed().as_secs_f64();
-        let (top1, top5) = accuracy(&logits, &data.labels);
-        let labelled = data.labels.iter().filter(|l| l.is_some()).count();
-        runs.push(ModelRun {
-            model: name.to_string(),
-            images: logits.nrows(),
-            top1,
-            top1_interval: top1.map(|t| wilson((t * labelled as f64).round() as usize, labelled)),
-            top5,
-            images_per_second: logits.nrows() as f64 / secs.max(1e-9),
-            logits,
-        });
+        runs.push(run_model(
+            name,
+            model,
+            input_shape,
+            data,
+            threads,
+            &|done| progress(k, done),
+        )?);
     }
+    compare(runs, data, threads)
+}
+
+/// One model's run over the dataset: its logits, top-1 (with its Wilson
+/// interval) and top-5 where labelled, and its speed.
+pub fn run_model(
+    name: &str,
+    model: &Model,
+    input_shape: &[usize],
+    data: &Dataset,
+    threads: usize,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<ModelRun> {
+    let plan = engine::plan(model, input_shape)?;
+    if let Some(classes) = plan.output_len {
+        check_labels(data, classes, name)?;
+    }
+    let start = Instant::now();
+    let images = if input_shape[1..] == data.images.shape()[1..] {
+        data.images.view()
+    } else {
+        return Err(Error::Usage(format!(
+            "the data was prepared as {:?} per image but '{name}' wants {:?}",
+            &data.images.shape()[1..],
+            &input_shape[1..]
+        )));
+    };
+    let logits = engine::run_images(&plan, images, threads, progress)?;
+    let secs = start.elapsed().as_secs_f64();
+    let (top1, top5) = accuracy(&logits, &data.labels);
+    let labelled = data.labels.iter().filter(|l| l.is_some()).count();
+    Ok(ModelRun {
+        model: name.to_string(),
+        images: logits.nrows(),
+        top1,
+        top1_interval: top1.map(|t| wilson((t * labelled as f64).round() as usize, labelled)),
+        top5,
+        images_per_second: logits.nrows() as f64 / secs.max(1e-9),
+        logits,
+    })
+}
+
+/// The report of runs over the same dataset: the first two compared (top-1
+/// agreement, logit differences, the images that changed).
+pub fn compare(runs: Vec<ModelRun>, data: &Dataset, threads: usize) -> Result<Report> {
     let agreement = match runs.as_slice() {
         [a, b, ..] => Some(agreement(&a.logits, &b.logits)?),
         _ => None,
