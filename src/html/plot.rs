@@ -31,6 +31,24 @@ fn svg(name: &str, draw: impl FnOnce(&mut String) -> Drawn) -> Result<String> {
     ))
 }
 
+/// The legend every chart draws: at `pos`, on a translucent white box with a
+/// grey border; `small` for the histograms' small multiples.
+fn legend<'a, 'b: 'a, CT: plotters::coord::CoordTranslate>(
+    c: &mut ChartContext<'a, SVGBackend<'b>, CT>,
+    pos: SeriesLabelPosition,
+    small: bool,
+) -> Drawn {
+    let mut l = c.configure_series_labels();
+    l.position(pos)
+        .background_style(WHITE.mix(0.85))
+        .border_style(GREY);
+    if small {
+        l.label_font(("sans-serif", 10));
+    }
+    l.draw()?;
+    Ok(())
+}
+
 /// Shortens a layer name for an axis or caption: the last `max` characters.
 pub fn short(name: &str, max: usize) -> String {
     let n = name.chars().count();
@@ -109,11 +127,7 @@ pub fn score_split(bars: &[ScoreBar]) -> Result<String> {
             .label("before")
             .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], BLACK.stroke_width(1)));
         }
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(GREY)
-            .draw()?;
+        legend(&mut c, SeriesLabelPosition::UpperRight, false)?;
         root.present()?;
         Ok(())
     })
@@ -168,11 +182,7 @@ pub fn bits_sparsity(layers: &[LayerBits]) -> Result<String> {
         )?
         .label("input activation bits")
         .legend(|(x, y)| Circle::new((x + 6, y), 3, RED.filled()));
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(GREY)
-            .draw()?;
+        legend(&mut c, SeriesLabelPosition::UpperRight, false)?;
         let mut c = ChartBuilder::on(&lower)
             .caption("weight sparsity", ("sans-serif", 15))
             .margin(8)
@@ -316,12 +326,7 @@ pub fn weight_histogram(h: &WeightHist) -> Result<String> {
         )?
         .label("after")
         .legend(|(x, y)| Rectangle::new([(x, y - 4), (x + 10, y + 4)], BLUE.stroke_width(1)));
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(("sans-serif", 10))
-            .background_style(WHITE.mix(0.85))
-            .border_style(GREY)
-            .draw()?;
+        legend(&mut c, SeriesLabelPosition::UpperRight, true)?;
         root.present()?;
         Ok(())
     })
@@ -379,11 +384,7 @@ pub fn activation_ranges(rows: &[ActRow]) -> Result<String> {
         }))?
         .label("seen on calibration")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 12, y)], BLACK));
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(GREY)
-            .draw()?;
+        legend(&mut c, SeriesLabelPosition::LowerRight, false)?;
         root.present()?;
         Ok(())
     })
@@ -444,11 +445,7 @@ pub fn layer_errors(title: &str, method: &str, rows: &[ErrRow]) -> Result<String
         }))?
         .label(method.to_string())
         .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], BLUE.filled()));
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(GREY)
-            .draw()?;
+        legend(&mut c, SeriesLabelPosition::UpperRight, false)?;
         root.present()?;
         Ok(())
     })
@@ -588,11 +585,7 @@ pub fn pareto(points: &[PlanPoint]) -> Result<String> {
         )?
         .label("chosen")
         .legend(|(x, y)| Circle::new((x + 6, y), 5, RED.stroke_width(2)));
-        c.configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(GREY)
-            .draw()?;
+        legend(&mut c, SeriesLabelPosition::LowerRight, false)?;
         root.present()?;
         Ok(())
     })
