@@ -783,10 +783,8 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
         let (before, mut after) = optimize::scores(&original, &optimized, &opts)?;
         // A model whose widths an allocation chose records the plan that
         // reproduces it (the widths pinned), and is scored with that record.
-        let plan = optimize::plan_of(r, &after);
-        if plan.quantize.as_ref().map(|q| q.layers.len())
-            != r.quantize.as_ref().map(|q| q.layers.len())
-        {
+        if r.quantize.as_ref().is_some_and(|q| q.avg_bits.is_some()) {
+            let plan = optimize::plan_of(r, &after);
             stamp_provenance(&mut optimized, &a.model, &plan, calib.as_ref())?;
             after = score::score(&optimized, &opts)?;
         }
