@@ -645,11 +645,40 @@ fn clip_bounds(g: &Graph, n: &NodeProto) -> Result<Option<(f32, f32)>> {
     Ok(Some((lo, hi)))
 }
 
+/// A standard-layout tensor seen along one axis: (outer, len, inner), so that
+/// element (o, c, i) sits at `(o * len + c) * inner + i` of the flat data.
+fn split_at_axis(shape: &[usize], axis: usize) -> (usize, usize, usize) {
+    let outer = shape[..axis].iter().product();
+    let inner = shape[axis + 1..].iter().product();
+    (outer, shape[axis], inner)
+}
+
+/// The flat data of a weight loaded by this pass (always standard layout).
+fn flat(w: &ArrayD<f32>) -> &[f32] {
+    w.as_slice().expect("weights are loaded in standard layout")
+}
+
+fn flat_mut(w: &mut ArrayD<f32>) -> &mut [f32] {
+    w.as_slice_mut()
+        .expect("weights are loaded in standard layout")
+}
+
+fn max_abs(m: f64, xs: &[f32]) -> f64 {
+    m.max(xs.iter().fold(0f32, |m, v| m.max(v.abs())) as f64)
+}
+
 /// Max |w| of each output row (axis `axis`) of a weight.
 fn row_ranges(w: &ArrayD<f32>, axis: usize) -> Vec<f64> {
-    w.axis_iter(Axis(axis))
-        .map(|lane| lane.iter().fold(0f64, |m, v| m.max(v.abs() as f64)))
-        .collect()
+    let (outer, n, inner) = split_at_axis(w.shape(), axis);
+    let data = flat(w);
+    let mut r = vec![0f64; n];
+    for o in 0..outer {
+        for (c, rc) in r.iter_mut().enumerate() {
+            let at = (o * n + c) * inner;
+            *rc = max_abs(*rc, &data[at..at + inner]);
+        }
+    }
+    r
 }
 
 /// The L2 weight's input-channel axis and group layout: (axis, channels per group,
@@ -667,23 +696,30 @@ fn input_layout(l2: &NodeProto, w: &ArrayD<f32>) -> Result<(usize, usize, usize)
     })
 }
 
+/// The input channel (of L2's whole input) that flat lane (o, j) of L2's weight
+/// multiplies: for a grouped Conv, output row o reads its group's channels.
+fn input_channel(conv: bool, o: usize, j: usize, per_group: usize, rows: usize) -> usize {
+    if conv {
+        (o / rows.max(1)) * per_group + j
+    } else {
+        j
+    }
+}
+
 /// Max |w| over everything input channel c of L2 multiplies.
 fn column_ranges(l2: &NodeProto, w: &ArrayD<f32>, channels: usize) -> Result<Vec<f64>> {
     let (axis, per_group, rows) = input_layout(l2, w)?;
+    let conv = l2.op_type() == "Conv";
+    let (outer, n, inner) = split_at_axis(w.shape(), axis);
+    let data = flat(w);
     let mut r = vec![0f64; channels];
-    if l2.op_type() == "Conv" {
-        for (o, block) in w.axis_iter(Axis(0)).enumerate() {
-            let g = o / rows.max(1);
-            for (j, lane) in block.axis_iter(Axis(0)).enumerate() {
-                let c = g * per_group + j;
-                if c < channels {
-                    r[c] = lane.iter().fold(r[c], |m, v| m.max(v.abs() as f64));
-                }
+    for o in 0..outer {
+        for j in 0..n {
+            let c = input_channel(conv, o, j, per_group, rows);
+            if c < channels {
+                let at = (o * n + j) * inner;
+                r[c] = max_abs(r[c], &data[at..at + inner]);
             }
-        }
-    } else {
-        for (c, lane) in w.axis_iter(Axis(axis)).enumerate() {
-            r[c] = lane.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
         }
     }
     Ok(r)
@@ -692,18 +728,14 @@ fn column_ranges(l2: &NodeProto, w: &ArrayD<f32>, channels: usize) -> Result<Vec
 /// W2[.., c, ..] *= s[c].
 fn scale_columns(l2: &NodeProto, w: &mut ArrayD<f32>, s: &[f64]) -> Result<()> {
     let (axis, per_group, rows) = input_layout(l2, w)?;
-    if l2.op_type() == "Conv" {
-        for (o, mut block) in w.axis_iter_mut(Axis(0)).enumerate() {
-            let g = o / rows.max(1);
-            for (j, mut lane) in block.axis_iter_mut(Axis(0)).enumerate() {
-                let f = s[g * per_group + j] as f32;
-                lane.mapv_inplace(|v| v * f);
-            }
-        }
-    } else {
-        for (c, mut lane) in w.axis_iter_mut(Axis(axis)).enumerate() {
-            let f = s[c] as f32;
-            lane.mapv_inplace(|v| v * f);
+    let conv = l2.op_type() == "Conv";
+    let (outer, n, inner) = split_at_axis(w.shape(), axis);
+    let data = flat_mut(w);
+    for o in 0..outer {
+        for j in 0..n {
+            let f = s[input_channel(conv, o, j, per_group, rows)] as f32;
+            let at = (o * n + j) * inner;
+            data[at..at + inner].iter_mut().for_each(|v| *v *= f);
         }
     }
     Ok(())
@@ -711,9 +743,14 @@ fn scale_columns(l2: &NodeProto, w: &mut ArrayD<f32>, s: &[f64]) -> Result<()> {
 
 /// W1[c, ..] /= s[c] (along `axis`), and the bias likewise.
 fn scale_rows(w: &mut ArrayD<f32>, axis: usize, b: Option<&mut ArrayD<f32>>, s: &[f64]) {
-    for (c, mut lane) in w.axis_iter_mut(Axis(axis)).enumerate() {
-        let f = s[c] as f32;
-        lane.mapv_inplace(|v| v / f);
+    let (outer, n, inner) = split_at_axis(w.shape(), axis);
+    let data = flat_mut(w);
+    for o in 0..outer {
+        for (c, f) in s.iter().enumerate().take(n) {
+            let f = *f as f32;
+            let at = (o * n + c) * inner;
+            data[at..at + inner].iter_mut().for_each(|v| *v /= f);
+        }
     }
     if let Some(b) = b {
         for (v, f) in b.iter_mut().zip(s) {
@@ -803,7 +840,13 @@ impl Pass for Equalize {
                         .iter()
                         .find(|t| t.name() == name.as_str())
                         .expect("checked");
-                    weights.insert(name.clone(), TensorData::from_proto(t)?.to_f32());
+                    let w = TensorData::from_proto(t)?.to_f32();
+                    let w = if w.is_standard_layout() {
+                        w
+                    } else {
+                        w.as_standard_layout().into_owned()
+                    };
+                    weights.insert(name.clone(), w);
                 }
             }
         }
