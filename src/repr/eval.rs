@@ -175,65 +175,105 @@ fn norm_axis(axis: i64, rank: usize) -> Option<usize> {
 }
 
 /// Evaluates `value` if it is computed from initializers (and `Constant` nodes) only.
+///
+/// Each intermediate value is computed once and handed to its consumers by value:
+/// a value read by several nodes is kept (cloned) only until its last reader takes
+/// it, so a decoder of n elements holds O(n) memory, not one copy per step.
 pub fn eval(g: &Graph, value: &str) -> Result<Option<Val>> {
-    let mut memo = HashMap::new();
-    eval_memo(g, value, &mut memo, 0)
-}
-
-fn eval_memo(
-    g: &Graph,
-    value: &str,
-    memo: &mut HashMap<String, Option<Val>>,
-    depth: usize,
-) -> Result<Option<Val>> {
-    if let Some(v) = memo.get(value) {
-        return Ok(v.clone());
-    }
-    if depth > 64 {
-        return Ok(None);
-    }
-    let v = eval_uncached(g, value, memo, depth)?;
-    memo.insert(value.to_string(), v.clone());
-    Ok(v)
-}
-
-fn eval_uncached(
-    g: &Graph,
-    value: &str,
-    memo: &mut HashMap<String, Option<Val>>,
-    depth: usize,
-) -> Result<Option<Val>> {
-    if let Some(d) = g.constant(value)? {
-        return Ok(Val::from_data(d));
-    }
-    let Some((idx, slot)) = g.producer(value) else {
-        return Ok(None);
+    let mut ev = Evaluator {
+        g,
+        uses: HashMap::new(),
+        memo: HashMap::new(),
     };
-    if slot != 0 {
-        return Ok(None);
-    }
-    let n = g.node(idx);
-    let mut ins = Vec::new();
-    for i in &n.input {
-        if i.is_empty() {
-            ins.push(None);
-            continue;
-        }
-        match eval_memo(g, i, memo, depth + 1)? {
-            Some(v) => ins.push(Some(v)),
-            None => return Ok(None),
-        }
-    }
-    Ok(apply(g, n, &ins))
+    ev.count_uses(value, 0);
+    ev.get(value, 0)
 }
 
-fn apply(g: &Graph, n: &NodeProto, ins: &[Option<Val>]) -> Option<Val> {
-    let x = || ins.first().cloned().flatten();
-    let input = |i: usize| ins.get(i).cloned().flatten();
+struct Evaluator<'a, 'g> {
+    g: &'a Graph<'g>,
+    /// Readers of each value inside the evaluated subgraph not yet served.
+    uses: HashMap<String, usize>,
+    memo: HashMap<String, Option<Val>>,
+}
+
+impl Evaluator<'_, '_> {
+    /// Counts the readers of every value reachable from `value` (once per edge).
+    fn count_uses(&mut self, value: &str, depth: usize) {
+        let first = !self.uses.contains_key(value);
+        *self.uses.entry(value.to_string()).or_insert(0) += 1;
+        if !first || depth > 64 {
+            return;
+        }
+        let g = self.g;
+        if g.constant_proto(value).is_some() {
+            return;
+        }
+        if let Some((idx, 0)) = g.producer(value) {
+            for i in &g.node(idx).input {
+                if !i.is_empty() {
+                    self.count_uses(i, depth + 1);
+                }
+            }
+        }
+    }
+
+    /// The value, computed once; the last of its readers takes it without a copy.
+    fn get(&mut self, value: &str, depth: usize) -> Result<Option<Val>> {
+        let left = self.uses.get_mut(value).map(|u| {
+            *u = u.saturating_sub(1);
+            *u
+        });
+        if let Some(v) = self.memo.get(value) {
+            return Ok(if left == Some(0) {
+                self.memo.remove(value).flatten()
+            } else {
+                v.clone()
+            });
+        }
+        if depth > 64 {
+            return Ok(None);
+        }
+        let v = self.compute(value, depth)?;
+        if left.is_some_and(|l| l > 0) {
+            self.memo.insert(value.to_string(), v.clone());
+        }
+        Ok(v)
+    }
+
+    fn compute(&mut self, value: &str, depth: usize) -> Result<Option<Val>> {
+        let g = self.g;
+        if let Some(d) = g.constant(value)? {
+            return Ok(Val::from_data(d));
+        }
+        let Some((idx, slot)) = g.producer(value) else {
+            return Ok(None);
+        };
+        if slot != 0 {
+            return Ok(None);
+        }
+        let n = g.node(idx);
+        let mut ins = Vec::new();
+        for i in &n.input {
+            if i.is_empty() {
+                ins.push(None);
+                continue;
+            }
+            match self.get(i, depth + 1)? {
+                Some(v) => ins.push(Some(v)),
+                None => return Ok(None),
+            }
+        }
+        Ok(apply(g, n, ins))
+    }
+}
+
+fn apply(g: &Graph, n: &NodeProto, mut slots: Vec<Option<Val>>) -> Option<Val> {
+    // Each input is taken once, by value.
+    let mut input = |i: usize| slots.get_mut(i).and_then(Option::take);
     match n.op_type() {
-        "Identity" => x(),
+        "Identity" => input(0),
         "Reshape" => {
-            let x = x()?;
+            let x = input(0)?;
             let shape = input(1)?.ints()?;
             let allow_zero = attr_i(n, "allowzero") == Some(1);
             let len: usize = x.shape().iter().product();
@@ -262,7 +302,7 @@ fn apply(g: &Graph, n: &NodeProto, ins: &[Option<Val>]) -> Option<Val> {
             reshape(x, &dims)
         }
         "Unsqueeze" | "Squeeze" => {
-            let x = x()?;
+            let x = input(0)?;
             let axes = match input(1) {
                 Some(a) => a.ints()?,
                 None => attr_ints(n, "axes").unwrap_or_default(),
@@ -297,7 +337,7 @@ fn apply(g: &Graph, n: &NodeProto, ins: &[Option<Val>]) -> Option<Val> {
             reshape(x, &dims)
         }
         "Slice" => {
-            let x = x()?;
+            let x = input(0)?;
             let rank = x.shape().len();
             let starts = input(1)?.ints()?;
             let ends = input(2)?.ints()?;
@@ -321,6 +361,9 @@ fn apply(g: &Graph, n: &NodeProto, ins: &[Option<Val>]) -> Option<Val> {
                 let d = out.shape()[a] as i64;
                 let clamp = |v: i64| (if v < 0 { v + d } else { v }).clamp(0, d);
                 let (s, e) = (clamp(starts[i]), clamp(ends[i]));
+                if s == 0 && e == d {
+                    continue;
+                }
                 let sl = Slice::from(s as isize..(e.max(s)) as isize);
                 out = match out {
                     Val::F(a0) => Val::F(a0.slice_axis(Axis(a), sl).to_owned()),
@@ -332,7 +375,7 @@ fn apply(g: &Graph, n: &NodeProto, ins: &[Option<Val>]) -> Option<Val> {
         }
         "Cast" => {
             let to = DataType::try_from(attr_i(n, "to")? as i32).ok()?;
-            let x = x()?;
+            let x = input(0)?;
             Some(match (x, to) {
                 (Val::F(a), DataType::Float) => Val::F(a),
                 // float16 values are held as the float32 numbers they are.
@@ -361,7 +404,7 @@ fn apply(g: &Graph, n: &NodeProto, ins: &[Option<Val>]) -> Option<Val> {
             })
         }
         "BitShift" => {
-            let (Val::I(a, t), Val::I(b, _)) = (x()?, input(1)?) else {
+            let (Val::I(a, t), Val::I(b, _)) = (input(0)?, input(1)?) else {
                 return None;
             };
             let bits = match t {
@@ -396,7 +439,7 @@ fn apply(g: &Graph, n: &NodeProto, ins: &[Option<Val>]) -> Option<Val> {
         }
         "Mod" | "BitwiseAnd" | "Add" | "Sub" | "Mul" => {
             let op = n.op_type();
-            match (x()?, input(1)?) {
+            match (input(0)?, input(1)?) {
                 (Val::F(a), Val::F(b)) => Some(Val::F(match op {
                     "Add" => zip2(&a, &b, |x, y| x + y)?,
                     "Sub" => zip2(&a, &b, |x, y| x - y)?,
@@ -430,7 +473,7 @@ fn apply(g: &Graph, n: &NodeProto, ins: &[Option<Val>]) -> Option<Val> {
             }
         }
         "ReduceSum" => {
-            let x = x()?;
+            let x = input(0)?;
             let rank = x.shape().len();
             let axes = match input(1) {
                 Some(a) => a.ints()?,
@@ -463,7 +506,7 @@ fn apply(g: &Graph, n: &NodeProto, ins: &[Option<Val>]) -> Option<Val> {
             Some(out)
         }
         "CumSum" => {
-            let x = x()?;
+            let x = input(0)?;
             let axis = norm_axis(*input(1)?.ints()?.first()?, x.shape().len())?;
             let exclusive = attr_i(n, "exclusive") == Some(1);
             let reverse = attr_i(n, "reverse") == Some(1);
@@ -482,7 +525,7 @@ fn apply(g: &Graph, n: &NodeProto, ins: &[Option<Val>]) -> Option<Val> {
             }
         }
         "Gather" => {
-            let data = x()?;
+            let data = input(0)?;
             let idx = input(1)?;
             let Val::I(ix, it) = idx else { return None };
             if !matches!(it, DataType::Int32 | DataType::Int64) {
@@ -509,7 +552,7 @@ fn apply(g: &Graph, n: &NodeProto, ins: &[Option<Val>]) -> Option<Val> {
             reshape(picked, &shape)
         }
         "Where" => {
-            let Val::B(c) = x()? else { return None };
+            let Val::B(c) = input(0)? else { return None };
             let (a, b) = (input(1)?, input(2)?);
             let s = broadcast_shape(&broadcast_shape(c.shape(), a.shape())?, b.shape())?;
             let c = c.broadcast(IxDyn(&s))?;
@@ -520,7 +563,7 @@ fn apply(g: &Graph, n: &NodeProto, ins: &[Option<Val>]) -> Option<Val> {
             })
         }
         "ConstantOfShape" => {
-            let dims: Vec<usize> = x()?
+            let dims: Vec<usize> = input(0)?
                 .ints()?
                 .iter()
                 .map(|&d| usize::try_from(d).ok())
@@ -562,8 +605,13 @@ fn reshape(x: Val, dims: &[usize]) -> Option<Val> {
         return None;
     }
     fn re<T: Clone>(a: ArrayD<T>, d: &[usize]) -> Option<ArrayD<T>> {
-        let v: Vec<T> = a.iter().cloned().collect();
-        ArrayD::from_shape_vec(IxDyn(d), v).ok()
+        // Row-major order: a standard-layout array keeps its buffer.
+        let a = if a.is_standard_layout() {
+            a
+        } else {
+            a.as_standard_layout().into_owned()
+        };
+        a.into_shape_with_order(IxDyn(d)).ok()
     }
     Some(match x {
         Val::F(a) => Val::F(re(a, dims)?),
