@@ -24,7 +24,9 @@
 //! (`WeightScheme::storage`): affine codes when every value is exactly
 //! ((u - zp) as f32) * scale, float16 values, ternary signs, else a codebook.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use rayon::prelude::*;
 
 use prost::Message;
 
@@ -244,8 +246,9 @@ impl Pass for Pack {
         if opset >= 13 {
             quantize_biases(model, &mut report)?;
         }
-        // Plan on a read-only view.
-        let mut plans: Vec<(String, Packed)> = Vec::new();
+        // Plan on a read-only view, every tensor on its own core (rayon), the
+        // outcomes collected in initializer order.
+        let mut plans: Vec<Plan> = Vec::new();
         {
             let g = Graph::of(model)?;
             if opset < 11 {
@@ -259,86 +262,87 @@ impl Pass for Pack {
                 }
                 return Ok(report);
             }
-            for t in &model.graph().initializer {
-                match candidate(&g, t) {
-                    Err(None) => continue,
-                    Err(Some(why)) => {
-                        report.skipped(t.name(), why);
-                        continue;
-                    }
-                    Ok(()) => {}
-                }
-                let w = match crate::repr::weight(&g, t.name()) {
-                    Ok(Some(w)) => w,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        report.skipped(t.name(), format!("left as float: {e}"));
-                        continue;
-                    }
-                };
-                let values: Vec<f32> = w.values.iter().copied().collect();
-                match choose(t, &values, w.values.shape(), w.claim.as_ref(), opset) {
-                    Ok(p) => plans.push((t.name().to_string(), p)),
-                    Err(why) => report.skipped(t.name(), why),
+            let outcomes: Vec<Option<std::result::Result<Plan, String>>> = model
+                .graph()
+                .initializer
+                .par_iter()
+                .map(|t| plan(&g, t, opset))
+                .collect();
+            for (t, o) in model.graph().initializer.iter().zip(outcomes) {
+                match o {
+                    None => {}
+                    Some(Ok(p)) => plans.push(p),
+                    Some(Err(why)) => report.skipped(t.name(), why),
                 }
             }
         }
         if plans.is_empty() {
             return Ok(report);
         }
-        let graph = model.graph_mut();
-        let mut shared = Shared::with_names(Namer::with_node_names(graph));
-        let mut new_nodes = Vec::new();
-        let mut new_inits = Vec::new();
-        let mut removed: HashSet<String> = HashSet::new();
-        for (name, p) in plans {
-            let old = graph
+        // Build the decoders in order (the shared constants and fresh names make
+        // this sequential), then check every decoder on all cores. A tensor whose
+        // check fails is left float and the decoders are built again without it,
+        // so the names in the file never depend on a failed attempt.
+        let mut failed: HashMap<String, String> = HashMap::new();
+        let built = loop {
+            let built = build_all(model.graph(), &plans, &failed, opset);
+            let index: HashMap<&str, &TensorProto> = model
+                .graph()
                 .initializer
                 .iter()
-                .find(|t| t.name() == name)
-                .expect("planned from this graph");
-            let old_bytes = old.encoded_len();
-            let prefix = shared.prefix();
-            let shared_before = shared.inits.len();
-            let dec = format::build(&p, &name, &prefix, opset, &mut shared);
-            let new_bytes: usize = dec.inits.iter().map(|t| t.encoded_len()).sum::<usize>()
-                + dec.nodes.iter().map(|n| n.encoded_len()).sum::<usize>();
-            if new_bytes >= old_bytes {
-                // Constants created only for this tensor are not needed.
-                shared_rollback(&mut shared, shared_before);
-                report.skipped(
-                    &name,
-                    format!(
-                        "{} would take {new_bytes} bytes, not fewer than the {old_bytes} of float32: left as float",
-                        p.describe()
-                    ),
-                );
-                continue;
+                .map(|t| (t.name(), t))
+                .collect();
+            let checks: Vec<Result<std::result::Result<(), String>>> = built
+                .decoders
+                .par_iter()
+                .map(|(i, dec, _)| {
+                    let p = &plans[*i];
+                    verify(
+                        index[p.name.as_str()],
+                        dec,
+                        &built.shared.inits,
+                        &p.name,
+                        p.claimed,
+                    )
+                })
+                .collect();
+            let mut again = false;
+            for ((i, _, _), c) in built.decoders.iter().zip(checks) {
+                if let Err(why) = c? {
+                    failed.insert(plans[*i].name.clone(), why);
+                    again = true;
+                }
             }
-            // The decoder must give back every value, as the score reads it.
-            let check = verify(old, &dec, &shared.inits, &name)?;
-            if let Err(why) = check {
-                shared_rollback(&mut shared, shared_before);
+            if !again {
+                break built;
+            }
+        };
+        let Built {
+            shared,
+            decoders,
+            too_big,
+        } = built;
+        let mut removed: HashSet<String> = HashSet::new();
+        let mut new_nodes = Vec::new();
+        let mut new_inits = Vec::new();
+        let mut decoders = decoders.into_iter().peekable();
+        for (i, p) in plans.iter().enumerate() {
+            if let Some(why) = failed.get(&p.name) {
                 report.skipped(
-                    &name,
+                    &p.name,
                     format!("decoder check failed ({why}): left as float"),
                 );
-                continue;
+            } else if let Some(why) = too_big.get(&i) {
+                report.skipped(&p.name, why.clone());
+            } else if decoders.peek().is_some_and(|(j, _, _)| *j == i) {
+                let (_, dec, what) = decoders.next().expect("peeked");
+                report.changed(&p.name, what);
+                removed.insert(p.name.clone());
+                new_nodes.extend(dec.nodes);
+                new_inits.extend(dec.inits);
             }
-            report.changed(
-                &name,
-                format!(
-                    "{}: {new_bytes} bytes (payload {} bytes + decoder {} bytes) instead of {old_bytes}, {:.1}x smaller",
-                    p.describe(),
-                    p.payload_bits().div_ceil(8),
-                    new_bytes.saturating_sub(p.payload_bits().div_ceil(8) as usize),
-                    old_bytes as f64 / new_bytes as f64
-                ),
-            );
-            removed.insert(name);
-            new_nodes.extend(dec.nodes);
-            new_inits.extend(dec.inits);
         }
+        let graph = model.graph_mut();
         if removed.is_empty() {
             return Ok(report);
         }
@@ -515,6 +519,95 @@ fn quantize_biases(model: &mut Model, report: &mut PassReport) -> Result<()> {
     Ok(())
 }
 
+/// One tensor the pass will try to pack.
+struct Plan {
+    name: String,
+    packed: Packed,
+    /// The verified claim's (bits, ternary) of the float tensor, as the score reads it.
+    claimed: (u32, bool),
+}
+
+/// What planning says of one initializer: `None` not a weight (not reported),
+/// `Some(Err(why))` left alone, `Some(Ok(plan))` to pack.
+fn plan(g: &Graph, t: &TensorProto, opset: i64) -> Option<std::result::Result<Plan, String>> {
+    match candidate(g, t) {
+        Err(None) => return None,
+        Err(Some(why)) => return Some(Err(why)),
+        Ok(()) => {}
+    }
+    let w = match crate::repr::weight(g, t.name()) {
+        Ok(Some(w)) => w,
+        Ok(None) => return None,
+        Err(e) => return Some(Err(format!("left as float: {e}"))),
+    };
+    let values: Vec<f32> = w.values.iter().copied().collect();
+    Some(
+        choose(t, &values, w.values.shape(), w.claim.as_ref(), opset).map(|packed| Plan {
+            name: t.name().to_string(),
+            packed,
+            claimed: (w.bits, w.ternary),
+        }),
+    )
+}
+
+/// The decoders of one attempt: (plan index, decoder, report line) in plan order,
+/// the shared constants they read, and the plans whose encoding is not smaller.
+struct Built {
+    shared: Shared,
+    decoders: Vec<(usize, format::Decoder, String)>,
+    too_big: HashMap<usize, String>,
+}
+
+fn build_all(
+    graph: &GraphProto,
+    plans: &[Plan],
+    failed: &HashMap<String, String>,
+    opset: i64,
+) -> Built {
+    let index: HashMap<&str, &TensorProto> =
+        graph.initializer.iter().map(|t| (t.name(), t)).collect();
+    let mut shared = Shared::with_names(Namer::with_node_names(graph));
+    let mut decoders = Vec::new();
+    let mut too_big = HashMap::new();
+    for (i, p) in plans.iter().enumerate() {
+        if failed.contains_key(&p.name) {
+            continue;
+        }
+        let old_bytes = index[p.name.as_str()].encoded_len();
+        let prefix = shared.prefix();
+        let shared_before = shared.inits.len();
+        let dec = format::build(&p.packed, &p.name, &prefix, opset, &mut shared);
+        let new_bytes: usize = dec.inits.iter().map(|t| t.encoded_len()).sum::<usize>()
+            + dec.nodes.iter().map(|n| n.encoded_len()).sum::<usize>();
+        if new_bytes >= old_bytes {
+            // Constants created only for this tensor are not needed.
+            shared_rollback(&mut shared, shared_before);
+            too_big.insert(
+                i,
+                format!(
+                    "{} would take {new_bytes} bytes, not fewer than the {old_bytes} of float32: left as float",
+                    p.packed.describe()
+                ),
+            );
+            continue;
+        }
+        let payload = p.packed.payload_bits().div_ceil(8);
+        let what = format!(
+            "{}: {new_bytes} bytes (payload {} bytes + decoder {} bytes) instead of {old_bytes}, {:.1}x smaller",
+            p.packed.describe(),
+            payload,
+            new_bytes.saturating_sub(payload as usize),
+            old_bytes as f64 / new_bytes as f64
+        );
+        decoders.push((i, dec, what));
+    }
+    Built {
+        shared,
+        decoders,
+        too_big,
+    }
+}
+
 fn shared_rollback(shared: &mut Shared, keep: usize) {
     shared.truncate(keep);
 }
@@ -563,16 +656,29 @@ fn candidate(g: &Graph, t: &TensorProto) -> std::result::Result<(), Option<Strin
 }
 
 /// Decodes the packed tensor with the score's reader, in a scratch graph, and
-/// compares with the float values and the claim.
+/// compares with the float values and with `claimed`, the (bits, ternary) the
+/// score reads from the float tensor's verified claim.
 fn verify(
     old: &TensorProto,
     dec: &format::Decoder,
     shared: &[TensorProto],
     name: &str,
+    claimed: (u32, bool),
 ) -> Result<std::result::Result<(), String>> {
+    // The decoder reads its own initializers and some of the shared ones.
+    let reads: HashSet<&str> = dec
+        .nodes
+        .iter()
+        .flat_map(|n| n.input.iter().map(String::as_str))
+        .collect();
     let scratch = GraphProto {
         node: dec.nodes.clone(),
-        initializer: dec.inits.iter().chain(shared).cloned().collect(),
+        initializer: dec
+            .inits
+            .iter()
+            .chain(shared.iter().filter(|t| reads.contains(t.name())))
+            .cloned()
+            .collect(),
         ..Default::default()
     };
     let g = Graph::new(&scratch)?;
@@ -596,21 +702,15 @@ fn verify(
     {
         return Ok(Err(format!("element {i} decodes to {a}, not {b}")));
     }
-    let g0 = GraphProto {
-        initializer: vec![old.clone()],
-        ..Default::default()
-    };
-    let g0v = Graph::new(&g0)?;
-    if let Some(c) = crate::repr::weight(&g0v, name)? {
-        if c.bits != w.bits || c.ternary != w.ternary {
-            return Ok(Err(format!(
-                "reads as {} bits{} instead of the claimed {}{}",
-                w.bits,
-                if w.ternary { " ternary" } else { "" },
-                c.bits,
-                if c.ternary { " ternary" } else { "" }
-            )));
-        }
+    let (bits, ternary) = claimed;
+    if bits != w.bits || ternary != w.ternary {
+        return Ok(Err(format!(
+            "reads as {} bits{} instead of the claimed {}{}",
+            w.bits,
+            if w.ternary { " ternary" } else { "" },
+            bits,
+            if ternary { " ternary" } else { "" }
+        )));
     }
     Ok(Ok(()))
 }

@@ -23,6 +23,7 @@
 //! one multiply. Data movement (Reshape, Concat, Transpose, ...), shape arithmetic
 //! and format conversions (Q/DQ, fake-quant chains) are free.
 
+use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::{
@@ -214,15 +215,23 @@ pub(crate) fn count_graph(
     opts: &ScoreOptions,
 ) -> Result<Counted> {
     // Weights of weighted layers, and whether anything is quantized.
+    // Decoding a packed weight is the expensive part: one layer per core (rayon),
+    // read in layer order.
+    let layers = weighted_layers(g);
+    let read: Vec<Result<Option<repr::Weight>>> = layers
+        .par_iter()
+        .map(|layer| {
+            let first = layer.nodes[0];
+            if crate::graph::layers::is_weighted(g.node(first)) {
+                repr::weight(g, &layer.weight)
+            } else {
+                repr::layer_weight(g, first)
+            }
+        })
+        .collect();
     let mut weights = HashMap::new();
-    for layer in weighted_layers(g) {
-        let first = layer.nodes[0];
-        let w = if crate::graph::layers::is_weighted(g.node(first)) {
-            repr::weight(g, &layer.weight)?
-        } else {
-            repr::layer_weight(g, first)?
-        };
-        if let Some(w) = w {
+    for (layer, w) in layers.iter().zip(read) {
+        if let Some(w) = w? {
             for &i in &layer.nodes {
                 weights.insert(i, w.clone());
             }
