@@ -49,7 +49,7 @@ venv: $(VENV_STAMP)
 
 CHROMIUM ?= /usr/bin/chromium
 
-# Debian's Chromium for the HTML report's render test (tests/html_report.rs).
+# Debian's Chromium for the HTML report's render test (tests/suite/html_report.rs).
 browser:
 	@test -x $(CHROMIUM) || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 	@test -x $(CHROMIUM) && $(CHROMIUM) --version 2>/dev/null

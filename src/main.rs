@@ -881,7 +881,7 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
         onnx::save(&optimized, &a.output, &save)
             .with_context(|| format!("writing {}", a.output.display()))?;
         // The written file holds exactly `optimized` (saving is lossless, byte for
-        // byte: tests/io_roundtrip.rs), so its score is the one computed above.
+        // byte: tests/suite/io_roundtrip.rs), so its score is the one computed above.
         after.model = Some(a.output.display().to_string());
         rep.after = after;
         rep.output = Some(a.output.display().to_string());

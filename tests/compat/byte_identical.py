@@ -4,7 +4,7 @@
     python3 tests/compat/byte_identical.py OLD_BINARY NEW_BINARY [--keep DIR]
 
 Runs every fixture through every pass combination of the conformance table
-(tests/conformance.rs, all combinations on every fixture, not the subsets the
+(tests/suite/conformance.rs, all combinations on every fixture, not the subsets the
 test runs) plus the shipped recipes and the per-layer options, once with each
 binary, and compares:
   - the written model, byte for byte (and its external-data side file);
@@ -26,7 +26,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FX = os.path.join(ROOT, "fixtures")
 
-# (fixture model, calibration images, preprocessing preset), as tests/conformance.rs.
+# (fixture model, calibration images, preprocessing preset), as tests/suite/conformance.rs.
 FIXTURES = [
     ("mnist_ccexam.onnx", "data/foolbox/mnist", "mnist"),
     ("mnist_ccexam_dynamo/model.onnx", "data/foolbox/mnist", "mnist"),
@@ -38,7 +38,7 @@ FIXTURES = [
 
 ACT = "--calib {data} --calib-samples 8 --preprocess {preset}"
 
-# The conformance table (tests/conformance.rs COMBOS), then recipes and per-layer options.
+# The conformance table (tests/suite/conformance.rs COMBOS), then recipes and per-layer options.
 COMBOS = [
     ("fold", ""),
     ("no-fold", "--no-fold-bn"),

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Conformance of models written by `onnx-micronet optimize`, for tests/conformance.rs.
+"""Conformance of models written by `onnx-micronet optimize`, for tests/suite/conformance.rs.
 
     python check_outputs.py MANIFEST.json
 

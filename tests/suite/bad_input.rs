@@ -1,11 +1,9 @@
 //! Bad input gets one clear line naming the problem, exit code 2, no panic, no
 //! output file, and the input is never touched.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use onnx_micronet::onnx::proto::{tensor_proto::DataLocation, StringStringEntryProto};
 
 fn kv(k: &str, v: &str) -> StringStringEntryProto {

@@ -9,11 +9,9 @@
 //!
 //! The pass combinations are one table ([`COMBOS`]): a new pass or flag is one line.
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::*;
+use crate::common::*;
 use onnx_micronet::{engine, validate};
 
 /// Float outputs: max |ort - tract| <= REL * max |tract|.

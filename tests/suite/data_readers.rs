@@ -3,12 +3,10 @@
 //! here in the exact on-disk layouts; presets against hand-computed pixels; the
 //! torchvision geometry; PIL parity (conformance venv); and every bad-input error.
 
-mod common;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use ndarray::Array4;
 use onnx_micronet::data::{load, ChannelOrder, Dataset, Format, Layout, Preprocess, Resize};
 use onnx_micronet::Error;

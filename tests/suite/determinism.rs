@@ -6,12 +6,10 @@
 //!   and leaves every weight's bytes as they were; pruning to the same sparsity and
 //!   quantizing onto the same grid are no-ops.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use onnx_micronet::onnx::TensorData;
 
 fn tmp() -> tempfile::TempDir {

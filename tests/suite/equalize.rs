@@ -2,9 +2,7 @@
 //! network, and the function kept on real fixtures (ReLU networks, and ReLU6
 //! through the Relu + per-channel Min rewrite) in tract.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use ndarray::{Array4, ArrayD};
 use onnx_micronet::engine;
 use onnx_micronet::onnx::proto::GraphProto;

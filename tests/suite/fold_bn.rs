@@ -2,9 +2,7 @@
 //! and in tract, the cases that must be left alone, and the real fixtures (outputs
 //! of the original and folded models agree in tract on real images).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use ndarray::{Array4, ArrayD};
 use onnx_micronet::engine;
 use onnx_micronet::graph::Graph;

@@ -2,9 +2,7 @@
 //! the score's 16-bit counts, float16 activations, and the CLI end to end on a
 //! real model with tract and onnxruntime.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use ndarray::{Array4, ArrayD, IxDyn};
 use onnx_micronet::data::Dataset;
 use onnx_micronet::onnx::proto::{GraphProto, ModelProto};

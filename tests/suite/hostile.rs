@@ -19,8 +19,6 @@
 //! `ONNX_MICRONET_HOSTILE_SCALE=N` multiplies the number of mutants (default 1; the
 //! opt-in long run is e.g. 50). Failing mutants are kept under `target/hostile-failures/`.
 
-mod common;
-
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -28,8 +26,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use onnx_micronet::onnx::proto::{
     tensor_proto::DataLocation, tensor_shape_proto::dimension::Value as Dim, type_proto,
     ModelProto, StringStringEntryProto,
@@ -755,7 +753,7 @@ fn mutated_fixtures_never_panic_hang_or_leave_partial_output() {
 }
 
 // ---------------------------------------------------------------------------
-// External data on the real dynamo export (tests/bad_input.rs covers `../x`, an
+// External data on the real dynamo export (tests/suite/bad_input.rs covers `../x`, an
 // absolute path, a file link, a missing and a short file on a tiny model).
 // ---------------------------------------------------------------------------
 

@@ -3,12 +3,10 @@
 //! Chromium (Debian's, which `make test` installs) with every plot present and
 //! drawn, and no console or page error. Screenshots go to target/html-report/.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{cli, fixture, root, venv_python};
+use crate::common::{cli, fixture, root, venv_python};
 
 /// Debian's Chromium: `ONNX_MICRONET_CHROMIUM`, else /usr/bin/chromium. Under
 /// `make test` (ONNX_MICRONET_REQUIRE_VENV=1) a missing browser fails the test.
@@ -262,7 +260,7 @@ fn html_output_path_is_checked_before_work() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m.onnx");
     let bad = dir.path().join("missing/r.html");
-    let err = common::cli_fails(&[
+    let err = crate::common::cli_fails(&[
         "optimize",
         &fixture("mnist_ccexam.onnx").display().to_string(),
         "-o",
@@ -272,7 +270,7 @@ fn html_output_path_is_checked_before_work() {
     ]);
     assert!(err.contains("--html"), "{err}");
     assert!(!model.exists());
-    let err = common::cli_fails(&[
+    let err = crate::common::cli_fails(&[
         "score",
         &fixture("mnist_ccexam.onnx").display().to_string(),
         "--html",

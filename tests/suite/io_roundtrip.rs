@@ -3,11 +3,9 @@
 //! trips; what we write decodes the same with an independent ONNX schema
 //! (the `onnx-protobuf` crate, on the `protobuf` runtime).
 
-mod common;
-
 use std::path::PathBuf;
 
-use common::*;
+use crate::common::*;
 use onnx_micronet::onnx::io::Layout;
 use onnx_micronet::onnx::{self, proto::ModelProto, SaveOptions};
 use onnx_micronet::{decode_model, LoadOptions};

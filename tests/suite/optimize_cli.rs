@@ -1,9 +1,7 @@
 //! `optimize` end to end from the CLI: BN folding on a real fixture, accuracy beside
 //! the score with --data, and the accuracy gate (exit 3, no output file).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn folds_every_bn_and_reports_accuracy_beside_the_score() {
@@ -539,7 +537,7 @@ fn recipes_carry_preprocessing_and_flags_win() {
     assert!(pct["recipe"]["preprocess"]["resize"].is_null());
     // A bad value names the section and key.
     std::fs::write(&recipe, "[preprocess]\ninterpolation = \"lanczos\"\n").unwrap();
-    let err = common::cli_fails(&[
+    let err = crate::common::cli_fails(&[
         "optimize",
         model.to_str().unwrap(),
         "-o",

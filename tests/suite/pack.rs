@@ -2,9 +2,7 @@
 //! float-stored weights in tract and in onnxruntime, the score counts a packed
 //! model exactly as the float-stored one, edge cases, and the CLI end to end.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use onnx_micronet::graph::Graph;
 use onnx_micronet::onnx::proto::{GraphProto, ModelProto, StringStringEntryProto, TensorProto};
 use onnx_micronet::onnx::Model;

@@ -3,12 +3,10 @@
 //! and, on the real fixtures with real images, how well magnitude and reweighted
 //! pruning (with refit) keep the original model's top-1 decisions.
 
-mod common;
-
 use std::ops::Range;
 use std::time::Instant;
 
-use common::*;
+use crate::common::*;
 use ndarray::Array4;
 use onnx_micronet::data::{self, Dataset, Layout, Preprocess};
 use onnx_micronet::engine;

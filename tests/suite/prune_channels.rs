@@ -5,9 +5,7 @@
 //! run, the groups left alone with their reason, and a real model whose written
 //! file passes onnx's full check and runs the same in onnxruntime and tract.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use ndarray::{Array4, ArrayD};
 use onnx_micronet::data::{self, Dataset, Layout, Preprocess};
 use onnx_micronet::engine;

@@ -3,9 +3,7 @@
 //! reads back, Q/DQ numerics in tract (against a hand computation and
 //! onnxruntime), recipe errors and the CLI end to end.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use ndarray::{Array4, ArrayD, IxDyn};
 use onnx_micronet::data::Dataset;
 use onnx_micronet::onnx::proto::{GraphProto, ModelProto};
@@ -1175,7 +1173,7 @@ fn search_finds_the_smallest_passing_width_and_its_plan_reproduces_the_file() {
     let mean = rows[1]["mean_bits"].as_f64().unwrap();
     assert!(mean <= 4.0 && mean > 3.9, "{mean}");
     assert_eq!(rows[1]["score"], j["after"]["score"]);
-    // The HTML report has the search's plot (its rendering: tests/html_report.rs).
+    // The HTML report has the search's plot (its rendering: tests/suite/html_report.rs).
     let page = std::fs::read_to_string(&html).unwrap();
     assert_eq!(page.matches("data-plot=\"pareto\"").count(), 1);
     // The plan pins every layer's width; optimizing with it writes the same bytes.

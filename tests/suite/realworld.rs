@@ -4,11 +4,9 @@
 //! and the written model is compared with the original in tract and onnxruntime on
 //! the fixture's stored input, or the refusal and its reason are checked.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use ndarray::{ArrayD, IxDyn};
 use onnx_micronet::onnx::Model;
 

@@ -5,11 +5,9 @@
 //! committed CIFAR MobileNetV2 fixture, counted completely (`--strict` clean) and,
 //! for the QDQ forms, layer by layer against the same hand derivation.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use onnx_micronet::onnx::{Model, TensorData};
 use onnx_micronet::score::{self, ScoreOptions};
 

@@ -7,9 +7,7 @@
 //! channel 0 (i 0..17) has 1 zero, channel 1 (18..35) 2, channel 2 (36..53) 2,
 //! so n_c = [17, 16, 16], nnz = 49 of 54 (sparsity 5/54).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use onnx_micronet::onnx::proto::{GraphProto, ModelProto, StringStringEntryProto, TensorProto};
 use onnx_micronet::onnx::{DataType, Model};
 use onnx_micronet::score::{

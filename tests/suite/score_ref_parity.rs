@@ -9,11 +9,9 @@
 //! magnitude-pruned variant of it generated at test time (exercises the bitmask
 //! storage, per-channel sparsity and all-zero output channels).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const FIELDS: [&str; 5] = ["params", "mults", "adds", "raw_mults", "raw_adds"];

@@ -2,9 +2,7 @@
 //! readers) run in onnxruntime give the same top-1 classes and nearly the same
 //! logits as in tract, and the CLI's accuracy equals onnxruntime's on real data.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use onnx_micronet::{data, engine, validate};
 
 const ORT: &str = r#"
