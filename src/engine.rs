@@ -362,21 +362,105 @@ fn shape_proto(model: &Model) -> Result<(tract_onnx::pb::ModelProto, Vec<Vec<usi
         .filter(|t| movable(t))
         .map(|t| t.name().to_string())
         .collect();
-    if names.is_empty() && rewritten.is_empty() {
+    // Weights decoded by subgraphs of constants (packed storage) and read for their
+    // shape only: tract's analysis would decode every one of them; their shape,
+    // found without decoding (`repr::eval::shape`), is all it needs. Each becomes
+    // an input of that shape and its decoder is dropped below.
+    let decoded: Vec<(String, Vec<usize>)> = match crate::graph::Graph::of(model) {
+        Ok(g) => {
+            let mut v: Vec<(String, Vec<usize>)> = only_shape
+                .iter()
+                .filter(|(v, ok)| {
+                    **ok && !v.is_empty()
+                        && !outputs.contains(v.as_str())
+                        && g.constant_proto(v).is_none()
+                        && g.producer(v)
+                            .is_some_and(|(i, _)| g.node(i).op_type() != "Constant")
+                })
+                .filter_map(|(v, _)| crate::repr::eval::shape(&g, v).map(|s| (v.clone(), s)))
+                .collect();
+            v.sort();
+            v
+        }
+        Err(_) => Vec::new(),
+    };
+    if names.is_empty() && rewritten.is_empty() && decoded.is_empty() {
         return Ok((tract_proto(model)?, Vec::new()));
     }
-    let moved: Vec<Vec<i64>> = graph
+    if !decoded.is_empty() {
+        // The decoders: every node the decoded values are computed from.
+        let producer: HashMap<&str, usize> = graph
+            .node
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+            .collect();
+        let mut decoder: std::collections::HashSet<usize> = std::collections::HashSet::new();
+        let mut stack: Vec<&str> = decoded.iter().map(|(v, _)| v.as_str()).collect();
+        while let Some(v) = stack.pop() {
+            if let Some(&i) = producer.get(v) {
+                if decoder.insert(i) {
+                    stack.extend(graph.node[i].input.iter().map(String::as_str));
+                }
+            }
+        }
+        let gone: std::collections::HashSet<&str> =
+            decoded.iter().map(|(v, _)| v.as_str()).collect();
+        let mut i = 0;
+        let mut kept: Vec<bool> = graph
+            .node
+            .iter()
+            .map(|n| !n.output.iter().any(|o| gone.contains(o.as_str())))
+            .collect();
+        // A decoder node nothing else reads any more goes too, until none is left.
+        loop {
+            let read: std::collections::HashSet<&str> = graph
+                .node
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| kept[*j])
+                .flat_map(|(_, n)| n.input.iter().map(String::as_str))
+                .chain(outputs.iter().map(String::as_str))
+                .collect();
+            let dead: Vec<usize> = decoder
+                .iter()
+                .copied()
+                .filter(|&j| {
+                    kept[j]
+                        && graph.node[j]
+                            .output
+                            .iter()
+                            .all(|o| o.is_empty() || !read.contains(o.as_str()))
+                })
+                .collect();
+            if dead.is_empty() {
+                break;
+            }
+            for j in dead {
+                kept[j] = false;
+            }
+        }
+        graph.node.retain(|_| {
+            i += 1;
+            kept[i - 1]
+        });
+    }
+    let mut moved: Vec<Vec<i64>> = graph
         .initializer
         .iter()
         .filter(|t| names.contains(t.name()))
         .map(|t| t.dims.clone())
         .collect();
-    let moved_names: Vec<String> = graph
+    let mut moved_names: Vec<String> = graph
         .initializer
         .iter()
         .filter(|t| names.contains(t.name()))
         .map(|t| t.name().to_string())
         .collect();
+    for (v, s) in &decoded {
+        moved_names.push(v.clone());
+        moved.push(s.iter().map(|&d| d as i64).collect());
+    }
     graph.initializer.retain(|t| !names.contains(t.name()));
     graph.input.retain(|i| !names.contains(i.name()));
     // Initializers nothing reads any more (the scales and zero points of rewritten

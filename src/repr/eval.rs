@@ -133,6 +133,18 @@ fn zip2<A: Clone, B: Clone, C>(
         }
     }
     let (a, b) = (a.broadcast(IxDyn(&s))?, b.broadcast(IxDyn(&s))?);
+    if s.len() == 2 {
+        // The bit expansion's [bytes, 1] x [1, 8]: static dimensions iterate far
+        // faster than IxDyn.
+        let (a2, b2) = (
+            a.view().into_dimensionality::<ndarray::Ix2>().ok()?,
+            b.view().into_dimensionality::<ndarray::Ix2>().ok()?,
+        );
+        let out = ndarray::Zip::from(&a2)
+            .and(&b2)
+            .map_collect(|x, y| f(x.clone(), y.clone()));
+        return Some(out.into_dyn());
+    }
     Some(
         ndarray::Zip::from(&a)
             .and(&b)
@@ -657,5 +669,210 @@ fn cumsum<T: Copy>(
                 lane[i] = s;
             }
         }
+    }
+}
+
+/// The shape `eval` would give `value`, found without computing any element:
+/// shapes propagate through the same ops with the same rules (broadcasting,
+/// Reshape's 0 and -1, Slice's clamping, Gather, ReduceSum, Squeeze/Unsqueeze),
+/// reading only the small integer constants that decide them (shapes, axes,
+/// starts and ends). `None` wherever `eval` would say "not evaluable" for a reason
+/// a shape can show, or where a deciding input is itself computed: callers then
+/// evaluate. Used to give shape inference a decoded weight's shape without
+/// decoding it.
+pub fn shape(g: &Graph, value: &str) -> Option<Vec<usize>> {
+    let mut memo = HashMap::new();
+    shape_memo(g, value, &mut memo, 0)
+}
+
+fn shape_memo(
+    g: &Graph,
+    value: &str,
+    memo: &mut HashMap<String, Option<Vec<usize>>>,
+    depth: usize,
+) -> Option<Vec<usize>> {
+    if let Some(s) = memo.get(value) {
+        return s.clone();
+    }
+    if depth > 64 {
+        return None;
+    }
+    let s = shape_uncached(g, value, memo, depth);
+    memo.insert(value.to_string(), s.clone());
+    s
+}
+
+fn shape_uncached(
+    g: &Graph,
+    value: &str,
+    memo: &mut HashMap<String, Option<Vec<usize>>>,
+    depth: usize,
+) -> Option<Vec<usize>> {
+    if let Some(t) = g.constant_proto(value) {
+        return t.dims.iter().map(|&d| usize::try_from(d).ok()).collect();
+    }
+    let (idx, slot) = g.producer(value)?;
+    if slot != 0 {
+        return None;
+    }
+    let n = g.node(idx);
+    if n.op_type() == "Constant" {
+        return Some(g.constant(value).ok()??.shape().to_vec());
+    }
+    // Small integer constants that decide a shape.
+    let ints = |i: usize| -> Option<Vec<i64>> {
+        let v = n.input.get(i).filter(|v| !v.is_empty())?;
+        Some(g.constant(v).ok()??.to_i64()?.iter().copied().collect())
+    };
+    let mut input = |i: usize| -> Option<Vec<usize>> {
+        let v = n.input.get(i).filter(|v| !v.is_empty())?;
+        shape_memo(g, v, memo, depth + 1)
+    };
+    match n.op_type() {
+        "Identity" | "Cast" | "CumSum" => input(0),
+        "Reshape" => {
+            let x = input(0)?;
+            let shape = ints(1)?;
+            let allow_zero = attr_i(n, "allowzero") == Some(1);
+            let len: usize = x.iter().product();
+            let mut dims: Vec<i64> = shape
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| {
+                    if d == 0 && !allow_zero {
+                        x.get(i).map(|&s| s as i64).unwrap_or(-2)
+                    } else {
+                        d
+                    }
+                })
+                .collect();
+            if dims.iter().any(|&d| d < -1) || dims.iter().filter(|&&d| d == -1).count() > 1 {
+                return None;
+            }
+            let known: i64 = dims.iter().filter(|&&d| d >= 0).product();
+            if let Some(p) = dims.iter().position(|&d| d == -1) {
+                if known == 0 || len as i64 % known != 0 {
+                    return None;
+                }
+                dims[p] = len as i64 / known;
+            }
+            let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+            (dims.iter().product::<usize>() == len).then_some(dims)
+        }
+        "Unsqueeze" | "Squeeze" => {
+            let mut dims = input(0)?;
+            let axes = if n.input.len() > 1 {
+                ints(1)?
+            } else {
+                attr_ints(n, "axes").unwrap_or_default()
+            };
+            if n.op_type() == "Unsqueeze" {
+                let r = dims.len() + axes.len();
+                let mut ax: Vec<usize> = axes
+                    .iter()
+                    .map(|&a| norm_axis(a, r))
+                    .collect::<Option<_>>()?;
+                ax.sort();
+                for a in ax {
+                    dims.insert(a, 1);
+                }
+            } else if axes.is_empty() {
+                dims.retain(|&d| d != 1);
+            } else {
+                let r = dims.len();
+                let mut ax: Vec<usize> = axes
+                    .iter()
+                    .map(|&a| norm_axis(a, r))
+                    .collect::<Option<_>>()?;
+                ax.sort();
+                for a in ax.into_iter().rev() {
+                    if dims[a] != 1 {
+                        return None;
+                    }
+                    dims.remove(a);
+                }
+            }
+            Some(dims)
+        }
+        "Slice" => {
+            let mut dims = input(0)?;
+            let rank = dims.len();
+            let starts = ints(1)?;
+            let ends = ints(2)?;
+            let axes = if n.input.len() > 3 && !n.input[3].is_empty() {
+                ints(3)?
+            } else {
+                (0..starts.len() as i64).collect()
+            };
+            let steps = if n.input.len() > 4 && !n.input[4].is_empty() {
+                ints(4)?
+            } else {
+                vec![1; starts.len()]
+            };
+            if ends.len() != starts.len() || axes.len() != starts.len() {
+                return None;
+            }
+            for i in 0..starts.len() {
+                if steps.get(i) != Some(&1) {
+                    return None;
+                }
+                let a = norm_axis(axes[i], rank)?;
+                let d = dims[a] as i64;
+                let clamp = |v: i64| (if v < 0 { v + d } else { v }).clamp(0, d);
+                let (s, e) = (clamp(starts[i]), clamp(ends[i]));
+                dims[a] = (e.max(s) - s) as usize;
+            }
+            Some(dims)
+        }
+        "BitShift" | "Mod" | "BitwiseAnd" | "Add" | "Sub" | "Mul" => {
+            let (a, b) = (input(0)?, input(1)?);
+            broadcast_shape(&a, &b)
+        }
+        "Where" => {
+            let (c, a, b) = (input(0)?, input(1)?, input(2)?);
+            broadcast_shape(&broadcast_shape(&c, &a)?, &b)
+        }
+        "ReduceSum" => {
+            let x = input(0)?;
+            let rank = x.len();
+            let axes = if n.input.len() > 1 && !n.input[1].is_empty() {
+                ints(1)?
+            } else {
+                attr_ints(n, "axes").unwrap_or_default()
+            };
+            let keep = attr_i(n, "keepdims").unwrap_or(1) == 1;
+            if axes.is_empty() {
+                if attr_i(n, "noop_with_empty_axes") == Some(1) {
+                    return Some(x);
+                }
+                return Some(if keep { vec![1; rank] } else { vec![] });
+            }
+            let ax: Vec<usize> = axes
+                .iter()
+                .map(|&a| norm_axis(a, rank))
+                .collect::<Option<_>>()?;
+            Some(
+                x.iter()
+                    .enumerate()
+                    .filter_map(|(i, &d)| match (ax.contains(&i), keep) {
+                        (false, _) => Some(d),
+                        (true, true) => Some(1),
+                        (true, false) => None,
+                    })
+                    .collect(),
+            )
+        }
+        "Gather" => {
+            let data = input(0)?;
+            let idx = input(1)?;
+            let axis = norm_axis(attr_i(n, "axis").unwrap_or(0), data.len())?;
+            let mut shape = data[..axis].to_vec();
+            shape.extend_from_slice(&idx);
+            shape.extend_from_slice(&data[axis + 1..]);
+            Some(shape)
+        }
+        "ConstantOfShape" => ints(0)?.iter().map(|&d| usize::try_from(d).ok()).collect(),
+        "DequantizeLinear" => input(0),
+        _ => None,
     }
 }

@@ -161,17 +161,30 @@ impl Packed {
     }
 }
 
-/// Packs k-bit codes LSB first.
+/// Packs k-bit codes LSB first (only the low k bits of each code are written).
 pub fn pack_codes(codes: &[u32], k: u32) -> Vec<u8> {
     let mut out = vec![0u8; (codes.len() * k as usize).div_ceil(8)];
-    let mut p = 0usize;
-    for &c in codes {
-        for i in 0..k {
-            if (c >> i) & 1 == 1 {
-                out[p / 8] |= 1 << (p % 8);
-            }
-            p += 1;
+    if k == 8 {
+        for (o, &c) in out.iter_mut().zip(codes) {
+            *o = c as u8;
         }
+        return out;
+    }
+    // A 64-bit accumulator flushed a byte at a time (k <= 32).
+    let mask = if k >= 32 { u32::MAX } else { (1u32 << k) - 1 };
+    let (mut acc, mut have, mut at) = (0u64, 0u32, 0usize);
+    for &c in codes {
+        acc |= ((c & mask) as u64) << have;
+        have += k;
+        while have >= 8 {
+            out[at] = acc as u8;
+            acc >>= 8;
+            have -= 8;
+            at += 1;
+        }
+    }
+    if have > 0 {
+        out[at] = acc as u8;
     }
     out
 }
@@ -915,4 +928,52 @@ pub fn read(g: &Graph, value: &str) -> Result<Option<Weight>> {
         claim: None,
         param_bits,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout by its definition: stream bit p is bit (p mod 8) of byte p / 8,
+    /// code j's bit i is stream bit j*k + i.
+    fn by_definition(codes: &[u32], k: u32) -> Vec<u8> {
+        let mut out = vec![0u8; (codes.len() * k as usize).div_ceil(8)];
+        for (j, &c) in codes.iter().enumerate() {
+            for i in 0..k as usize {
+                if (c >> i) & 1 == 1 {
+                    let p = j * k as usize + i;
+                    out[p / 8] |= 1 << (p % 8);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn pack_codes_is_the_lsb_first_stream_at_every_width() {
+        // By hand, k = 3: codes 5 (101), 3 (011), 6 (110) -> stream bits
+        // 1,0,1, 1,1,0, 0,1,1 (p0..p8) -> byte 0 = p7..p0 = 0b1001_1101 = 0x9d,
+        // byte 1 = p8 = 0x01.
+        assert_eq!(pack_codes(&[5, 3, 6], 3), vec![0x9d, 0x01]);
+        // A fixed pseudo-random stream of codes, every width the format writes, and
+        // lengths that end mid-byte.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for k in 1..=MAX_CODE_BITS {
+            for n in [0usize, 1, 7, 8, 9, 1001] {
+                let codes: Vec<u32> = (0..n)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        (x as u32) & ((1u32 << k) - 1)
+                    })
+                    .collect();
+                assert_eq!(
+                    pack_codes(&codes, k),
+                    by_definition(&codes, k),
+                    "k {k}, n {n}"
+                );
+            }
+        }
+    }
 }
