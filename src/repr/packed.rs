@@ -976,4 +976,112 @@ mod tests {
             }
         }
     }
+
+    /// Decoders of every store, masked and dense, per tensor and per channel, at
+    /// both opsets' ReduceSum forms: `eval::shape` (no element computed) gives the
+    /// shape `eval` computes, and the decoded values are the packed ones.
+    #[test]
+    fn shape_without_decoding_equals_the_decoded_shape() {
+        use crate::graph::Graph;
+        use crate::onnx::proto::GraphProto;
+        use crate::repr::eval;
+        let shape = vec![4usize, 3, 2, 2];
+        let n: usize = shape.iter().product();
+        // Every third element zero.
+        let mask: Vec<bool> = (0..n).map(|i| i % 3 != 0).collect();
+        let m = mask.iter().filter(|b| **b).count();
+        let codes = |len: usize, k: u32| -> Vec<u32> {
+            (0..len as u32).map(|i| (i * 7 + 3) % (1 << k)).collect()
+        };
+        let mut cases: Vec<(Option<Vec<bool>>, Option<Store>)> = vec![(None, None)];
+        for masked in [false, true] {
+            let len = if masked { m } else { n };
+            let mk = masked.then(|| mask.clone());
+            // Float values are stored behind a mask only (`choose`: dense float32
+            // without zeros has nothing to pack).
+            if masked {
+                cases.push((
+                    mk.clone(),
+                    Some(Store::Float((0..len).map(|i| i as f32 + 0.5).collect())),
+                ));
+            }
+            cases.push((
+                mk.clone(),
+                Some(Store::Half((0..len).map(|i| i as f32).collect())),
+            ));
+            for k in [1u32, 3, 8, 12] {
+                cases.push((
+                    mk.clone(),
+                    Some(Store::Codebook {
+                        k: k.min(4),
+                        codes: codes(len, k.min(4)),
+                        book: (0..1u32 << k.min(4)).map(|i| i as f32 - 2.0).collect(),
+                    }),
+                ));
+                for axis in [None, Some(0)] {
+                    let c = if axis.is_some() { shape[0] } else { 1 };
+                    let scale: Vec<f32> = (0..c).map(|i| 0.25 * (i + 1) as f32).collect();
+                    let zp = vec![(1u32 << (k - 1)) as f32; c];
+                    cases.push((
+                        mk.clone(),
+                        Some(Store::Affine {
+                            k,
+                            codes: codes(len, k),
+                            scale: scale.clone(),
+                            zp: zp.clone(),
+                            axis,
+                        }),
+                    ));
+                    cases.push((
+                        mk.clone(),
+                        Some(Store::Codes {
+                            k,
+                            codes: codes(len, k),
+                            scale,
+                            zp,
+                            axis,
+                        }),
+                    ));
+                }
+            }
+        }
+        let mut checked = 0;
+        for opset in [11i64, 13] {
+            for (mask, store) in &cases {
+                let p = Packed {
+                    shape: shape.clone(),
+                    mask: mask.clone(),
+                    store: store.clone(),
+                };
+                let mut shared = Shared::new(Default::default());
+                let dec = build(&p, "w", "pk", opset, &mut shared);
+                let g = GraphProto {
+                    node: dec.nodes.clone(),
+                    initializer: dec.inits.iter().chain(&shared.inits).cloned().collect(),
+                    ..Default::default()
+                };
+                let view = Graph::new(&g).unwrap();
+                let decoded = crate::repr::weight(&view, "w").unwrap().unwrap();
+                assert_eq!(decoded.values.shape(), shape.as_slice(), "{p:?}");
+                assert_eq!(eval::shape(&view, "w").as_deref(), Some(shape.as_slice()));
+                // The value every decoder step computes, and its shape found alone.
+                for node in &dec.nodes {
+                    for o in &node.output {
+                        let Some(v) = eval::eval(&view, o).unwrap() else {
+                            continue;
+                        };
+                        assert_eq!(
+                            eval::shape(&view, o).as_deref(),
+                            Some(v.shape()),
+                            "{} ({}) of {p:?}",
+                            o,
+                            node.op_type()
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 500, "{checked} values checked");
+    }
 }
