@@ -441,18 +441,34 @@ fn half_quantized_note(
 /// hashed). Not the command line: output paths and thread counts do not change
 /// the model, and the same model is written byte for byte whatever they are.
 /// Keys from an earlier run of the tool are replaced.
+/// SHA-256 of a file, hex, read in 1 MiB blocks.
+fn sha256_of(path: &Path) -> anyhow::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `hash`: the input file's SHA-256 ([`sha256_of`]).
 fn stamp_provenance(
     m: &mut onnx::Model,
     input: &Path,
+    hash: &str,
     recipe: &Recipe,
     calib: Option<&Prepared>,
 ) -> anyhow::Result<()> {
-    use sha2::Digest;
-    let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
-    let hash: String = sha2::Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hash = hash.to_string();
     let mut entries = vec![
         (
             "onnx-micronet.version",
@@ -774,18 +790,36 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
     let original_run: std::cell::OnceCell<validate::ModelRun> = std::cell::OnceCell::new();
     // One plan built and measured: the model, its pass reports, the snapshot for
     // the HTML histograms, the scores, the validation.
+    // The input's hash (for the provenance) and the original's score are the same
+    // for every plan: computed once, beside the first plan's passes.
+    let input_hash: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let before_score: std::sync::OnceLock<score::Report> = std::sync::OnceLock::new();
     let build = |r: &Recipe| -> anyhow::Result<Built> {
         let start = std::time::Instant::now();
-        let (mut optimized, passes, snapshot) =
-            optimize::run_with_snapshot(&original, r, &cx, a.html.is_some())?;
+        let (fixed, run) = rayon::join(
+            || -> anyhow::Result<()> {
+                if input_hash.get().is_none() {
+                    let _ = input_hash.set(sha256_of(&a.model)?);
+                }
+                if before_score.get().is_none() {
+                    let _ = before_score.set(score::score(&original, &opts)?);
+                }
+                Ok(())
+            },
+            || optimize::run_with_snapshot(&original, r, &cx, a.html.is_some()),
+        );
+        let (mut optimized, passes, snapshot) = run?;
+        fixed?;
+        let hash = input_hash.get().expect("set above");
+        let before = before_score.get().expect("set above").clone();
         // Provenance before scoring: the file's bytes (and so its size) include it.
-        stamp_provenance(&mut optimized, &a.model, r, calib.as_ref())?;
-        let (before, mut after) = optimize::scores(&original, &optimized, &opts)?;
+        stamp_provenance(&mut optimized, &a.model, hash, r, calib.as_ref())?;
+        let mut after = score::score(&optimized, &opts)?;
         // A model whose widths an allocation chose records the plan that
         // reproduces it (the widths pinned), and is scored with that record.
         if r.quantize.as_ref().is_some_and(|q| q.avg_bits.is_some()) {
             let plan = optimize::plan_of(r, &after);
-            stamp_provenance(&mut optimized, &a.model, &plan, calib.as_ref())?;
+            stamp_provenance(&mut optimized, &a.model, hash, &plan, calib.as_ref())?;
             after = score::score(&optimized, &opts)?;
         }
         let validation = match &eval {

@@ -173,7 +173,9 @@ pub fn scores(
     after: &Model,
     opts: &ScoreOptions,
 ) -> Result<(score::Report, score::Report)> {
-    Ok((score::score(before, opts)?, score::score(after, opts)?))
+    // Independent: side by side (rayon).
+    let (b, a) = rayon::join(|| score::score(before, opts), || score::score(after, opts));
+    Ok((b?, a?))
 }
 
 impl OptimizeReport {
