@@ -195,19 +195,52 @@ fn conv_rows(
     let [sh, sw] = c.strides;
     let [dh, dw] = c.dilations;
     let c0 = g * c.cin_per_group;
+    // Contiguous [C, H, W] (a standard-layout view borrows, otherwise one copy).
+    let x = x.as_standard_layout();
+    let xs = x.as_slice().expect("standard layout");
+    let dim = c.cin_per_group * kh * kw;
+    let start = buf.len();
+    // Padding taps stay 0.
+    buf.resize(start + ho * wo * dim, 0.0);
+    let out = &mut buf[start..];
+    if kh == 1 && kw == 1 && sh == 1 && sw == 1 && pt == 0 && pl == 0 && ho == h && wo == w {
+        // Pointwise: the rows are the transpose of the group's [C, H*W] planes,
+        // copied in tiles so that both sides stay in cache.
+        const T: usize = 32;
+        let hw = h * w;
+        for c_lo in (0..dim).step_by(T) {
+            for p_lo in (0..hw).step_by(T) {
+                for ci in c_lo..(c_lo + T).min(dim) {
+                    let plane = &xs[(c0 + ci) * hw..(c0 + ci + 1) * hw];
+                    for p in p_lo..(p_lo + T).min(hw) {
+                        out[p * dim + ci] = plane[p];
+                    }
+                }
+            }
+        }
+        return Ok(hw);
+    }
+    // The taps of each kernel column that land inside the image, per output column.
+    let ix_of = |ox: usize, kx: usize| (ox * sw + kx * dw) as isize - pl as isize;
     for oy in 0..ho {
         for ox in 0..wo {
+            let row = &mut out[(oy * wo + ox) * dim..(oy * wo + ox + 1) * dim];
+            let mut at = 0;
             for ci in c0..c0 + c.cin_per_group {
+                let plane = &xs[ci * h * w..(ci + 1) * h * w];
                 for ky in 0..kh {
                     let iy = (oy * sh + ky * dh) as isize - pt as isize;
+                    if iy < 0 || iy as usize >= h {
+                        at += kw;
+                        continue;
+                    }
+                    let line = &plane[iy as usize * w..(iy as usize + 1) * w];
                     for kx in 0..kw {
-                        let ix = (ox * sw + kx * dw) as isize - pl as isize;
-                        let v = if iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w {
-                            x[[ci, iy as usize, ix as usize]]
-                        } else {
-                            0.0
-                        };
-                        buf.push(v);
+                        let ix = ix_of(ox, kx);
+                        if ix >= 0 && (ix as usize) < w {
+                            row[at] = line[ix as usize];
+                        }
+                        at += 1;
                     }
                 }
             }
