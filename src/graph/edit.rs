@@ -4,13 +4,18 @@
 use std::collections::HashSet;
 
 use super::subgraph_free_values;
-use crate::onnx::proto::GraphProto;
+use crate::onnx::proto::{GraphProto, TensorProto};
 use crate::onnx::TensorData;
 
 /// Replaces the initializer `name` by `data` (keeping its doc string and
 /// metadata), or adds it when absent.
 pub fn set_initializer(g: &mut GraphProto, name: &str, data: &TensorData) {
-    let mut t = data.to_proto(name);
+    set_initializer_proto(g, name, data.to_proto(name));
+}
+
+/// [`set_initializer`] with the tensor already encoded (its name is set here).
+pub fn set_initializer_proto(g: &mut GraphProto, name: &str, mut t: TensorProto) {
+    t.name = Some(name.to_string());
     if let Some(old) = g.initializer.iter_mut().find(|t| t.name() == name) {
         t.doc_string = old.doc_string.take();
         t.metadata_props = std::mem::take(&mut old.metadata_props);

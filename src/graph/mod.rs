@@ -14,7 +14,9 @@ pub mod channels;
 pub mod edit;
 pub mod layers;
 
-pub use edit::{remove_nodes, remove_unused_initializers, set_initializer, Namer};
+pub use edit::{
+    remove_nodes, remove_unused_initializers, set_initializer, set_initializer_proto, Namer,
+};
 pub use layers::{weighted_layers, WeightedLayer, WEIGHTED_OPS};
 
 use std::collections::{HashMap, HashSet};

@@ -41,11 +41,13 @@ use super::{Context, Pass, PassReport};
 use crate::error::{Error, Result};
 use crate::graph::layers::weight_axis;
 use crate::graph::{
-    remove_nodes, remove_unused_initializers, set_initializer, Graph, Namer, WEIGHTED_OPS,
+    remove_nodes, remove_unused_initializers, set_initializer_proto, Graph, Namer, WEIGHTED_OPS,
 };
 use crate::onnx::attr::{self, NodeAttrs};
-use crate::onnx::proto::{GraphProto, NodeProto};
+use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
+
 use crate::onnx::{Model, TensorData};
+use rayon::prelude::*;
 
 pub struct FoldBatchNorm;
 
@@ -158,26 +160,28 @@ fn plan(
     report: &mut PassReport,
 ) -> Result<Vec<Fold>> {
     let view = Graph::of(model)?;
+    // Each decision reads the view only: one node per core (rayon), reported in
+    // topological order.
+    let candidates: Vec<usize> = view
+        .topo_order()
+        .iter()
+        .copied()
+        .filter(|&i| matches!(view.node(i).op_type(), "BatchNormalization" | "Mul"))
+        .collect();
+    let decisions: Vec<std::result::Result<Option<Fold>, Skip>> = candidates
+        .par_iter()
+        .map(|&i| match view.node(i).op_type() {
+            "BatchNormalization" => plan_bn(&view, i, opset, shapes).map(Some),
+            _ => plan_mul_add(&view, i),
+        })
+        .collect();
     let mut folds = Vec::new();
-    for &i in view.topo_order() {
-        let n = view.node(i);
+    for (&i, decision) in candidates.iter().zip(decisions) {
         let name = view.node_name(i).to_string();
-        let decision = match n.op_type() {
-            "BatchNormalization" => plan_bn(&view, i, opset, shapes),
-            "Mul" => match plan_mul_add(&view, i) {
-                Ok(Some(f)) => Ok(f),
-                Ok(None) => continue,
-                Err(Skip(why)) => {
-                    report.skipped(name, why);
-                    continue;
-                }
-            },
-            _ => continue,
-        };
         match decision {
-            Ok(f) => folds.push(f),
-            Err(Skip(why)) if n.op_type() == "BatchNormalization" => report.skipped(name, why),
-            Err(_) => {}
+            Ok(Some(f)) => folds.push(f),
+            Ok(None) => {}
+            Err(Skip(why)) => report.skipped(name, why),
         }
     }
     Ok(folds)
@@ -540,11 +544,20 @@ fn fold_into_layer(
 
 /// Applies the folds: new weights and biases, the layer writes the BN's output,
 /// the BN (or Mul and Add) goes, then unused initializers and Identity/Dropout go.
-fn apply(g: &mut GraphProto, opset: i64, folds: Vec<Fold>, report: &mut PassReport) {
+fn apply(g: &mut GraphProto, opset: i64, mut folds: Vec<Fold>, report: &mut PassReport) {
     let mut removed = HashSet::new();
     let mut names = Namer::of(g);
     let mut new_nodes = Vec::new();
-    for f in folds {
+    // The new tensors encoded on every core; named in order below.
+    let encoded: Vec<(TensorProto, TensorProto)> = folds
+        .par_iter_mut()
+        .map(|f| {
+            let w = TensorData::F32(std::mem::take(&mut f.weight)).to_proto("");
+            let b = TensorData::F32(std::mem::take(&mut f.bias)).to_proto("");
+            (w, b)
+        })
+        .collect();
+    for (f, (w, b)) in folds.into_iter().zip(encoded) {
         let layer_name = g.node[f.layer].name().to_string();
         let base = if layer_name.is_empty() {
             g.node[f.layer].op_type().to_string()
@@ -553,9 +566,9 @@ fn apply(g: &mut GraphProto, opset: i64, folds: Vec<Fold>, report: &mut PassRepo
         };
         // Fresh initializers: the old ones may be shared with other nodes.
         let w_name = names.fresh(&format!("{base}.weight_folded"));
-        set_initializer(g, &w_name, &TensorData::F32(f.weight));
+        set_initializer_proto(g, &w_name, w);
         let b_name = names.fresh(&format!("{base}.bias_folded"));
-        set_initializer(g, &b_name, &TensorData::F32(f.bias));
+        set_initializer_proto(g, &b_name, b);
         let node = &mut g.node[f.layer];
         node.input[1] = w_name;
         match f.kind {

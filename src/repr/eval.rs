@@ -181,6 +181,70 @@ fn select<T: Copy>(
     )
 }
 
+/// Reshape's output dimensions (ONNX Reshape: 0 copies the input's dimension
+/// unless `allow_zero`, one -1 takes what is left); `None` when they do not hold
+/// the input's elements.
+fn reshape_dims(input: &[usize], shape: &[i64], allow_zero: bool) -> Option<Vec<usize>> {
+    let len: usize = input.iter().product();
+    let mut dims: Vec<i64> = shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| {
+            if d == 0 && !allow_zero {
+                input.get(i).map(|&s| s as i64).unwrap_or(-2)
+            } else {
+                d
+            }
+        })
+        .collect();
+    if dims.iter().any(|&d| d < -1) || dims.iter().filter(|&&d| d == -1).count() > 1 {
+        return None;
+    }
+    let known: i64 = dims.iter().filter(|&&d| d >= 0).product();
+    if let Some(p) = dims.iter().position(|&d| d == -1) {
+        if known == 0 || len as i64 % known != 0 {
+            return None;
+        }
+        dims[p] = len as i64 / known;
+    }
+    let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+    (dims.iter().product::<usize>() == len).then_some(dims)
+}
+
+/// Unsqueeze's (axes of the output) or Squeeze's (axes of the input, all ones when
+/// empty) output dimensions; `None` for an axis out of range or a squeezed
+/// dimension other than 1.
+fn squeeze_dims(input: &[usize], axes: &[i64], unsqueeze: bool) -> Option<Vec<usize>> {
+    let mut dims = input.to_vec();
+    if unsqueeze {
+        let r = dims.len() + axes.len();
+        let mut ax: Vec<usize> = axes
+            .iter()
+            .map(|&a| norm_axis(a, r))
+            .collect::<Option<_>>()?;
+        ax.sort();
+        for a in ax {
+            dims.insert(a, 1);
+        }
+    } else if axes.is_empty() {
+        dims.retain(|&d| d != 1);
+    } else {
+        let r = dims.len();
+        let mut ax: Vec<usize> = axes
+            .iter()
+            .map(|&a| norm_axis(a, r))
+            .collect::<Option<_>>()?;
+        ax.sort();
+        for a in ax.into_iter().rev() {
+            if dims[a] != 1 {
+                return None;
+            }
+            dims.remove(a);
+        }
+    }
+    Some(dims)
+}
+
 fn norm_axis(axis: i64, rank: usize) -> Option<usize> {
     let a = if axis < 0 { axis + rank as i64 } else { axis };
     (0..rank as i64).contains(&a).then_some(a as usize)
@@ -287,30 +351,7 @@ fn apply(g: &Graph, n: &NodeProto, mut slots: Vec<Option<Val>>) -> Option<Val> {
         "Reshape" => {
             let x = input(0)?;
             let shape = input(1)?.ints()?;
-            let allow_zero = attr_i(n, "allowzero") == Some(1);
-            let len: usize = x.shape().iter().product();
-            let mut dims: Vec<i64> = shape
-                .iter()
-                .enumerate()
-                .map(|(i, &d)| {
-                    if d == 0 && !allow_zero {
-                        x.shape().get(i).map(|&s| s as i64).unwrap_or(-2)
-                    } else {
-                        d
-                    }
-                })
-                .collect();
-            if dims.iter().any(|&d| d < -1) || dims.iter().filter(|&&d| d == -1).count() > 1 {
-                return None;
-            }
-            let known: i64 = dims.iter().filter(|&&d| d >= 0).product();
-            if let Some(p) = dims.iter().position(|&d| d == -1) {
-                if known == 0 || len as i64 % known != 0 {
-                    return None;
-                }
-                dims[p] = len as i64 / known;
-            }
-            let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+            let dims = reshape_dims(x.shape(), &shape, attr_i(n, "allowzero") == Some(1))?;
             reshape(x, &dims)
         }
         "Unsqueeze" | "Squeeze" => {
@@ -319,33 +360,7 @@ fn apply(g: &Graph, n: &NodeProto, mut slots: Vec<Option<Val>>) -> Option<Val> {
                 Some(a) => a.ints()?,
                 None => attr_ints(n, "axes").unwrap_or_default(),
             };
-            let mut dims = x.shape().to_vec();
-            if n.op_type() == "Unsqueeze" {
-                let r = dims.len() + axes.len();
-                let mut ax: Vec<usize> = axes
-                    .iter()
-                    .map(|&a| norm_axis(a, r))
-                    .collect::<Option<_>>()?;
-                ax.sort();
-                for a in ax {
-                    dims.insert(a, 1);
-                }
-            } else if axes.is_empty() {
-                dims.retain(|&d| d != 1);
-            } else {
-                let r = dims.len();
-                let mut ax: Vec<usize> = axes
-                    .iter()
-                    .map(|&a| norm_axis(a, r))
-                    .collect::<Option<_>>()?;
-                ax.sort();
-                for a in ax.into_iter().rev() {
-                    if dims[a] != 1 {
-                        return None;
-                    }
-                    dims.remove(a);
-                }
-            }
+            let dims = squeeze_dims(x.shape(), &axes, n.op_type() == "Unsqueeze")?;
             reshape(x, &dims)
         }
         "Slice" => {
@@ -732,67 +747,16 @@ fn shape_uncached(
         "Identity" | "Cast" | "CumSum" => input(0),
         "Reshape" => {
             let x = input(0)?;
-            let shape = ints(1)?;
-            let allow_zero = attr_i(n, "allowzero") == Some(1);
-            let len: usize = x.iter().product();
-            let mut dims: Vec<i64> = shape
-                .iter()
-                .enumerate()
-                .map(|(i, &d)| {
-                    if d == 0 && !allow_zero {
-                        x.get(i).map(|&s| s as i64).unwrap_or(-2)
-                    } else {
-                        d
-                    }
-                })
-                .collect();
-            if dims.iter().any(|&d| d < -1) || dims.iter().filter(|&&d| d == -1).count() > 1 {
-                return None;
-            }
-            let known: i64 = dims.iter().filter(|&&d| d >= 0).product();
-            if let Some(p) = dims.iter().position(|&d| d == -1) {
-                if known == 0 || len as i64 % known != 0 {
-                    return None;
-                }
-                dims[p] = len as i64 / known;
-            }
-            let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
-            (dims.iter().product::<usize>() == len).then_some(dims)
+            reshape_dims(&x, &ints(1)?, attr_i(n, "allowzero") == Some(1))
         }
         "Unsqueeze" | "Squeeze" => {
-            let mut dims = input(0)?;
-            let axes = if n.input.len() > 1 {
+            let dims = input(0)?;
+            let axes = if n.input.get(1).is_some_and(|v| !v.is_empty()) {
                 ints(1)?
             } else {
                 attr_ints(n, "axes").unwrap_or_default()
             };
-            if n.op_type() == "Unsqueeze" {
-                let r = dims.len() + axes.len();
-                let mut ax: Vec<usize> = axes
-                    .iter()
-                    .map(|&a| norm_axis(a, r))
-                    .collect::<Option<_>>()?;
-                ax.sort();
-                for a in ax {
-                    dims.insert(a, 1);
-                }
-            } else if axes.is_empty() {
-                dims.retain(|&d| d != 1);
-            } else {
-                let r = dims.len();
-                let mut ax: Vec<usize> = axes
-                    .iter()
-                    .map(|&a| norm_axis(a, r))
-                    .collect::<Option<_>>()?;
-                ax.sort();
-                for a in ax.into_iter().rev() {
-                    if dims[a] != 1 {
-                        return None;
-                    }
-                    dims.remove(a);
-                }
-            }
-            Some(dims)
+            squeeze_dims(&dims, &axes, n.op_type() == "Unsqueeze")
         }
         "Slice" => {
             let mut dims = input(0)?;

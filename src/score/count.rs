@@ -232,8 +232,13 @@ pub(crate) fn count_graph(
     let mut weights = HashMap::new();
     for (layer, w) in layers.iter().zip(read) {
         if let Some(w) = w? {
-            for &i in &layer.nodes {
-                weights.insert(i, w.clone());
+            // Every node of the layer sees the weight; the last takes it (a copy of
+            // the values only for multi-node layers).
+            if let Some((&last, rest)) = layer.nodes.split_last() {
+                for &i in rest {
+                    weights.insert(i, w.clone());
+                }
+                weights.insert(last, w);
             }
         }
     }
