@@ -434,13 +434,6 @@ fn half_quantized_note(
     ))
 }
 
-/// Records in the model's `metadata_props` how it was made: the tool version,
-/// the recipe in force (TOML: every flag that changes the model is in it), the
-/// calibration images (their description and count, when used), the input file's
-/// name and its SHA-256 (of the .onnx file itself; external data files are not
-/// hashed). Not the command line: output paths and thread counts do not change
-/// the model, and the same model is written byte for byte whatever they are.
-/// Keys from an earlier run of the tool are replaced.
 /// SHA-256 of a file, hex, read in 1 MiB blocks.
 fn sha256_of(path: &Path) -> anyhow::Result<String> {
     use sha2::Digest;
@@ -460,7 +453,14 @@ fn sha256_of(path: &Path) -> anyhow::Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// `hash`: the input file's SHA-256 ([`sha256_of`]).
+/// Records in the model's `metadata_props` how it was made: the tool version,
+/// the recipe in force (TOML: every flag that changes the model is in it), the
+/// calibration images (their description and count, when used), the input file's
+/// name and its SHA-256 (of the .onnx file itself; external data files are not
+/// hashed). Not the command line: output paths and thread counts do not change
+/// the model, and the same model is written byte for byte whatever they are.
+/// Keys from an earlier run of the tool are replaced. `hash`: the input file's
+/// SHA-256 ([`sha256_of`]).
 fn stamp_provenance(
     m: &mut onnx::Model,
     input: &Path,

@@ -9,7 +9,7 @@ use crate::error::Result;
 use crate::onnx::Model;
 use crate::passes::{Context, PassReport};
 use crate::recipe::Recipe;
-use crate::score::{self, ScoreOptions};
+use crate::score;
 use crate::validate;
 
 /// Runs the recipe's pipeline on a copy of the model.
@@ -165,17 +165,6 @@ pub fn plan_of(recipe: &Recipe, after: &score::Report) -> Recipe {
         }
     }
     r
-}
-
-/// Scores both models with the same options.
-pub fn scores(
-    before: &Model,
-    after: &Model,
-    opts: &ScoreOptions,
-) -> Result<(score::Report, score::Report)> {
-    // Independent: side by side (rayon).
-    let (b, a) = rayon::join(|| score::score(before, opts), || score::score(after, opts));
-    Ok((b?, a?))
 }
 
 impl OptimizeReport {
