@@ -406,11 +406,13 @@ fn shape_proto(model: &Model) -> Result<(tract_onnx::pb::ModelProto, Vec<Vec<usi
         }
         let gone: std::collections::HashSet<&str> =
             decoded.iter().map(|(v, _)| v.as_str()).collect();
-        let mut i = 0;
-        let mut kept: Vec<bool> = graph
-            .node
-            .iter()
-            .map(|n| !n.output.iter().any(|o| gone.contains(o.as_str())))
+        let mut removed: std::collections::HashSet<usize> = (0..graph.node.len())
+            .filter(|&j| {
+                graph.node[j]
+                    .output
+                    .iter()
+                    .any(|o| gone.contains(o.as_str()))
+            })
             .collect();
         // A decoder node nothing else reads any more goes too, until none is left.
         loop {
@@ -418,7 +420,7 @@ fn shape_proto(model: &Model) -> Result<(tract_onnx::pb::ModelProto, Vec<Vec<usi
                 .node
                 .iter()
                 .enumerate()
-                .filter(|(j, _)| kept[*j])
+                .filter(|(j, _)| !removed.contains(j))
                 .flat_map(|(_, n)| n.input.iter().map(String::as_str))
                 .chain(outputs.iter().map(String::as_str))
                 .collect();
@@ -426,7 +428,7 @@ fn shape_proto(model: &Model) -> Result<(tract_onnx::pb::ModelProto, Vec<Vec<usi
                 .iter()
                 .copied()
                 .filter(|&j| {
-                    kept[j]
+                    !removed.contains(&j)
                         && graph.node[j]
                             .output
                             .iter()
@@ -436,14 +438,9 @@ fn shape_proto(model: &Model) -> Result<(tract_onnx::pb::ModelProto, Vec<Vec<usi
             if dead.is_empty() {
                 break;
             }
-            for j in dead {
-                kept[j] = false;
-            }
+            removed.extend(dead);
         }
-        graph.node.retain(|_| {
-            i += 1;
-            kept[i - 1]
-        });
+        crate::graph::remove_nodes(graph, &removed);
     }
     let mut moved: Vec<Vec<i64>> = graph
         .initializer

@@ -284,14 +284,14 @@ impl Pass for Pack {
         // check fails is left float and the decoders are built again without it,
         // so the names in the file never depend on a failed attempt.
         let mut failed: HashMap<String, String> = HashMap::new();
+        let index: HashMap<&str, &TensorProto> = model
+            .graph()
+            .initializer
+            .iter()
+            .map(|t| (t.name(), t))
+            .collect();
         let built = loop {
-            let built = build_all(model.graph(), &plans, &failed, opset);
-            let index: HashMap<&str, &TensorProto> = model
-                .graph()
-                .initializer
-                .iter()
-                .map(|t| (t.name(), t))
-                .collect();
+            let built = build_all(model.graph(), &index, &plans, &failed, opset);
             let checks: Vec<Result<std::result::Result<(), String>>> = built
                 .decoders
                 .par_iter()
@@ -558,14 +558,14 @@ struct Built {
     too_big: HashMap<usize, String>,
 }
 
+/// `index`: the graph's initializers by name.
 fn build_all(
     graph: &GraphProto,
+    index: &HashMap<&str, &TensorProto>,
     plans: &[Plan],
     failed: &HashMap<String, String>,
     opset: i64,
 ) -> Built {
-    let index: HashMap<&str, &TensorProto> =
-        graph.initializer.iter().map(|t| (t.name(), t)).collect();
     let mut shared = Shared::with_names(Namer::with_node_names(graph));
     let mut decoders = Vec::new();
     let mut too_big = HashMap::new();

@@ -245,6 +245,39 @@ fn squeeze_dims(input: &[usize], axes: &[i64], unsqueeze: bool) -> Option<Vec<us
     Some(dims)
 }
 
+/// Slice's ranges (step 1 only; `axes` default 0.., `steps` default 1): (axis,
+/// start, end) per entry, negative bounds counted from the end and clamped to the
+/// extent the entries before it left, end never below start. `None` for other
+/// steps, an axis out of range or lists of different lengths.
+fn slice_ranges(
+    shape: &[usize],
+    starts: &[i64],
+    ends: &[i64],
+    axes: Option<Vec<i64>>,
+    steps: Option<Vec<i64>>,
+) -> Option<Vec<(usize, usize, usize)>> {
+    let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
+    let steps = steps.unwrap_or_else(|| vec![1; starts.len()]);
+    if ends.len() != starts.len() || axes.len() != starts.len() {
+        return None;
+    }
+    let mut dims = shape.to_vec();
+    let mut out = Vec::with_capacity(starts.len());
+    for i in 0..starts.len() {
+        if steps.get(i) != Some(&1) {
+            return None;
+        }
+        let a = norm_axis(axes[i], dims.len())?;
+        let d = dims[a] as i64;
+        let clamp = |v: i64| (if v < 0 { v + d } else { v }).clamp(0, d);
+        let (s, e) = (clamp(starts[i]), clamp(ends[i]));
+        let e = e.max(s);
+        dims[a] = (e - s) as usize;
+        out.push((a, s as usize, e as usize));
+    }
+    Some(out)
+}
+
 fn norm_axis(axis: i64, rank: usize) -> Option<usize> {
     let a = if axis < 0 { axis + rank as i64 } else { axis };
     (0..rank as i64).contains(&a).then_some(a as usize)
@@ -365,33 +398,23 @@ fn apply(g: &Graph, n: &NodeProto, mut slots: Vec<Option<Val>>) -> Option<Val> {
         }
         "Slice" => {
             let x = input(0)?;
-            let rank = x.shape().len();
             let starts = input(1)?.ints()?;
             let ends = input(2)?.ints()?;
             let axes = match input(3) {
-                Some(a) => a.ints()?,
-                None => (0..starts.len() as i64).collect(),
+                Some(a) => Some(a.ints()?),
+                None => None,
             };
             let steps = match input(4) {
-                Some(s) => s.ints()?,
-                None => vec![1; starts.len()],
+                Some(s) => Some(s.ints()?),
+                None => None,
             };
-            if ends.len() != starts.len() || axes.len() != starts.len() {
-                return None;
-            }
+            let ranges = slice_ranges(x.shape(), &starts, &ends, axes, steps)?;
             let mut out = x;
-            for i in 0..starts.len() {
-                if steps.get(i) != Some(&1) {
-                    return None;
-                }
-                let a = norm_axis(axes[i], rank)?;
-                let d = out.shape()[a] as i64;
-                let clamp = |v: i64| (if v < 0 { v + d } else { v }).clamp(0, d);
-                let (s, e) = (clamp(starts[i]), clamp(ends[i]));
-                if s == 0 && e == d {
+            for (a, s, e) in ranges {
+                if s == 0 && e == out.shape()[a] {
                     continue;
                 }
-                let sl = Slice::from(s as isize..(e.max(s)) as isize);
+                let sl = Slice::from(s as isize..e as isize);
                 out = match out {
                     Val::F(a0) => Val::F(a0.slice_axis(Axis(a), sl).to_owned()),
                     Val::I(a0, t) => Val::I(a0.slice_axis(Axis(a), sl).to_owned(), t),
@@ -760,31 +783,11 @@ fn shape_uncached(
         }
         "Slice" => {
             let mut dims = input(0)?;
-            let rank = dims.len();
-            let starts = ints(1)?;
-            let ends = ints(2)?;
-            let axes = if n.input.len() > 3 && !n.input[3].is_empty() {
-                ints(3)?
-            } else {
-                (0..starts.len() as i64).collect()
-            };
-            let steps = if n.input.len() > 4 && !n.input[4].is_empty() {
-                ints(4)?
-            } else {
-                vec![1; starts.len()]
-            };
-            if ends.len() != starts.len() || axes.len() != starts.len() {
-                return None;
-            }
-            for i in 0..starts.len() {
-                if steps.get(i) != Some(&1) {
-                    return None;
-                }
-                let a = norm_axis(axes[i], rank)?;
-                let d = dims[a] as i64;
-                let clamp = |v: i64| (if v < 0 { v + d } else { v }).clamp(0, d);
-                let (s, e) = (clamp(starts[i]), clamp(ends[i]));
-                dims[a] = (e.max(s) - s) as usize;
+            let given = |i: usize| n.input.get(i).is_some_and(|v| !v.is_empty());
+            let axes = if given(3) { Some(ints(3)?) } else { None };
+            let steps = if given(4) { Some(ints(4)?) } else { None };
+            for (a, s, e) in slice_ranges(&dims, &ints(1)?, &ints(2)?, axes, steps)? {
+                dims[a] = e - s;
             }
             Some(dims)
         }
