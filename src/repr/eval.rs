@@ -60,7 +60,7 @@ impl Val {
 }
 
 /// Wraps an integer to the range of an ONNX integer type.
-fn wrap(x: i64, t: DataType) -> i64 {
+pub(crate) fn wrap(x: i64, t: DataType) -> i64 {
     match t {
         DataType::Uint8 => x as u8 as i64,
         DataType::Int8 => x as i8 as i64,

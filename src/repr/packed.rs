@@ -191,11 +191,13 @@ pub fn pack_codes(codes: &[u32], k: u32) -> Vec<u8> {
 
 /// Packs a mask, one bit per element, LSB first.
 pub fn pack_mask(mask: &[bool]) -> Vec<u8> {
-    let mut out = vec![0u8; mask.len().div_ceil(8)];
-    for (p, _) in mask.iter().enumerate().filter(|(_, b)| **b) {
-        out[p / 8] |= 1 << (p % 8);
-    }
-    out
+    mask.chunks(8)
+        .map(|c| {
+            c.iter()
+                .enumerate()
+                .fold(0u8, |b, (i, &on)| b | (u8::from(on) << i))
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -887,6 +889,20 @@ pub fn read_codes(g: &Graph, value: &str) -> Result<Option<(u32, ArrayD<f32>)>> 
     let Some((k, _)) = code_width(g, &codes) else {
         return Ok(None);
     };
+    // Our own decoder, read natively (see `recognized`).
+    let dql = g.consumers(value).iter().map(|&i| g.node(i)).find(|n| {
+        n.op_type() == "DequantizeLinear" && n.input.first().map(String::as_str) == Some(value)
+    });
+    if let Some(n) = dql {
+        let native = n
+            .output
+            .first()
+            .and_then(|o| recognized(g, o))
+            .and_then(|p| decode_codes(&p));
+        if let Some((k2, q)) = native.filter(|(k2, _)| *k2 == k) {
+            return Ok(Some((k2, q)));
+        }
+    }
     match eval::eval(g, value)? {
         Some(Val::I(a, _)) => Ok(Some((k, a.mapv(|v| v as f32)))),
         _ => Ok(None),
@@ -899,8 +915,12 @@ pub fn read(g: &Graph, value: &str) -> Result<Option<Weight>> {
     let Some(kind) = classify(g, value) else {
         return Ok(None);
     };
-    let Some(Val::F(values)) = eval::eval(g, value)? else {
-        return Ok(None);
+    let values = match recognized(g, value).and_then(|p| decode(&p)) {
+        Some(v) => v,
+        None => match eval::eval(g, value)? {
+            Some(Val::F(values)) => values,
+            _ => return Ok(None),
+        },
     };
     // The affine decoder's scale and zero point (the zero point at the code width).
     let param_bits = match kind {
@@ -928,6 +948,581 @@ pub fn read(g: &Graph, value: &str) -> Result<Option<Weight>> {
         claim: None,
         param_bits,
     }))
+}
+
+// ---------------------------------------------------------------------------
+// Reading without the evaluator.
+//
+// A decoder this module wrote is read natively. [`parse`] recovers a candidate
+// [`Packed`] from the graph's constants (loosely: it only has to be right when the
+// graph is one of ours); [`build`] writes that Packed's decoder again; and the
+// graph's subgraph must equal it node for node: the same ops, attributes and input
+// structure, and every constant equal by value (names aside). The graph then
+// computes what `build(p)` computes, and that is [`decode`] / [`decode_codes`]
+// of `p` (tested against the evaluator on every store, masked and dense, per
+// tensor and per channel, at both opsets). Whatever does not match is read by the
+// evaluator as before.
+
+/// The values the decoder of `p` writes, shape `p.shape`: elements without a
+/// stored value are 0, the others decoded by the formulas of the module doc in
+/// float32 arithmetic, in the decoder's order of operations (so bitwise equal).
+/// `None` for the `codes` store (its output is DequantizeLinear's: see
+/// [`decode_codes`]) or a codebook index past the book.
+pub fn decode(p: &Packed) -> Option<ArrayD<f32>> {
+    let Some(store) = &p.store else {
+        return Some(ArrayD::zeros(IxDyn(&p.shape)));
+    };
+    let out = match store {
+        Store::Codes { .. } => return None,
+        Store::Affine {
+            codes, scale, zp, ..
+        } => {
+            if scale.len() != zp.len() {
+                return None;
+            }
+            by_channel(&p.shape, store_axis(store), &p.mask, codes, 0.0, |c, u| {
+                (u as f32 - zp[c]) * scale[c]
+            })?
+        }
+        Store::Float(v) => by_channel(&p.shape, None, &p.mask, v, 0.0, |_, x| x)?,
+        Store::Half(v) => by_channel(&p.shape, None, &p.mask, v, 0.0, |_, x| {
+            half::f16::from_f32(x).to_f32()
+        })?,
+        Store::Codebook { codes, book, .. } => {
+            if codes.iter().any(|&c| c as usize >= book.len()) {
+                return None;
+            }
+            by_channel(&p.shape, None, &p.mask, codes, 0.0, |_, c| book[c as usize])?
+        }
+    };
+    ArrayD::from_shape_vec(IxDyn(&p.shape), out).ok()
+}
+
+/// The integer codes q a `codes` store's decoder hands DequantizeLinear (as f32,
+/// shape `p.shape`) and the code width: q = Cast(x - shift, T) with x the stored
+/// code (or, where the mask is 0, the channel's zero point) and shift 2^(k-1)
+/// (int8), 0 (uint8) or the zero point (int32); Cast truncates toward zero and
+/// wraps to T as the evaluator does. `None` for the other stores.
+pub fn decode_codes(p: &Packed) -> Option<(u32, ArrayD<f32>)> {
+    let Some(Store::Codes {
+        k,
+        codes,
+        scale,
+        zp,
+        axis,
+    }) = &p.store
+    else {
+        return None;
+    };
+    let k = *k;
+    if zp.len() != scale.len() {
+        return None;
+    }
+    let half = (1u32 << (k - 1)) as f32;
+    let signed = k <= 8 && zp.iter().all(|z| *z == half);
+    let (to, shift): (DataType, Vec<f32>) = if k > 8 {
+        (DataType::Int32, zp.clone())
+    } else if signed {
+        (DataType::Int8, vec![half; zp.len()])
+    } else {
+        (DataType::Uint8, vec![0.0; zp.len()])
+    };
+    let cast = |x: f32| eval::wrap(x.trunc() as i64, to) as f32;
+    // Where the mask is 0 the decoder's x is the zero point: q = Cast(zp - shift).
+    let fill: Vec<f32> = zp.iter().zip(&shift).map(|(z, s)| cast(z - s)).collect();
+    let out = if shift.iter().all(|s| s.fract() == 0.0 && s.abs() < 65536.0) {
+        // Integer shifts: u - shift is exact in f32 and in T's range (u < 2^k,
+        // shift 2^(k-1) for int8, 0 for uint8, an integer zero point for int32),
+        // so Cast changes nothing.
+        by_channel_fill(&p.shape, *axis, &p.mask, codes, &fill, |c, u| {
+            u as f32 - shift[c]
+        })?
+    } else {
+        by_channel_fill(&p.shape, *axis, &p.mask, codes, &fill, |c, u| {
+            cast(u as f32 - shift[c])
+        })?
+    };
+    Some((k, ArrayD::from_shape_vec(IxDyn(&p.shape), out).ok()?))
+}
+
+/// The n = prod(shape) decoded elements, in order: element i of channel c (along
+/// `axis`; channel 0 without one) is `f(c, stored[j])` where the mask is set (j
+/// counting the set bits before it) or every element without a mask, `fill`
+/// elsewhere. `None` when the stored values do not cover the mask.
+fn by_channel<T: Copy>(
+    shape: &[usize],
+    axis: Option<usize>,
+    mask: &Option<Vec<bool>>,
+    stored: &[T],
+    fill: f32,
+    f: impl Fn(usize, T) -> f32,
+) -> Option<Vec<f32>> {
+    let channels = axis.and_then(|a| shape.get(a)).copied().unwrap_or(1);
+    by_channel_fill(shape, axis, mask, stored, &vec![fill; channels.max(1)], f)
+}
+
+fn by_channel_fill<T: Copy>(
+    shape: &[usize],
+    axis: Option<usize>,
+    mask: &Option<Vec<bool>>,
+    stored: &[T],
+    fill: &[f32],
+    f: impl Fn(usize, T) -> f32,
+) -> Option<Vec<f32>> {
+    let n: usize = shape.iter().product();
+    let (outer, channels, inner) = match axis {
+        Some(a) if a < shape.len() => (
+            shape[..a].iter().product::<usize>(),
+            shape[a],
+            shape[a + 1..].iter().product::<usize>(),
+        ),
+        _ => (1, 1, n),
+    };
+    if fill.len() < channels {
+        return None;
+    }
+    match mask {
+        None => {
+            if stored.len() < n {
+                return None;
+            }
+            let mut out = Vec::with_capacity(n);
+            for o in 0..outer {
+                for c in 0..channels {
+                    let at = (o * channels + c) * inner;
+                    out.extend(stored[at..at + inner].iter().map(|&x| f(c, x)));
+                }
+            }
+            Some(out)
+        }
+        Some(mask) => {
+            if mask.len() != n || mask.iter().filter(|b| **b).count() > stored.len() {
+                return None;
+            }
+            let mut out = Vec::with_capacity(n);
+            let mut j = 0;
+            for o in 0..outer {
+                for (c, &fill) in fill.iter().enumerate().take(channels) {
+                    let at = (o * channels + c) * inner;
+                    for &on in &mask[at..at + inner] {
+                        out.push(if on {
+                            j += 1;
+                            f(c, stored[j - 1])
+                        } else {
+                            fill
+                        });
+                    }
+                }
+            }
+            Some(out)
+        }
+    }
+}
+
+fn store_axis(s: &Store) -> Option<usize> {
+    match s {
+        Store::Affine { axis, .. } | Store::Codes { axis, .. } => *axis,
+        _ => None,
+    }
+}
+
+fn u8_leaf(g: &Graph, v: &str) -> Option<Vec<u8>> {
+    match TensorData::from_proto(g.constant_proto(v)?).ok()? {
+        TensorData::U8(a) => Some(a.into_raw_vec_and_offset().0),
+        _ => None,
+    }
+}
+
+/// The first `len` bits of an LSB-first stream.
+fn unpack_bits(bytes: &[u8], len: usize) -> Option<Vec<bool>> {
+    (len <= bytes.len() * 8).then(|| {
+        bytes
+            .iter()
+            .flat_map(|&b| (0..8).map(move |i| (b >> i) & 1 == 1))
+            .take(len)
+            .collect()
+    })
+}
+
+/// The first `m` k-bit codes of an LSB-first stream (the inverse of [`pack_codes`]).
+fn unpack_codes(bytes: &[u8], m: usize, k: u32) -> Option<Vec<u32>> {
+    if m * k as usize > bytes.len() * 8 || k == 0 || k > 32 {
+        return None;
+    }
+    if k == 8 {
+        return Some(bytes[..m].iter().map(|&b| b as u32).collect());
+    }
+    let mask = if k >= 32 {
+        u64::from(u32::MAX)
+    } else {
+        (1u64 << k) - 1
+    };
+    let (mut acc, mut have, mut at) = (0u64, 0u32, 0usize);
+    let mut out = Vec::with_capacity(m);
+    for _ in 0..m {
+        while have < k {
+            acc |= u64::from(bytes[at]) << have;
+            at += 1;
+            have += 8;
+        }
+        out.push((acc & mask) as u32);
+        acc >>= k;
+        have -= k;
+    }
+    Some(out)
+}
+
+/// Codes `cf` (float, as `Builder::codes` writes them): width, the first `m`
+/// codes of their stream, and the opset the ReduceSum form implies.
+fn parse_codes(g: &Graph, cf: &str, m: usize) -> Option<(u32, Vec<u32>, i64)> {
+    let (k, leaf) = code_width(g, cf)?;
+    let opset = match prod(g, cf, "ReduceSum") {
+        Some(r) if r.input.len() < 2 => 11,
+        _ => 13,
+    };
+    Some((k, unpack_codes(&u8_leaf(g, &leaf)?, m, k)?, opset))
+}
+
+fn const_usizes(g: &Graph, v: &str) -> Option<Vec<usize>> {
+    const_ints(g, v)?
+        .iter()
+        .map(|&d| usize::try_from(d).ok())
+        .collect()
+}
+
+/// A per-tensor (rank 0) or per-channel constant: its values and the axis along
+/// which it is not 1 (`rank1`: a 1-D constant along `axis_attr`).
+fn channel_const(g: &Graph, v: &str) -> Option<(Vec<f32>, Option<usize>)> {
+    let d = g.constant(v).ok()??;
+    let dims = d.shape().to_vec();
+    let vals: Vec<f32> = d.to_f32().iter().copied().collect();
+    if dims.is_empty() {
+        return Some((vals, None));
+    }
+    let axis = dims.iter().position(|&x| x == vals.len()).unwrap_or(0);
+    Some((vals, Some(axis)))
+}
+
+/// The Packed whose decoder may write `value`, read from the graph's constants,
+/// and the opset of its ReduceSum form. Not a proof: [`recognized`] checks it.
+fn parse(g: &Graph, value: &str) -> Option<(Packed, i64)> {
+    let (i, slot) = g.producer(value)?;
+    if slot != 0 {
+        return None;
+    }
+    let node = g.node(i);
+    // Mask behind `cond` (Reshape(Cast(bits, bool), S)): shape and flags.
+    let mask_of = |cond: &str| -> Option<(Vec<usize>, Vec<bool>)> {
+        let r = prod(g, cond, "Reshape")?;
+        let shape = const_usizes(g, r.input.get(1)?)?;
+        let c = prod(g, &r.input[0], "Cast")?;
+        let leaf = bit_stream(g, &c.input[0])?;
+        let n = shape.iter().product();
+        Some((shape, unpack_bits(&u8_leaf(g, &leaf)?, n)?))
+    };
+    // Stored values `v` (Float, Half or Codebook) of m elements.
+    let values_of = |v: &str, m: usize| -> Option<(Store, i64)> {
+        if let Some(t) = g.constant_proto(v) {
+            if t.data_type() != DataType::Float as i32 {
+                return None;
+            }
+            let vals: Vec<f32> = g.constant_f32(v).ok()??.iter().copied().collect();
+            return (vals.len() == m).then_some((Store::Float(vals), 13));
+        }
+        if half_values(g, v) {
+            let c = prod(g, v, "Cast")?;
+            let vals: Vec<f32> = g.constant_f32(&c.input[0]).ok()??.iter().copied().collect();
+            return (vals.len() == m).then_some((Store::Half(vals), 13));
+        }
+        let gn = prod(g, v, "Gather")?;
+        let book = const_f32(g, &gn.input[0])?;
+        let c = prod(g, &gn.input[1], "Cast")?;
+        let (k, codes, opset) = parse_codes(g, &c.input[0], m)?;
+        Some((Store::Codebook { k, codes, book }, opset))
+    };
+    let affine_of =
+        |mul: &NodeProto, m: usize, gathered: bool| -> Option<(Vec<usize>, Store, i64)> {
+            let (scale, axis) = channel_const(g, mul.input.get(1)?)?;
+            let sub = prod(g, &mul.input[0], "Sub")?;
+            let (zp, _) = channel_const(g, sub.input.get(1)?)?;
+            let r = prod(g, &sub.input[0], "Reshape")?;
+            let shape = const_usizes(g, r.input.get(1)?)?;
+            let cf = if gathered {
+                prod(g, &r.input[0], "Gather")?.input[0].clone()
+            } else {
+                r.input[0].clone()
+            };
+            let m = if gathered { m } else { shape.iter().product() };
+            let (k, codes, opset) = parse_codes(g, &cf, m)?;
+            Some((
+                shape,
+                Store::Affine {
+                    k,
+                    codes,
+                    scale,
+                    zp,
+                    axis,
+                },
+                opset,
+            ))
+        };
+    let (packed, opset) = match node.op_type() {
+        "ConstantOfShape" => (
+            Packed {
+                shape: const_usizes(g, node.input.first()?)?,
+                mask: None,
+                store: None,
+            },
+            13,
+        ),
+        "Where" => {
+            let (shape, mask) = mask_of(&node.input[0])?;
+            let m = mask.iter().filter(|b| **b).count();
+            let x = node.input.get(1)?;
+            let (store, opset) = if let Some(mul) = prod(g, x, "Mul") {
+                let (s, store, opset) = affine_of(mul, m, true)?;
+                (s == shape).then_some((store, opset))?
+            } else {
+                let r = prod(g, x, "Reshape")?;
+                values_of(&prod(g, &r.input[0], "Gather")?.input[0], m)?
+            };
+            (
+                Packed {
+                    shape,
+                    mask: Some(mask),
+                    store: Some(store),
+                },
+                opset,
+            )
+        }
+        "Reshape" => {
+            let shape = const_usizes(g, node.input.get(1)?)?;
+            let (store, opset) = values_of(&node.input[0], shape.iter().product())?;
+            (
+                Packed {
+                    shape,
+                    mask: None,
+                    store: Some(store),
+                },
+                opset,
+            )
+        }
+        "Mul" => {
+            let (shape, store, opset) = affine_of(node, 0, false)?;
+            (
+                Packed {
+                    shape,
+                    mask: None,
+                    store: Some(store),
+                },
+                opset,
+            )
+        }
+        "DequantizeLinear" => {
+            let (scale, _) = channel_const(g, node.input.get(1)?)?;
+            let axis = match node.get_int("axis").ok()? {
+                Some(a) => Some(usize::try_from(a).ok()?),
+                None => None,
+            };
+            let c = prod(g, &node.input[0], "Cast")?;
+            let to = cast_to(c)?;
+            let mut x = c.input[0].clone();
+            let mut shift = None;
+            if let Some(s) = prod(g, &x, "Sub") {
+                shift = Some(const_f32(g, s.input.get(1)?)?);
+                x = s.input[0].clone();
+            }
+            let (r, mask) = match prod(g, &x, "Where") {
+                Some(w) => (
+                    prod(g, w.input.get(1)?, "Reshape")?,
+                    Some(mask_of(&w.input[0])?),
+                ),
+                None => (prod(g, &x, "Reshape")?, None),
+            };
+            let shape = const_usizes(g, r.input.get(1)?)?;
+            let n: usize = shape.iter().product();
+            let (cf, m) = match &mask {
+                Some((s, mk)) => {
+                    if *s != shape {
+                        return None;
+                    }
+                    (
+                        prod(g, &r.input[0], "Gather")?.input[0].clone(),
+                        mk.iter().filter(|b| **b).count(),
+                    )
+                }
+                None => (r.input[0].clone(), n),
+            };
+            let (k, codes, opset) = parse_codes(g, &cf, m)?;
+            let zp = if to == DataType::Int32 as i64 {
+                let z = shift?;
+                if z.len() != scale.len() {
+                    return None;
+                }
+                z
+            } else if to == DataType::Int8 as i64 {
+                vec![(1u32 << (k - 1)) as f32; scale.len()]
+            } else {
+                let z: Vec<f32> = g
+                    .constant_f32(node.input.get(2)?)
+                    .ok()??
+                    .iter()
+                    .copied()
+                    .collect();
+                if z.len() != scale.len() {
+                    return None;
+                }
+                z
+            };
+            (
+                Packed {
+                    shape,
+                    mask: mask.map(|(_, m)| m),
+                    store: Some(Store::Codes {
+                        k,
+                        codes,
+                        scale,
+                        zp,
+                        axis,
+                    }),
+                },
+                opset,
+            )
+        }
+        _ => return None,
+    };
+    Some((packed, opset))
+}
+
+/// Whether [`build`] writes a decoder for `p` (it assumes what the packing pass
+/// guarantees; a Packed parsed from someone else's graph may not hold it).
+fn buildable(p: &Packed) -> bool {
+    let n: usize = p.shape.iter().product();
+    let m = match &p.mask {
+        Some(mask) if mask.len() != n => return false,
+        Some(mask) => mask.iter().filter(|b| **b).count(),
+        None => n,
+    };
+    let grid = |k: u32, codes: &[u32], scale: &[f32], zp: &[f32], axis: Option<usize>| {
+        (1..=MAX_CODE_BITS).contains(&k)
+            && codes.len() == m
+            && !scale.is_empty()
+            && scale.len() == zp.len()
+            && match axis {
+                None => scale.len() == 1,
+                // One scale per channel (decode indexes them by channel).
+                Some(a) => p.shape.get(a) == Some(&scale.len()),
+            }
+    };
+    match &p.store {
+        None => true,
+        Some(Store::Float(v)) | Some(Store::Half(v)) => v.len() == m,
+        Some(Store::Codebook { k, codes, book }) => {
+            (1..=MAX_CODE_BITS).contains(k) && codes.len() == m && book.len() as u64 <= 1 << k
+        }
+        Some(Store::Affine {
+            k,
+            codes,
+            scale,
+            zp,
+            axis,
+        })
+        | Some(Store::Codes {
+            k,
+            codes,
+            scale,
+            zp,
+            axis,
+        }) => grid(*k, codes, scale, zp, *axis),
+    }
+}
+
+/// Whether the graph's `gv` is computed exactly as the decoder's `dv`.
+struct Match<'d, 'g> {
+    g: &'d Graph<'g>,
+    nodes: HashMap<&'d str, &'d NodeProto>,
+    inits: HashMap<&'d str, &'d TensorProto>,
+    seen: HashSet<(&'d str, &'d str)>,
+}
+
+impl<'d> Match<'d, '_> {
+    fn same(&mut self, gv: &'d str, dv: &'d str) -> bool {
+        if gv.is_empty() || dv.is_empty() {
+            return gv.is_empty() && dv.is_empty();
+        }
+        if self.seen.contains(&(gv, dv)) {
+            return true;
+        }
+        let ok = if let Some(t) = self.inits.get(dv) {
+            match self.g.constant_proto(gv) {
+                Some(gt)
+                    if gt.raw_data.is_some()
+                        && gt.data_location() == t.data_location()
+                        && t.raw_data.is_some() =>
+                {
+                    // Both little-endian bytes of the same type and shape.
+                    gt.data_type() == t.data_type()
+                        && gt.dims == t.dims
+                        && gt.raw_data == t.raw_data
+                }
+                Some(gt) => {
+                    gt.data_type() == t.data_type()
+                        && gt.dims == t.dims
+                        && match (TensorData::from_proto(gt), TensorData::from_proto(t)) {
+                            (Ok(a), Ok(b)) => a == b,
+                            _ => false,
+                        }
+                }
+                None => false,
+            }
+        } else if let Some(dn) = self.nodes.get(dv).copied() {
+            match self.g.producer(gv) {
+                Some((i, 0)) => {
+                    let gn = self.g.node(i);
+                    gn.op_type() == dn.op_type()
+                        && gn.domain().is_empty()
+                        && gn.attribute == dn.attribute
+                        && gn.input.len() == dn.input.len()
+                        && gn.input.iter().zip(&dn.input).all(|(a, b)| self.same(a, b))
+                }
+                _ => false,
+            }
+        } else {
+            false
+        };
+        if ok {
+            self.seen.insert((gv, dv));
+        }
+        ok
+    }
+}
+
+/// The Packed the decoder writing `value` stores, when that decoder is exactly
+/// the one [`build`] writes for it.
+pub fn recognized(g: &Graph, value: &str) -> Option<Packed> {
+    let (p, opset) = parse(g, value)?;
+    if !buildable(&p) {
+        return None;
+    }
+    let mut shared = Shared::new(HashSet::new());
+    let out = "\u{0}decoded";
+    let dec = build(&p, out, "\u{0}", opset, &mut shared);
+    let mut m = Match {
+        g,
+        nodes: dec
+            .nodes
+            .iter()
+            .flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n)))
+            .collect(),
+        inits: dec
+            .inits
+            .iter()
+            .chain(&shared.inits)
+            .map(|t| (t.name(), t))
+            .collect(),
+        seen: HashSet::new(),
+    };
+    m.same(value, out).then_some(p)
 }
 
 #[cfg(test)]
@@ -1045,7 +1640,7 @@ mod tests {
                 }
             }
         }
-        let mut checked = 0;
+        let (mut checked, mut native_checked) = (0, 0);
         for opset in [11i64, 13] {
             for (mask, store) in &cases {
                 let p = Packed {
@@ -1061,6 +1656,36 @@ mod tests {
                     ..Default::default()
                 };
                 let view = Graph::new(&g).unwrap();
+                // Read natively: recognized as the Packed it is, and decoded bitwise
+                // as the evaluator decodes it.
+                let dense_q = matches!(store, Some(Store::Codes { k: 8, .. })) && mask.is_none();
+                if !dense_q {
+                    let r = recognized(&view, "w").unwrap_or_else(|| panic!("{p:?}"));
+                    assert_eq!(r.shape, p.shape);
+                    assert_eq!(r.mask, p.mask);
+                    assert_eq!(
+                        build(&r, "w", "pk", opset, &mut Shared::new(Default::default())).inits,
+                        dec.inits
+                    );
+                    let bits = |a: &ArrayD<f32>| a.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    if let Some(Store::Codes { .. }) = store {
+                        let q = &dec.nodes.last().unwrap().input[0];
+                        let Some(Val::I(e, _)) = eval::eval(&view, q).unwrap() else {
+                            panic!("{p:?}")
+                        };
+                        let (k, native) = decode_codes(&r).unwrap();
+                        assert_eq!(native, e.mapv(|v| v as f32), "{p:?}");
+                        assert_eq!(read_codes(&view, q).unwrap().unwrap(), (k, native.clone()));
+                        native_checked += 1;
+                    } else {
+                        let Some(Val::F(e)) = eval::eval(&view, "w").unwrap() else {
+                            panic!("{p:?}")
+                        };
+                        let native = decode(&r).unwrap();
+                        assert_eq!(bits(&native), bits(&e), "{p:?}");
+                        native_checked += 1;
+                    }
+                }
                 let decoded = crate::repr::weight(&view, "w").unwrap().unwrap();
                 assert_eq!(decoded.values.shape(), shape.as_slice(), "{p:?}");
                 assert_eq!(eval::shape(&view, "w").as_deref(), Some(shape.as_slice()));
@@ -1083,5 +1708,76 @@ mod tests {
             }
         }
         assert!(checked > 500, "{checked} values checked");
+        // Every case at both opsets but the two dense 8-bit `codes` stores (per
+        // tensor and per channel), whose q is an int8/uint8 initializer, no decoder.
+        assert_eq!(native_checked, 2 * (cases.len() - 2));
+    }
+
+    /// A decoder that differs from ours in anything `parse` does not look at is
+    /// not read natively (the evaluator reads it), and a changed constant that
+    /// `parse` does read is read with its new value.
+    #[test]
+    fn a_changed_decoder_is_not_read_natively() {
+        use crate::graph::Graph;
+        use crate::onnx::proto::GraphProto;
+        let shape = vec![2usize, 3];
+        let p = Packed {
+            shape: shape.clone(),
+            mask: Some(vec![true, false, true, true, false, true]),
+            store: Some(Store::Affine {
+                k: 3,
+                codes: vec![1, 2, 5, 7],
+                scale: vec![0.5],
+                zp: vec![4.0],
+                axis: None,
+            }),
+        };
+        let mut shared = Shared::new(Default::default());
+        let dec = build(&p, "w", "pk", 13, &mut shared);
+        let proto = |edit: &dyn Fn(&mut TensorProto)| {
+            let mut inits: Vec<TensorProto> =
+                dec.inits.iter().chain(&shared.inits).cloned().collect();
+            inits.iter_mut().for_each(edit);
+            GraphProto {
+                node: dec.nodes.clone(),
+                initializer: inits,
+                ..Default::default()
+            }
+        };
+        let g = proto(&|_| {});
+        let view = Graph::new(&g).unwrap();
+        // (code - 4) * 0.5 at the stored positions: (1-4)/2 = -1.5, (2-4)/2 = -1,
+        // (5-4)/2 = 0.5, (7-4)/2 = 1.5.
+        let want = [-1.5f32, 0.0, -1.0, 0.5, 0.0, 1.5];
+        let r = recognized(&view, "w").unwrap();
+        assert_eq!(
+            decode(&r).unwrap().iter().copied().collect::<Vec<_>>(),
+            want
+        );
+        // The bit stream's column shape [-1, 1] made [1, -1]: `parse` skips
+        // Reshapes, the comparison with our decoder does not.
+        let g = proto(&|t| {
+            if t.name() == "pk_shape_col" {
+                *t = i64s(&[1, -1]).to_proto("pk_shape_col");
+            }
+        });
+        let view = Graph::new(&g).unwrap();
+        assert!(recognized(&view, "w").is_none());
+        // The scale 0.5 -> 2: read natively with the new scale, as the evaluator does.
+        let g = proto(&|t| {
+            if t.name() == "pk.scale" {
+                *t = TensorData::F32(arr0(2.0f32).into_dyn()).to_proto("pk.scale");
+            }
+        });
+        let view = Graph::new(&g).unwrap();
+        let r = recognized(&view, "w").unwrap();
+        let Some(Val::F(e)) = eval::eval(&view, "w").unwrap() else {
+            panic!()
+        };
+        assert_eq!(decode(&r).unwrap(), e);
+        assert_eq!(
+            e.iter().copied().collect::<Vec<_>>(),
+            [-6.0, 0.0, -4.0, 2.0, 0.0, 6.0]
+        );
     }
 }
