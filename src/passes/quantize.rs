@@ -764,16 +764,17 @@ impl Pass for Quantize {
         let mut done = vec![false; jobs.len()];
         let mut capture_secs = 0.0;
         let mut captured = 0usize;
-        let process = |ji: usize,
+        // One layer in two steps: `compute` reads the model and quantizes (pure, so
+        // layers without calibration run on every core), `apply` writes the result
+        // and the report lines in layer order (deterministic output).
+        let compute = |ji: usize,
                        bits: u32,
                        cal: Option<&calib::Calibrated>,
                        no_calib: Option<&String>,
-                       model: &mut Model,
-                       report: &mut PassReport|
-         -> Result<()> {
+                       model: &Model|
+         -> Result<Computed> {
             let job = &jobs[ji];
-            let g = model.graph_mut();
-            let mut names = crate::graph::Namer::of(g);
+            let g = model.graph();
             let t = g
                 .initializer
                 .iter()
@@ -783,6 +784,7 @@ impl Pass for Quantize {
             let mut q = quantize_tensor(&w, job.scheme, bits, cfg, job.axis, job.fan_in);
             // GPTQ, the output errors and the bias shift, where calibrated.
             let mut calib_note = String::new();
+            let mut error = None;
             match (cal, &job.layout) {
                 (Some(cal), Ok((rows, _))) => {
                     match calibrated_layer(
@@ -798,7 +800,7 @@ impl Pass for Quantize {
                         job.rounding,
                     ) {
                         Ok(done) => {
-                            report.errors.push(crate::passes::LayerError {
+                            error = Some(crate::passes::LayerError {
                                 layer: job.node.clone(),
                                 method: done.method.clone(),
                                 nearest: done.nearest,
@@ -824,6 +826,42 @@ impl Pass for Quantize {
             let sqnr = sqnr_db(&w, &q.values);
             let zeros_before = w.iter().filter(|v| **v == 0.0).count();
             let zeros_after = q.values.iter().filter(|v| **v == 0.0).count();
+            let line = format!(
+                "{} {}-bit, {}, SQNR {} dB, clipped {:.2}%, zeros {} -> {} of {} (weight '{}'){calib_note}",
+                job.scheme,
+                bits,
+                q.grid,
+                if sqnr.is_finite() {
+                    format!("{sqnr:.1}")
+                } else {
+                    "inf".into()
+                },
+                100.0 * q.clipped as f64 / w.len().max(1) as f64,
+                zeros_before,
+                zeros_after,
+                w.len(),
+                job.init
+            );
+            // The bias (another tensor than any layer's weight; a bias shared with
+            // other readers gets a private copy, so the original stays as read here).
+            let bias = match (cfg.bias_bits, &job.bias) {
+                (Some(bb), Some(b)) => Some((b.clone(), compute_bias(g, job, b, bb, cfg)?)),
+                _ => None,
+            };
+            Ok(Computed {
+                q,
+                error,
+                line,
+                bias,
+            })
+        };
+        let apply = |ji: usize, c: Computed, model: &mut Model, report: &mut PassReport| {
+            let job = &jobs[ji];
+            let g = model.graph_mut();
+            let mut names = crate::graph::Namer::of(g);
+            if let Some(e) = c.error {
+                report.errors.push(e);
+            }
             // A weight other nodes also read is never changed under them: this layer
             // gets a private copy.
             let target = match &job.weight_shared {
@@ -843,82 +881,35 @@ impl Pass for Quantize {
                 }
                 None => job.init.clone(),
             };
-            write_tensor(g, &target, &q);
-            report.changed(
-                format!("[#{}] {}", job.index, job.node),
-                format!(
-                    "{} {}-bit, {}, SQNR {} dB, clipped {:.2}%, zeros {} -> {} of {} (weight '{}'){calib_note}",
-                    job.scheme,
-                    bits,
-                    q.grid,
-                    if sqnr.is_finite() {
-                        format!("{sqnr:.1}")
-                    } else {
-                        "inf".into()
-                    },
-                    100.0 * q.clipped as f64 / w.len().max(1) as f64,
-                    zeros_before,
-                    zeros_after,
-                    w.len(),
-                    job.init
-                ),
-            );
-
-            if let (Some(bb), Some(b)) = (cfg.bias_bits, &job.bias) {
-                let Some(bt) = g.initializer.iter().find(|t| t.name() == b.as_str()) else {
-                    report.skipped(b, "bias left float: not an initializer");
-                    return Ok(());
-                };
-                if bt.data_type() != DataType::Float as i32 {
-                    report.skipped(b, "bias left float: not float32");
-                    return Ok(());
-                }
-                if let Some(why) = &job.bias_fixed {
-                    report.skipped(b, format!("bias left float: {why}"));
-                    return Ok(());
-                }
-                let bv = TensorData::from_proto(bt)?.to_f32();
-                if let Some(c) = claim::verify(bt, &bv)? {
-                    if c.scheme == Scheme::Linear && c.bits == bb && c.axis.is_none() {
-                        report.skipped(b, format!("bias already linear {bb}-bit: left as is"));
-                        return Ok(());
-                    }
-                }
-                let bcfg = QuantConfig {
-                    per_channel: false,
-                    ..cfg.clone()
-                };
-                let bq = quantize_tensor(&bv, Scheme::Linear, bb, &bcfg, None, 1);
-                let s = sqnr_db(&bv, &bq.values);
-                let (target, copied) = match &job.bias_shared {
-                    Some(readers) => {
-                        let copy = names.fresh(&format!("{b}_q"));
-                        for &n in &job.nodes {
-                            g.node[n].input[2] = copy.clone();
+            write_tensor(g, &target, &c.q);
+            report.changed(format!("[#{}] {}", job.index, job.node), c.line);
+            match c.bias {
+                None => {}
+                Some((b, Err(why))) => report.skipped(b, why),
+                Some((b, Ok((bq, line)))) => {
+                    let (target, copied) = match &job.bias_shared {
+                        Some(readers) => {
+                            let copy = names.fresh(&format!("{b}_q"));
+                            for &n in &job.nodes {
+                                g.node[n].input[2] = copy.clone();
+                            }
+                            (
+                                copy.clone(),
+                                format!(" (also read by {readers}: a private copy '{copy}')"),
+                            )
                         }
-                        (
-                            copy.clone(),
-                            format!(" (also read by {readers}: a private copy '{copy}')"),
-                        )
-                    }
-                    None => (b.clone(), String::new()),
-                };
-                write_tensor(g, &target, &bq);
-                report.changed(
-                    b,
-                    format!(
-                        "bias linear {bb}-bit{copied}, {}, SQNR {} dB, clipped {:.2}%",
-                        bq.grid,
-                        if s.is_finite() {
-                            format!("{s:.1}")
-                        } else {
-                            "inf".into()
-                        },
-                        100.0 * bq.clipped as f64 / bv.len().max(1) as f64
-                    ),
-                );
+                        None => (b.clone(), String::new()),
+                    };
+                    write_tensor(g, &target, &bq);
+                    report.changed(
+                        &b,
+                        format!(
+                            "bias linear {}-bit{copied}, {line}",
+                            cfg.bias_bits.unwrap_or_default()
+                        ),
+                    );
+                }
             }
-            Ok(())
         };
         if cfg.avg_bits.is_some()
             && !(calibrating && matches!(cfg.calib_mode, calib::CalibMode::Parallel))
@@ -951,22 +942,29 @@ impl Pass for Quantize {
                 );
             }
             for &ji in stage {
-                process(
+                let c = compute(
                     ji,
                     chosen[ji],
                     calibrated.get(&ji),
                     no_calib.get(&ji),
                     model,
-                    &mut report,
                 )?;
+                apply(ji, c, model, &mut report);
                 done[ji] = true;
                 solved += 1;
                 crate::passes::solve_progress("weight rounding (GPTQ)", solved, solving);
             }
         }
         let left: Vec<usize> = (0..jobs.len()).filter(|&ji| !done[ji]).collect();
-        for ji in left {
-            process(ji, chosen[ji], None, no_calib.get(&ji), model, &mut report)?;
+        let computed: Vec<Result<Computed>> = {
+            use rayon::prelude::*;
+            let model = &*model;
+            left.par_iter()
+                .map(|&ji| compute(ji, chosen[ji], None, no_calib.get(&ji), model))
+                .collect()
+        };
+        for (ji, c) in left.into_iter().zip(computed) {
+            apply(ji, c?, model, &mut report);
         }
         if !stages.is_empty() {
             report.changed(
@@ -987,6 +985,59 @@ impl Pass for Quantize {
         }
         Ok(report)
     }
+}
+
+/// One layer quantized, not yet written.
+struct Computed {
+    q: Quantized,
+    error: Option<crate::passes::LayerError>,
+    /// The layer's report line.
+    line: String,
+    /// The bias: its name and either why it stays float or its quantized values
+    /// with the rest of its report line.
+    bias: Option<(String, std::result::Result<(Quantized, String), String>)>,
+}
+
+/// The bias `b` of `job` on the linear grid of `bb` bits, or why it stays float.
+fn compute_bias(
+    g: &crate::onnx::proto::GraphProto,
+    job: &Job,
+    b: &str,
+    bb: u32,
+    cfg: &QuantConfig,
+) -> Result<std::result::Result<(Quantized, String), String>> {
+    let Some(bt) = g.initializer.iter().find(|t| t.name() == b) else {
+        return Ok(Err("bias left float: not an initializer".into()));
+    };
+    if bt.data_type() != DataType::Float as i32 {
+        return Ok(Err("bias left float: not float32".into()));
+    }
+    if let Some(why) = &job.bias_fixed {
+        return Ok(Err(format!("bias left float: {why}")));
+    }
+    let bv = TensorData::from_proto(bt)?.to_f32();
+    if let Some(c) = claim::verify(bt, &bv)? {
+        if c.scheme == Scheme::Linear && c.bits == bb && c.axis.is_none() {
+            return Ok(Err(format!("bias already linear {bb}-bit: left as is")));
+        }
+    }
+    let bcfg = QuantConfig {
+        per_channel: false,
+        ..cfg.clone()
+    };
+    let bq = quantize_tensor(&bv, Scheme::Linear, bb, &bcfg, None, 1);
+    let s = sqnr_db(&bv, &bq.values);
+    let line = format!(
+        "{}, SQNR {} dB, clipped {:.2}%",
+        bq.grid,
+        if s.is_finite() {
+            format!("{s:.1}")
+        } else {
+            "inf".into()
+        },
+        100.0 * bq.clipped as f64 / bv.len().max(1) as f64
+    );
+    Ok(Ok((bq, line)))
 }
 
 /// Why GPTQ needs `--calib`.
