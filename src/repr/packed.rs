@@ -1100,18 +1100,30 @@ fn by_channel_fill<T: Copy>(
                 return None;
             }
             let mut out = Vec::with_capacity(n);
+            let Some(&last) = stored.last() else {
+                // Nothing stored: every element is the fill.
+                for _ in 0..outer {
+                    for &fill in fill.iter().take(channels) {
+                        out.extend(std::iter::repeat_n(fill, inner));
+                    }
+                }
+                return Some(out);
+            };
+            // Branch-free (a pruned mask is random): every element decodes the
+            // next stored value, the mask picks it or the fill.
             let mut j = 0;
             for o in 0..outer {
                 for (c, &fill) in fill.iter().enumerate().take(channels) {
                     let at = (o * channels + c) * inner;
-                    for &on in &mask[at..at + inner] {
-                        out.push(if on {
-                            j += 1;
-                            f(c, stored[j - 1])
+                    out.extend(mask[at..at + inner].iter().map(|&on| {
+                        let v = f(c, *stored.get(j).unwrap_or(&last));
+                        j += usize::from(on);
+                        if on {
+                            v
                         } else {
                             fill
-                        });
-                    }
+                        }
+                    }));
                 }
             }
             Some(out)
