@@ -995,8 +995,11 @@ struct Computed {
     line: String,
     /// The bias: its name and either why it stays float or its quantized values
     /// with the rest of its report line.
-    bias: Option<(String, std::result::Result<(Quantized, String), String>)>,
+    bias: Option<(String, BiasOutcome)>,
 }
+
+/// A bias quantized (values, the rest of its report line), or why it stays float.
+type BiasOutcome = std::result::Result<(Quantized, String), String>;
 
 /// The bias `b` of `job` on the linear grid of `bb` bits, or why it stays float.
 fn compute_bias(
@@ -1005,7 +1008,7 @@ fn compute_bias(
     b: &str,
     bb: u32,
     cfg: &QuantConfig,
-) -> Result<std::result::Result<(Quantized, String), String>> {
+) -> Result<BiasOutcome> {
     let Some(bt) = g.initializer.iter().find(|t| t.name() == b) else {
         return Ok(Err("bias left float: not an initializer".into()));
     };
