@@ -509,7 +509,7 @@ def render_targets(L, models, bad):
                 in_passes = sum(statistics.median(v) for v in passes.values())
                 L.append(f"- {m.title}, {c.label}: {parts}; passes {in_passes:.3f} s of {total:.3f} s")
     L.append("")
-    L.append("Targets (issue #8):")
+    L.append("Targets (issues #8 and #17):")
     L.append("")
     for m, by in rows:
         full = by.get("opt_full")
@@ -520,17 +520,18 @@ def render_targets(L, models, bad):
         if m.key == "resnet50" and full and plain:
             checks.append(("full optimize under 2x the plain decode+encode", full["t"] / plain["t"], 2.0, "<"))
             checks.append(("full optimize peak RSS under 2.5x the file size", full["rss"] * 1024 / m.size, 2.5, "<"))
+        qdyn = by.get("py_qdyn")
+        if m.key == "resnet50" and full and qdyn:
+            checks.append(("full optimize at most 1.5x onnxruntime's quantize_dynamic", full["t"] / qdyn["t"], 1.5, "<="))
         if m.key == "resnet50" and fuse and fold:
             checks.append(("fold at least 5x faster than onnxoptimizer's fuse_bn_into_conv", fuse["t"] / fold["t"], 5.0, ">"))
-            if full:
-                checks.append(("(full optimize vs onnxoptimizer's BN fusion alone)", fuse["t"] / full["t"], 5.0, ">"))
         if m.key == "big":
             for c in m.cases:
                 s = by.get(c.tool)
                 if s:
                     checks.append((f"{c.label}: peak RSS under 2.5x the size", s["rss"] * 1024 / m.size, 2.5, "<"))
         for what, v, limit, op in checks:
-            ok = v < limit if op == "<" else v >= limit
+            ok = v < limit if op == "<" else v <= limit if op == "<=" else v >= limit
             L.append(f"- {m.title}: {what}: {v:.2f}x -> {'met' if ok else 'MISSED'}")
     L.append("")
 
