@@ -984,3 +984,127 @@ fn inspect_shows_logical_layers_of_a_packed_file() {
     assert_eq!(layers.len(), 4);
     assert!(layers.iter().all(|l| l["bits"] == 4), "{layers:?}");
 }
+
+/// GPTQ's output on a 2:4 mask (SparseGPT) and on ternary grids, packed: every
+/// weighted layer reads back as packed storage at its claimed width, the stored
+/// payload is the score's storage within 10%, the file scores as the report
+/// says, and its logits equal those of the same pipeline stored as float32.
+#[test]
+fn gptq_on_2_4_and_ternary_grids_packs_to_the_scored_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("mobilenetv2_cifar_bn.onnx");
+    let data = fixture("data/foolbox/cifar100");
+    let cases: [(&str, &[&str], &str); 2] = [
+        (
+            "nm24",
+            &[
+                "--prune",
+                "sparsegpt:2:4",
+                "--quantize",
+                "minmax:8",
+                "--per-channel",
+            ],
+            "8-bit codes",
+        ),
+        ("ternary", &["--quantize", "ternary"], "ternary (packed"),
+    ];
+    for (tag, flags, scheme) in cases {
+        let mut outs = Vec::new();
+        for storage in ["packed", "float"] {
+            let out = dir.path().join(format!("{tag}_{storage}.onnx"));
+            let rep = dir.path().join(format!("{tag}_{storage}.json"));
+            let mut args = vec![
+                "optimize",
+                src.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+                "--calib",
+                data.to_str().unwrap(),
+                "--storage",
+                storage,
+                "--report",
+                rep.to_str().unwrap(),
+            ];
+            args.extend_from_slice(flags);
+            let o = cli(&args);
+            assert!(
+                o.status.success(),
+                "{tag}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let json: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+            outs.push((out, json));
+        }
+        let (p, f) = (&outs[0], &outs[1]);
+        // GPTQ ran (the default with --calib) on most layers.
+        let q = p.1["passes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["pass"] == "quantize")
+            .unwrap();
+        let gptq = q["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["method"].as_str().unwrap().contains("GPTQ"))
+            .count();
+        assert!(gptq >= 40, "{tag}: GPTQ on {gptq} layers");
+        let layers = p.1["after"]["layers"].as_array().unwrap();
+        let weighted: Vec<&serde_json::Value> = layers
+            .iter()
+            .filter(|l| l["weight_bits"].is_number())
+            .collect();
+        assert_eq!(weighted.len(), 53, "{tag}");
+        let mut sparse = 0;
+        for l in &weighted {
+            let s = l["weight_scheme"].as_str().unwrap();
+            // Dense 8-bit codes are the uint8 tensor itself (the layers the 2:4
+            // pruning leaves alone), every other weight is packed.
+            let dense8 = tag == "nm24" && s == "uint8 via DequantizeLinear";
+            assert!(
+                dense8 || (s.contains(scheme) && s.contains("packed")),
+                "{tag}: {l}"
+            );
+            sparse += usize::from(l["sparsity"].as_f64().unwrap() >= 0.44);
+        }
+        if tag == "nm24" {
+            // 2 of every 4 (0.44 for depthwise 3x3 kernels: groups of 4 across 9
+            // inputs keep 5); the prune pass leaves the first conv and three
+            // layers under 1000 weights alone: 53 - 4.
+            assert_eq!(sparse, 49, "{tag}: layers at 2:4");
+        }
+        // The stored payload is the scored storage within 10% (decoders apart).
+        let d = &p.1["after"]["disk"];
+        let (score_b, stored) = (
+            d["score_bytes"].as_f64().unwrap(),
+            d["stored_bytes"].as_f64().unwrap(),
+        );
+        assert!(
+            (stored / score_b - 1.0).abs() < 0.10,
+            "{tag}: stored {stored} bytes, scored {score_b}"
+        );
+        // The same scores either way, and `score` of the file agrees.
+        assert_eq!(p.1["after"]["totals"], f.1["after"]["totals"], "{tag}");
+        let s = cli(&["score", p.0.to_str().unwrap(), "--json", "-"]);
+        assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+        let sj: serde_json::Value = serde_json::from_slice(&s.stdout).unwrap();
+        assert_eq!(sj["score"], p.1["after"]["score"], "{tag}");
+        // Bit-identical logits in tract.
+        let v = cli(&[
+            "validate",
+            f.0.to_str().unwrap(),
+            p.0.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--limit",
+            "8",
+            "--json",
+            "-",
+        ]);
+        assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+        let vj: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
+        assert_eq!(vj["agreement"]["max_abs_logit_diff"], 0.0, "{tag}: {vj}");
+    }
+}
