@@ -341,7 +341,7 @@ impl<'g> Graph<'g> {
 
     /// A constant's values in f32 (see [`TensorData::to_f32`]).
     pub fn constant_f32(&self, value: &str) -> Result<Option<ndarray::ArrayD<f32>>> {
-        Ok(self.constant(value)?.map(|d| d.to_f32()))
+        Ok(self.constant(value)?.map(TensorData::into_f32))
     }
 
     /// The nodes of one op type, in topological order.

@@ -563,6 +563,15 @@ impl TensorData {
         }
     }
 
+    /// As [`to_f32`](Self::to_f32), taking the data: float32 values are moved,
+    /// not copied.
+    pub fn into_f32(self) -> ArrayD<f32> {
+        match self {
+            TensorData::F32(a) => a,
+            other => other.to_f32(),
+        }
+    }
+
     /// Integer values (for shape constants and indices); `None` for float types.
     pub fn to_i64(&self) -> Option<ArrayD<i64>> {
         Some(match self {

@@ -183,7 +183,7 @@ impl Pass for BiasCorrect {
                         .find(|x| x.name() == b.as_str())
                         .expect("checked");
                     TensorData::from_proto(tensor)?
-                        .to_f32()
+                        .into_f32()
                         .iter()
                         .copied()
                         .collect()

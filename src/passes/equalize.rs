@@ -840,7 +840,7 @@ impl Pass for Equalize {
                         .iter()
                         .find(|t| t.name() == name.as_str())
                         .expect("checked");
-                    let w = TensorData::from_proto(t)?.to_f32();
+                    let w = TensorData::from_proto(t)?.into_f32();
                     let w = if w.is_standard_layout() {
                         w
                     } else {

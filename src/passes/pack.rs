@@ -444,7 +444,7 @@ fn quantize_biases(model: &mut Model, report: &mut PassReport) -> Result<()> {
             else {
                 continue;
             };
-            let bias = TensorData::from_proto(bt)?.to_f32();
+            let bias = TensorData::from_proto(bt)?.into_f32();
             let channels = bias.len();
             let (axis, _) = weight_axis(n, w.values.shape())?;
             let per_channel = steps.len() > 1;
@@ -685,7 +685,7 @@ fn verify(
     let Some(w) = crate::repr::weight(&g, name)? else {
         return Ok(Err("the reader does not recognize it".into()));
     };
-    let orig = TensorData::from_proto(old)?.to_f32();
+    let orig = TensorData::from_proto(old)?.into_f32();
     if w.values.shape() != orig.shape() {
         return Ok(Err(format!(
             "shape {:?} instead of {:?}",

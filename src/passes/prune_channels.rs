@@ -924,7 +924,7 @@ fn sink_data(
         .ok_or("weight is not an initializer")?;
     let w = TensorData::from_proto(t)
         .map_err(|e| e.to_string())?
-        .to_f32();
+        .into_f32();
     let rows = calib::rows_of(node, w.shape())?;
     let d = rows.len;
     let flat: Vec<f32> = w.iter().copied().collect();
@@ -1320,7 +1320,7 @@ fn apply(model: &mut Model, edits: &[Edit]) -> Result<()> {
                 .iter()
                 .find(|t| t.name() == s.tensor)
                 .expect("checked by the grouping");
-            let a = TensorData::from_proto(t)?.to_f32();
+            let a = TensorData::from_proto(t)?.into_f32();
             let idx: Vec<usize> = keep
                 .iter()
                 .flat_map(|&c| c * s.block..(c + 1) * s.block)

@@ -681,7 +681,7 @@ impl Pass for Quantize {
                 let t = view
                     .initializer(init)
                     .expect("layer weights are initializers");
-                let values = TensorData::from_proto(t)?.to_f32();
+                let values = TensorData::from_proto(t)?.into_f32();
                 let per_channel = cfg.per_channel && scheme.imp().per_channel();
                 if let Some(c) = claim::verify(t, &values)? {
                     if c.scheme.claim_name() == scheme.claim_name()
@@ -780,7 +780,7 @@ impl Pass for Quantize {
                 .iter()
                 .find(|t| t.name() == job.init)
                 .expect("planned");
-            let w = TensorData::from_proto(t)?.to_f32();
+            let w = TensorData::from_proto(t)?.into_f32();
             let mut q = quantize_tensor(&w, job.scheme, bits, cfg, job.axis, job.fan_in);
             // GPTQ, the output errors and the bias shift, where calibrated.
             let mut calib_note = String::new();
@@ -1018,7 +1018,7 @@ fn compute_bias(
     if let Some(why) = &job.bias_fixed {
         return Ok(Err(format!("bias left float: {why}")));
     }
-    let bv = TensorData::from_proto(bt)?.to_f32();
+    let bv = TensorData::from_proto(bt)?.into_f32();
     if let Some(c) = claim::verify(bt, &bv)? {
         if c.scheme == Scheme::Linear && c.bits == bb && c.axis.is_none() {
             return Ok(Err(format!("bias already linear {bb}-bit: left as is")));
@@ -1168,7 +1168,7 @@ fn allocate_jobs(
             .iter()
             .find(|t| t.name() == init)
             .expect("planned");
-        Ok(TensorData::from_proto(t)?.to_f32())
+        Ok(TensorData::from_proto(t)?.into_f32())
     };
     let candidates: Vec<(usize, ArrayD<f32>)> = (0..jobs.len())
         .filter(|&ji| !jobs[ji].pinned && calibrated.contains_key(&ji) && jobs[ji].layout.is_ok())

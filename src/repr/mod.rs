@@ -68,10 +68,11 @@ pub fn weight(g: &Graph, value: &str) -> Result<Option<Weight>> {
     if let Some(data) = g.constant(value)? {
         // value_float(s) / value_int(s) Constant nodes.
         let bits = data.elem_bits() as u32;
+        let scheme = dtype_name(data.data_type() as i32);
         return Ok(Some(Weight {
-            values: data.to_f32(),
+            values: data.into_f32(),
             bits,
-            scheme: dtype_name(data.data_type() as i32),
+            scheme,
             quantized: false,
             ternary: false,
             claim: None,
@@ -251,7 +252,7 @@ fn dequantize(
 fn float_weight(t: &TensorProto) -> Result<Weight> {
     let data = TensorData::from_proto(t)?;
     let storage_bits = data.elem_bits() as u32;
-    let values = data.to_f32();
+    let values = data.into_f32();
     let Some(c) = claim::verify(t, &values)? else {
         return Ok(Weight {
             values,
