@@ -107,21 +107,25 @@ pub fn choose(
         ));
     }
     let use_mask = nnz < n && (n as u64 + nnz as u64 * k as u64) < n as u64 * k as u64;
-    let stored: Vec<(usize, f32)> = values
-        .iter()
-        .copied()
-        .enumerate()
-        .filter(|(_, v)| !use_mask || *v != 0.0)
-        .collect();
+    // The stored values with their element index, iterated (not collected: one
+    // pair per element of a 67M-element tensor is 1 GiB).
+    let stored = || {
+        values
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(move |(_, v)| !use_mask || *v != 0.0)
+    };
+    let m = if use_mask { nnz } else { n };
     if storage == Storage::Half {
         return Ok(Packed {
             shape,
             mask: use_mask.then_some(mask),
-            store: Some(Store::Half(stored.into_iter().map(|(_, v)| v).collect())),
+            store: Some(Store::Half(stored().map(|(_, v)| v).collect())),
         });
     }
     let affine_store = match storage {
-        Storage::Affine { offset } => match affine(t, &stored, &shape, k, offset) {
+        Storage::Affine { offset } => match affine(t, stored(), m, &shape, k, offset) {
             Some(Store::Affine {
                 k,
                 codes,
@@ -140,7 +144,7 @@ pub fn choose(
         _ => None,
     };
     let store = affine_store
-        .or_else(|| codebook(&stored, k))
+        .or_else(|| codebook(stored, k))
         .ok_or_else(|| {
             format!("its {k}-bit claim fits neither affine codes nor a {k}-bit codebook")
         })?;
@@ -159,7 +163,8 @@ fn parse_list(s: &str) -> Option<Vec<f32>> {
 /// value exactly; stored codes are the claimed ones shifted by `offset`.
 fn affine(
     t: &TensorProto,
-    stored: &[(usize, f32)],
+    stored: impl Iterator<Item = (usize, f32)>,
+    m: usize,
     shape: &[usize],
     k: u32,
     offset: i64,
@@ -186,8 +191,8 @@ fn affine(
     let zp: Vec<f32> = zp.iter().map(|z| z + offset as f32).collect();
     let inner: usize = axis.map_or(1, |a| shape[a + 1..].iter().product());
     let max = (1u64 << k) as f32;
-    let mut codes = Vec::with_capacity(stored.len());
-    for &(i, v) in stored {
+    let mut codes = Vec::with_capacity(m);
+    for (i, v) in stored {
         let c = axis.map_or(0, |_| (i / inner) % scale.len());
         let (s, z) = (scale[c], zp[c]);
         if s == 0.0 || !s.is_finite() {
@@ -213,24 +218,26 @@ fn affine(
 }
 
 /// A codebook of the distinct stored values (sorted), when there are at most 2^k.
-fn codebook(stored: &[(usize, f32)], k: u32) -> Option<Store> {
-    let distinct: BTreeSet<u32> = stored
-        .iter()
-        .map(|(_, v)| if *v == 0.0 { 0 } else { v.to_bits() })
-        .collect();
+fn codebook<I: Iterator<Item = (usize, f32)>>(stored: impl Fn() -> I, k: u32) -> Option<Store> {
+    let mut distinct: BTreeSet<u32> = BTreeSet::new();
+    for (_, v) in stored() {
+        distinct.insert(if v == 0.0 { 0 } else { v.to_bits() });
+        if distinct.len() as u64 > 1u64 << k {
+            return None;
+        }
+    }
     if distinct.len() as u64 > 1u64 << k {
         return None;
     }
     let mut book: Vec<f32> = distinct.into_iter().map(f32::from_bits).collect();
     book.sort_by(|a, b| a.total_cmp(b));
-    let codes = stored
+    let index: HashMap<u32, u32> = book
         .iter()
-        .map(|(_, v)| {
-            let v = if *v == 0.0 { 0.0 } else { *v };
-            book.iter()
-                .position(|b| b.to_bits() == v.to_bits())
-                .expect("in the book") as u32
-        })
+        .enumerate()
+        .map(|(i, b)| (b.to_bits(), i as u32))
+        .collect();
+    let codes = stored()
+        .map(|(_, v)| index[&(if v == 0.0 { 0.0f32 } else { v }).to_bits()])
         .collect();
     Some(Store::Codebook { k, codes, book })
 }
@@ -540,9 +547,16 @@ fn plan(g: &Graph, t: &TensorProto, opset: i64) -> Option<std::result::Result<Pl
         Ok(None) => return None,
         Err(e) => return Some(Err(format!("left as float: {e}"))),
     };
-    let values: Vec<f32> = w.values.iter().copied().collect();
+    let owned: Vec<f32>;
+    let values = match w.values.as_slice() {
+        Some(v) => v,
+        None => {
+            owned = w.values.iter().copied().collect();
+            &owned
+        }
+    };
     Some(
-        choose(t, &values, w.values.shape(), w.claim.as_ref(), opset).map(|packed| Plan {
+        choose(t, values, w.values.shape(), w.claim.as_ref(), opset).map(|packed| Plan {
             name: t.name().to_string(),
             packed,
             claimed: (w.bits, w.ternary),

@@ -140,7 +140,8 @@ struct Ctx<'a, 'g> {
     shapes: &'a HashMap<String, Vec<usize>>,
     opts: &'a ScoreOptions,
     act: ActBits<'g>,
-    weights: HashMap<usize, Weight>,
+    /// Shared by the nodes of a layer (`Arc`: weights are read, never copied).
+    weights: HashMap<usize, std::sync::Arc<Weight>>,
     freebie: bool,
 }
 
@@ -232,13 +233,10 @@ pub(crate) fn count_graph(
     let mut weights = HashMap::new();
     for (layer, w) in layers.iter().zip(read) {
         if let Some(w) = w? {
-            // Every node of the layer sees the weight; the last takes it (a copy of
-            // the values only for multi-node layers).
-            if let Some((&last, rest)) = layer.nodes.split_last() {
-                for &i in rest {
-                    weights.insert(i, w.clone());
-                }
-                weights.insert(last, w);
+            // Every node of the layer sees the weight.
+            let w = std::sync::Arc::new(w);
+            for &i in &layer.nodes {
+                weights.insert(i, w.clone());
             }
         }
     }
