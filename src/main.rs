@@ -780,11 +780,14 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
             ));
         }
     }
+    // Shared by the plans of a --search (allocations differ only in their budget).
+    let memo = onnx_micronet::passes::quantize::AllocationMemo::default();
     let cx = PassContext {
         reference: None,
         calib: calib.as_ref().map(|c| &c.data),
         input_shape: geometry.map(|g| g.shape).unwrap_or_default(),
         threads,
+        memo: Some(&memo),
     };
     // The original model's run on --data, measured once for every plan built.
     let original_run: std::cell::OnceCell<validate::ModelRun> = std::cell::OnceCell::new();

@@ -56,6 +56,9 @@ pub struct Context<'a> {
     pub input_shape: Vec<usize>,
     /// Worker threads for tract runs.
     pub threads: usize,
+    /// Budget-free work of weight-width allocations, shared by the builds of one
+    /// search (see [`quantize::AllocationMemo`]); `None`: computed per build.
+    pub memo: Option<&'a quantize::AllocationMemo>,
 }
 
 impl Context<'_> {

@@ -771,6 +771,7 @@ impl Pass for Quantize {
                        bits: u32,
                        cal: Option<&calib::Calibrated>,
                        no_calib: Option<&String>,
+                       cached: Option<&LayerResult>,
                        model: &Model|
          -> Result<Computed> {
             let job = &jobs[ji];
@@ -787,18 +788,23 @@ impl Pass for Quantize {
             let mut error = None;
             match (cal, &job.layout) {
                 (Some(cal), Ok((rows, _))) => {
-                    match calibrated_layer(
-                        cfg,
-                        job.scheme,
-                        bits,
-                        job.axis,
-                        job.fan_in,
-                        &w,
-                        &q,
-                        cal,
-                        rows,
-                        job.rounding,
-                    ) {
+                    // The allocation's table computed this very rounding already.
+                    let result = match cached {
+                        Some(r) => r.clone(),
+                        None => calibrated_layer(
+                            cfg,
+                            job.scheme,
+                            bits,
+                            job.axis,
+                            job.fan_in,
+                            &w,
+                            &q,
+                            cal,
+                            rows,
+                            job.rounding,
+                        ),
+                    };
+                    match result {
                         Ok(done) => {
                             error = Some(crate::passes::LayerError {
                                 layer: job.node.clone(),
@@ -924,29 +930,74 @@ impl Pass for Quantize {
         if solving > 0 {
             crate::passes::solve_progress("weight rounding (GPTQ)", 0, solving);
         }
+        // An allocation's budget-free work, from an earlier build of the same
+        // search (one stage: allocations need parallel calibration).
+        let memo_key = match (cfg.avg_bits, cx.memo) {
+            (Some(_), Some(_)) if stages.len() == 1 => Some(memo_key(model, cx, cfg)),
+            _ => None,
+        };
+        let hit = memo_key
+            .as_ref()
+            .and_then(|k| cx.memo.and_then(|m| m.get(k)));
         for stage in &stages {
             let wanted: Vec<(usize, Vec<calib::Geom>)> = stage
                 .iter()
                 .map(|&i| (i, jobs[i].layout.as_ref().expect("calibratable").1.clone()))
                 .collect();
-            let (calibrated, too_big, secs) = calib::capture(model, cx, &wanted)?;
-            capture_secs += secs;
+            let mut owned = None;
+            let mut too_big = Vec::new();
+            let calibrated: &HashMap<usize, calib::Calibrated> = match &hit {
+                Some(m) => {
+                    too_big.clone_from(&m.too_big);
+                    &m.calibrated
+                }
+                None => {
+                    let (c, t, secs) = calib::capture(model, cx, &wanted)?;
+                    capture_secs += secs;
+                    too_big = t;
+                    &*owned.insert(c)
+                }
+            };
             captured += calibrated.len();
-            no_calib.extend(too_big);
+            no_calib.extend(too_big.iter().cloned());
+            let mut table = None;
             if let Some(avg) = cfg.avg_bits {
                 let start = std::time::Instant::now();
-                let line = allocate_jobs(model, cx, cfg, &jobs, &calibrated, avg, &mut chosen)?;
+                let (line, fresh) = allocate_jobs(
+                    model,
+                    cx,
+                    cfg,
+                    &jobs,
+                    calibrated,
+                    avg,
+                    &mut chosen,
+                    hit.as_ref().map(|m| &m.table),
+                )?;
+                table = fresh;
                 report.changed(
                     "allocation",
-                    format!("{line}, {:.2}s", start.elapsed().as_secs_f64()),
+                    format!(
+                        "{line}, {:.2}s{}",
+                        start.elapsed().as_secs_f64(),
+                        if hit.is_some() {
+                            " (capture and candidate table reused from an earlier plan of this search)"
+                        } else {
+                            ""
+                        }
+                    ),
                 );
             }
+            let layers = hit
+                .as_ref()
+                .map(|m| &m.table.layers)
+                .or(table.as_ref().map(|t: &Table| &t.layers));
             for &ji in stage {
                 let c = compute(
                     ji,
                     chosen[ji],
                     calibrated.get(&ji),
                     no_calib.get(&ji),
+                    layers.and_then(|l| l.get(&(ji, chosen[ji]))),
                     model,
                 )?;
                 apply(ji, c, model, &mut report);
@@ -954,13 +1005,25 @@ impl Pass for Quantize {
                 solved += 1;
                 crate::passes::solve_progress("weight rounding (GPTQ)", solved, solving);
             }
+            if let (Some(key), Some(memo), Some(calibrated), Some(table)) =
+                (memo_key, cx.memo, owned, table)
+            {
+                memo.insert(
+                    key,
+                    Memo {
+                        calibrated,
+                        too_big,
+                        table,
+                    },
+                );
+            }
         }
         let left: Vec<usize> = (0..jobs.len()).filter(|&ji| !done[ji]).collect();
         let computed: Vec<Result<Computed>> = {
             use rayon::prelude::*;
             let model = &*model;
             left.par_iter()
-                .map(|&ji| compute(ji, chosen[ji], None, no_calib.get(&ji), model))
+                .map(|&ji| compute(ji, chosen[ji], None, no_calib.get(&ji), None, model))
                 .collect()
         };
         for (ji, c) in left.into_iter().zip(computed) {
@@ -1047,7 +1110,66 @@ fn compute_bias(
 pub const GPTQ_NEEDS_CALIB: &str = "rounding 'gptq' needs calibration images (--calib DATA): \
 GPTQ moves each rounding error onto the weights not yet rounded through the inverse Hessian of the layer's inputs on them";
 
+/// What an allocation computes that does not depend on its budget, kept across
+/// the builds of one `optimize --search` (its plans differ only in `avg_bits`):
+/// the calibration capture, the candidate table (each pooled layer's weighted
+/// errors) and every layer's calibrated rounding at every candidate width. An
+/// entry is keyed by a SHA-256 of the model as the pass receives it, the pass's
+/// settings without `avg_bits`, the input shape and the calibration set's size
+/// (the images are the context's, fixed for its life), so a build served from
+/// the memo writes what a fresh build writes. Only allocations use it.
+#[derive(Default)]
+pub struct AllocationMemo {
+    entries: std::sync::Mutex<HashMap<[u8; 32], std::sync::Arc<Memo>>>,
+}
+
+impl AllocationMemo {
+    fn get(&self, key: &[u8; 32]) -> Option<std::sync::Arc<Memo>> {
+        self.entries.lock().ok()?.get(key).cloned()
+    }
+
+    fn insert(&self, key: [u8; 32], memo: Memo) {
+        if let Ok(mut e) = self.entries.lock() {
+            e.insert(key, std::sync::Arc::new(memo));
+        }
+    }
+}
+
+/// One allocation's budget-free work (see [`AllocationMemo`]).
+struct Memo {
+    calibrated: HashMap<usize, calib::Calibrated>,
+    too_big: Vec<(usize, String)>,
+    table: Table,
+}
+
+/// The candidate table of an allocation: the pooled layers (job, weights), their
+/// errors at [`ALLOCATION_BITS`] weighted by their effect on the network, and
+/// every (job, width)'s calibrated rounding as the pass would compute it.
+struct Table {
+    pool: Vec<(usize, usize)>,
+    weighted: Vec<Vec<f64>>,
+    layers: HashMap<(usize, u32), LayerResult>,
+}
+
+type LayerResult = std::result::Result<CalibratedLayer, String>;
+
+fn memo_key(model: &Model, cx: &Context, cfg: &QuantConfig) -> [u8; 32] {
+    use prost::Message;
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(model.proto.encode_to_vec());
+    let settings = QuantConfig {
+        avg_bits: None,
+        ..cfg.clone()
+    };
+    h.update(format!("{settings:?}").as_bytes());
+    h.update(format!("{:?}", cx.input_shape).as_bytes());
+    h.update(cx.calib.map_or(0, |d| d.len()).to_le_bytes());
+    h.finalize().into()
+}
+
 /// What calibration did to one layer.
+#[derive(Clone)]
 struct CalibratedLayer {
     values: ArrayD<f32>,
     method: String,
@@ -1151,6 +1273,7 @@ pub use crate::repr::claim::claim_keys;
 /// weights) minus the bits of the layers outside the pool (pinned by a rule or
 /// qbn, or without calibration, at their own width). Sets `chosen`; returns the
 /// report line.
+#[allow(clippy::too_many_arguments)]
 fn allocate_jobs(
     model: &Model,
     cx: &Context,
@@ -1159,7 +1282,26 @@ fn allocate_jobs(
     calibrated: &HashMap<usize, calib::Calibrated>,
     avg: f64,
     chosen: &mut [u32],
-) -> Result<String> {
+    memo: Option<&Table>,
+) -> Result<(String, Option<Table>)> {
+    let g = model.graph();
+    let fresh = match memo {
+        Some(_) => None,
+        None => Some(candidate_table(model, cx, cfg, jobs, calibrated)?),
+    };
+    let Table { pool, weighted, .. } = memo.or(fresh.as_ref()).expect("one of them");
+    let line = allocate_from(g, cx, jobs, pool, weighted, avg, chosen)?;
+    Ok((line, fresh))
+}
+
+/// The candidate table of the calibrated, unpinned layers (see [`Table`]).
+fn candidate_table(
+    model: &Model,
+    cx: &Context,
+    cfg: &QuantConfig,
+    jobs: &[Job],
+    calibrated: &HashMap<usize, calib::Calibrated>,
+) -> Result<Table> {
     use rayon::prelude::*;
     let g = model.graph();
     let values = |init: &str| -> Result<ArrayD<f32>> {
@@ -1179,13 +1321,15 @@ fn allocate_jobs(
     // Each width by the layer's rounding; where GPTQ refuses (fewer calibration
     // rows than inputs) by nearest rounding, as the pass then writes it. The
     // values at PROBE_BITS are kept for the network's sensitivity runs.
-    let rows: Vec<Option<(Vec<f64>, ArrayD<f32>)>> = candidates
+    let rows: Vec<(Option<(Vec<f64>, ArrayD<f32>)>, Vec<(u32, LayerResult)>)> = candidates
         .par_iter()
         .map(|(ji, w)| {
             let job = &jobs[*ji];
             let cal = &calibrated[ji];
             let (rows, _) = job.layout.as_ref().expect("pooled");
             let mut probe = None;
+            // The pass's own rounding at each width, kept for writing the chosen one.
+            let mut kept = Vec::new();
             let errs = ALLOCATION_BITS
                 .iter()
                 .map(|&b| {
@@ -1195,24 +1339,34 @@ fn allocate_jobs(
                             cfg, job.scheme, b, job.axis, job.fan_in, w, &q, cal, rows, r,
                         )
                     };
-                    let d = run(job.rounding).or_else(|_| run(Rounding::Nearest)).ok()?;
+                    let first = run(job.rounding);
+                    kept.push((b, first.clone()));
+                    let d = first.or_else(|_| run(Rounding::Nearest)).ok()?;
                     if b == PROBE_BITS {
                         probe = Some(d.values);
                     }
                     Some(d.after)
                 })
-                .collect::<Option<Vec<f64>>>()?;
-            Some((errs, probe?))
+                .collect::<Option<Vec<f64>>>();
+            let row = match (errs, probe) {
+                (Some(e), Some(p)) => Some((e, p)),
+                _ => None,
+            };
+            (row, kept)
         })
         .collect();
     let mut pool = Vec::new();
     let mut errors = Vec::new();
     let mut probes = Vec::new();
-    for ((ji, w), row) in candidates.iter().zip(rows) {
+    let mut layers = HashMap::new();
+    for ((ji, w), (row, kept)) in candidates.iter().zip(rows) {
         if let Some((row, probe)) = row {
             pool.push((*ji, w.len()));
             errors.push(row);
             probes.push(probe);
+            for (b, r) in kept {
+                layers.insert((*ji, b), r);
+            }
         }
     }
     // Weight each layer's errors by its effect on the network's output.
@@ -1222,6 +1376,24 @@ fn allocate_jobs(
         .zip(&weights)
         .map(|(row, w)| row.iter().map(|e| e * w).collect())
         .collect();
+    Ok(Table {
+        pool,
+        weighted,
+        layers,
+    })
+}
+
+/// Chooses the pooled layers' widths under the mean-width budget `avg` (the
+/// dynamic program of [`allocate_bits`]) and returns the report line.
+fn allocate_from(
+    g: &crate::onnx::proto::GraphProto,
+    cx: &Context,
+    jobs: &[Job],
+    pool: &[(usize, usize)],
+    weighted: &[Vec<f64>],
+    avg: f64,
+    chosen: &mut [u32],
+) -> Result<String> {
     let numel_of = |ji: usize| -> usize {
         g.initializer
             .iter()
@@ -1235,7 +1407,7 @@ fn allocate_jobs(
         .sum();
     let budget = avg * all as f64 - fixed;
     let numel: Vec<usize> = pool.iter().map(|(_, n)| *n).collect();
-    let picks = allocate_bits(&numel, &weighted, &ALLOCATION_BITS, budget).ok_or_else(|| {
+    let picks = allocate_bits(&numel, weighted, &ALLOCATION_BITS, budget).ok_or_else(|| {
         Error::Usage(format!(
             "quantize avg_bits {avg}: the layers outside the allocation ({} of them, at their own widths) already take {:.2} bits per weight of the {all}; raise avg_bits or free them",
             jobs.len() - pool.len(),

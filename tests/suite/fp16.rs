@@ -131,6 +131,7 @@ fn quantized(act_bits: Option<u32>) -> Model {
             calib: (bits != 16).then_some(&data),
             input_shape: vec![1, 1, 4, 4],
             threads: 1,
+            ..Default::default()
         };
         let cfg = ActQuantSection {
             bits,

@@ -677,6 +677,7 @@ fn reweighted_hits_the_target_exactly_and_deterministically() {
             calib: Some(&calib),
             input_shape: vec![1, 3, 8, 8],
             threads,
+            ..Default::default()
         };
         let r = run_cx(
             &mut m,
@@ -749,6 +750,7 @@ fn sparsegpt_allocation_by_error_reaches_the_target_with_less_error() {
         calib: Some(&calib),
         input_shape: vec![1, 3, 8, 8],
         threads: 2,
+        ..Default::default()
     };
     let run_alloc = |allocation: Allocation| {
         let mut m = small_noise();
@@ -902,6 +904,7 @@ fn agreement_table(
         calib: Some(calib),
         input_shape: input_shape.to_vec(),
         threads,
+        ..Default::default()
     };
     let mut out = Vec::new();
     for &s in sparsities {
@@ -1028,6 +1031,7 @@ fn mobilenetv2_reweighted_exact_sparsity() {
         calib: Some(&calib),
         input_shape: vec![1, 3, 32, 32],
         threads: 2,
+        ..Default::default()
     };
     let mut m = base.clone();
     let start = Instant::now();

@@ -82,6 +82,7 @@ fn prune(m: &mut Model, section: ChannelSection, calib: Option<&Dataset>) -> Pas
         calib,
         input_shape: shape.unwrap_or_default(),
         threads: 2,
+        ..Default::default()
     };
     let r = PruneChannels(section.config().unwrap())
         .run(m, &cx)

@@ -355,6 +355,7 @@ fn quantize_conv(act_bits: u32) -> Model {
         calib: Some(&data),
         input_shape: vec![1, 1, 4, 4],
         threads: 1,
+        ..Default::default()
     };
     let cfg = ActQuantSection {
         bits: act_bits,
@@ -710,6 +711,7 @@ fn quantize_conv_range(act_bits: u32, range: &str) -> Model {
         calib: Some(&data),
         input_shape: vec![1, 1, 4, 4],
         threads: 1,
+        ..Default::default()
     };
     // Q/DQ at 8 bits although the weights stay float (onnxruntime's default
     // session would re-quantize them; these numerics are checked with it off).
@@ -875,6 +877,7 @@ fn act_quant_relu6(clip_out_too: bool, placement: &str) -> (Model, PassReport) {
         calib: Some(&data),
         input_shape: vec![1, 1, 4, 4],
         threads: 1,
+        ..Default::default()
     };
     let cfg = ActQuantSection {
         bits: 8,
@@ -971,6 +974,7 @@ fn bias_correction_zeroes_the_mean_output_shift_on_the_calibration_rows() {
         calib: Some(&data),
         input_shape: vec![1, 2, 1, 2],
         threads: 1,
+        ..Default::default()
     };
     BiasCorrect.run(&mut m, &cx).unwrap();
     let b = m
