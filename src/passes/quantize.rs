@@ -1321,7 +1321,10 @@ fn candidate_table(
     // Each width by the layer's rounding; where GPTQ refuses (fewer calibration
     // rows than inputs) by nearest rounding, as the pass then writes it. The
     // values at PROBE_BITS are kept for the network's sensitivity runs.
-    let rows: Vec<(Option<(Vec<f64>, ArrayD<f32>)>, Vec<(u32, LayerResult)>)> = candidates
+    // Per candidate: (errors at each width, probe values) when every width worked,
+    // and the pass's rounding at each width.
+    type Candidate = (Option<(Vec<f64>, ArrayD<f32>)>, Vec<(u32, LayerResult)>);
+    let rows: Vec<Candidate> = candidates
         .par_iter()
         .map(|(ji, w)| {
             let job = &jobs[*ji];
