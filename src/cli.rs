@@ -203,9 +203,16 @@ pub enum Command {
         /// and written.
         #[arg(long)]
         search: bool,
-        /// Bisection steps of --search after the first build.
-        #[arg(long, value_name = "N", default_value_t = 4, requires = "search")]
+        /// Bisection steps of --search / --target-score after the first build.
+        #[arg(long, value_name = "N", default_value_t = 4)]
         search_steps: usize,
+        /// The lowest-error plan within a MicroNet score: bisect the mean weight
+        /// width between 2 bits and --avg-weight-bits for the largest whose model
+        /// scores at most S (each plan built, scored and measured on --data; an
+        /// accuracy gate, if given, must then hold for the chosen plan). Needs
+        /// --avg-weight-bits, --calib and --data.
+        #[arg(long, value_name = "S", conflicts_with = "search")]
+        target_score: Option<f64>,
         /// Write the chosen plan as a recipe (per-layer bits pinned) to FILE.
         #[arg(long, value_name = "FILE")]
         plan: Option<PathBuf>,

@@ -370,6 +370,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             html,
             search,
             search_steps,
+            target_score,
             plan,
             external_data,
             counting,
@@ -394,6 +395,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             html,
             search,
             search_steps,
+            target_score,
             plan,
             external_data,
             counting,
@@ -689,6 +691,72 @@ fn search_avg_bits(
     Ok((best, rows))
 }
 
+/// `--target-score S`: bisects the mean weight width in [2, B] for the largest
+/// whose plan scores at most `target` (the score falls as the width does, so the
+/// plans that fit form an interval from 2 bits up): the lowest estimated error
+/// within the score. Returns the chosen plan (none when even 2 bits scores
+/// above `target`), the table of every plan built (`passed`: within the score)
+/// and the lowest score seen.
+fn search_target_score(
+    r: &Recipe,
+    target: f64,
+    steps: usize,
+    build: &dyn Fn(&Recipe) -> anyhow::Result<Built>,
+) -> anyhow::Result<(Option<(Recipe, Built)>, Vec<optimize::SearchRow>, f64)> {
+    let top = r
+        .quantize
+        .as_ref()
+        .and_then(|q| q.avg_bits)
+        .expect("checked");
+    let with = |bits: f64| {
+        let mut r = r.clone();
+        if let Some(q) = r.quantize.as_mut() {
+            q.avg_bits = Some(bits);
+        }
+        r
+    };
+    let mut rows = Vec::new();
+    let mut best: Option<(Recipe, Built)> = None;
+    let mut lowest = f64::INFINITY;
+    // lo: the widest width known to fit; hi: the narrowest known not to.
+    let (mut lo, mut hi) = (None::<f64>, None::<f64>);
+    let mut next = Some(top);
+    let mut step = 0;
+    while let Some(bits) = next {
+        let recipe = with(bits);
+        eprintln!("target score: building the plan with mean weight width <= {bits:.3} bits");
+        let b = build(&recipe)?;
+        let v = b.validation.as_ref().expect("--data checked");
+        let fits = b.after.score <= target;
+        lowest = lowest.min(b.after.score);
+        rows.push(optimize::SearchRow::of(bits, &b.after, v, fits, b.seconds));
+        if fits {
+            lo = Some(bits);
+            best = Some((recipe, b));
+        } else {
+            hi = Some(bits);
+        }
+        step += 1;
+        next = match (lo, hi) {
+            // The widest plan fits: nothing wider to look for.
+            (Some(_), None) => None,
+            // Not even the widest: try the narrowest.
+            (None, Some(h)) if h > 2.0 => Some(2.0),
+            (None, _) => None,
+            (Some(l), Some(h)) => {
+                (step <= steps && h - l > 0.05).then(|| ((l + h) / 2.0 * 100.0).round() / 100.0)
+            }
+        };
+    }
+    if let Some((_, b)) = &best {
+        let chosen = b.after.score;
+        for row in &mut rows {
+            row.chosen = row.passed && row.score == chosen;
+        }
+    }
+    Ok((best, rows, lowest))
+}
+
 /// The flags of `optimize`, as parsed.
 struct OptimizeArgs {
     model: PathBuf,
@@ -707,6 +775,7 @@ struct OptimizeArgs {
     html: Option<PathBuf>,
     search: bool,
     search_steps: usize,
+    target_score: Option<f64>,
     plan: Option<PathBuf>,
     external_data: bool,
     counting: Counting,
@@ -778,6 +847,14 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
             anyhow::bail!(onnx_micronet::Error::Usage(
                 "--search bisects the mean weight width: it needs --avg-weight-bits B (the largest width tried), an accuracy gate (--min-agreement, --max-drop or --min-accuracy), --data and --calib".into()
             ));
+        }
+    }
+    if let Some(s) = a.target_score {
+        let ok = r.quantize.as_ref().is_some_and(|q| q.avg_bits.is_some());
+        if !ok || eval.is_none() || calib.is_none() || !(s.is_finite() && s > 0.0) {
+            anyhow::bail!(onnx_micronet::Error::Usage(format!(
+                "--target-score {s}: bisects the mean weight width for the largest plan scoring at most S > 0: it needs --avg-weight-bits B (the largest width tried), --data and --calib"
+            )));
         }
     }
     // Shared by the plans of a --search (allocations differ only in their budget).
@@ -854,7 +931,23 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
         })
     };
     let mut search = Vec::new();
-    let built = if a.search {
+    let built = if let Some(target) = a.target_score {
+        let (b, rows, lowest) = search_target_score(&r, target, a.search_steps, &build)?;
+        search = rows;
+        match b {
+            Some((recipe, b)) => {
+                r = recipe;
+                b
+            }
+            None => {
+                eprint!("{}", optimize::search_table(&search));
+                eprintln!(
+                    "error: no mean weight width down to 2 bits scores at most --target-score {target} (the lowest: {lowest:.4}, at 2 bits); nothing written"
+                );
+                return Ok(ExitCode::from(3));
+            }
+        }
+    } else if a.search {
         let (b, rows) = search_avg_bits(&r, &a.gates, a.search_steps, &build)?;
         search = rows;
         match b {

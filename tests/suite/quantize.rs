@@ -1206,3 +1206,102 @@ fn search_finds_the_smallest_passing_width_and_its_plan_reproduces_the_file() {
     );
     assert!(!std::path::Path::new(&none).exists());
 }
+
+/// `--target-score S`: bisects the mean weight width for the widest plan scoring
+/// at most S; the written file scores as the report says, its plan rebuilds it
+/// byte for byte, an unreachable score exits 3 writing nothing, and the flag
+/// without --data is a usage error.
+#[test]
+fn target_score_keeps_the_widest_plan_within_the_score() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    let model = fixture("efficientnet_style_bn.onnx").display().to_string();
+    let data = fixture("data/foolbox/cifar10").display().to_string();
+    let base = [
+        "optimize",
+        &model,
+        "--calib",
+        &data,
+        "--quantize",
+        "minmax:4",
+        "--per-channel",
+        "--avg-weight-bits",
+        "6",
+        "--search-steps",
+        "3",
+    ];
+    let (out, rep, plan) = (p("t.onnx"), p("t.json"), p("plan.toml"));
+    let mut a: Vec<&str> = base.to_vec();
+    // Measured on this fixture: 6 bits scores 0.00127, 2 bits 0.00071, so a
+    // target of 0.001 lies between and the bisection runs.
+    a.extend([
+        "--data",
+        &data,
+        "--target-score",
+        "0.001",
+        "-o",
+        &out,
+        "--report",
+        &rep,
+        "--plan",
+        &plan,
+    ]);
+    let o = cli(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap();
+    let rows = j["search"].as_array().unwrap();
+    let col = |k: &str| rows.iter().map(|r| r[k].clone()).collect::<Vec<_>>();
+    // The widest first (too high), then 2 bits (fits), then halving [2, 6].
+    assert_eq!(col("avg_bits"), [6.0, 2.0, 4.0, 3.0]);
+    let score = j["after"]["score"].as_f64().unwrap();
+    assert!(score <= 0.001, "{score}");
+    let chosen: Vec<&serde_json::Value> = rows.iter().filter(|r| r["chosen"] == true).collect();
+    assert_eq!(chosen.len(), 1);
+    let best = chosen[0]["avg_bits"].as_f64().unwrap();
+    for r in rows {
+        let (bits, s) = (
+            r["avg_bits"].as_f64().unwrap(),
+            r["score"].as_f64().unwrap(),
+        );
+        // Fits exactly when within the score; nothing wider than the chosen fits.
+        assert_eq!(r["passed"], s <= 0.001, "{r}");
+        assert!(bits <= best || s > 0.001, "{r}");
+    }
+    assert_eq!(chosen[0]["score"], j["after"]["score"]);
+    let s = cli(&["score", &out, "--json", "-"]);
+    let sj: serde_json::Value = serde_json::from_slice(&s.stdout).unwrap();
+    assert_eq!(sj["score"], j["after"]["score"]);
+    // The chosen plan (built from the search's reused capture and table) is the
+    // file a fresh build of its plan writes.
+    let again = p("again.onnx");
+    let o = cli(&[
+        "optimize", &model, "--calib", &data, "--recipe", &plan, "-o", &again,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+    // Below what 2 bits scores: exit 3, nothing written.
+    let none = p("none.onnx");
+    let mut a: Vec<&str> = base.to_vec();
+    a.extend(["--data", &data, "--target-score", "0.0001", "-o", &none]);
+    let o = cli(&a);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--target-score 0.0001"));
+    assert!(!std::path::Path::new(&none).exists());
+    // Without --data: a usage error naming the flag.
+    let mut a: Vec<&str> = base.to_vec();
+    a.extend(["--target-score", "0.001", "-o", &none]);
+    let o = cli(&a);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--target-score"));
+}
