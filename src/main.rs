@@ -691,6 +691,9 @@ fn search_avg_bits(
     Ok((best, rows))
 }
 
+/// The chosen plan, the table of plans built and the lowest score seen.
+type TargetSearched = (Option<(Recipe, Built)>, Vec<optimize::SearchRow>, f64);
+
 /// `--target-score S`: bisects the mean weight width in [2, B] for the largest
 /// whose plan scores at most `target` (the score falls as the width does, so the
 /// plans that fit form an interval from 2 bits up): the lowest estimated error
@@ -702,7 +705,7 @@ fn search_target_score(
     target: f64,
     steps: usize,
     build: &dyn Fn(&Recipe) -> anyhow::Result<Built>,
-) -> anyhow::Result<(Option<(Recipe, Built)>, Vec<optimize::SearchRow>, f64)> {
+) -> anyhow::Result<TargetSearched> {
     let top = r
         .quantize
         .as_ref()
