@@ -1555,7 +1555,22 @@ pub fn allocate_bits(
         best = next;
     }
     if !best[cap].is_finite() {
-        return None;
+        // Rounding every cost up to whole units can rule out the cheapest
+        // assignment even where its exact cost fits (a budget of exactly the
+        // narrowest width everywhere): then it is the only one, and taken.
+        let cheapest: Vec<usize> = (0..numel.len())
+            .map(|l| {
+                (0..bits.len())
+                    .filter(|&j| errors[l][j].is_finite())
+                    .min_by_key(|&j| bits[j])
+            })
+            .collect::<Option<_>>()?;
+        let exact: f64 = cheapest
+            .iter()
+            .enumerate()
+            .map(|(l, &j)| numel[l] as f64 * bits[j] as f64)
+            .sum();
+        return (exact <= budget).then_some(cheapest);
     }
     let mut out = vec![0; numel.len()];
     let mut u = cap;
@@ -1628,5 +1643,22 @@ mod tests {
             Some(vec![0, 0, 1, 0])
         );
         assert_eq!(allocate_bits(&numel, &errors, &bits, 35.0), None);
+    }
+
+    /// A budget of exactly the narrowest width everywhere fits, though the dynamic
+    /// program rounds costs up to units: 100000 + 3 weights at widths {2, 8}:
+    /// total 8 x 100003 = 800024 bits, unit q = ceil(800024 / 65536) = 13 bits;
+    /// at 2 bits the layers cost ceil(200000 / 13) + ceil(6 / 13) = 15385 + 1 =
+    /// 15386 units, one more than the budget's floor(200006 / 13) = 15385.
+    #[test]
+    fn the_narrowest_budget_is_feasible_despite_unit_rounding() {
+        let numel = [100_000usize, 3];
+        let errors = vec![vec![1.0, 0.1], vec![2.0, 0.2]];
+        let bits = [2u32, 8];
+        assert_eq!(
+            allocate_bits(&numel, &errors, &bits, 200_006.0),
+            Some(vec![0, 0])
+        );
+        assert_eq!(allocate_bits(&numel, &errors, &bits, 200_005.0), None);
     }
 }
