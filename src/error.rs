@@ -55,6 +55,11 @@ pub enum Error {
     /// A request that cannot be carried out as asked (bad option value, output over input, ...).
     #[error("{0}")]
     Usage(String),
+
+    /// A weight-width budget below what the layers outside the allocation already
+    /// take (a mean width no plan can meet).
+    #[error("{0}")]
+    Budget(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -721,40 +721,67 @@ fn search_target_score(
     let mut rows = Vec::new();
     let mut best: Option<(Recipe, Built)> = None;
     let mut lowest = f64::INFINITY;
-    // lo: the widest width known to fit; hi: the narrowest known not to.
-    let (mut lo, mut hi) = (None::<f64>, None::<f64>);
+    // fit: the widest width known to fit; over: the narrowest known to score
+    // above; floor: the widest budget no allocation can meet (the layers outside
+    // it already take more).
+    let (mut fit, mut over, mut floor) = (None::<f64>, None::<f64>, None::<f64>);
     let mut next = Some(top);
     let mut step = 0;
     while let Some(bits) = next {
         let recipe = with(bits);
         eprintln!("target score: building the plan with mean weight width <= {bits:.3} bits");
-        let b = build(&recipe)?;
-        let v = b.validation.as_ref().expect("--data checked");
-        let fits = b.after.score <= target;
-        lowest = lowest.min(b.after.score);
-        rows.push(optimize::SearchRow::of(bits, &b.after, v, fits, b.seconds));
-        if fits {
-            lo = Some(bits);
-            best = Some((recipe, b));
-        } else {
-            hi = Some(bits);
+        match build(&recipe) {
+            Ok(b) => {
+                let v = b.validation.as_ref().expect("--data checked");
+                let fits = b.after.score <= target;
+                lowest = lowest.min(b.after.score);
+                rows.push(optimize::SearchRow::of(bits, &b.after, v, fits, b.seconds));
+                if fits {
+                    fit = Some(bits);
+                    best = Some((recipe, b));
+                } else {
+                    over = Some(bits);
+                }
+            }
+            Err(e)
+                if bits < top
+                    && e.chain().any(|c| {
+                        matches!(
+                            c.downcast_ref::<onnx_micronet::Error>(),
+                            Some(onnx_micronet::Error::Budget(_))
+                        )
+                    }) =>
+            {
+                eprintln!(
+                    "target score: {bits:.3} bits is below what the fixed layers take: {e:#}"
+                );
+                floor = Some(bits);
+            }
+            Err(e) => return Err(e),
         }
         step += 1;
-        next = match (lo, hi) {
+        // Bisect between the widest known to fit (or, before any, the narrowest
+        // width worth trying) and the narrowest known not to.
+        let low = fit.or(floor);
+        next = match (fit, over) {
             // The widest plan fits: nothing wider to look for.
             (Some(_), None) => None,
-            // Not even the widest: try the narrowest.
-            (None, Some(h)) if h > 2.0 => Some(2.0),
-            (None, _) => None,
-            (Some(l), Some(h)) => {
-                (step <= steps && h - l > 0.05).then(|| ((l + h) / 2.0 * 100.0).round() / 100.0)
+            _ if step > steps => None,
+            // Not even the widest fits: try 2 bits first, then up from what
+            // cannot be built.
+            (None, Some(_)) if low.is_none() => Some(2.0),
+            (_, Some(h)) => {
+                let l = low.expect("set");
+                (h - l > 0.05).then(|| ((l + h) / 2.0 * 100.0).round() / 100.0)
             }
+            (None, None) => None,
         };
     }
-    if let Some((_, b)) = &best {
+    if let Some((r, b)) = &best {
+        let bits = r.quantize.as_ref().and_then(|q| q.avg_bits);
         let chosen = b.after.score;
         for row in &mut rows {
-            row.chosen = row.passed && row.score == chosen;
+            row.chosen = row.passed && Some(row.avg_bits) == bits && row.score == chosen;
         }
     }
     Ok((best, rows, lowest))
@@ -867,7 +894,7 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
         calib: calib.as_ref().map(|c| &c.data),
         input_shape: geometry.map(|g| g.shape).unwrap_or_default(),
         threads,
-        memo: Some(&memo),
+        memo: (a.search || a.target_score.is_some()).then_some(&memo),
     };
     // The original model's run on --data, measured once for every plan built.
     let original_run: std::cell::OnceCell<validate::ModelRun> = std::cell::OnceCell::new();
@@ -945,7 +972,7 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
             None => {
                 eprint!("{}", optimize::search_table(&search));
                 eprintln!(
-                    "error: no mean weight width down to 2 bits scores at most --target-score {target} (the lowest: {lowest:.4}, at 2 bits); nothing written"
+                    "error: no mean weight width down to 2 bits scores at most --target-score {target} (the lowest score of the plans built: {lowest:.4}); nothing written"
                 );
                 return Ok(ExitCode::from(3));
             }

@@ -1018,16 +1018,21 @@ impl Pass for Quantize {
                 );
             }
         }
+        // As many layers at a time as there are cores: memory holds one quantized
+        // copy per core, not one of the whole model.
         let left: Vec<usize> = (0..jobs.len()).filter(|&ji| !done[ji]).collect();
-        let computed: Vec<Result<Computed>> = {
-            use rayon::prelude::*;
-            let model = &*model;
-            left.par_iter()
-                .map(|&ji| compute(ji, chosen[ji], None, no_calib.get(&ji), None, model))
-                .collect()
-        };
-        for (ji, c) in left.into_iter().zip(computed) {
-            apply(ji, c?, model, &mut report);
+        for chunk in left.chunks(rayon::current_num_threads().max(1)) {
+            let computed: Vec<Result<Computed>> = {
+                use rayon::prelude::*;
+                let model = &*model;
+                chunk
+                    .par_iter()
+                    .map(|&ji| compute(ji, chosen[ji], None, no_calib.get(&ji), None, model))
+                    .collect()
+            };
+            for (&ji, c) in chunk.iter().zip(computed) {
+                apply(ji, c?, model, &mut report);
+            }
         }
         if !stages.is_empty() {
             report.changed(
@@ -1294,7 +1299,9 @@ fn allocate_jobs(
     Ok((line, fresh))
 }
 
-/// The candidate table of the calibrated, unpinned layers (see [`Table`]).
+/// The candidate table of the calibrated, unpinned layers (see [`Table`]); the
+/// per-width roundings (`Table::layers`, the pooled weights at every width) only
+/// with a memo to keep them for the search's other plans.
 fn candidate_table(
     model: &Model,
     cx: &Context,
@@ -1302,6 +1309,7 @@ fn candidate_table(
     jobs: &[Job],
     calibrated: &HashMap<usize, calib::Calibrated>,
 ) -> Result<Table> {
+    let keep = cx.memo.is_some();
     use rayon::prelude::*;
     let g = model.graph();
     let values = |init: &str| -> Result<ArrayD<f32>> {
@@ -1343,7 +1351,9 @@ fn candidate_table(
                         )
                     };
                     let first = run(job.rounding);
-                    kept.push((b, first.clone()));
+                    if keep {
+                        kept.push((b, first.clone()));
+                    }
                     let d = first.or_else(|_| run(Rounding::Nearest)).ok()?;
                     if b == PROBE_BITS {
                         probe = Some(d.values);
@@ -1411,7 +1421,7 @@ fn allocate_from(
     let budget = avg * all as f64 - fixed;
     let numel: Vec<usize> = pool.iter().map(|(_, n)| *n).collect();
     let picks = allocate_bits(&numel, weighted, &ALLOCATION_BITS, budget).ok_or_else(|| {
-        Error::Usage(format!(
+        Error::Budget(format!(
             "quantize avg_bits {avg}: the layers outside the allocation ({} of them, at their own widths) already take {:.2} bits per weight of the {all}; raise avg_bits or free them",
             jobs.len() - pool.len(),
             fixed / all.max(1) as f64

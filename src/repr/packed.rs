@@ -1015,7 +1015,8 @@ pub fn decode_codes(p: &Packed) -> Option<(u32, ArrayD<f32>)> {
         return None;
     };
     let k = *k;
-    if zp.len() != scale.len() {
+    // The evaluator's Cast refuses non-finite values: leave those to it.
+    if zp.len() != scale.len() || zp.iter().any(|z| !z.is_finite()) {
         return None;
     }
     let half = (1u32 << (k - 1)) as f32;
@@ -1069,7 +1070,7 @@ fn by_channel_fill<T: Copy>(
     fill: &[f32],
     f: impl Fn(usize, T) -> f32,
 ) -> Option<Vec<f32>> {
-    let n: usize = shape.iter().product();
+    let n = numel(shape)?;
     let (outer, channels, inner) = match axis {
         Some(a) if a < shape.len() => (
             shape[..a].iter().product::<usize>(),
@@ -1145,6 +1146,11 @@ fn u8_leaf(g: &Graph, v: &str) -> Option<Vec<u8>> {
     }
 }
 
+/// Elements of a shape; `None` when the product overflows.
+fn numel(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))
+}
+
 /// The first `len` bits of an LSB-first stream.
 fn unpack_bits(bytes: &[u8], len: usize) -> Option<Vec<bool>> {
     (len <= bytes.len() * 8).then(|| {
@@ -1158,7 +1164,7 @@ fn unpack_bits(bytes: &[u8], len: usize) -> Option<Vec<bool>> {
 
 /// The first `m` k-bit codes of an LSB-first stream (the inverse of [`pack_codes`]).
 fn unpack_codes(bytes: &[u8], m: usize, k: u32) -> Option<Vec<u32>> {
-    if m * k as usize > bytes.len() * 8 || k == 0 || k > 32 {
+    if k == 0 || k > 32 || m.checked_mul(k as usize)? > bytes.len().saturating_mul(8) {
         return None;
     }
     if k == 8 {
@@ -1229,7 +1235,7 @@ fn parse(g: &Graph, value: &str) -> Option<(Packed, i64)> {
         let shape = const_usizes(g, r.input.get(1)?)?;
         let c = prod(g, &r.input[0], "Cast")?;
         let leaf = bit_stream(g, &c.input[0])?;
-        let n = shape.iter().product();
+        let n = numel(&shape)?;
         Some((shape, unpack_bits(&u8_leaf(g, &leaf)?, n)?))
     };
     // Stored values `v` (Float, Half or Codebook) of m elements.
@@ -1264,7 +1270,7 @@ fn parse(g: &Graph, value: &str) -> Option<(Packed, i64)> {
             } else {
                 r.input[0].clone()
             };
-            let m = if gathered { m } else { shape.iter().product() };
+            let m = if gathered { m } else { numel(&shape)? };
             let (k, codes, opset) = parse_codes(g, &cf, m)?;
             Some((
                 shape,
@@ -1309,7 +1315,7 @@ fn parse(g: &Graph, value: &str) -> Option<(Packed, i64)> {
         }
         "Reshape" => {
             let shape = const_usizes(g, node.input.get(1)?)?;
-            let (store, opset) = values_of(&node.input[0], shape.iter().product())?;
+            let (store, opset) = values_of(&node.input[0], numel(&shape)?)?;
             (
                 Packed {
                     shape,
@@ -1352,7 +1358,7 @@ fn parse(g: &Graph, value: &str) -> Option<(Packed, i64)> {
                 None => (prod(g, &x, "Reshape")?, None),
             };
             let shape = const_usizes(g, r.input.get(1)?)?;
-            let n: usize = shape.iter().product();
+            let n = numel(&shape)?;
             let (cf, m) = match &mask {
                 Some((s, mk)) => {
                     if *s != shape {
@@ -1409,12 +1415,19 @@ fn parse(g: &Graph, value: &str) -> Option<(Packed, i64)> {
 /// Whether [`build`] writes a decoder for `p` (it assumes what the packing pass
 /// guarantees; a Packed parsed from someone else's graph may not hold it).
 fn buildable(p: &Packed) -> bool {
-    let n: usize = p.shape.iter().product();
+    let Some(n) = numel(&p.shape) else {
+        return false;
+    };
     let m = match &p.mask {
         Some(mask) if mask.len() != n => return false,
         Some(mask) => mask.iter().filter(|b| **b).count(),
         None => n,
     };
+    // A mask with nothing behind it is ConstantOfShape's job (and Gather(empty,
+    // -1) fails).
+    if p.mask.is_some() && p.store.is_some() && m == 0 {
+        return false;
+    }
     let grid = |k: u32, codes: &[u32], scale: &[f32], zp: &[f32], axis: Option<usize>| {
         (1..=MAX_CODE_BITS).contains(&k)
             && codes.len() == m
@@ -1478,10 +1491,12 @@ impl<'d> Match<'d, '_> {
                         && gt.raw_data == t.raw_data
                 }
                 Some(gt) => {
+                    // Typed fields: compared by their canonical little-endian bytes
+                    // (bit for bit: -0 is not 0, as the evaluator sees them).
                     gt.data_type() == t.data_type()
                         && gt.dims == t.dims
                         && match (TensorData::from_proto(gt), TensorData::from_proto(t)) {
-                            (Ok(a), Ok(b)) => a == b,
+                            (Ok(a), Ok(b)) => a.to_proto("").raw_data == b.to_proto("").raw_data,
                             _ => false,
                         }
                 }
@@ -1791,5 +1806,59 @@ mod tests {
             e.iter().copied().collect::<Vec<_>>(),
             [-6.0, 0.0, -4.0, 2.0, 0.0, 6.0]
         );
+        // The Where's fill 0 written as typed float_data -0.0: equal as numbers,
+        // not as bits (the evaluator would give -0): not ours.
+        let g = proto(&|t| {
+            if t.name() == "pk_zero_f32" {
+                *t = TensorProto {
+                    name: Some("pk_zero_f32".into()),
+                    data_type: Some(DataType::Float as i32),
+                    float_data: vec![-0.0],
+                    ..Default::default()
+                };
+            }
+        });
+        assert!(recognized(&Graph::new(&g).unwrap(), "w").is_none());
+        // Hostile shapes: a product past usize (2^62 x 8) or huge (2^60 elements
+        // from 12 bytes of codes) is refused before any allocation, by the native
+        // reader and by the evaluator alike.
+        let dense = Packed {
+            mask: None,
+            store: Some(Store::Affine {
+                k: 16,
+                codes: vec![1, 2, 5, 7, 0, 3],
+                scale: vec![0.5],
+                zp: vec![4.0],
+                axis: None,
+            }),
+            ..p.clone()
+        };
+        let mut sh = Shared::new(Default::default());
+        let dd = build(&dense, "w", "pk", 13, &mut sh);
+        for dims in [vec![1i64 << 62, 8], vec![1i64 << 60]] {
+            let inits = dd
+                .inits
+                .iter()
+                .chain(&sh.inits)
+                .map(|t| {
+                    if t.name() == "pk_shape_2x3" {
+                        i64s(&dims).to_proto("pk_shape_2x3")
+                    } else {
+                        t.clone()
+                    }
+                })
+                .collect();
+            let g = GraphProto {
+                node: dd.nodes.clone(),
+                initializer: inits,
+                ..Default::default()
+            };
+            let view = Graph::new(&g).unwrap();
+            assert!(recognized(&view, "w").is_none(), "{dims:?}");
+            assert!(
+                !matches!(crate::repr::weight(&view, "w"), Ok(Some(_))),
+                "{dims:?}"
+            );
+        }
     }
 }
