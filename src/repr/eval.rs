@@ -200,7 +200,11 @@ fn reshape_dims(input: &[usize], shape: &[i64], allow_zero: bool) -> Option<Vec<
     if dims.iter().any(|&d| d < -1) || dims.iter().filter(|&&d| d == -1).count() > 1 {
         return None;
     }
-    let known: i64 = dims.iter().filter(|&&d| d >= 0).product();
+    // Checked: a hostile shape constant may multiply past i64.
+    let known: i64 = dims
+        .iter()
+        .filter(|&&d| d >= 0)
+        .try_fold(1i64, |a, &d| a.checked_mul(d))?;
     if let Some(p) = dims.iter().position(|&d| d == -1) {
         if known == 0 || len as i64 % known != 0 {
             return None;
@@ -208,7 +212,8 @@ fn reshape_dims(input: &[usize], shape: &[i64], allow_zero: bool) -> Option<Vec<
         dims[p] = len as i64 / known;
     }
     let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
-    (dims.iter().product::<usize>() == len).then_some(dims)
+    let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+    (n == len).then_some(dims)
 }
 
 /// Unsqueeze's (axes of the output) or Squeeze's (axes of the input, all ones when
