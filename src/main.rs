@@ -646,18 +646,7 @@ fn search_avg_bits(
     steps: usize,
     build: &dyn Fn(&Recipe) -> anyhow::Result<Built>,
 ) -> anyhow::Result<Searched> {
-    let top = r
-        .quantize
-        .as_ref()
-        .and_then(|q| q.avg_bits)
-        .expect("checked");
-    let with = |bits: f64| {
-        let mut r = r.clone();
-        if let Some(q) = r.quantize.as_mut() {
-            q.avg_bits = Some(bits);
-        }
-        r
-    };
+    let (top, with) = width_axis(r);
     let mut rows = Vec::new();
     let mut best: Option<(Recipe, Built)> = None;
     let (mut lo, mut hi) = (2.0f64, top);
@@ -691,6 +680,24 @@ fn search_avg_bits(
     Ok((best, rows))
 }
 
+/// The recipe's mean weight width (checked to be set) and the recipe at any
+/// other mean width: the axis both searches bisect.
+fn width_axis(r: &Recipe) -> (f64, impl Fn(f64) -> Recipe + '_) {
+    let top = r
+        .quantize
+        .as_ref()
+        .and_then(|q| q.avg_bits)
+        .expect("checked");
+    let with = move |bits: f64| {
+        let mut r = r.clone();
+        if let Some(q) = r.quantize.as_mut() {
+            q.avg_bits = Some(bits);
+        }
+        r
+    };
+    (top, with)
+}
+
 /// The chosen plan, the table of plans built and the lowest score seen.
 type TargetSearched = (Option<(Recipe, Built)>, Vec<optimize::SearchRow>, f64);
 
@@ -706,18 +713,7 @@ fn search_target_score(
     steps: usize,
     build: &dyn Fn(&Recipe) -> anyhow::Result<Built>,
 ) -> anyhow::Result<TargetSearched> {
-    let top = r
-        .quantize
-        .as_ref()
-        .and_then(|q| q.avg_bits)
-        .expect("checked");
-    let with = |bits: f64| {
-        let mut r = r.clone();
-        if let Some(q) = r.quantize.as_mut() {
-            q.avg_bits = Some(bits);
-        }
-        r
-    };
+    let (top, with) = width_axis(r);
     let mut rows = Vec::new();
     let mut best: Option<(Recipe, Built)> = None;
     let mut lowest = f64::INFINITY;
