@@ -956,41 +956,39 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
             seconds: start.elapsed().as_secs_f64(),
         })
     };
-    let mut search = Vec::new();
-    let built = if let Some(target) = a.target_score {
+    // A search: its plans, the chosen one (if any passes) and what to say if none does.
+    let searched = if let Some(target) = a.target_score {
         let (b, rows, lowest) = search_target_score(&r, target, a.search_steps, &build)?;
-        search = rows;
-        match b {
-            Some((recipe, b)) => {
-                r = recipe;
-                b
-            }
-            None => {
-                eprint!("{}", optimize::search_table(&search));
-                eprintln!(
-                    "error: no mean weight width down to 2 bits scores at most --target-score {target} (the lowest score of the plans built: {lowest:.4}); nothing written"
-                );
-                return Ok(ExitCode::from(3));
-            }
-        }
+        Some((b, rows, format!(
+            "no mean weight width down to 2 bits scores at most --target-score {target} (the lowest score of the plans built: {lowest:.4})"
+        )))
     } else if a.search {
         let (b, rows) = search_avg_bits(&r, &a.gates, a.search_steps, &build)?;
-        search = rows;
-        match b {
-            Some((recipe, b)) => {
-                r = recipe;
-                b
-            }
-            None => {
-                eprint!("{}", optimize::search_table(&search));
-                eprintln!(
-                    "error: no mean width up to --avg-weight-bits passes the accuracy gate; nothing written"
-                );
-                return Ok(ExitCode::from(3));
+        Some((
+            b,
+            rows,
+            "no mean width up to --avg-weight-bits passes the accuracy gate".to_string(),
+        ))
+    } else {
+        None
+    };
+    let mut search = Vec::new();
+    let built = match searched {
+        None => build(&r)?,
+        Some((chosen, rows, none)) => {
+            search = rows;
+            match chosen {
+                Some((recipe, b)) => {
+                    r = recipe;
+                    b
+                }
+                None => {
+                    eprint!("{}", optimize::search_table(&search));
+                    eprintln!("error: {none}; nothing written");
+                    return Ok(ExitCode::from(3));
+                }
             }
         }
-    } else {
-        build(&r)?
     };
     let Built {
         model: optimized,

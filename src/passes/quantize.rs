@@ -829,20 +829,13 @@ impl Pass for Quantize {
                 }
                 _ => {}
             }
-            let sqnr = sqnr_db(&w, &q.values);
             let zeros_before = w.iter().filter(|v| **v == 0.0).count();
             let zeros_after = q.values.iter().filter(|v| **v == 0.0).count();
             let line = format!(
-                "{} {}-bit, {}, SQNR {} dB, clipped {:.2}%, zeros {} -> {} of {} (weight '{}'){calib_note}",
+                "{} {}-bit, {}, zeros {} -> {} of {} (weight '{}'){calib_note}",
                 job.scheme,
                 bits,
-                q.grid,
-                if sqnr.is_finite() {
-                    format!("{sqnr:.1}")
-                } else {
-                    "inf".into()
-                },
-                100.0 * q.clipped as f64 / w.len().max(1) as f64,
+                grid_line(&w, &q),
                 zeros_before,
                 zeros_after,
                 w.len(),
@@ -911,7 +904,8 @@ impl Pass for Quantize {
                         &b,
                         format!(
                             "bias linear {}-bit{copied}, {line}",
-                            cfg.bias_bits.unwrap_or_default()
+                            cfg.bias_bits
+                                .expect("a bias is quantized only with bias_bits")
                         ),
                     );
                 }
@@ -1097,18 +1091,23 @@ fn compute_bias(
         ..cfg.clone()
     };
     let bq = quantize_tensor(&bv, Scheme::Linear, bb, &bcfg, None, 1);
-    let s = sqnr_db(&bv, &bq.values);
-    let line = format!(
+    let line = grid_line(&bv, &bq);
+    Ok(Ok((bq, line)))
+}
+
+/// "GRID, SQNR X dB, clipped Y%" of `q` against the values `w` it quantized.
+fn grid_line(w: &ArrayD<f32>, q: &Quantized) -> String {
+    let s = sqnr_db(w, &q.values);
+    format!(
         "{}, SQNR {} dB, clipped {:.2}%",
-        bq.grid,
+        q.grid,
         if s.is_finite() {
             format!("{s:.1}")
         } else {
             "inf".into()
         },
-        100.0 * bq.clipped as f64 / bv.len().max(1) as f64
-    );
-    Ok(Ok((bq, line)))
+        100.0 * q.clipped as f64 / w.len().max(1) as f64
+    )
 }
 
 /// Why GPTQ needs `--calib`.
