@@ -18,6 +18,7 @@
 //! skip = ["features.0.*"]        # glob patterns on node or initializer names
 //! min_elements = 1000            # default
 //! skip_first_conv = true         # default
+//! calib_mode = "parallel"        # sparsegpt: parallel | sequential[:K] | asymmetric[:K] (as in [quantize])
 //! refit = false                  # least-squares refit of survivors (needs --calib)
 //! rounds = 3                     # reweighting rounds
 //! allocate = "uniform"           # sparsegpt: uniform | error | network (per-layer sparsities by output error, unweighted or weighted by measured effect on the output; the target overall)
@@ -30,7 +31,7 @@
 //! damp = 0.01                    # ridge, fraction of the mean diagonal of the input covariance
 //! multiple = 8                   # kept counts rounded to a multiple (onnxruntime's blocked convs)
 //! allocate = "uniform"           # uniform | error (per-group counts by estimated error, same parameters removed)
-//! calib_mode = "parallel"        # parallel | sequential[:K] (the pruned model's inputs fit to the original's outputs)
+//! calib_mode = "parallel"        # parallel | sequential[:K] (the pruned model's inputs fit to the original's outputs; asymmetric[:K] = sequential here)
 //! skip = ["features.0.*"]        # globs on the roots' node or weight names
 //! [[channels.layer]]             # later entries win
 //! match = "*features.18*"
@@ -49,7 +50,7 @@
 //! bias_bits = 16                 # optional: biases linear too
 //! range = "minmax"               # minmax | mse (linear, minmax grids chosen by their error)
 //! rounding = "gptq"              # gptq (default with --calib) | nearest
-//! calib_mode = "parallel"        # parallel | sequential[:K] (GPTQ's inputs from the model quantized so far)
+//! calib_mode = "parallel"        # parallel | sequential[:K] (GPTQ's inputs from the model quantized so far) | asymmetric[:K] (and each layer fit to the float model's output: GPTAQ)
 //! avg_bits = 4.0                 # per-layer bits from 2..8 with this parameter-weighted mean (needs --calib)
 //! [[quantize.layer]]             # later entries win
 //! match = "*classifier*"
@@ -241,8 +242,10 @@ pub struct Overrides {
     #[arg(long, value_name = "RANGE", value_parser = ["minmax", "mse"])]
     pub weight_range: Option<String>,
     /// Where GPTQ's and SparseGPT's layer inputs come from: parallel (the float
-    /// model) or sequential[:K] (the model already compressed up to each layer, in
-    /// K groups of layers, one model run each).
+    /// model), sequential[:K] (the model already compressed up to each layer, in
+    /// K groups of layers, one model run each) or asymmetric[:K] (as sequential,
+    /// each group's first layer fit to the float model's output from the
+    /// compressed inputs, GPTAQ; K defaults to one group per layer).
     #[arg(long, value_name = "MODE")]
     pub calib_mode: Option<String>,
     /// GPTQ's dampening of H, a fraction of its mean diagonal (default 0.01).

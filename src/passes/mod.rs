@@ -86,7 +86,10 @@ pub struct Item {
 
 /// One layer's relative output error on the calibration rows,
 /// sum ||X (W' - W)||^2 / sum ||X W||^2, with round-to-nearest and with the
-/// method the pass used.
+/// method the pass used. For a method labelled "asymmetric" (GPTQ with
+/// `calib_mode = "asymmetric"`) it is the error against the float model's
+/// output instead, sum ||X~ W' - X W||^2 / sum ||X W||^2 with X~ the compressed
+/// model's inputs to the layer: it includes the error its inputs carry.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct LayerError {
     pub layer: String,

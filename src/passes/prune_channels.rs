@@ -76,7 +76,7 @@ use serde::{Deserialize, Serialize};
 
 use std::sync::Arc;
 
-use super::calib::{self, CalibMode, Geom, Rows};
+use super::calib::{self, CalibMode, Rows};
 use super::select;
 use super::{Context, LayerError, Pass, PassReport};
 use crate::engine;
@@ -471,7 +471,7 @@ impl Pass for PruneChannels {
             ));
         }
         let chunks = match cfg.calib_mode {
-            CalibMode::Sequential(k) if needs_data => {
+            CalibMode::Sequential(k) | CalibMode::Asymmetric(k) if needs_data => {
                 let k = k.clamp(1, plans.len());
                 let size = plans.len().div_ceil(k);
                 let mut chunks: Vec<Vec<Planned>> = Vec::new();
@@ -485,7 +485,11 @@ impl Pass for PruneChannels {
             }
             _ => vec![plans],
         };
-        let sequential = chunks.len() > 1 || matches!(cfg.calib_mode, CalibMode::Sequential(_));
+        let sequential = chunks.len() > 1
+            || matches!(
+                cfg.calib_mode,
+                CalibMode::Sequential(_) | CalibMode::Asymmetric(_)
+            );
         let original = sequential.then(|| model.clone());
         for chunk in chunks {
             let sinks = if needs_data {
@@ -681,69 +685,6 @@ impl Solve {
 }
 
 /// The name of a value of the pruned copy inside the capture model.
-fn pruned_name(v: &str) -> String {
-    format!("{v}\u{1}pruned")
-}
-
-/// A model that runs the original and the model being pruned side by side on
-/// the same input, with, per sink, the Concat of its two inputs along the
-/// channels (the pruned one first): the Gram of that Concat holds G_pp, G_po
-/// and G_oo.
-fn side_by_side(original: &Model, pruned: &Model, sinks: &[(usize, String)]) -> Result<Model> {
-    let mut out = original.clone();
-    let inputs: HashSet<String> = Graph::of(pruned)?
-        .inputs()
-        .map(|i| i.name().to_string())
-        .collect();
-    let rename = |v: &str| {
-        if v.is_empty() || inputs.contains(v) {
-            v.to_string()
-        } else {
-            pruned_name(v)
-        }
-    };
-    let pg = pruned.graph();
-    if pg.node.iter().any(|n| {
-        !crate::graph::subgraph_free_values(n).is_empty()
-            || n.attribute
-                .iter()
-                .any(|a| a.g.is_some() || !a.graphs.is_empty())
-    }) {
-        return Err(Error::Usage(
-            "sequential channel calibration does not handle subgraphs (If/Loop/Scan); use channels.calib_mode = \"parallel\"".into(),
-        ));
-    }
-    let g = out.graph_mut();
-    for n in &pg.node {
-        let mut n = n.clone();
-        n.name = Some(pruned_name(n.name()));
-        n.input.iter_mut().for_each(|v| *v = rename(v));
-        n.output.iter_mut().for_each(|v| *v = rename(v));
-        g.node.push(n);
-    }
-    for t in &pg.initializer {
-        let mut t = t.clone();
-        t.name = Some(pruned_name(t.name()));
-        g.initializer.push(t);
-    }
-    for (node, input) in sinks {
-        let mut cat = crate::onnx::proto::NodeProto {
-            op_type: Some("Concat".into()),
-            name: Some(format!("{}\u{1}concat", node)),
-            input: vec![pruned_name(input), input.clone()],
-            output: vec![concat_name(*node)],
-            ..Default::default()
-        };
-        cat.attribute.push(crate::onnx::attr::int("axis", 1));
-        g.node.push(cat);
-    }
-    Ok(out)
-}
-
-fn concat_name(node: usize) -> String {
-    format!("\u{1}sink{node}")
-}
-
 /// Captures the sinks of a chunk of groups and builds their solve data. With
 /// `original`, the sink inputs of the model as pruned so far are paired with the
 /// original model's (sequential calibration); else both are the current model's.
@@ -759,7 +700,7 @@ fn calibrate(
     let mut out = HashMap::new();
     let mut wanted = Vec::new();
     let mut cols = HashMap::new();
-    let mut pairs = Vec::new();
+    let mut geoms = Vec::new();
     for p in chunk {
         for s in &p.group.sinks {
             let node = g.node(s.node);
@@ -769,25 +710,31 @@ fn calibrate(
             )?;
             cols.insert(s.node, s.cols);
             match calib::geom_of(node, &shape) {
-                Ok(mut geom) => {
-                    if original.is_some() {
-                        match &mut geom {
-                            Geom::Conv(c) => c.cin_per_group *= 2,
-                            Geom::Dense { k, .. } => *k *= 2,
-                        }
-                        geom.set_input(&concat_name(s.node));
-                        pairs.push((s.node, node.input[0].clone()));
-                    }
-                    wanted.push((s.node, vec![geom]));
-                }
+                Ok(geom) => geoms.push((s.node, geom, shape.len())),
                 Err(e) => {
                     out.insert(s.node, Err(e));
                 }
             }
         }
     }
+    let pairs: Vec<calib::paired::Pair> = geoms
+        .iter()
+        .map(|(n, geom, rank)| calib::paired::Pair {
+            key: n.to_string(),
+            geom,
+            rank: *rank,
+            original: geom.input().to_string(),
+        })
+        .collect();
+    for (p, (n, geom, _)) in pairs.iter().zip(&geoms) {
+        let geom = match original {
+            Some(_) => calib::paired::doubled_geom(p),
+            None => geom.clone(),
+        };
+        wanted.push((*n, vec![geom]));
+    }
     let capture_model = match original {
-        Some(o) => side_by_side(o, model, &pairs)?,
+        Some(o) => calib::paired::side_by_side(o, model, &pairs)?,
         None => model.clone(),
     };
     let (cal, too_big, secs) = calib::capture(&capture_model, cx, &wanted)?;
@@ -934,24 +881,16 @@ fn sink_data(
     let stats = c.stats.first().ok_or("no statistics")?;
     let means = c.means.first().cloned().unwrap_or_default();
     let (gpp, gpo, goo, mu_p, mu_o) = if paired {
-        let big = calib::obs::hessian(stats, 2 * d);
-        let block = |r0: usize, c0: usize| -> Vec<f64> {
-            let mut m = vec![0.0; d * d];
-            for i in 0..d {
-                m[i * d..(i + 1) * d]
-                    .copy_from_slice(&big[(r0 + i) * 2 * d + c0..(r0 + i) * 2 * d + c0 + d]);
-            }
-            m
-        };
+        let (hp, cpo, ho) = calib::paired::blocks(stats, d);
         let mu = if means.len() == 2 * d {
             means
         } else {
             vec![0.0; 2 * d]
         };
         (
-            Arc::new(block(0, 0)),
-            Arc::new(block(0, d)),
-            Arc::new(block(d, d)),
+            Arc::new(hp),
+            Arc::new(cpo),
+            Arc::new(ho),
             mu[..d].to_vec(),
             mu[d..].to_vec(),
         )

@@ -164,8 +164,10 @@ pub struct QuantizeSection {
     /// How affine grids (linear, minmax) are chosen: minmax (span the range,
     /// default) or mse (shrunk to minimize the error, as GPTQ's reference does).
     pub range: Option<String>,
-    /// Where GPTQ's layer inputs come from: parallel (the float model) or
-    /// sequential[:K] (the model quantized up to the layer, in K groups).
+    /// Where GPTQ's layer inputs come from: parallel (the float model),
+    /// sequential[:K] (the model quantized up to the layer, in K groups) or
+    /// asymmetric[:K] (as sequential, each group's first layer fit to the float
+    /// model's output: `calib::paired`).
     pub calib_mode: Option<String>,
     /// GPTQ visits the inputs by decreasing diag(H) (default false).
     pub act_order: Option<bool>,
@@ -560,6 +562,8 @@ struct Job {
     pinned: bool,
     /// The weight's rows and input geometry for calibration, or why none.
     layout: std::result::Result<(calib::Rows, Vec<calib::Geom>), String>,
+    /// The weight's rank (a Conv's input rank).
+    rank: usize,
 }
 
 impl Pass for Quantize {
@@ -733,6 +737,7 @@ impl Pass for Quantize {
                     rounding,
                     pinned,
                     layout,
+                    rank: shape.len(),
                 });
             }
         }
@@ -747,7 +752,7 @@ impl Pass for Quantize {
         let stages: Vec<Vec<usize>> = match cfg.calib_mode {
             _ if !calibrating || calibratable.is_empty() => vec![],
             calib::CalibMode::Parallel => vec![calibratable.clone()],
-            calib::CalibMode::Sequential(k) => {
+            calib::CalibMode::Sequential(k) | calib::CalibMode::Asymmetric(k) => {
                 let k = k.clamp(1, calibratable.len());
                 let per = calibratable.len().div_ceil(k);
                 calibratable.chunks(per).map(<[usize]>::to_vec).collect()
@@ -761,6 +766,12 @@ impl Pass for Quantize {
                 }
             }
         }
+        // Asymmetric calibration fits each layer to the output of the model as the
+        // pass received it (its float weights).
+        let original = (!stages.is_empty()
+            && matches!(cfg.calib_mode, calib::CalibMode::Asymmetric(_)))
+        .then(|| cx.reference.cloned().unwrap_or_else(|| model.clone()));
+        let paired = original.is_some();
         let mut done = vec![false; jobs.len()];
         let mut capture_secs = 0.0;
         let mut captured = 0usize;
@@ -768,6 +779,7 @@ impl Pass for Quantize {
         // layers without calibration run on every core), `apply` writes the result
         // and the report lines in layer order (deterministic output).
         let compute = |ji: usize,
+                       first: bool,
                        bits: u32,
                        cal: Option<&calib::Calibrated>,
                        no_calib: Option<&String>,
@@ -802,6 +814,11 @@ impl Pass for Quantize {
                             cal,
                             rows,
                             job.rounding,
+                            match paired {
+                                false => Inputs::Own,
+                                true if first => Inputs::FitOriginal,
+                                true => Inputs::Original,
+                            },
                         ),
                     };
                     match result {
@@ -812,8 +829,15 @@ impl Pass for Quantize {
                                 nearest: done.nearest,
                                 after: done.after,
                             });
+                            // Asymmetric calibration measures against the float
+                            // model's output: the error carried in by its inputs too.
+                            let what = if paired {
+                                "error against the float model's output"
+                            } else {
+                                "output error"
+                            };
                             calib_note = format!(
-                                ", {}: output error {:.3}% (nearest {:.3}%)",
+                                ", {}: {what} {:.3}% (nearest {:.3}%)",
                                 done.method,
                                 100.0 * done.after,
                                 100.0 * done.nearest
@@ -946,7 +970,17 @@ impl Pass for Quantize {
                     &m.calibrated
                 }
                 None => {
-                    let (c, t, secs) = calib::capture(model, cx, &wanted)?;
+                    let (c, t, secs) = match &original {
+                        None => calib::capture(model, cx, &wanted)?,
+                        Some(original) => calib::paired::capture(
+                            original,
+                            model,
+                            cx,
+                            &wanted,
+                            &|ji| jobs[ji].rank,
+                            &|ji| jobs[ji].node.clone(),
+                        )?,
+                    };
                     capture_secs += secs;
                     too_big = t;
                     &*owned.insert(c)
@@ -988,6 +1022,7 @@ impl Pass for Quantize {
             for &ji in stage {
                 let c = compute(
                     ji,
+                    ji == stage[0],
                     chosen[ji],
                     calibrated.get(&ji),
                     no_calib.get(&ji),
@@ -1021,7 +1056,7 @@ impl Pass for Quantize {
                 let model = &*model;
                 chunk
                     .par_iter()
-                    .map(|&ji| compute(ji, chosen[ji], None, no_calib.get(&ji), None, model))
+                    .map(|&ji| compute(ji, false, chosen[ji], None, no_calib.get(&ji), None, model))
                     .collect()
             };
             for (&ji, c) in chunk.iter().zip(computed) {
@@ -1039,6 +1074,10 @@ impl Pass for Quantize {
                             "parallel: all on the float model".to_string(),
                         calib::CalibMode::Sequential(_) => format!(
                             "sequential: {} stages, each on the model quantized up to it",
+                            stages.len()
+                        ),
+                        calib::CalibMode::Asymmetric(_) => format!(
+                            "asymmetric: {} stages, each on the model quantized up to it beside the float model, each layer fit to the float model's output",
                             stages.len()
                         ),
                     }
@@ -1172,6 +1211,19 @@ fn memo_key(model: &Model, cx: &Context, cfg: &QuantConfig) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// Which inputs a calibrated layer is fit on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inputs {
+    /// Its own captured inputs (parallel or sequential calibration).
+    Own,
+    /// The compressed model's inputs, fit to the original model's output
+    /// (asymmetric calibration: the first layer of a stage).
+    FitOriginal,
+    /// The original model's inputs of a paired capture (asymmetric calibration:
+    /// a stage's later layers).
+    Original,
+}
+
 /// What calibration did to one layer.
 #[derive(Clone)]
 struct CalibratedLayer {
@@ -1196,25 +1248,81 @@ fn calibrated_layer(
     cal: &calib::Calibrated,
     rows: &calib::Rows,
     rounding: Rounding,
+    inputs: Inputs,
 ) -> std::result::Result<CalibratedLayer, String> {
     use calib::obs;
     // With no more calibration rows than inputs, H = X^T X is singular: GPTQ would
     // fit the calibration images exactly and move the error into directions they
     // never probe (a dense classifier on 128 images: measured 0.004% output error
     // on them, worse than nearest rounding on other images).
+    // (A paired capture keeps rows of twice the layer's inputs: it may keep X
+    // while H = X^T X of the layer's own d inputs is not singular.)
     if rounding == Rounding::Gptq {
         if let Some(calib::gram::Stats::Rows { n, .. }) = cal.stats.first() {
+            if *n <= rows.len {
+                return Err(format!(
+                    "{n} calibration rows for {} inputs: GPTQ would fit the calibration images rather than the data (give more images)",
+                    rows.len
+                ));
+            }
+        }
+    }
+    let d = rows.len;
+    if inputs == Inputs::Original {
+        if cal.dim != 2 * d {
             return Err(format!(
-                "{n} calibration rows for {} inputs: GPTQ would fit the calibration images rather than the data (give more images)",
+                "paired calibration of dimension {} for rows of {d}",
                 cal.dim
             ));
         }
+        let own = calib::paired::original_only(cal, d);
+        return calibrated_layer(
+            cfg,
+            scheme,
+            bits,
+            axis,
+            fan_in,
+            w,
+            nearest,
+            &own,
+            rows,
+            rounding,
+            Inputs::Own,
+        );
     }
-    let factors: Vec<obs::Factor> = cal
-        .stats
-        .iter()
-        .map(|st| obs::Factor::new(&obs::hessian(st, cal.dim), cal.dim, cfg.damp, cfg.act_order))
-        .collect::<std::result::Result<_, _>>()?;
+    let paired = inputs == Inputs::FitOriginal;
+    // Asymmetric calibration: each group's Gram is that of [x~, x] (the quantized
+    // model's input beside the float model's; `calib::paired`): GPTQ sweeps with
+    // H~ from the target w* (`paired::targets`), the least-squares fit to the float
+    // output. A stage's later layers (`Inputs::Original`, above) are fit on the
+    // float model's inputs alone: their compressed inputs are not known yet (the
+    // earlier layers of the stage are quantized after the capture), and fitting
+    // them to the stage's uncompensated inputs would compensate the same error twice.
+    if paired && cal.dim != 2 * d {
+        return Err(format!(
+            "paired calibration of dimension {} for rows of {d}",
+            cal.dim
+        ));
+    }
+    let blocks: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = if paired {
+        cal.stats
+            .iter()
+            .map(|st| calib::paired::blocks(st, d))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let factors: Vec<obs::Factor> = if paired {
+        blocks
+            .iter()
+            .map(|b| obs::Factor::new(&b.0, d, cfg.damp, cfg.act_order))
+            .collect::<std::result::Result<_, _>>()?
+    } else {
+        cal.stats
+            .iter()
+            .map(|st| obs::Factor::new(&obs::hessian(st, d), d, cfg.damp, cfg.act_order))
+            .collect::<std::result::Result<_, _>>()?
+    };
     let layer = obs::Layer {
         rows,
         groups: cal.groups,
@@ -1222,7 +1330,27 @@ fn calibrated_layer(
     };
     let w0: Vec<f32> = w.iter().copied().collect();
     let rtn: Vec<f32> = nearest.values.iter().copied().collect();
-    let err_nearest = layer.error(&w0, &rtn);
+    // The relative output error of new weights: against the float model's output
+    // (asymmetric) or against the layer's own output on the same inputs.
+    let error = |new: &[f32]| -> f64 {
+        if !paired {
+            return layer.error(&w0, new);
+        }
+        let (mut num, mut den) = (0.0, 0.0);
+        for (g, b) in blocks.iter().enumerate() {
+            let (old, _) = layer.rows_of(&w0, g);
+            let (new, _) = layer.rows_of(new, g);
+            let (n, dd) = calib::paired::fit_error(b, d, &old, &new);
+            num += n;
+            den += dd;
+        }
+        if den > 0.0 {
+            num / den
+        } else {
+            0.0
+        }
+    };
+    let err_nearest = error(&rtn);
     let (values, method) = match rounding {
         Rounding::Nearest => (rtn, "nearest".to_string()),
         Rounding::Gptq => {
@@ -1251,15 +1379,21 @@ fn calibrated_layer(
             let round = |r: usize, x: f64| -> f64 {
                 grids[if per_channel { r } else { 0 }].round(x as f32) as f64
             };
-            let v = layer.solve(&w0, Some(&round), obs::Sparsity::None, true);
             let mut m = "GPTQ".to_string();
+            let v = if paired {
+                let target = calib::paired::layer_targets(&layer, &blocks, &w0);
+                m.push_str(" asymmetric");
+                layer.solve_masked(&target, Some(&w0), Some(&round), obs::Sparsity::None)
+            } else {
+                layer.solve(&w0, Some(&round), obs::Sparsity::None, true)
+            };
             if cfg.act_order {
                 m.push_str(" (act-order)");
             }
             (v, m)
         }
     };
-    let after = layer.error(&w0, &values);
+    let after = error(&values);
     Ok(CalibratedLayer {
         values: ArrayD::from_shape_vec(w.raw_dim(), values).expect("same shape"),
         method,
@@ -1346,7 +1480,17 @@ fn candidate_table(
                     let q = quantize_tensor(w, job.scheme, b, cfg, job.axis, job.fan_in);
                     let run = |r| {
                         calibrated_layer(
-                            cfg, job.scheme, b, job.axis, job.fan_in, w, &q, cal, rows, r,
+                            cfg,
+                            job.scheme,
+                            b,
+                            job.axis,
+                            job.fan_in,
+                            w,
+                            &q,
+                            cal,
+                            rows,
+                            r,
+                            Inputs::Own,
                         )
                     };
                     let first = run(job.rounding);

@@ -1060,3 +1060,82 @@ fn mobilenetv2_reweighted_exact_sparsity() {
         );
     }
 }
+
+/// `--prune sparsegpt:S --calib-mode asymmetric` from the CLI: one stage per
+/// layer (49 layers with calibration on the CIFAR MobileNetV2), each layer's
+/// mask and update fit to the float model's output from the pruned model's
+/// inputs, said per layer; on the calibration images (the fit's objective; 20
+/// images, in-sample) the logits stay far closer to the float model's than with
+/// parallel SparseGPT (mean |logit diff| measured 0.006 against 0.147 at 60%).
+#[test]
+fn asymmetric_sparsegpt_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("mobilenetv2_cifar_bn.onnx");
+    let data = fixture("data/foolbox/cifar100");
+    let run = |mode: &str| -> serde_json::Value {
+        let out = dir.path().join(format!("{mode}.onnx"));
+        let rep = dir.path().join(format!("{mode}.json"));
+        let o = cli(&[
+            "optimize",
+            src.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--calib",
+            data.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--prune",
+            "sparsegpt:0.6",
+            "--calib-mode",
+            mode,
+            "--report",
+            rep.to_str().unwrap(),
+        ]);
+        assert!(
+            o.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap()
+    };
+    let parallel = run("parallel");
+    let asym = run("asymmetric");
+    let prune = asym["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pass"] == "prune")
+        .unwrap()
+        .clone();
+    let changed = prune["changed"].as_array().unwrap();
+    let calibration = changed
+        .iter()
+        .find(|c| c["target"] == "calibration")
+        .and_then(|c| c["what"].as_str())
+        .unwrap();
+    assert!(
+        calibration.contains("inputs of 49 layers captured in 49 stages")
+            && calibration.contains("beside the float model"),
+        "{calibration}"
+    );
+    let fit = changed
+        .iter()
+        .filter(|c| {
+            c["what"]
+                .as_str()
+                .unwrap()
+                .contains("SparseGPT asymmetric (fit to the float model's output)")
+        })
+        .count();
+    assert_eq!(fit, 49, "{changed:?}");
+    let mean_diff = |j: &serde_json::Value| {
+        j["validation"]["agreement"]["mean_abs_logit_diff"]
+            .as_f64()
+            .unwrap()
+    };
+    let (dp, da) = (mean_diff(&parallel), mean_diff(&asym));
+    assert!(
+        da < 0.2 * dp,
+        "mean |logit diff|: asymmetric {da}, parallel {dp}"
+    );
+}

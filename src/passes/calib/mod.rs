@@ -6,6 +6,7 @@
 
 pub mod gram;
 pub mod obs;
+pub mod paired;
 
 use crate::graph::layers::weight_axis;
 use crate::onnx::attr::NodeAttrs;
@@ -286,6 +287,10 @@ pub enum CalibMode {
     /// The layers in this many groups of consecutive layers, each captured on the
     /// model already compressed up to it (one model run per group).
     Sequential(usize),
+    /// As `Sequential`, and each layer fit to the original model's output rather
+    /// than to its own on the compressed inputs (GPTAQ's asymmetric calibration;
+    /// the two models captured side by side: [`paired`]).
+    Asymmetric(usize),
 }
 
 impl std::str::FromStr for CalibMode {
@@ -294,22 +299,27 @@ impl std::str::FromStr for CalibMode {
         let t = s.trim().to_ascii_lowercase();
         let bad = || {
             crate::error::Error::Usage(format!(
-                "calibration mode '{s}': expected parallel, sequential (one group per layer) or sequential:K (K groups of consecutive layers)"
+                "calibration mode '{s}': expected parallel, sequential (one group per layer), sequential:K (K groups of consecutive layers), asymmetric or asymmetric:K (sequential, each layer fit to the original model's output)"
             ))
         };
         match t.as_str() {
             "parallel" => Ok(CalibMode::Parallel),
             "sequential" => Ok(CalibMode::Sequential(usize::MAX)),
+            "asymmetric" => Ok(CalibMode::Asymmetric(usize::MAX)),
             _ => {
-                let k: usize = t
-                    .strip_prefix("sequential:")
-                    .ok_or_else(bad)?
-                    .parse()
-                    .map_err(|_| bad())?;
+                let (k, asymmetric) = match t.strip_prefix("sequential:") {
+                    Some(k) => (k, false),
+                    None => (t.strip_prefix("asymmetric:").ok_or_else(bad)?, true),
+                };
+                let k: usize = k.parse().map_err(|_| bad())?;
                 if k == 0 {
                     return Err(bad());
                 }
-                Ok(CalibMode::Sequential(k))
+                Ok(if asymmetric {
+                    CalibMode::Asymmetric(k)
+                } else {
+                    CalibMode::Sequential(k)
+                })
             }
         }
     }
@@ -369,5 +379,30 @@ impl<'a> OutputProbe<'a> {
             .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
             .sum();
         Ok((self.energy > 0.0).then(|| d / self.energy))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CalibMode;
+
+    #[test]
+    fn calib_modes_parse() {
+        let p = |s: &str| s.parse::<CalibMode>();
+        assert_eq!(p("parallel").unwrap(), CalibMode::Parallel);
+        assert_eq!(
+            p(" Sequential ").unwrap(),
+            CalibMode::Sequential(usize::MAX)
+        );
+        assert_eq!(p("sequential:4").unwrap(), CalibMode::Sequential(4));
+        assert_eq!(p("asymmetric").unwrap(), CalibMode::Asymmetric(usize::MAX));
+        assert_eq!(p("asymmetric:8").unwrap(), CalibMode::Asymmetric(8));
+        for bad in ["asymmetric:0", "asymmetric:x", "sequential:", "gptaq", ""] {
+            let e = p(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("'{bad}'")) && e.contains("asymmetric:K"),
+                "{e}"
+            );
+        }
     }
 }

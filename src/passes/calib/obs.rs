@@ -132,6 +132,38 @@ impl Factor {
     pub fn dim(&self) -> usize {
         self.d
     }
+
+    /// x = Hd^-1 b (natural column order), from Hd^-1 = U^T U: two triangular
+    /// products, O(d^2).
+    pub fn solve(&self, b: &[f64]) -> Vec<f64> {
+        let d = self.d;
+        let p: Vec<f64> = self.order.iter().map(|&c| b[c]).collect();
+        // y = U p (U upper), then z = U^T y.
+        let y: Vec<f64> = (0..d)
+            .map(|i| {
+                self.u[i * d + i..(i + 1) * d]
+                    .iter()
+                    .zip(&p[i..])
+                    .map(|(u, v)| u * v)
+                    .sum()
+            })
+            .collect();
+        let mut z = vec![0.0; d];
+        for i in 0..d {
+            let yi = y[i];
+            if yi == 0.0 {
+                continue;
+            }
+            for (zj, u) in z[i..].iter_mut().zip(&self.u[i * d + i..(i + 1) * d]) {
+                *zj += u * yi;
+            }
+        }
+        let mut out = vec![0.0; d];
+        for (k, &c) in self.order.iter().enumerate() {
+            out[c] = z[k];
+        }
+        out
+    }
 }
 
 /// What the sweep does to the weights besides rounding.
@@ -159,7 +191,8 @@ pub fn sweep(
     row_ids: &[usize],
     keep_zeros: bool,
 ) {
-    let mut groups = vec![Group::new(rows, f, row_ids, keep_zeros)];
+    let zeros = keep_zeros.then(|| rows.to_vec());
+    let mut groups = vec![Group::new(rows, f, row_ids, zeros.as_deref())];
     sweep_groups(&mut groups, round, sparsity);
     groups.pop().expect("one").finish(rows);
 }
@@ -173,16 +206,24 @@ struct Group<'f> {
 }
 
 impl<'f> Group<'f> {
-    fn new(rows: &[Vec<f64>], f: &'f Factor, ids: &[usize], keep_zeros: bool) -> Group<'f> {
+    /// `zeros_of`: rows (natural order) whose zeros must stay zero (pruned weights).
+    fn new(
+        rows: &[Vec<f64>],
+        f: &'f Factor,
+        ids: &[usize],
+        zeros_of: Option<&[Vec<f64>]>,
+    ) -> Group<'f> {
         let w: Vec<Vec<f64>> = rows
             .iter()
             .map(|r| f.order.iter().map(|&c| r[c]).collect())
             .collect();
-        // Zeros already there (pruned weights) stay zero when asked.
-        let pruned = w
-            .iter()
-            .map(|r| r.iter().map(|v| keep_zeros && *v == 0.0).collect())
-            .collect();
+        let pruned = match zeros_of {
+            Some(z) => z
+                .iter()
+                .map(|r| f.order.iter().map(|&c| r[c] == 0.0).collect())
+                .collect(),
+            None => vec![vec![false; f.d]; w.len()],
+        };
         Group {
             f,
             w,
@@ -329,7 +370,7 @@ impl Layer<'_> {
     }
 
     /// Rows of `w` (f64) of group `g`, and their row indices.
-    fn rows_of(&self, w: &[f32], g: usize) -> (Vec<Vec<f64>>, Vec<usize>) {
+    pub fn rows_of(&self, w: &[f32], g: usize) -> (Vec<Vec<f64>>, Vec<usize>) {
         let ids: Vec<usize> = (0..self.rows.count)
             .filter(|&r| self.group_of(r) == g)
             .collect();
@@ -353,13 +394,35 @@ impl Layer<'_> {
         sparsity: Sparsity,
         keep_zeros: bool,
     ) -> Vec<f32> {
+        self.solve_masked(w, keep_zeros.then_some(w), round, sparsity)
+    }
+
+    /// [`solve`](Self::solve) with the zeros to keep taken from `zeros_of` (same
+    /// shape as `w`): the sweep of a target w* (asymmetric calibration) that must
+    /// stay zero where the layer's weight was pruned.
+    pub fn solve_masked(
+        &self,
+        w: &[f32],
+        zeros_of: Option<&[f32]>,
+        round: Option<&(dyn Fn(usize, f64) -> f64 + Sync)>,
+        sparsity: Sparsity,
+    ) -> Vec<f32> {
         let mut out = w.to_vec();
         let per: Vec<(Vec<Vec<f64>>, Vec<usize>)> =
             (0..self.groups).map(|g| self.rows_of(w, g)).collect();
+        let zeros: Option<Vec<Vec<Vec<f64>>>> =
+            zeros_of.map(|z| (0..self.groups).map(|g| self.rows_of(z, g).0).collect());
         let mut groups: Vec<Group> = per
             .iter()
             .enumerate()
-            .map(|(g, (rows, ids))| Group::new(rows, &self.factors[g], ids, keep_zeros))
+            .map(|(g, (rows, ids))| {
+                Group::new(
+                    rows,
+                    &self.factors[g],
+                    ids,
+                    zeros.as_ref().map(|z| z[g].as_slice()),
+                )
+            })
             .collect();
         sweep_groups(&mut groups, round, sparsity);
         for (g, (mut rows, ids)) in groups.into_iter().zip(per) {

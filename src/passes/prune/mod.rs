@@ -641,6 +641,7 @@ impl Pass for Prune {
                 match cfg.calib_mode {
                     calib::CalibMode::Parallel => "parallel",
                     calib::CalibMode::Sequential(_) => "sequential",
+                    calib::CalibMode::Asymmetric(_) => "asymmetric",
                 }
             )));
         }
@@ -660,9 +661,16 @@ impl Pass for Prune {
 
         // Calibration: the Gram matrices of the layers that use them.
         let mut calibrated: Vec<Option<Calibrated>> = (0..layers.len()).map(|_| None).collect();
-        let sequential = match (cfg.method, cfg.calib_mode) {
-            (Method::SparseGpt { .. }, calib::CalibMode::Sequential(k)) => Some(k),
-            _ => None,
+        // Sequential stages (SparseGPT only), and whether each layer is fit to the
+        // float model's output (asymmetric: the model before the first lossy pass,
+        // beside the model pruned so far).
+        let (sequential, original) = match (cfg.method, cfg.calib_mode) {
+            (Method::SparseGpt { .. }, calib::CalibMode::Sequential(k)) => (Some(k), None),
+            (Method::SparseGpt { .. }, calib::CalibMode::Asymmetric(k)) => (
+                Some(k),
+                Some(cx.reference.cloned().unwrap_or_else(|| model.clone())),
+            ),
+            _ => (None, None),
         };
         if needs_calib && sequential.is_none() {
             let data = cx.calib.expect("checked above");
@@ -802,12 +810,22 @@ impl Pass for Prune {
                     let mut stages = 0;
                     for stage in wanted.chunks(per) {
                         stages += 1;
-                        let (mut caught, too_big, _) = calib::capture(model, cx, stage)?;
+                        let (mut caught, too_big, _) = match &original {
+                            None => calib::capture(model, cx, stage)?,
+                            Some(o) => calib::paired::capture(
+                                o,
+                                model,
+                                cx,
+                                stage,
+                                &|i| layers[i].shape.len(),
+                                &|i| layers[i].node_names.join(", "),
+                            )?,
+                        };
                         for (i, why) in too_big {
                             notes[i].push(format!("no calibration ({why})"));
                         }
                         let g = model.graph_mut();
-                        for (i, _) in stage {
+                        for (pos, (i, _)) in stage.iter().enumerate() {
                             let (Some(c), Ok(rows)) = (caught.remove(i), &layers[*i].rows) else {
                                 continue;
                             };
@@ -816,18 +834,46 @@ impl Pass for Prune {
                                 Some((n, m)) => calib::obs::Sparsity::NM { n, m },
                                 None => calib::obs::Sparsity::Fraction(l.target),
                             };
-                            let c = Calibrated {
-                                stats: c.stats,
-                                dim: c.dim,
-                            };
                             let t = std::time::Instant::now();
-                            match sparsegpt(&l.w0, rows, &c, sparsity) {
+                            let (c, result) = match original {
+                                None => {
+                                    let c = Calibrated {
+                                        stats: c.stats,
+                                        dim: c.dim,
+                                    };
+                                    let r = sparsegpt(&l.w0, rows, &c, sparsity);
+                                    (c, r)
+                                }
+                                // Asymmetric: a stage's first layer fit to the float
+                                // model's output; its later layers on the float
+                                // model's inputs (as quantize does: their compressed
+                                // inputs are not captured yet).
+                                Some(_) => {
+                                    let own = calib::paired::original_only(&c, rows.len);
+                                    let own = Calibrated {
+                                        stats: own.stats,
+                                        dim: own.dim,
+                                    };
+                                    let r = if pos == 0 {
+                                        sparsegpt_asymmetric(&l.w0, rows, &c, sparsity)
+                                    } else {
+                                        sparsegpt(&l.w0, rows, &own, sparsity)
+                                    };
+                                    (own, r)
+                                }
+                            };
+                            match result {
                                 Ok(w) => {
                                     let arr = ArrayD::from_shape_vec(l.shape.clone(), w.clone())
                                         .expect("same shape");
                                     set_initializer(g, &l.init, &TensorData::F32(arr));
                                     notes[*i].push(format!(
-                                        "SparseGPT in {:.2}s",
+                                        "SparseGPT{} in {:.2}s",
+                                        if original.is_some() && pos == 0 {
+                                            " asymmetric (fit to the float model's output)"
+                                        } else {
+                                            ""
+                                        },
                                         t.elapsed().as_secs_f64()
                                     ));
                                     masks[*i] = Some(w.iter().map(|v| *v == 0.0).collect());
@@ -841,9 +887,14 @@ impl Pass for Prune {
                     report.changed(
                         "calibration",
                         format!(
-                            "{} images: inputs of {} layers captured in {stages} stages on the model pruned so far, {:.2}s",
+                            "{} images: inputs of {} layers captured in {stages} stages on the model pruned so far{}, {:.2}s",
                             cx.calib.map_or(0, |d| d.len()),
                             wanted.len(),
+                            if original.is_some() {
+                                " beside the float model (asymmetric: each stage's first layer fit to the float model's output)"
+                            } else {
+                                ""
+                            },
                             start.elapsed().as_secs_f64()
                         ),
                     );
@@ -1069,6 +1120,43 @@ fn sparsegpt(
 ) -> std::result::Result<Vec<f32>, String> {
     let factors = factors_of(c)?;
     Ok(sparsegpt_with(w0, rows, c, &factors, sparsity))
+}
+
+/// SparseGPT fit to the float model's output (asymmetric calibration,
+/// `calib::paired`): `c` holds the paired statistics (dimension 2d) of the
+/// pruned model's inputs beside the float model's; the mask and update run on
+/// the target w* = w + (H~ + lambda I)^-1 (C - H~) w with H~ (the least-squares
+/// fit of ||X~ w' - X w||^2), zeros of `w0` kept.
+fn sparsegpt_asymmetric(
+    w0: &[f32],
+    rows: &Rows,
+    c: &calib::Calibrated,
+    sparsity: calib::obs::Sparsity,
+) -> std::result::Result<Vec<f32>, String> {
+    use calib::obs;
+    let d = rows.len;
+    if c.dim != 2 * d {
+        return Err(format!(
+            "paired calibration of dimension {} for rows of {d}",
+            c.dim
+        ));
+    }
+    let blocks: Vec<_> = c
+        .stats
+        .iter()
+        .map(|st| calib::paired::blocks(st, d))
+        .collect();
+    let factors: Vec<obs::Factor> = blocks
+        .iter()
+        .map(|b| obs::Factor::new(&b.0, d, obs::DEFAULT_DAMP, false))
+        .collect::<std::result::Result<_, _>>()?;
+    let layer = obs::Layer {
+        rows,
+        groups: c.stats.len(),
+        factors: &factors,
+    };
+    let target = calib::paired::layer_targets(&layer, &blocks, w0);
+    Ok(layer.solve_masked(&target, Some(w0), None, sparsity))
 }
 
 /// The Cholesky factors of a layer's inverse Hessians (one per group).

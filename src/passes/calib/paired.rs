@@ -1,0 +1,443 @@
+//! Paired capture: the model being compressed and the original model run side by
+//! side on the same images, and each calibrated layer's two inputs (x~ from the
+//! compressed model, x from the original) concatenated per group into one input
+//! row [x~, x] of twice the dimension. Its Gram matrix holds, per group,
+//!
+//!   [ H~  C ]      H~ = X~^T X~   (the compressed model's inputs)
+//!   [ C^T H ]      C  = X~^T X    (their cross products with the original's)
+//!                  H  = X^T X     (the original's)
+//!
+//! which is what fitting the compressed layer to the original's output needs:
+//! ||X~ w' - X w||^2 = w'^T H~ w' - 2 w'^T C w + w^T H w. Its minimizer
+//! w* = H~^-1 C w (damped: [`targets`]) gives, for any w',
+//! ||X~ w' - X w||^2 = (w' - w*)^T H~ (w' - w*) + const, so GPTQ or SparseGPT run on
+//! w* with H~ minimize the error against the original's output ("asymmetric
+//! calibration": Li et al., 2025, "GPTAQ: Efficient Finetuning-Free Quantization
+//! for Asymmetric Calibration"; the same least squares as channel reconstruction).
+//!
+//! The pairing is a calibration-only model: the original's nodes keep their
+//! names, the compressed model's are renamed, and every paired input gets a
+//! Concat (of [x~, x] along the channels for a Conv, group by group when the
+//! conv is grouped; along K for Gemm/MatMul).
+
+use std::collections::HashSet;
+
+use crate::error::{Error, Result};
+use crate::graph::Graph;
+use crate::onnx::proto::{NodeProto, TensorProto};
+use crate::onnx::Model;
+
+use super::gram::{Geom, Stats};
+
+/// The name a value or node of the compressed model takes in the paired model.
+pub fn current_name(v: &str) -> String {
+    format!("{v}\u{1}current")
+}
+
+/// The paired input's value name for key `key`.
+pub fn paired_name(key: &str) -> String {
+    format!("\u{1}paired\u{1}{key}")
+}
+
+/// One input to pair: the geometry of the layer reading it (in the original
+/// model), the rank of that input (a Conv's weight rank), and a key naming the
+/// pair (unique among the pairs).
+pub struct Pair<'a> {
+    pub key: String,
+    pub geom: &'a Geom,
+    pub rank: usize,
+    /// The value the original model's layer reads (the geometry's input, unless
+    /// a pass inserted nodes before the layer: [`original_value`]).
+    pub original: String,
+}
+
+/// The value of the original model that `value` of the compressed model stands
+/// for: `value` itself when the original has it, else the first input of its
+/// producer, followed back (activation quantizers inserted before a layer:
+/// QuantizeLinear -> DequantizeLinear, or a fake-quant chain), at most 16 steps.
+pub fn original_value(current: &Graph, original: &Graph, value: &str) -> Option<String> {
+    let mut v = value.to_string();
+    for _ in 0..16 {
+        if original.producer(&v).is_some() || original.inputs().any(|i| i.name() == v) {
+            return Some(v);
+        }
+        let (p, _) = current.producer(&v)?;
+        v = current.node(p).input.first()?.clone();
+    }
+    None
+}
+
+/// The geometry of a pair's doubled input row: twice the input channels per
+/// group (Conv) or twice K (Gemm/MatMul), read from the pair's Concat.
+pub fn doubled_geom(pair: &Pair) -> Geom {
+    let mut g = pair.geom.clone();
+    match &mut g {
+        Geom::Conv(c) => c.cin_per_group *= 2,
+        Geom::Dense { k, .. } => *k *= 2,
+    }
+    g.set_input(&paired_name(&pair.key));
+    g
+}
+
+/// The original and the compressed model side by side (see the module), with one
+/// Concat per pair. `Err` when the compressed model has subgraphs (their free
+/// values would need renaming inside them).
+pub fn side_by_side(original: &Model, current: &Model, pairs: &[Pair]) -> Result<Model> {
+    let mut out = original.clone();
+    let inputs: HashSet<String> = Graph::of(current)?
+        .inputs()
+        .map(|i| i.name().to_string())
+        .collect();
+    let rename = |v: &str| {
+        if v.is_empty() || inputs.contains(v) {
+            v.to_string()
+        } else {
+            current_name(v)
+        }
+    };
+    let cg = current.graph();
+    if cg.node.iter().any(|n| {
+        !crate::graph::subgraph_free_values(n).is_empty()
+            || n.attribute
+                .iter()
+                .any(|a| a.g.is_some() || !a.graphs.is_empty())
+    }) {
+        return Err(Error::Usage(
+            "calibration against the original model (sequential channel pruning, asymmetric GPTQ/SparseGPT) does not handle subgraphs (If/Loop/Scan); use calib_mode = \"parallel\"".into(),
+        ));
+    }
+    let g = out.graph_mut();
+    for n in &cg.node {
+        let mut n = n.clone();
+        n.name = Some(current_name(n.name()));
+        n.input.iter_mut().for_each(|v| *v = rename(v));
+        n.output.iter_mut().for_each(|v| *v = rename(v));
+        g.node.push(n);
+    }
+    for t in &cg.initializer {
+        let mut t = t.clone();
+        t.name = Some(current_name(t.name()));
+        g.initializer.push(t);
+    }
+    for p in pairs {
+        let input = p.geom.input();
+        // A graph input is the same value in both models.
+        let (cur, orig, out) = (rename(input), p.original.clone(), paired_name(&p.key));
+        let node = |op: &str, suffix: &str, inputs: Vec<String>, output: String| NodeProto {
+            op_type: Some(op.into()),
+            name: Some(format!("\u{1}paired\u{1}{}\u{1}{suffix}", p.key)),
+            input: inputs,
+            output: vec![output],
+            ..Default::default()
+        };
+        let concat = |axis: i64, inputs: Vec<String>, output: String| {
+            let mut c = node("Concat", "concat", inputs, output);
+            c.attribute.push(crate::onnx::attr::int("axis", axis));
+            c
+        };
+        match p.geom {
+            Geom::Conv(c) if c.groups > 1 => {
+                // [N, C, ...] -> [N, g, C/g, ...], concatenated along the channels of
+                // each group, back to [N, 2C, ...]: group k's channels are then its
+                // x~ channels followed by its x channels, as the doubled geometry reads.
+                // The spatial sizes are not known here: the shapes are built from
+                // Shape(x~) (N and the spatial dims gathered, the channels split).
+                let spatial = p.rank.saturating_sub(2) as i64;
+                let ints = |name: String, dims: Vec<i64>| TensorProto {
+                    name: Some(name),
+                    data_type: Some(crate::onnx::DataType::Int64 as i32),
+                    dims: vec![dims.len() as i64],
+                    int64_data: dims,
+                    ..Default::default()
+                };
+                let v = |s: &str| format!("{out}\u{1}{s}");
+                g.initializer.push(ints(v("i0"), vec![0]));
+                g.initializer
+                    .push(ints(v("isp"), (2..2 + spatial).collect()));
+                g.initializer
+                    .push(ints(v("gm1"), vec![c.groups as i64, -1]));
+                g.initializer.push(ints(v("m1"), vec![-1]));
+                g.node
+                    .push(node("Shape", "shape", vec![cur.clone()], v("shape")));
+                g.node
+                    .push(node("Gather", "n", vec![v("shape"), v("i0")], v("n")));
+                g.node
+                    .push(node("Gather", "sp", vec![v("shape"), v("isp")], v("sp")));
+                let mut c1 = concat(0, vec![v("n"), v("gm1"), v("sp")], v("split_shape"));
+                c1.name = Some(format!("{}\u{1}split_shape", c1.name()));
+                g.node.push(c1);
+                let mut c2 = concat(0, vec![v("n"), v("m1"), v("sp")], v("back_shape"));
+                c2.name = Some(format!("{}\u{1}back_shape", c2.name()));
+                g.node.push(c2);
+                let (split_shape, back_shape) = (v("split_shape"), v("back_shape"));
+                let (rc, ro, cat) = (
+                    format!("{out}\u{1}cur"),
+                    format!("{out}\u{1}orig"),
+                    format!("{out}\u{1}cat"),
+                );
+                g.node.push(node(
+                    "Reshape",
+                    "split_cur",
+                    vec![cur, split_shape.clone()],
+                    rc.clone(),
+                ));
+                g.node.push(node(
+                    "Reshape",
+                    "split_orig",
+                    vec![orig, split_shape],
+                    ro.clone(),
+                ));
+                g.node.push(concat(2, vec![rc, ro], cat.clone()));
+                g.node
+                    .push(node("Reshape", "back", vec![cat, back_shape], out.clone()));
+            }
+            Geom::Conv(_) => g.node.push(concat(1, vec![cur, orig], out)),
+            Geom::Dense { trans_a, .. } => {
+                g.node
+                    .push(concat(if *trans_a { 0 } else { -1 }, vec![cur, orig], out))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Captures the `wanted` layers (key, one geometry per reading node, as in
+/// [`super::capture`]) of `current` beside `original`: every input paired with
+/// the original's value it stands for ([`original_value`]), one model run.
+/// `rank(key)` is the layer's weight rank, `name(key)` its name for errors.
+/// Returns the doubled statistics by key (dimension 2d: [`blocks`] splits
+/// them), the layers left out with the reason, and the seconds taken.
+/// `Err` when an input has no counterpart in the original model, or the
+/// models hold subgraphs.
+#[allow(clippy::type_complexity)]
+pub fn capture(
+    original: &Model,
+    current: &Model,
+    cx: &crate::passes::Context,
+    wanted: &[(usize, Vec<Geom>)],
+    rank: &dyn Fn(usize) -> usize,
+    name: &dyn Fn(usize) -> String,
+) -> Result<(
+    std::collections::HashMap<usize, super::Calibrated>,
+    Vec<(usize, String)>,
+    f64,
+)> {
+    let cur = Graph::of(current)?;
+    let orig = Graph::of(original)?;
+    let mut pairs = Vec::new();
+    let mut doubled: Vec<(usize, Vec<Geom>)> = Vec::new();
+    for (key, geoms) in wanted {
+        let mut gs = Vec::new();
+        for (k, geom) in geoms.iter().enumerate() {
+            let Some(o) = original_value(&cur, &orig, geom.input()) else {
+                return Err(Error::Graph(format!(
+                    "calibration against the float model: the input '{}' of layer '{}' has no counterpart in the float model",
+                    geom.input(),
+                    name(*key)
+                )));
+            };
+            let pair = Pair {
+                key: format!("{key}.{k}"),
+                geom,
+                rank: rank(*key),
+                original: o,
+            };
+            gs.push(doubled_geom(&pair));
+            pairs.push(pair);
+        }
+        doubled.push((*key, gs));
+    }
+    let both = side_by_side(original, current, &pairs)?;
+    super::capture(&both, cx, &doubled)
+}
+
+/// A paired layer's statistics reduced to the original model's inputs alone
+/// (the H block of each group), as a plain capture of the original would give.
+/// `d` is the layer's own input dimension.
+pub fn original_only(cal: &super::Calibrated, d: usize) -> super::Calibrated {
+    super::Calibrated {
+        stats: cal
+            .stats
+            .iter()
+            .map(|st| Stats::Gram(blocks(st, d).2))
+            .collect(),
+        means: Vec::new(),
+        dim: d,
+        groups: cal.groups,
+        rows: cal.rows,
+        scale: cal.scale,
+    }
+}
+
+/// The asymmetric targets of every row of a layer ([`targets`] per group), as a
+/// tensor of the shape of `w0`; `factors` are those of the groups' H~ blocks.
+pub fn layer_targets(
+    layer: &super::obs::Layer,
+    blocks: &[(Vec<f64>, Vec<f64>, Vec<f64>)],
+    w0: &[f32],
+) -> Vec<f32> {
+    let mut out = w0.to_vec();
+    for (g, (f, b)) in layer.factors.iter().zip(blocks).enumerate() {
+        let (old, ids) = layer.rows_of(w0, g);
+        for (row, r) in targets(f, b, &old).into_iter().zip(ids) {
+            for (j, v) in row.into_iter().enumerate() {
+                out[layer.rows.index(r, j)] = v as f32;
+            }
+        }
+    }
+    out
+}
+
+/// The blocks (H~, C, H) of a pair's Gram matrix of dimension 2d (see the module),
+/// each d x d row-major.
+pub fn blocks(stats: &Stats, d: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let big = super::obs::hessian(stats, 2 * d);
+    let block = |r0: usize, c0: usize| -> Vec<f64> {
+        let mut m = vec![0.0; d * d];
+        for i in 0..d {
+            m[i * d..(i + 1) * d]
+                .copy_from_slice(&big[(r0 + i) * 2 * d + c0..(r0 + i) * 2 * d + c0 + d]);
+        }
+        m
+    };
+    (block(0, 0), block(0, d), block(d, d))
+}
+
+/// Row-major `rows` (each of length d) as a matrix.
+fn mat(rows: &[Vec<f64>], d: usize) -> faer::Mat<f64> {
+    faer::Mat::from_fn(rows.len(), d, |i, j| rows[i][j])
+}
+
+/// The asymmetric targets of one group's rows: per row w, the minimizer of
+/// ||X~ w' - X w||^2 + lambda ||w' - w||^2, the ridge pulling towards the layer's
+/// own weights (so X~ = X gives w' = w):
+///
+///   w* = w + (H~ + lambda I)^-1 (C - H~) w
+///
+/// with the damped H~ of `f` (the factor GPTQ sweeps with; `blocks` = (H~, C, H)).
+/// Rows run in parallel.
+pub fn targets(
+    f: &super::obs::Factor,
+    blocks: &(Vec<f64>, Vec<f64>, Vec<f64>),
+    rows: &[Vec<f64>],
+) -> Vec<Vec<f64>> {
+    use rayon::prelude::*;
+    let d = f.dim();
+    if rows.is_empty() {
+        return Vec::new();
+    }
+    let (ht, c) = (&blocks.0, &blocks.1);
+    let diff = faer::Mat::from_fn(d, d, |i, j| c[i * d + j] - ht[i * d + j]);
+    // ((C - H~) w)^T = w^T (C - H~)^T: all rows at once.
+    let cw = mat(rows, d) * diff.transpose();
+    (0..rows.len())
+        .into_par_iter()
+        .map(|r| {
+            let b: Vec<f64> = (0..d).map(|j| cw[(r, j)]).collect();
+            let step = f.solve(&b);
+            rows[r].iter().zip(step).map(|(w, s)| w + s).collect()
+        })
+        .collect()
+}
+
+/// Sums over one group's rows of ||X~ w' - X w||^2 (the error of the new rows
+/// `new` against the original's output with the old rows `old`) and of
+/// ||X w||^2, from the blocks (H~, C, H) of [`blocks`].
+pub fn fit_error(
+    blocks: &(Vec<f64>, Vec<f64>, Vec<f64>),
+    d: usize,
+    old: &[Vec<f64>],
+    new: &[Vec<f64>],
+) -> (f64, f64) {
+    if old.is_empty() {
+        return (0.0, 0.0);
+    }
+    let m = |v: &[f64]| faer::Mat::from_fn(d, d, |i, j| v[i * d + j]);
+    let (ht, c, ho) = (m(&blocks.0), m(&blocks.1), m(&blocks.2));
+    let (wo, wn) = (mat(old, d), mat(new, d));
+    let (a, b, e) = (&wn * &ht, &wn * &c, &wo * &ho);
+    let (mut num, mut den) = (0.0, 0.0);
+    for r in 0..old.len() {
+        let (mut q1, mut q2, mut q3) = (0.0, 0.0, 0.0);
+        for j in 0..d {
+            q1 += a[(r, j)] * wn[(r, j)];
+            q2 += b[(r, j)] * wo[(r, j)];
+            q3 += e[(r, j)] * wo[(r, j)];
+        }
+        num += (q1 - 2.0 * q2 + q3).max(0.0);
+        den += q3;
+    }
+    (num, den)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::passes::calib::obs::Factor;
+
+    /// Three input rows of the compressed model (X~) and of the original (X):
+    ///   X~ = [[1,0],[0,1],[1,1]]   X = [[1,0],[0,2],[1,1]]
+    /// stored as the doubled rows [x~, x] (column-major by input, as
+    /// `Stats::Rows` keeps them).
+    fn example() -> Stats {
+        Stats::Rows {
+            x: vec![
+                1.0, 0.0, 1.0, // x~0
+                0.0, 1.0, 1.0, // x~1
+                1.0, 0.0, 1.0, // x0
+                0.0, 2.0, 1.0, // x1
+            ],
+            n: 3,
+        }
+    }
+
+    #[test]
+    fn blocks_are_the_gram_and_cross_products() {
+        // H~ = X~^T X~ = [[2,1],[1,2]]; C = X~^T X = [[2,1],[1,3]];
+        // H = X^T X = [[2,1],[1,5]].
+        let (ht, c, h) = blocks(&example(), 2);
+        assert_eq!(ht, vec![2.0, 1.0, 1.0, 2.0]);
+        assert_eq!(c, vec![2.0, 1.0, 1.0, 3.0]);
+        assert_eq!(h, vec![2.0, 1.0, 1.0, 5.0]);
+    }
+
+    #[test]
+    fn fit_error_is_the_error_against_the_original_output() {
+        // w = [1,1]: X w = (1,2,2), ||X w||^2 = 9. w' = [1,0]: X~ w' = (1,0,1);
+        // X~ w' - X w = (0,-2,-1), squared norm 5. From the blocks:
+        // w'^T H~ w' - 2 w'^T C w + w^T H w = 2 - 2*3 + 9 = 5.
+        let b = blocks(&example(), 2);
+        let (num, den) = fit_error(&b, 2, &[vec![1.0, 1.0]], &[vec![1.0, 0.0]]);
+        assert!((num - 5.0).abs() < 1e-12, "{num}");
+        assert!((den - 9.0).abs() < 1e-12, "{den}");
+    }
+
+    #[test]
+    fn targets_solve_the_damped_fit_by_hand() {
+        // w* = w + (H~ + lambda I)^-1 (C - H~) w, lambda = 0.01 * mean(diag H~)
+        // = 0.02. (C - H~) w = [[0,0],[0,1]] [1,1] = [0,1];
+        // (H~ + 0.02 I) = [[2.02,1],[1,2.02]], det = 2.02^2 - 1 = 3.0804, its
+        // inverse times [0,1] = [-1, 2.02] / 3.0804 = [-0.3246332, 0.6557590];
+        // w* = [0.6753668, 1.6557590] (the undamped least squares H~^-1 C w is
+        // [2/3, 5/3]).
+        let b = blocks(&example(), 2);
+        let f = Factor::new(&b.0, 2, 0.01, false).unwrap();
+        let t = targets(&f, &b, &[vec![1.0, 1.0]]);
+        let want = [1.0 - 1.0 / 3.0804, 1.0 + 2.02 / 3.0804];
+        for (got, want) in t[0].iter().zip(want) {
+            assert!((got - want).abs() < 1e-12, "{t:?}");
+        }
+        // The target fits the original's output better than the layer's own
+        // weights on the compressed inputs: ||X~ w - X w||^2 = ||(0,-1,0)||^2 = 1.
+        let (own, _) = fit_error(&b, 2, &[vec![1.0, 1.0]], &[vec![1.0, 1.0]]);
+        let (fit, _) = fit_error(&b, 2, &[vec![1.0, 1.0]], &t);
+        assert!((own - 1.0).abs() < 1e-12, "{own}");
+        // X~ w* = (0.67537, 1.65576, 2.33112) against X w = (1, 2, 2): 0.33353;
+        // the undamped optimum's is ||(-1/3, -1/3, 1/3)||^2 = 1/3.
+        assert!(fit > 1.0 / 3.0 && fit < 0.3336, "{fit}");
+        // Equal inputs (C = H~) leave the weights as they are, exactly.
+        let same = (b.0.clone(), b.0.clone(), b.0.clone());
+        let t = targets(&f, &same, &[vec![0.25, -3.0]]);
+        assert_eq!(t, vec![vec![0.25, -3.0]]);
+    }
+}
