@@ -21,7 +21,7 @@
 //! calib_mode = "parallel"        # sparsegpt: parallel | sequential[:K] | asymmetric[:K] (as in [quantize])
 //! refit = false                  # least-squares refit of survivors (needs --calib)
 //! rounds = 3                     # reweighting rounds
-//! allocate = "uniform"           # sparsegpt: uniform | error | network (per-layer sparsities by output error, unweighted or weighted by measured effect on the output; the target overall)
+//! allocate = "uniform"           # sparsegpt: uniform | error | network (per-layer sparsities by output error, unweighted or weighted by measured effect on the output; the target overall; chosen on the float model's inputs, then pruned in the stages of a sequential/asymmetric calib_mode)
 //!
 //! [channels]                     # passes/prune_channels.rs; structured: whole channels go
 //! ratio = 0.3                    # fraction of each group's channels removed

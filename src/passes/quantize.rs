@@ -1381,7 +1381,7 @@ fn calibrated_layer(
             };
             let mut m = "GPTQ".to_string();
             let v = if paired {
-                let target = calib::paired::layer_targets(&layer, &blocks, &w0);
+                let target = calib::paired::layer_targets(&layer, &blocks, &w0, cfg.damp)?;
                 m.push_str(" asymmetric");
                 layer.solve_masked(&target, Some(&w0), Some(&round), obs::Sparsity::None)
             } else {

@@ -12,6 +12,7 @@ use onnx_micronet::data::{self, Dataset, Layout, Preprocess};
 use onnx_micronet::engine;
 use onnx_micronet::onnx::proto::{AttributeProto, GraphProto, ModelProto, TensorProto};
 use onnx_micronet::onnx::{AttributeType, DataType, Model, TensorData};
+use onnx_micronet::passes::calib::CalibMode;
 use onnx_micronet::passes::prune::{parse_spec, Allocation, LayerRule, Method, Prune, PruneConfig};
 use onnx_micronet::passes::{Context, Pass, PassReport};
 use onnx_micronet::validate;
@@ -804,7 +805,41 @@ fn sparsegpt_allocation_by_error_reaches_the_target_with_less_error() {
     let sum = |r: &PassReport| r.errors.iter().map(|e| e.after).sum::<f64>();
     assert_eq!((ra.errors.len(), ru.errors.len()), (4, 4));
     assert!(sum(&ra) < sum(&ru), "{} vs uniform {}", sum(&ra), sum(&ru));
-    // Only SparseGPT with parallel calibration allocates.
+    // With sequential or asymmetric calibration the sparsities are chosen on the
+    // float model's inputs as in parallel (the same per-layer zero counts), then
+    // each layer is pruned at its sparsity in the stages, the report says both.
+    for mode in [
+        CalibMode::Sequential(usize::MAX),
+        CalibMode::Asymmetric(usize::MAX),
+    ] {
+        let mut m = small_noise();
+        let r = run_cx(
+            &mut m,
+            PruneConfig {
+                min_elements: 0,
+                allocation: Allocation::Error,
+                calib_mode: mode,
+                ..cfg(Method::SparseGpt { nm: None }, 0.6)
+            },
+            &cx,
+        );
+        for (n, _) in sizes {
+            assert_eq!(
+                zeros(&weight(&m, n)),
+                zeros(&weight(&alloc, n)),
+                "{mode:?} {n}"
+            );
+            let line = changed(&r, n);
+            assert!(
+                line.contains("allocated sparsity") && line.contains("on the float model's inputs"),
+                "{line}"
+            );
+            if mode != CalibMode::Sequential(usize::MAX) {
+                assert!(line.contains("SparseGPT asymmetric"), "{line}");
+            }
+        }
+    }
+    // Only SparseGPT allocates.
     let mut m = small_noise();
     let e = Prune(PruneConfig {
         allocation: Allocation::Error,
@@ -814,7 +849,7 @@ fn sparsegpt_allocation_by_error_reaches_the_target_with_less_error() {
     .unwrap_err()
     .to_string();
     assert!(
-        e.contains("needs --prune sparsegpt:S and parallel calibration"),
+        e.contains("needs --prune sparsegpt:S (got magnitude"),
         "{e}"
     );
 }

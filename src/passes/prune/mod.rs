@@ -631,18 +631,10 @@ impl Pass for Prune {
                 .into(),
             ));
         }
-        if cfg.allocation != Allocation::Uniform
-            && (cfg.method != (Method::SparseGpt { nm: None })
-                || cfg.calib_mode != calib::CalibMode::Parallel)
-        {
+        if cfg.allocation != Allocation::Uniform && cfg.method != (Method::SparseGpt { nm: None }) {
             return Err(Error::Usage(format!(
-                "prune.allocate = 'error' chooses SparseGPT's per-layer sparsities from errors measured on the float model's inputs: it needs --prune sparsegpt:S and parallel calibration (got {} with {} calibration)",
+                "prune.allocate = 'error' chooses SparseGPT's per-layer sparsities from errors measured on the float model's inputs: it needs --prune sparsegpt:S (got {})",
                 cfg.method,
-                match cfg.calib_mode {
-                    calib::CalibMode::Parallel => "parallel",
-                    calib::CalibMode::Sequential(_) => "sequential",
-                    calib::CalibMode::Asymmetric(_) => "asymmetric",
-                }
             )));
         }
         let rounds = cfg.rounds.max(1);
@@ -672,7 +664,10 @@ impl Pass for Prune {
             ),
             _ => (None, None),
         };
-        if needs_calib && sequential.is_none() {
+        // Sequential stages with an allocation: the sparsities are chosen on the
+        // float model's inputs (one parallel capture), then each layer is pruned
+        // at its sparsity in the stages.
+        if needs_calib && (sequential.is_none() || cfg.allocation != Allocation::Uniform) {
             let data = cx.calib.expect("checked above");
             let input_shape = cx.input_shape_for(data);
             let mut wanted = Vec::new();
@@ -791,6 +786,78 @@ impl Pass for Prune {
                 }
             }
             Method::SparseGpt { nm } => {
+                let mut targets: Vec<f64> = layers.iter().map(|l| l.target).collect();
+                if cfg.allocation != Allocation::Uniform {
+                    let pool: Vec<usize> = (0..layers.len())
+                        .filter(|&i| {
+                            !layers[i].own_target
+                                && calibrated[i].is_some()
+                                && layers[i].rows.is_ok()
+                        })
+                        .collect();
+                    let start = std::time::Instant::now();
+                    let weights = match cfg.allocation {
+                        Allocation::Network => Some(network_weights(
+                            model,
+                            cx,
+                            &layers,
+                            &calibrated,
+                            &pool,
+                            cfg.sparsity,
+                        )?),
+                        _ => None,
+                    };
+                    let plan = allocate_by_error(
+                        &layers,
+                        &calibrated,
+                        &pool,
+                        cfg.sparsity,
+                        weights.as_deref(),
+                    );
+                    let total: usize = pool.iter().map(|&i| layers[i].numel()).sum();
+                    let zeros: usize = plan.iter().map(|c| c.zeros).sum();
+                    report.changed(
+                        "allocation",
+                        format!(
+                            "{} of {total} weights in {} layers zeroed ({}, target {}): each layer's sparsity chosen from {:?} to minimize the sum of the layers' relative output errors{} (Lagrangian, lambda {:.3e}), {:.2}s",
+                            zeros,
+                            pool.len(),
+                            pct(zeros, total),
+                            pct((cfg.sparsity * total as f64).round() as usize, total),
+                            ALLOCATION_CANDIDATES,
+                            if weights.is_some() {
+                                format!(
+                                    ", each weighted by its effect on the network's output (measured with that layer alone at {} on {} images)",
+                                    pct((cfg.sparsity * 1000.0).round() as usize, 1000),
+                                    NETWORK_IMAGES.min(cx.calib.map_or(0, |d| d.len()))
+                                )
+                            } else {
+                                String::new()
+                            },
+                            plan.first().map_or(0.0, |c| c.lambda),
+                            start.elapsed().as_secs_f64()
+                        ),
+                    );
+                    for c in plan {
+                        if sequential.is_some() {
+                            // Pruned again in the stages, at this sparsity.
+                            notes[c.layer].push(format!(
+                                "allocated sparsity {:.0}% (SparseGPT output error {:.2}% on the float model's inputs)",
+                                100.0 * c.sparsity,
+                                100.0 * c.error
+                            ));
+                            targets[c.layer] = c.sparsity;
+                            continue;
+                        }
+                        notes[c.layer].push(format!(
+                            "allocated sparsity {:.0}% (SparseGPT output error {:.2}%)",
+                            100.0 * c.sparsity,
+                            100.0 * c.error
+                        ));
+                        masks[c.layer] = Some(c.weights.iter().map(|v| *v == 0.0).collect());
+                        solved[c.layer] = Some(c.weights);
+                    }
+                }
                 // Sequential: capture each group of layers on the model pruned so far.
                 if let Some(k) = sequential {
                     let wanted: Vec<(usize, Vec<Geom>)> = layers
@@ -832,7 +899,7 @@ impl Pass for Prune {
                             let l = &layers[*i];
                             let sparsity = match nm {
                                 Some((n, m)) => calib::obs::Sparsity::NM { n, m },
-                                None => calib::obs::Sparsity::Fraction(l.target),
+                                None => calib::obs::Sparsity::Fraction(targets[*i]),
                             };
                             let t = std::time::Instant::now();
                             let (c, result) = match original {
@@ -899,67 +966,6 @@ impl Pass for Prune {
                         ),
                     );
                 }
-                if cfg.allocation != Allocation::Uniform {
-                    let pool: Vec<usize> = (0..layers.len())
-                        .filter(|&i| {
-                            !layers[i].own_target
-                                && calibrated[i].is_some()
-                                && layers[i].rows.is_ok()
-                        })
-                        .collect();
-                    let start = std::time::Instant::now();
-                    let weights = match cfg.allocation {
-                        Allocation::Network => Some(network_weights(
-                            model,
-                            cx,
-                            &layers,
-                            &calibrated,
-                            &pool,
-                            cfg.sparsity,
-                        )?),
-                        _ => None,
-                    };
-                    let plan = allocate_by_error(
-                        &layers,
-                        &calibrated,
-                        &pool,
-                        cfg.sparsity,
-                        weights.as_deref(),
-                    );
-                    let total: usize = pool.iter().map(|&i| layers[i].numel()).sum();
-                    let zeros: usize = plan.iter().map(|c| c.zeros).sum();
-                    report.changed(
-                        "allocation",
-                        format!(
-                            "{} of {total} weights in {} layers zeroed ({}, target {}): each layer's sparsity chosen from {:?} to minimize the sum of the layers' relative output errors{} (Lagrangian, lambda {:.3e}), {:.2}s",
-                            zeros,
-                            pool.len(),
-                            pct(zeros, total),
-                            pct((cfg.sparsity * total as f64).round() as usize, total),
-                            ALLOCATION_CANDIDATES,
-                            if weights.is_some() {
-                                format!(
-                                    ", each weighted by its effect on the network's output (measured with that layer alone at {} on {} images)",
-                                    pct((cfg.sparsity * 1000.0).round() as usize, 1000),
-                                    NETWORK_IMAGES.min(cx.calib.map_or(0, |d| d.len()))
-                                )
-                            } else {
-                                String::new()
-                            },
-                            plan.first().map_or(0.0, |c| c.lambda),
-                            start.elapsed().as_secs_f64()
-                        ),
-                    );
-                    for c in plan {
-                        notes[c.layer].push(format!(
-                            "allocated sparsity {:.0}% (SparseGPT output error {:.2}%)",
-                            100.0 * c.sparsity,
-                            100.0 * c.error
-                        ));
-                        masks[c.layer] = Some(c.weights.iter().map(|v| *v == 0.0).collect());
-                        solved[c.layer] = Some(c.weights);
-                    }
-                }
                 let total = layers.len();
                 crate::passes::solve_progress("SparseGPT", 0, total);
                 for (i, l) in layers.iter().enumerate() {
@@ -969,7 +975,7 @@ impl Pass for Prune {
                     }
                     let sparsity = match nm {
                         Some((n, m)) => calib::obs::Sparsity::NM { n, m },
-                        None => calib::obs::Sparsity::Fraction(l.target),
+                        None => calib::obs::Sparsity::Fraction(targets[i]),
                     };
                     let (Some(c), Ok(rows)) = (&calibrated[i], &l.rows) else {
                         // No calibration for this layer: the magnitude mask of the same shape.
@@ -980,7 +986,7 @@ impl Pass for Prune {
                                 None
                             }
                             (None, _) => {
-                                let k = (l.target * l.numel() as f64).round() as usize;
+                                let k = (targets[i] * l.numel() as f64).round() as usize;
                                 Some(mask::magnitude(&l.w0, k))
                             }
                         };
@@ -998,7 +1004,7 @@ impl Pass for Prune {
                             solved[i] = Some(w);
                         }
                         Err(why) => {
-                            let k = (l.target * l.numel() as f64).round() as usize;
+                            let k = (targets[i] * l.numel() as f64).round() as usize;
                             masks[i] = Some(match nm {
                                 Some((n, m)) => mask::nm(&l.w0, rows, n, m),
                                 None => mask::magnitude(&l.w0, k),
@@ -1155,7 +1161,7 @@ fn sparsegpt_asymmetric(
         groups: c.stats.len(),
         factors: &factors,
     };
-    let target = calib::paired::layer_targets(&layer, &blocks, w0);
+    let target = calib::paired::layer_targets(&layer, &blocks, w0, obs::DEFAULT_DAMP)?;
     Ok(layer.solve_masked(&target, Some(w0), None, sparsity))
 }
 

@@ -535,7 +535,10 @@ impl<'a> Problem<'a> {
             .collect::<Vec<f64>>()
             .iter()
             .sum();
-        if den > 0.0 {
+        // X^T X is positive semi-definite: a quadratic form at or below zero is
+        // an unchanged row or rounding (and 0 * a negative entry is -0.0, which
+        // would print as "-0.00%").
+        if den > 0.0 && num > 0.0 {
             num / den
         } else {
             0.0
