@@ -766,8 +766,10 @@ impl Pass for Quantize {
                 }
             }
         }
-        // Asymmetric calibration fits each layer to the output of the model as the
-        // pass received it (its float weights).
+        // Asymmetric calibration fits each layer to the output of the float model:
+        // the model before the first lossy pass (so an earlier pruning's error is
+        // compensated too: its weights are the targets' w_ref), else as the pass
+        // received it.
         let original = (!stages.is_empty()
             && matches!(cfg.calib_mode, calib::CalibMode::Asymmetric(_)))
         .then(|| cx.reference.cloned().unwrap_or_else(|| model.clone()));
@@ -794,6 +796,11 @@ impl Pass for Quantize {
                 .find(|t| t.name() == job.init)
                 .expect("planned");
             let w = TensorData::from_proto(t)?.into_f32();
+            // Asymmetric: the float model's weight the stage's first layer is fit to.
+            let reference = match (&original, first) {
+                (Some(o), true) => calib::paired::reference_weight(o, &job.init, w.len()),
+                _ => None,
+            };
             let mut q = quantize_tensor(&w, job.scheme, bits, cfg, job.axis, job.fan_in);
             // GPTQ, the output errors and the bias shift, where calibrated.
             let mut calib_note = String::new();
@@ -819,6 +826,7 @@ impl Pass for Quantize {
                                 true if first => Inputs::FitOriginal,
                                 true => Inputs::Original,
                             },
+                            reference.as_deref(),
                         ),
                     };
                     match result {
@@ -831,7 +839,7 @@ impl Pass for Quantize {
                             });
                             // Asymmetric calibration measures against the float
                             // model's output: the error carried in by its inputs too.
-                            let what = if paired {
+                            let what = if done.method.contains("asymmetric") {
                                 "error against the float model's output"
                             } else {
                                 "output error"
@@ -1077,7 +1085,7 @@ impl Pass for Quantize {
                             stages.len()
                         ),
                         calib::CalibMode::Asymmetric(_) => format!(
-                            "asymmetric: {} stages, each on the model quantized up to it beside the float model, each layer fit to the float model's output",
+                            "asymmetric: {} stages, each on the model quantized up to it beside the float model, each stage's first layer fit to the float model's output",
                             stages.len()
                         ),
                     }
@@ -1249,6 +1257,7 @@ fn calibrated_layer(
     rows: &calib::Rows,
     rounding: Rounding,
     inputs: Inputs,
+    reference: Option<&[f32]>,
 ) -> std::result::Result<CalibratedLayer, String> {
     use calib::obs;
     // With no more calibration rows than inputs, H = X^T X is singular: GPTQ would
@@ -1288,6 +1297,7 @@ fn calibrated_layer(
             rows,
             rounding,
             Inputs::Own,
+            None,
         );
     }
     let paired = inputs == Inputs::FitOriginal;
@@ -1329,6 +1339,12 @@ fn calibrated_layer(
         factors: &factors,
     };
     let w0: Vec<f32> = w.iter().copied().collect();
+    // The float model's weight the fit aims at (asymmetric: the layer's weight
+    // before an earlier lossy pass pruned it, say), else the layer's own.
+    let w_ref: &[f32] = match reference {
+        Some(r) if paired && r.len() == w0.len() => r,
+        _ => &w0,
+    };
     let rtn: Vec<f32> = nearest.values.iter().copied().collect();
     // The relative output error of new weights: against the float model's output
     // (asymmetric) or against the layer's own output on the same inputs.
@@ -1338,7 +1354,7 @@ fn calibrated_layer(
         }
         let (mut num, mut den) = (0.0, 0.0);
         for (g, b) in blocks.iter().enumerate() {
-            let (old, _) = layer.rows_of(&w0, g);
+            let (old, _) = layer.rows_of(w_ref, g);
             let (new, _) = layer.rows_of(new, g);
             let (n, dd) = calib::paired::fit_error(b, d, &old, &new);
             num += n;
@@ -1381,7 +1397,13 @@ fn calibrated_layer(
             };
             let mut m = "GPTQ".to_string();
             let v = if paired {
-                let target = calib::paired::layer_targets(&layer, &blocks, &w0, cfg.damp)?;
+                let target = calib::paired::layer_targets(
+                    &layer,
+                    &blocks,
+                    &w0,
+                    (w_ref != w0.as_slice()).then_some(w_ref),
+                    cfg.damp,
+                )?;
                 m.push_str(" asymmetric");
                 layer.solve_masked(&target, Some(&w0), Some(&round), obs::Sparsity::None)
             } else {
@@ -1491,6 +1513,7 @@ fn candidate_table(
                             rows,
                             r,
                             Inputs::Own,
+                            None,
                         )
                     };
                     let first = run(job.rounding);

@@ -272,20 +272,25 @@ pub fn original_only(cal: &super::Calibrated, d: usize) -> super::Calibrated {
 }
 
 /// The asymmetric targets of every row of a layer ([`targets`] per group), as a
-/// tensor of the shape of `w0`. `Err` as [`targets`].
+/// tensor of the shape of `w0`; `reference` is the float model's weight (same
+/// shape), `None` when it is `w0`. `Err` as [`targets`].
 pub fn layer_targets(
     layer: &super::obs::Layer,
     blocks: &[(Vec<f64>, Vec<f64>, Vec<f64>)],
     w0: &[f32],
+    reference: Option<&[f32]>,
     damp: f64,
 ) -> std::result::Result<Vec<f32>, String> {
     use rayon::prelude::*;
     let per: Vec<(Vec<Vec<f64>>, Vec<usize>)> =
         (0..blocks.len()).map(|g| layer.rows_of(w0, g)).collect();
+    let refs: Option<Vec<Vec<Vec<f64>>>> =
+        reference.map(|r| (0..blocks.len()).map(|g| layer.rows_of(r, g).0).collect());
     let solved: Vec<Vec<Vec<f64>>> = per
         .par_iter()
         .zip(blocks)
-        .map(|((old, _), b)| targets(b, old, damp))
+        .enumerate()
+        .map(|(g, ((old, _), b))| targets(b, old, refs.as_ref().map(|r| r[g].as_slice()), damp))
         .collect::<std::result::Result<_, _>>()?;
     let mut out = w0.to_vec();
     for (rows, (_, ids)) in solved.into_iter().zip(&per) {
@@ -296,6 +301,25 @@ pub fn layer_targets(
         }
     }
     Ok(out)
+}
+
+/// The float model's values of weight `name` (the layer's weight in the model
+/// the compressed one is fit to), when `original` holds it as a float
+/// initializer of `len` elements; `None` otherwise (the fit then uses the
+/// layer's current weights as the float ones).
+pub fn reference_weight(original: &Model, name: &str, len: usize) -> Option<Vec<f32>> {
+    let t = original
+        .graph()
+        .initializer
+        .iter()
+        .find(|t| t.name() == name)?;
+    let v: Vec<f32> = crate::onnx::TensorData::from_proto(t)
+        .ok()?
+        .into_f32()
+        .iter()
+        .copied()
+        .collect();
+    (v.len() == len).then_some(v)
 }
 
 /// The blocks (H~, C, H) of a pair's Gram matrix of dimension 2d (see the module),
@@ -318,11 +342,13 @@ fn mat(rows: &[Vec<f64>], d: usize) -> faer::Mat<f64> {
     faer::Mat::from_fn(rows.len(), d, |i, j| rows[i][j])
 }
 
-/// The asymmetric targets of one group's rows: per row w, the minimizer of
-/// ||X~ w' - X w||^2 + lambda ||w' - w||^2, the ridge pulling towards the layer's
-/// own weights (so X~ = X gives w' = w):
+/// The asymmetric targets of one group's rows: per row w (the layer's weights
+/// now) and w_ref (the same row in the float model: `reference`, or w itself when
+/// `None`), the minimizer of ||X~ w' - X w_ref||^2 + lambda ||w' - w||^2, the
+/// ridge pulling towards the layer's own weights (so X~ = X and w_ref = w give
+/// w' = w):
 ///
-///   w* = w + (H~ + lambda I)^-1 (C - H~) w
+///   w* = w + (H~ + lambda I)^-1 (C w_ref - H~ w)
 ///
 /// with lambda = `damp` x the larger of the mean diagonals of H~ and H
 /// (`blocks` = (H~, C, H)). The ridge is scaled by the float model's inputs too:
@@ -334,6 +360,7 @@ fn mat(rows: &[Vec<f64>], d: usize) -> faer::Mat<f64> {
 pub fn targets(
     blocks: &(Vec<f64>, Vec<f64>, Vec<f64>),
     rows: &[Vec<f64>],
+    reference: Option<&[Vec<f64>]>,
     damp: f64,
 ) -> std::result::Result<Vec<Vec<f64>>, String> {
     let d = rows.first().map_or(0, Vec::len);
@@ -347,9 +374,15 @@ pub fn targets(
     let m = faer::Mat::from_fn(d, d, |i, j| {
         ht[i * d + j] + if i == j { lambda } else { 0.0 }
     });
-    let diff = faer::Mat::from_fn(d, d, |i, j| c[i * d + j] - ht[i * d + j]);
-    // (C - H~) W^T: one column per row, all rows at once.
-    let rhs = &diff * mat(rows, d).transpose();
+    let m_of = |v: &[f64]| faer::Mat::from_fn(d, d, |i, j| v[i * d + j]);
+    // C W_ref^T - H~ W^T: one column per row, all rows at once.
+    let rhs = match reference {
+        None => {
+            let diff = faer::Mat::from_fn(d, d, |i, j| c[i * d + j] - ht[i * d + j]);
+            &diff * mat(rows, d).transpose()
+        }
+        Some(r) => m_of(c) * mat(r, d).transpose() - m_of(ht) * mat(rows, d).transpose(),
+    };
     let step = m
         .llt(faer::Side::Lower)
         .map_err(|_| {
@@ -403,7 +436,7 @@ mod tests {
     use super::*;
 
     /// Three input rows of the compressed model (X~) and of the original (X):
-    ///   X~ = [[1,0],[0,1],[1,1]]   X = [[1,0],[0,2],[1,1]]
+    ///   X~ = [[1,0],[0,1],[1,1]]   X = [[1,0],[0,2],[0,1]]
     /// stored as the doubled rows [x~, x] (column-major by input, as
     /// `Stats::Rows` keeps them).
     fn example() -> Stats {
@@ -411,7 +444,7 @@ mod tests {
             x: vec![
                 1.0, 0.0, 1.0, // x~0
                 0.0, 1.0, 1.0, // x~1
-                1.0, 0.0, 1.0, // x0
+                1.0, 0.0, 0.0, // x0
                 0.0, 2.0, 1.0, // x1
             ],
             n: 3,
@@ -420,63 +453,86 @@ mod tests {
 
     #[test]
     fn blocks_are_the_gram_and_cross_products() {
-        // H~ = X~^T X~ = [[2,1],[1,2]]; C = X~^T X = [[2,1],[1,3]];
-        // H = X^T X = [[2,1],[1,5]].
+        // H~ = X~^T X~ = [[2,1],[1,2]]; C = X~^T X = [[x~0.x0, x~0.x1], [x~1.x0,
+        // x~1.x1]] = [[1,1],[0,3]] (not symmetric: C^T would differ);
+        // H = X^T X = [[1,0],[0,5]].
         let (ht, c, h) = blocks(&example(), 2);
         assert_eq!(ht, vec![2.0, 1.0, 1.0, 2.0]);
-        assert_eq!(c, vec![2.0, 1.0, 1.0, 3.0]);
-        assert_eq!(h, vec![2.0, 1.0, 1.0, 5.0]);
+        assert_eq!(c, vec![1.0, 1.0, 0.0, 3.0]);
+        assert_eq!(h, vec![1.0, 0.0, 0.0, 5.0]);
+        // The float model's statistics alone: H.
+        let cal = super::super::Calibrated {
+            stats: vec![example()],
+            means: Vec::new(),
+            dim: 4,
+            groups: 1,
+            rows: 3,
+            scale: 1.0,
+        };
+        let own = original_only(&cal, 2);
+        assert_eq!(own.dim, 2);
+        assert_eq!(
+            super::super::obs::hessian(&own.stats[0], 2),
+            vec![1.0, 0.0, 0.0, 5.0]
+        );
     }
 
     #[test]
     fn fit_error_is_the_error_against_the_original_output() {
-        // w = [1,1]: X w = (1,2,2), ||X w||^2 = 9. w' = [1,0]: X~ w' = (1,0,1);
-        // X~ w' - X w = (0,-2,-1), squared norm 5. From the blocks:
-        // w'^T H~ w' - 2 w'^T C w + w^T H w = 2 - 2*3 + 9 = 5.
+        // w = [1,1]: X w = (1,2,1), ||X w||^2 = 6. w' = [1,0]: X~ w' = (1,0,1);
+        // X~ w' - X w = (0,-2,0), squared norm 4. From the blocks:
+        // w'^T H~ w' - 2 w'^T C w + w^T H w = 2 - 2*2 + 6 = 4.
         let b = blocks(&example(), 2);
         let (num, den) = fit_error(&b, 2, &[vec![1.0, 1.0]], &[vec![1.0, 0.0]]);
-        assert!((num - 5.0).abs() < 1e-12, "{num}");
-        assert!((den - 9.0).abs() < 1e-12, "{den}");
+        assert!((num - 4.0).abs() < 1e-12, "{num}");
+        assert!((den - 6.0).abs() < 1e-12, "{den}");
     }
 
     #[test]
     fn targets_solve_the_damped_fit_by_hand() {
-        // w* = w + (H~ + lambda I)^-1 (C - H~) w, lambda = 0.01 * max(mean diag H~,
-        // mean diag H) = 0.01 * max(2, 3.5) = 0.035. (C - H~) w = [[0,0],[0,1]] [1,1]
-        // = [0,1]; H~ + 0.035 I = [[2.035,1],[1,2.035]], det = 2.035^2 - 1 =
-        // 3.141225, its inverse times [0,1] = [-1, 2.035] / 3.141225
-        // = [-0.3183468, 0.6478356]; w* = [0.6816532, 1.6478356] (the undamped
-        // least squares H~^-1 C w is [2/3, 5/3]).
+        // w* = w + (H~ + lambda I)^-1 (C w - H~ w), lambda = 0.01 * max(mean diag
+        // H~, mean diag H) = 0.01 * max(2, 3) = 0.03. (C - H~) w = [[-1,0],[-1,1]]
+        // [1,1] = [-1,0]; H~ + 0.03 I = [[2.03,1],[1,2.03]], det = 2.03^2 - 1 =
+        // 3.1209, its inverse times [-1,0] = [-2.03, 1] / 3.1209 =
+        // [-0.6504534, 0.3204204]; w* = [0.3495466, 1.3204204] (the undamped
+        // least squares H~^-1 C w = H~^-1 [2,3] is [1/3, 4/3]).
         let b = blocks(&example(), 2);
-        let t = targets(&b, &[vec![1.0, 1.0]], 0.01).unwrap();
-        let want = [1.0 - 1.0 / 3.141225, 1.0 + 2.035 / 3.141225];
+        let t = targets(&b, &[vec![1.0, 1.0]], None, 0.01).unwrap();
+        let want = [1.0 - 2.03 / 3.1209, 1.0 + 1.0 / 3.1209];
         for (got, want) in t[0].iter().zip(want) {
             assert!((got - want).abs() < 1e-12, "{t:?}");
         }
         // The target fits the original's output better than the layer's own
-        // weights on the compressed inputs: ||X~ w - X w||^2 = ||(0,-1,0)||^2 = 1.
+        // weights on the compressed inputs: X~ w = (1,1,2) against X w = (1,2,1):
+        // ||(0,-1,1)||^2 = 2.
         let (own, _) = fit_error(&b, 2, &[vec![1.0, 1.0]], &[vec![1.0, 1.0]]);
         let (fit, _) = fit_error(&b, 2, &[vec![1.0, 1.0]], &t);
-        assert!((own - 1.0).abs() < 1e-12, "{own}");
-        // X~ w* = (0.68165, 1.64784, 2.32949) against X w = (1, 2, 2): 0.33393;
-        // the undamped optimum's is ||(-1/3, -1/3, 1/3)||^2 = 1/3.
-        assert!(fit > 1.0 / 3.0 && fit < 0.3340, "{fit}");
+        assert!((own - 2.0).abs() < 1e-12, "{own}");
+        // X~ w* = (0.34955, 1.32042, 1.66997) against (1,2,1): 1.33377; the
+        // undamped optimum's is ||(-2/3, -2/3, 2/3)||^2 = 4/3.
+        assert!(fit > 4.0 / 3.0 && fit < 1.3340, "{fit}");
+        // The float model's row differs (pruned w = [1,0], float w_ref = [1,1]):
+        // w* = w + (H~ + 0.03 I)^-1 (C w_ref - H~ w) = [1,0] + M^-1 ([2,3] - [2,1])
+        // = [1,0] + [-2, 4.06] / 3.1209 = [0.3591592, 1.3009068].
+        let t = targets(&b, &[vec![1.0, 0.0]], Some(&[vec![1.0, 1.0]]), 0.01).unwrap();
+        let want = [1.0 - 2.0 / 3.1209, 4.06 / 3.1209];
+        for (got, want) in t[0].iter().zip(want) {
+            assert!((got - want).abs() < 1e-12, "{t:?}");
+        }
         // Equal inputs (C = H~) leave the weights as they are, exactly.
         let same = (b.0.clone(), b.0.clone(), b.0.clone());
-        let t = targets(&same, &[vec![0.25, -3.0]], 0.01).unwrap();
+        let t = targets(&same, &[vec![0.25, -3.0]], None, 0.01).unwrap();
         assert_eq!(t, vec![vec![0.25, -3.0]]);
         // An input the compressed model lost (x~1 = 0: H~ = [[2,0],[0,0]],
         // C = [[2,1],[0,0]]) with the float model's H = [[2,1],[1,5]]: lambda =
-        // 0.01 * 3.5 = 0.035; (C - H~) w = [1, 0]; w* = [1 + 1/2.035, 1 + 0]
-        // = [1.4914, 1]: the lost input's weight is left alone (a ridge scaled
-        // by H~ alone, 0.01 * 1, would still give 1 + 1/2.01 here, but
-        // 1 + x/0.01 for any leak x of C into the lost input).
+        // 0.01 * 3.5 = 0.035; (C - H~) w = [1, 0]; w* = [1 + 1/2.035, 1 + 0]: the
+        // lost input's weight is left alone.
         let lost = (
             vec![2.0, 0.0, 0.0, 0.0],
             vec![2.0, 1.0, 0.0, 0.0],
             vec![2.0, 1.0, 1.0, 5.0],
         );
-        let t = targets(&lost, &[vec![1.0, 1.0]], 0.01).unwrap();
+        let t = targets(&lost, &[vec![1.0, 1.0]], None, 0.01).unwrap();
         assert!((t[0][0] - (1.0 + 1.0 / 2.035)).abs() < 1e-12, "{t:?}");
         assert_eq!(t[0][1], 1.0);
     }

@@ -621,6 +621,11 @@ impl Pass for Prune {
             }
         }
         let needs_calib = cfg.method.needs_calib() || cfg.refit;
+        if cfg.refit && matches!(cfg.calib_mode, calib::CalibMode::Asymmetric(_)) {
+            return Err(Error::Usage(
+                "prune refit re-solves the survivors on the float model's inputs and would undo the asymmetric fit (calib_mode = \"asymmetric\"): drop --refit, or use sequential or parallel calibration".into(),
+            ));
+        }
         if needs_calib && cx.calib.is_none_or(|d| d.is_empty()) {
             return Err(Error::Usage(
                 match cfg.method {
@@ -890,6 +895,8 @@ impl Pass for Prune {
                         };
                         for (i, why) in too_big {
                             notes[i].push(format!("no calibration ({why})"));
+                            // Not the float capture of an allocation either.
+                            calibrated[i] = None;
                         }
                         let g = model.graph_mut();
                         for (pos, (i, _)) in stage.iter().enumerate() {
@@ -922,7 +929,16 @@ impl Pass for Prune {
                                         dim: own.dim,
                                     };
                                     let r = if pos == 0 {
-                                        sparsegpt_asymmetric(&l.w0, rows, &c, sparsity)
+                                        let reference = original.as_ref().and_then(|o| {
+                                            calib::paired::reference_weight(o, &l.init, l.w0.len())
+                                        });
+                                        sparsegpt_asymmetric(
+                                            &l.w0,
+                                            rows,
+                                            &c,
+                                            sparsity,
+                                            reference.as_deref(),
+                                        )
                                     } else {
                                         sparsegpt(&l.w0, rows, &own, sparsity)
                                     };
@@ -946,6 +962,10 @@ impl Pass for Prune {
                                     masks[*i] = Some(w.iter().map(|v| *v == 0.0).collect());
                                     solved[*i] = Some(w);
                                 }
+                                // Retried after the stages on the same statistics (the
+                                // float inputs' H when asymmetric), else magnitude.
+                                Err(why) if original.is_some() && pos == 0 => notes[*i]
+                                    .push(format!("the asymmetric fit failed ({why}): SparseGPT on the float model's inputs")),
                                 Err(why) => notes[*i].push(format!("magnitude mask: {why}")),
                             }
                             calibrated[*i] = Some(c);
@@ -1131,13 +1151,15 @@ fn sparsegpt(
 /// SparseGPT fit to the float model's output (asymmetric calibration,
 /// `calib::paired`): `c` holds the paired statistics (dimension 2d) of the
 /// pruned model's inputs beside the float model's; the mask and update run on
-/// the target w* = w + (H~ + lambda I)^-1 (C - H~) w with H~ (the least-squares
-/// fit of ||X~ w' - X w||^2), zeros of `w0` kept.
+/// the target w* = w + (H~ + lambda I)^-1 (C w_ref - H~ w) with H~ (the
+/// least-squares fit of ||X~ w' - X w_ref||^2, w_ref the float model's weight
+/// `reference`, `None`: w0), zeros of `w0` kept.
 fn sparsegpt_asymmetric(
     w0: &[f32],
     rows: &Rows,
     c: &calib::Calibrated,
     sparsity: calib::obs::Sparsity,
+    reference: Option<&[f32]>,
 ) -> std::result::Result<Vec<f32>, String> {
     use calib::obs;
     let d = rows.len;
@@ -1161,7 +1183,7 @@ fn sparsegpt_asymmetric(
         groups: c.stats.len(),
         factors: &factors,
     };
-    let target = calib::paired::layer_targets(&layer, &blocks, w0, obs::DEFAULT_DAMP)?;
+    let target = calib::paired::layer_targets(&layer, &blocks, w0, reference, obs::DEFAULT_DAMP)?;
     Ok(layer.solve_masked(&target, Some(w0), None, sparsity))
 }
 
