@@ -79,6 +79,29 @@ pub fn cli(args: &[&str]) -> Output {
         .expect("binary runs")
 }
 
+/// `optimize SRC -o DIR/TAG.onnx --report DIR/TAG.json ARGS...`, which must
+/// succeed; returns the JSON report.
+pub fn optimize_report(dir: &Path, tag: &str, src: &Path, args: &[&str]) -> serde_json::Value {
+    let out = dir.join(format!("{tag}.onnx"));
+    let rep = dir.join(format!("{tag}.json"));
+    let mut all = vec![
+        "optimize",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--report",
+        rep.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    let o = cli(&all);
+    assert!(
+        o.status.success(),
+        "{tag}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap()
+}
+
 /// Runs the CLI expecting failure with exit code 2 and a one-line error; returns stderr.
 pub fn cli_fails(args: &[&str]) -> String {
     let out = cli(args);

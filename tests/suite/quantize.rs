@@ -1416,32 +1416,24 @@ fn asymmetric_calibration_from_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let src = fixture("mobilenetv2_cifar_bn.onnx");
     let data = fixture("data/foolbox/cifar100");
+    let (c, d) = (data.to_str().unwrap(), data.to_str().unwrap());
     let run = |mode: &str| -> serde_json::Value {
-        let out = dir.path().join(format!("{mode}.onnx"));
-        let rep = dir.path().join(format!("{mode}.json"));
-        let o = cli(&[
-            "optimize",
-            src.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--calib",
-            data.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--quantize",
-            "minmax:4",
-            "--per-channel",
-            "--calib-mode",
+        optimize_report(
+            dir.path(),
             mode,
-            "--report",
-            rep.to_str().unwrap(),
-        ]);
-        assert!(
-            o.status.success(),
-            "{mode}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        serde_json::from_str(&std::fs::read_to_string(&rep).unwrap()).unwrap()
+            &src,
+            &[
+                "--calib",
+                c,
+                "--data",
+                d,
+                "--quantize",
+                "minmax:4",
+                "--per-channel",
+                "--calib-mode",
+                mode,
+            ],
+        )
     };
     let quantize = |j: &serde_json::Value| -> serde_json::Value {
         j["passes"]
