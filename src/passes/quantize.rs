@@ -1278,13 +1278,7 @@ fn calibrated_layer(
     }
     let d = rows.len;
     if inputs == Inputs::Original {
-        if cal.dim != 2 * d {
-            return Err(format!(
-                "paired calibration of dimension {} for rows of {d}",
-                cal.dim
-            ));
-        }
-        let own = calib::paired::original_only(cal, d);
+        let own = calib::paired::original_only(cal, d)?;
         return calibrated_layer(
             cfg,
             scheme,
@@ -1308,30 +1302,15 @@ fn calibrated_layer(
     // float model's inputs alone: their compressed inputs are not known yet (the
     // earlier layers of the stage are quantized after the capture), and fitting
     // them to the stage's uncompensated inputs would compensate the same error twice.
-    if paired && cal.dim != 2 * d {
-        return Err(format!(
-            "paired calibration of dimension {} for rows of {d}",
-            cal.dim
-        ));
-    }
-    let blocks: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = if paired {
-        cal.stats
-            .iter()
-            .map(|st| calib::paired::blocks(st, d))
-            .collect()
+    let (blocks, factors) = if paired {
+        calib::paired::split(cal, d, cfg.damp, cfg.act_order)?
     } else {
-        Vec::new()
-    };
-    let factors: Vec<obs::Factor> = if paired {
-        blocks
-            .iter()
-            .map(|b| obs::Factor::new(&b.0, d, cfg.damp, cfg.act_order))
-            .collect::<std::result::Result<_, _>>()?
-    } else {
-        cal.stats
+        let factors = cal
+            .stats
             .iter()
             .map(|st| obs::Factor::new(&obs::hessian(st, d), d, cfg.damp, cfg.act_order))
-            .collect::<std::result::Result<_, _>>()?
+            .collect::<std::result::Result<_, _>>()?;
+        (Vec::new(), factors)
     };
     let layer = obs::Layer {
         rows,

@@ -255,9 +255,19 @@ pub fn capture(
 
 /// A paired layer's statistics reduced to the original model's inputs alone
 /// (the H block of each group), as a plain capture of the original would give.
-/// `d` is the layer's own input dimension.
-pub fn original_only(cal: &super::Calibrated, d: usize) -> super::Calibrated {
-    super::Calibrated {
+/// `d` is the layer's own input dimension; `Err` when the statistics are not
+/// of dimension 2d.
+pub fn original_only(
+    cal: &super::Calibrated,
+    d: usize,
+) -> std::result::Result<super::Calibrated, String> {
+    if cal.dim != 2 * d {
+        return Err(format!(
+            "paired calibration of dimension {} for rows of {d}",
+            cal.dim
+        ));
+    }
+    Ok(super::Calibrated {
         stats: cal
             .stats
             .iter()
@@ -268,7 +278,7 @@ pub fn original_only(cal: &super::Calibrated, d: usize) -> super::Calibrated {
         groups: cal.groups,
         rows: cal.rows,
         scale: cal.scale,
-    }
+    })
 }
 
 /// The asymmetric targets of every row of a layer ([`targets`] per group), as a
@@ -335,6 +345,33 @@ pub fn blocks(stats: &Stats, d: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         m
     };
     (block(0, 0), block(0, d), block(d, d))
+}
+
+/// One group's blocks (H~, C, H), each d x d row-major ([`blocks`]).
+pub type Blocks = (Vec<f64>, Vec<f64>, Vec<f64>);
+
+/// A paired layer's blocks, group by group, and the factors of their H~ (what
+/// GPTQ and SparseGPT sweep with: `damp` x mean(diag H~), act-order or not).
+/// `Err` when the statistics are not of dimension 2d (`d`: the layer's own
+/// inputs) or an H~ cannot be factored.
+pub fn split(
+    cal: &super::Calibrated,
+    d: usize,
+    damp: f64,
+    act_order: bool,
+) -> std::result::Result<(Vec<Blocks>, Vec<super::obs::Factor>), String> {
+    if cal.dim != 2 * d {
+        return Err(format!(
+            "paired calibration of dimension {} for rows of {d}",
+            cal.dim
+        ));
+    }
+    let blocks: Vec<Blocks> = cal.stats.iter().map(|st| blocks(st, d)).collect();
+    let factors = blocks
+        .iter()
+        .map(|b| super::obs::Factor::new(&b.0, d, damp, act_order))
+        .collect::<std::result::Result<_, _>>()?;
+    Ok((blocks, factors))
 }
 
 /// Row-major `rows` (each of length d) as a matrix.
@@ -469,7 +506,7 @@ mod tests {
             rows: 3,
             scale: 1.0,
         };
-        let own = original_only(&cal, 2);
+        let own = original_only(&cal, 2).unwrap();
         assert_eq!(own.dim, 2);
         assert_eq!(
             super::super::obs::hessian(&own.stats[0], 2),

@@ -923,10 +923,16 @@ impl Pass for Prune {
                                 // model's inputs (as quantize does: their compressed
                                 // inputs are not captured yet).
                                 Some(_) => {
-                                    let own = calib::paired::original_only(&c, rows.len);
-                                    let own = Calibrated {
-                                        stats: own.stats,
-                                        dim: own.dim,
+                                    let own = match calib::paired::original_only(&c, rows.len) {
+                                        Ok(own) => Calibrated {
+                                            stats: own.stats,
+                                            dim: own.dim,
+                                        },
+                                        Err(why) => {
+                                            notes[*i].push(format!("no calibration ({why})"));
+                                            calibrated[*i] = None;
+                                            continue;
+                                        }
                                     };
                                     let r = if pos == 0 {
                                         let reference = original.as_ref().and_then(|o| {
@@ -1162,22 +1168,7 @@ fn sparsegpt_asymmetric(
     reference: Option<&[f32]>,
 ) -> std::result::Result<Vec<f32>, String> {
     use calib::obs;
-    let d = rows.len;
-    if c.dim != 2 * d {
-        return Err(format!(
-            "paired calibration of dimension {} for rows of {d}",
-            c.dim
-        ));
-    }
-    let blocks: Vec<_> = c
-        .stats
-        .iter()
-        .map(|st| calib::paired::blocks(st, d))
-        .collect();
-    let factors: Vec<obs::Factor> = blocks
-        .iter()
-        .map(|b| obs::Factor::new(&b.0, d, obs::DEFAULT_DAMP, false))
-        .collect::<std::result::Result<_, _>>()?;
+    let (blocks, factors) = calib::paired::split(c, rows.len, obs::DEFAULT_DAMP, false)?;
     let layer = obs::Layer {
         rows,
         groups: c.stats.len(),
