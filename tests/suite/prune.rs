@@ -1167,3 +1167,40 @@ fn asymmetric_sparsegpt_from_the_cli() {
         "mean |logit diff|: asymmetric {da}, sequential {dp}"
     );
 }
+
+/// The report compares a layer's earlier zeros with the sparsity the allocation
+/// gave it, not with the overall target: w3 (144 weights) is all zero, so every
+/// candidate leaves it at 144 zeros with no error and the allocation gives it
+/// the first, 0%; its line says it is already above that target (0 zeros,
+/// 0.00%), not above the overall 60% (round(0.6 x 144) = 86 zeros, 59.72%).
+#[test]
+fn an_allocated_target_is_the_one_the_report_compares_with() {
+    let calib = images(24, 77);
+    let cx = Context {
+        reference: None,
+        calib: Some(&calib),
+        input_shape: vec![1, 3, 8, 8],
+        threads: 2,
+        ..Default::default()
+    };
+    let mut m = wrap(small_net(|name, n| {
+        if name == "w3" {
+            vec![0.0; n]
+        } else {
+            noise(n, name.as_bytes()[1] as u64)
+        }
+    }));
+    let r = run_cx(
+        &mut m,
+        PruneConfig {
+            min_elements: 0,
+            allocation: Allocation::Error,
+            ..cfg(Method::SparseGpt { nm: None }, 0.6)
+        },
+        &cx,
+    );
+    let line = changed(&r, "w3");
+    assert!(line.contains("allocated sparsity 0%"), "{line}");
+    assert!(line.contains("already above the target 0.00%"), "{line}");
+    assert!(!line.contains("59.72%"), "{line}");
+}

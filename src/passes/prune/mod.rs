@@ -720,6 +720,8 @@ impl Pass for Prune {
             notes.iter_mut().for_each(|n| n.dedup());
         }
 
+        // Each layer's sparsity: its rule's, or what an allocation chose.
+        let mut targets: Vec<f64> = layers.iter().map(|l| l.target).collect();
         match cfg.method {
             Method::Magnitude | Method::Reweighted => {
                 for (i, l) in layers.iter().enumerate() {
@@ -791,7 +793,6 @@ impl Pass for Prune {
                 }
             }
             Method::SparseGpt { nm } => {
-                let mut targets: Vec<f64> = layers.iter().map(|l| l.target).collect();
                 if cfg.allocation != Allocation::Uniform {
                     let pool: Vec<usize> = (0..layers.len())
                         .filter(|&i| {
@@ -844,6 +845,7 @@ impl Pass for Prune {
                         ),
                     );
                     for c in plan {
+                        targets[c.layer] = c.sparsity;
                         if sequential.is_some() {
                             // Pruned again in the stages, at this sparsity.
                             notes[c.layer].push(format!(
@@ -851,7 +853,6 @@ impl Pass for Prune {
                                 100.0 * c.sparsity,
                                 100.0 * c.error
                             ));
-                            targets[c.layer] = c.sparsity;
                             continue;
                         }
                         notes[c.layer].push(format!(
@@ -1125,7 +1126,7 @@ impl Pass for Prune {
                 cfg.method,
                 Method::Global | Method::NM { .. } | Method::SparseGpt { nm: Some(_) }
             ) {
-                let k = (l.target * n as f64).round() as usize;
+                let k = (targets[i] * n as f64).round() as usize;
                 if before > k {
                     what.push_str(&format!("; already above the target {}", pct(k, n)));
                 }
