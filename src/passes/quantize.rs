@@ -772,7 +772,11 @@ impl Pass for Quantize {
         // received it.
         let original = (!stages.is_empty()
             && matches!(cfg.calib_mode, calib::CalibMode::Asymmetric(_)))
-        .then(|| cx.reference.cloned().unwrap_or_else(|| model.clone()));
+        .then(|| match cx.reference {
+            // Borrowed: no model-sized copy when the pipeline holds one already.
+            Some(r) => std::borrow::Cow::Borrowed(r),
+            None => std::borrow::Cow::Owned(model.clone()),
+        });
         let paired = original.is_some();
         let mut done = vec![false; jobs.len()];
         let mut capture_secs = 0.0;

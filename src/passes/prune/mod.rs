@@ -665,7 +665,11 @@ impl Pass for Prune {
             (Method::SparseGpt { .. }, calib::CalibMode::Sequential(k)) => (Some(k), None),
             (Method::SparseGpt { .. }, calib::CalibMode::Asymmetric(k)) => (
                 Some(k),
-                Some(cx.reference.cloned().unwrap_or_else(|| model.clone())),
+                // Borrowed: no model-sized copy when the pipeline holds one already.
+                Some(match cx.reference {
+                    Some(r) => std::borrow::Cow::Borrowed(r),
+                    None => std::borrow::Cow::Owned(model.clone()),
+                }),
             ),
             _ => (None, None),
         };
