@@ -717,15 +717,29 @@ fn calibrate(
             }
         }
     }
-    let pairs: Vec<calib::paired::Pair> = geoms
-        .iter()
-        .map(|(n, geom, rank)| calib::paired::Pair {
+    // The original's counterpart of each input: what the same layer reads there
+    // (paired::original_value), not the same name taken on trust.
+    let og = original.map(Graph::of).transpose()?;
+    let mut pairs: Vec<calib::paired::Pair> = Vec::new();
+    for (n, geom, rank) in &geoms {
+        let counterpart = match &og {
+            None => Some(geom.input().to_string()),
+            Some(o) => calib::paired::original_value(&g, o, geom.input()),
+        };
+        let Some(counterpart) = counterpart else {
+            return Err(crate::error::Error::Graph(format!(
+                "channel pruning against the original model: the input '{}' of layer '{}' has no counterpart in the original model",
+                geom.input(),
+                g.node_name(*n)
+            )));
+        };
+        pairs.push(calib::paired::Pair {
             key: n.to_string(),
             geom,
             rank: *rank,
-            original: geom.input().to_string(),
-        })
-        .collect();
+            original: counterpart,
+        });
+    }
     for (p, (n, geom, _)) in pairs.iter().zip(&geoms) {
         let geom = match original {
             Some(_) => calib::paired::doubled_geom(p),

@@ -54,10 +54,46 @@ pub struct Pair<'a> {
 }
 
 /// The value of the original model that `value` of the compressed model stands
-/// for: `value` itself when the original has it, else the first input of its
-/// producer, followed back (activation quantizers inserted before a layer:
-/// QuantizeLinear -> DequantizeLinear, or a fake-quant chain), at most 16 steps.
+/// for, as a layer reading it sees it:
+/// 1. the data input of the same layer in the original, when the layers of the
+///    compressed model reading `value` (at slot 0) are found there (a node of
+///    the same type writing the same output) and all read one value: this holds
+///    whatever a pass inserted or removed before the layer (an activation
+///    quantizer that absorbed a ReLU6 reads the value before the Clip, and
+///    following it back would pair the quantized activation with the
+///    pre-activation);
+/// 2. else `value` itself when the original has it, else the first input of its
+///    producer, followed back (activation quantizers inserted before a layer:
+///    QuantizeLinear -> DequantizeLinear, or a fake-quant chain), at most 16
+///    steps.
+///
+/// `None` when the readers' layers in the original read different values, or
+/// the walk back finds nothing.
 pub fn original_value(current: &Graph, original: &Graph, value: &str) -> Option<String> {
+    let mut same_layer: Option<&str> = None;
+    for &c in current.consumers(value) {
+        let n = current.node(c);
+        if n.input.first().map(String::as_str) != Some(value)
+            || !crate::graph::layers::is_weighted(n)
+        {
+            continue;
+        }
+        let Some((o, _)) = n.output.first().and_then(|out| original.producer(out)) else {
+            continue;
+        };
+        let on = original.node(o);
+        let Some(input) = on.input.first().filter(|_| on.op_type() == n.op_type()) else {
+            continue;
+        };
+        match same_layer {
+            None => same_layer = Some(input),
+            Some(s) if s == input => {}
+            Some(_) => return None,
+        }
+    }
+    if let Some(v) = same_layer {
+        return Some(v.to_string());
+    }
     let mut v = value.to_string();
     for _ in 0..16 {
         if original.producer(&v).is_some() || original.inputs().any(|i| i.name() == v) {
@@ -486,6 +522,96 @@ mod tests {
             ],
             n: 3,
         }
+    }
+
+    fn op(ty: &str, inputs: &[&str], output: &str) -> NodeProto {
+        NodeProto {
+            name: Some(format!("{ty}_{output}")),
+            op_type: Some(ty.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    /// The nodes, with every value no node writes (x, weights, bounds) as a
+    /// graph input.
+    fn graph_of(nodes: Vec<NodeProto>) -> crate::onnx::proto::GraphProto {
+        let written: HashSet<&String> = nodes.iter().flat_map(|n| &n.output).collect();
+        let mut free: Vec<String> = nodes
+            .iter()
+            .flat_map(|n| &n.input)
+            .filter(|v| !written.contains(v))
+            .cloned()
+            .collect();
+        free.sort();
+        free.dedup();
+        crate::onnx::proto::GraphProto {
+            input: free
+                .into_iter()
+                .map(|v| crate::onnx::proto::ValueInfoProto {
+                    name: Some(v),
+                    ..Default::default()
+                })
+                .collect(),
+            node: nodes,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_original_value_is_what_the_same_layer_reads() {
+        // Original: x -> Conv -> a -> Clip(0, 6) -> r -> Conv -> y, and a
+        // second branch r -> Conv -> z. The compressed model's activation
+        // quantizer absorbed the ReLU6: a -> Div -> Round -> Clip -> Mul -> r_fq,
+        // read by both layers. Their counterpart is r (what the same layers read in
+        // the original), not a, where following the chain back ends.
+        let orig = graph_of(vec![
+            op("Conv", &["x", "w1"], "a"),
+            op("Clip", &["a", "lo", "hi"], "r"),
+            op("Conv", &["r", "w2"], "y"),
+            op("Conv", &["r", "w3"], "z"),
+            op("Conv", &["x", "w4"], "v"),
+        ]);
+        let chain = |tail: Vec<NodeProto>| {
+            let mut n = vec![
+                op("Conv", &["x", "w1"], "a"),
+                op("Div", &["a", "s"], "a_div"),
+                op("Round", &["a_div"], "a_round"),
+                op("Clip", &["a_round", "qlo", "qhi"], "a_clip"),
+                op("Mul", &["a_clip", "s"], "r_fq"),
+            ];
+            n.extend(tail);
+            graph_of(n)
+        };
+        let cur = chain(vec![
+            op("Conv", &["r_fq", "w2"], "y"),
+            op("Conv", &["r_fq", "w3"], "z"),
+        ]);
+        let (o, c) = (Graph::new(&orig).unwrap(), Graph::new(&cur).unwrap());
+        assert_eq!(original_value(&c, &o, "r_fq").as_deref(), Some("r"));
+        // A value no layer reads: the walk back through the chain.
+        assert_eq!(original_value(&c, &o, "a_clip").as_deref(), Some("a"));
+        // A value the original has, read by the same layer: itself.
+        assert_eq!(original_value(&c, &o, "x").as_deref(), Some("x"));
+        // Two readers whose layers read different values in the original: no
+        // counterpart (y's layer reads r, v's reads x).
+        let cur2 = chain(vec![
+            op("Conv", &["r_fq", "w2"], "y"),
+            op("Conv", &["r_fq", "w4"], "v"),
+        ]);
+        let c2 = Graph::new(&cur2).unwrap();
+        assert_eq!(original_value(&c2, &o, "r_fq"), None);
+        // A reader of another type in the original (a Gemm writing y there) is
+        // not the same layer: the walk back decides.
+        let orig3 = graph_of(vec![
+            op("Conv", &["x", "w1"], "a"),
+            op("Clip", &["a", "lo", "hi"], "r"),
+            op("Gemm", &["r", "w2"], "y"),
+        ]);
+        let cur3 = chain(vec![op("Conv", &["r_fq", "w2"], "y")]);
+        let (o3, c3) = (Graph::new(&orig3).unwrap(), Graph::new(&cur3).unwrap());
+        assert_eq!(original_value(&c3, &o3, "r_fq").as_deref(), Some("a"));
     }
 
     #[test]
