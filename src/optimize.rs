@@ -305,7 +305,7 @@ impl OptimizeReport {
             tries.push("a lower sparsity, or --prune sparsegpt:S with --set prune.allocate=network (needs --calib)");
         }
         if r.quantize.is_some() {
-            tries.push("more bits for the worst layers (--layer-bits NAME=8), --rounding gptq and --equalize with --calib, --weight-range mse");
+            tries.push("more bits for the worst layers (--layer-bits NAME=8), --rounding gptq and --equalize with --calib, --act-order and --calib-mode asymmetric with GPTQ, --weight-range mse");
         }
         if r.act_quant.is_some() {
             tries

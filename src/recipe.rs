@@ -51,6 +51,7 @@
 //! range = "minmax"               # minmax | mse (linear, minmax grids chosen by their error)
 //! rounding = "gptq"              # gptq (default with --calib) | nearest
 //! calib_mode = "parallel"        # parallel | sequential[:K] (GPTQ's inputs from the model quantized so far) | asymmetric[:K] (and each layer fit to the float model's output: GPTAQ)
+//! act_order = true               # GPTQ's columns by decreasing Hessian diagonal (default false: the weight's order)
 //! avg_bits = 4.0                 # per-layer bits from 2..8 with this parameter-weighted mean (needs --calib)
 //! [[quantize.layer]]             # later entries win
 //! match = "*classifier*"
@@ -251,9 +252,14 @@ pub struct Overrides {
     /// GPTQ's dampening of H, a fraction of its mean diagonal (default 0.01).
     #[arg(long, value_name = "F")]
     pub gptq_damp: Option<f64>,
-    /// GPTQ visits each layer's inputs by decreasing Hessian diagonal.
-    #[arg(long)]
-    pub act_order: bool,
+    /// GPTQ's column order: by decreasing Hessian diagonal (GPTQ's act-order:
+    /// the inputs carrying the most signal are rounded while the most columns
+    /// are left to absorb their error; `--act-order` or `--act-order true`) or
+    /// the weight's own order (the default; `--act-order false` overrides a
+    /// recipe's true). At 4 bits it is worth using: MobileNetV2 W4A8 per-channel
+    /// kept 66% top-1 agreement with it against 58% without (644 held-out photos)
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub act_order: Option<bool>,
     /// No bias correction (by default, with --calib, each quantized layer's bias
     /// absorbs its mean output shift).
     #[arg(long)]
@@ -574,8 +580,8 @@ impl Recipe {
                 if o.gptq_damp.is_some() {
                     q.damp = o.gptq_damp;
                 }
-                if o.act_order {
-                    q.act_order = Some(true);
+                if o.act_order.is_some() {
+                    q.act_order = o.act_order;
                 }
                 if o.weight_range.is_some() {
                     q.range = o.weight_range.clone();
@@ -588,7 +594,7 @@ impl Recipe {
                 || o.bias_bits.is_some()
                 || o.rounding.is_some()
                 || o.gptq_damp.is_some()
-                || o.act_order
+                || o.act_order.is_some()
                 || o.weight_range.is_some() =>
             {
                 return Err(Error::Usage(

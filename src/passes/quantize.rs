@@ -169,7 +169,8 @@ pub struct QuantizeSection {
     /// asymmetric[:K] (as sequential, each group's first layer fit to the float
     /// model's output: `calib::paired`).
     pub calib_mode: Option<String>,
-    /// GPTQ visits the inputs by decreasing diag(H) (default false).
+    /// GPTQ visits the inputs by decreasing diag(H) (default false: the weight's
+    /// own column order).
     pub act_order: Option<bool>,
     /// Per-layer bits chosen by output error under this parameter-weighted mean
     /// width ([`allocate_bits`]; needs calibration).

@@ -550,3 +550,58 @@ fn recipes_carry_preprocessing_and_flags_win() {
         "{err}"
     );
 }
+
+/// `--act-order` takes an optional value so that a flag can undo a recipe's
+/// `act_order = true`: no flag keeps the recipe's value, `--act-order false`
+/// overrides it, bare `--act-order` means true; and like the other GPTQ flags it
+/// needs a [quantize] section.
+#[test]
+fn act_order_flag_overrides_the_recipe_both_ways() {
+    let d = tempfile::tempdir_in(root().join("target")).unwrap();
+    let out = d.path().join("x.onnx");
+    let m = fixture("cifar10_keras_bn.onnx");
+    let recipe = d.path().join("r.toml");
+    let report = d.path().join("r.json");
+    let act_order = |recipe_text: &str, flags: &[&str]| -> serde_json::Value {
+        std::fs::write(&recipe, recipe_text).unwrap();
+        let mut args = vec![
+            "optimize",
+            m.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--recipe",
+            recipe.to_str().unwrap(),
+            "--dry-run",
+            "--report",
+            report.to_str().unwrap(),
+        ];
+        args.extend_from_slice(flags);
+        let o = cli(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        r["recipe"]["quantize"]["act_order"].clone()
+    };
+    let on = "[quantize]\nscheme = \"minmax\"\nbits = 4\nact_order = true\n";
+    let unset = "[quantize]\nscheme = \"minmax\"\nbits = 4\n";
+    assert_eq!(act_order(on, &[]), serde_json::json!(true));
+    assert_eq!(
+        act_order(on, &["--act-order", "false"]),
+        serde_json::json!(false)
+    );
+    assert_eq!(act_order(unset, &["--act-order"]), serde_json::json!(true));
+    assert_eq!(act_order(unset, &[]), serde_json::Value::Null);
+    assert!(!out.exists());
+    let err = cli_fails(&[
+        "optimize",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--act-order",
+        "false",
+    ]);
+    assert!(
+        err.contains("--act-order and --weight-range need --quantize"),
+        "{err}"
+    );
+}
