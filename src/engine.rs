@@ -376,6 +376,10 @@ fn shape_proto(model: &Model) -> Result<(tract_onnx::pb::ModelProto, Vec<Vec<usi
                         && g.constant_proto(v).is_none()
                         && g.producer(v)
                             .is_some_and(|(i, _)| g.node(i).op_type() != "Constant")
+                        // It becomes a float input: integer shape arithmetic read
+                        // by a Sub (a static padding computed in-graph) must keep
+                        // its values and type.
+                        && crate::repr::eval::elem_type(&g, v) == Some(DataType::Float as i32)
                 })
                 .filter_map(|(v, _)| crate::repr::eval::shape(&g, v).map(|s| (v.clone(), s)))
                 .collect();

@@ -715,6 +715,49 @@ fn cumsum<T: Copy>(
     }
 }
 
+/// The ONNX element type (`TensorProto.DataType` as i32) of `value`, found
+/// without computing any element: a constant's own type, Cast's `to`, INT64 for
+/// shape-like ops (Shape, Size, NonZero, ArgMax/ArgMin), BOOL for comparisons and
+/// logic, DequantizeLinear's scale type, Where's second input, and otherwise its
+/// first input's type (ONNX elementwise, movement and gather ops keep it). `None`
+/// for graph inputs and anything else unknown, at most 64 steps back. Used to
+/// tell a decoded weight (float) from integer shape arithmetic before handing
+/// either to shape inference as a float input.
+pub fn elem_type(g: &Graph, value: &str) -> Option<i32> {
+    let mut v = value.to_string();
+    for _ in 0..64 {
+        if let Some(t) = g.constant_proto(&v) {
+            return t.data_type;
+        }
+        let (idx, slot) = g.producer(&v)?;
+        let n = g.node(idx);
+        let input = |i: usize| n.input.get(i).filter(|s| !s.is_empty()).cloned();
+        let next = match n.op_type() {
+            "Constant" => {
+                let a = n.attribute.first()?;
+                return match a.name() {
+                    "value_float" | "value_floats" => Some(DataType::Float as i32),
+                    "value_int" | "value_ints" => Some(DataType::Int64 as i32),
+                    "value_string" | "value_strings" => Some(DataType::String as i32),
+                    _ => a.t.as_ref().and_then(|t| t.data_type),
+                };
+            }
+            "Cast" => return attr_i(n, "to").map(|t| t as i32),
+            "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" => {
+                return Some(DataType::Int64 as i32)
+            }
+            "Equal" | "Less" | "LessOrEqual" | "Greater" | "GreaterOrEqual" | "Not" | "And"
+            | "Or" | "Xor" | "IsNaN" | "IsInf" => return Some(DataType::Bool as i32),
+            "DequantizeLinear" => input(1)?,
+            "Where" => input(1)?,
+            _ if slot == 0 => input(0)?,
+            _ => return None,
+        };
+        v = next;
+    }
+    None
+}
+
 /// The shape `eval` would give `value`, found without computing any element:
 /// shapes propagate through the same ops with the same rules (broadcasting,
 /// Reshape's 0 and -1, Slice's clamping, Gather, ReduceSum, Squeeze/Unsqueeze),

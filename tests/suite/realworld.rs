@@ -756,3 +756,26 @@ fn kind12_bad_labels_normalized_data_and_unanswerable_gates_are_said() {
         "{stderr}"
     );
 }
+
+// 13. integer shape arithmetic read by elementwise ops
+
+/// EfficientNet-Lite's TorchScript export computes each Pad's `pads` from int64
+/// Constants (Mul, then Sub). Shape inference used to hand every constant-computed
+/// value read only by Sub/Mul/... to tract as a float input of its shape (a
+/// decoded weight's treatment), so `score`, `optimize` and `validate` all refused
+/// the model ("No super type for F32 and I64"). Now the score counts the Conv,
+/// and optimize quantizes it and writes a model that computes what the original
+/// does in tract and onnxruntime.
+#[test]
+fn kind13_integer_pads_computed_in_graph_stay_integers() {
+    let name = "k13_pads_from_constants";
+    let m = onnx_micronet::load(&rw(name)).unwrap();
+    let r = onnx_micronet::score::score(&m, &Default::default()).unwrap();
+    let conv = r.layers.iter().find(|l| l.name == "conv_0").unwrap();
+    // 108 MACs at each of 36 positions; 108 + 4 parameters at the 16-bit freebie:
+    // 56 32-bit units.
+    assert_eq!((conv.raw_mults, conv.params), (3888.0, 56.0));
+    let (m, _, _d) = optimize(name, &["--quantize", "linear:8", "--storage", "float"]);
+    assert_eq!(count(&m, "Pad"), 1);
+    same_outputs(name, &m, 0.02);
+}
