@@ -174,6 +174,18 @@ fn small_noise() -> Model {
     wrap(small_net(|name, n| noise(n, name.as_bytes()[1] as u64)))
 }
 
+/// The calibration context of the small net: its 1x3x8x8 input, `calib`'s
+/// images, `threads` workers, no reference model.
+fn small_cx(calib: &Dataset, threads: usize) -> Context<'_> {
+    Context {
+        reference: None,
+        calib: Some(calib),
+        input_shape: vec![1, 3, 8, 8],
+        threads,
+        ..Default::default()
+    }
+}
+
 /// Deterministic smooth images for calibration of the small net.
 fn images(n: usize, salt: u64) -> Dataset {
     let v = noise(n * 3 * 8 * 8, salt);
@@ -673,13 +685,7 @@ fn reweighted_hits_the_target_exactly_and_deterministically() {
     let calib = images(24, 77);
     let run_with = |threads: usize, method: Method, refit: bool| {
         let mut m = small_noise();
-        let cx = Context {
-            reference: None,
-            calib: Some(&calib),
-            input_shape: vec![1, 3, 8, 8],
-            threads,
-            ..Default::default()
-        };
+        let cx = small_cx(&calib, threads);
         let r = run_cx(
             &mut m,
             PruneConfig {
@@ -746,13 +752,7 @@ fn sparsegpt_allocation_by_error_reaches_the_target_with_less_error() {
     // (candidates are 10% apart), the sparsities differ between layers, and the
     // summed relative output error is below the uniform 60%'s.
     let calib = images(24, 77);
-    let cx = Context {
-        reference: None,
-        calib: Some(&calib),
-        input_shape: vec![1, 3, 8, 8],
-        threads: 2,
-        ..Default::default()
-    };
+    let cx = small_cx(&calib, 2);
     let run_alloc = |allocation: Allocation| {
         let mut m = small_noise();
         let r = run_cx(
@@ -1176,13 +1176,7 @@ fn asymmetric_sparsegpt_from_the_cli() {
 #[test]
 fn an_allocated_target_is_the_one_the_report_compares_with() {
     let calib = images(24, 77);
-    let cx = Context {
-        reference: None,
-        calib: Some(&calib),
-        input_shape: vec![1, 3, 8, 8],
-        threads: 2,
-        ..Default::default()
-    };
+    let cx = small_cx(&calib, 2);
     let mut m = wrap(small_net(|name, n| {
         if name == "w3" {
             vec![0.0; n]
