@@ -561,26 +561,11 @@ fn act_order_flag_overrides_the_recipe_both_ways() {
     let out = d.path().join("x.onnx");
     let m = fixture("cifar10_keras_bn.onnx");
     let recipe = d.path().join("r.toml");
-    let report = d.path().join("r.json");
     let act_order = |recipe_text: &str, flags: &[&str]| -> serde_json::Value {
         std::fs::write(&recipe, recipe_text).unwrap();
-        let mut args = vec![
-            "optimize",
-            m.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--recipe",
-            recipe.to_str().unwrap(),
-            "--dry-run",
-            "--report",
-            report.to_str().unwrap(),
-        ];
+        let mut args = vec!["--recipe", recipe.to_str().unwrap(), "--dry-run"];
         args.extend_from_slice(flags);
-        let o = cli(&args);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let r: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-        r["recipe"]["quantize"]["act_order"].clone()
+        optimize_report(d.path(), "x", &m, &args)["recipe"]["quantize"]["act_order"].clone()
     };
     let on = "[quantize]\nscheme = \"minmax\"\nbits = 4\nact_order = true\n";
     let unset = "[quantize]\nscheme = \"minmax\"\nbits = 4\n";
