@@ -350,28 +350,15 @@ fn kind5_kind7_an_overridable_mul_add_constant_is_left_with_its_reason() {
         .push(tensor_f32("a", &[3, 1, 1], &[0.1, 0.2, 0.3]));
     g.input.push(value_info("m", &[3, 1, 1]));
     let dir = tempfile::tempdir().unwrap();
-    let (src, out, rep) = (
-        dir.path().join("m.onnx"),
-        dir.path().join("o.onnx"),
-        dir.path().join("r.json"),
-    );
+    let src = dir.path().join("m.onnx");
     write_model(&src, &m);
-    let o = cli(&[
-        "optimize",
-        src.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--report",
-        rep.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&rep).unwrap()).unwrap();
+    let r = optimize_report(dir.path(), "o", &src, &[]);
     let why = reason_for(&skipped(&r), "mul_0");
     assert!(
         why.contains("Mul 'mul_0' + Add 'add_0' after Conv 'conv' left: 'm' is an initializer also listed as a graph input"),
         "{why}"
     );
-    let w = onnx_micronet::load(&out).unwrap();
+    let w = onnx_micronet::load(&dir.path().join("o.onnx")).unwrap();
     assert_eq!((count(&w, "Mul"), count(&w, "Add")), (1, 1));
 }
 
