@@ -63,13 +63,24 @@ pub fn hessian(stats: &Stats, d: usize) -> Vec<f64> {
     match stats {
         Stats::Gram(g) => g.clone(),
         Stats::Rows { x, n } => {
-            let n = *n;
+            // x holds input a's n values at x[a n .. (a + 1) n]: X^T as a
+            // row-major d x n matrix. H = X^T X by faer's blocked product (one
+            // thread: callers run layers in parallel), then made exactly
+            // symmetric from its lower triangle.
+            let xt = MatRef::from_row_major_slice(x, d, *n);
+            let mut m = Mat::<f64>::zeros(d, d);
+            faer::linalg::matmul::matmul(
+                &mut m,
+                faer::Accum::Replace,
+                xt,
+                xt.transpose(),
+                1.0,
+                faer::Par::Seq,
+            );
             let mut h = vec![0.0; d * d];
             for a in 0..d {
-                let xa = &x[a * n..(a + 1) * n];
-                for b in a..d {
-                    let xb = &x[b * n..(b + 1) * n];
-                    let v: f64 = xa.iter().zip(xb).map(|(p, q)| p * q).sum();
+                for b in 0..=a {
+                    let v = m[(a, b)];
                     h[a * d + b] = v;
                     h[b * d + a] = v;
                 }
@@ -500,6 +511,19 @@ pub fn relative_error(f: &Factor, old: &[Vec<f64>], new: &[Vec<f64>]) -> (f64, f
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hessian_of_kept_rows_is_x_transpose_x() {
+        // Two inputs, three rows: input 0 takes 1, 2, 3 and input 1 takes 4, 5, 6.
+        // H_00 = 1 + 4 + 9 = 14, H_01 = 4 + 10 + 18 = 32, H_11 = 16 + 25 + 36 = 77.
+        let rows = Stats::Rows {
+            x: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            n: 3,
+        };
+        assert_eq!(hessian(&rows, 2), vec![14.0, 32.0, 32.0, 77.0]);
+        // A Gram is H itself.
+        assert_eq!(hessian(&Stats::Gram(vec![1.0, 2.0, 2.0, 5.0]), 2), vec![1.0, 2.0, 2.0, 5.0]);
+    }
 
     #[test]
     fn upper_factor_of_the_inverse() {
