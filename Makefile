@@ -58,12 +58,15 @@ browser:
 # and Chromium, and fail, rather than skip, when either is missing.
 # The test binaries compile while the venv and the browser install (both mostly
 # downloads): three jobs side by side, then the tests run.
+# Without incremental compilation (CARGO_INCREMENTAL=0, here only): a clean clone
+# gains nothing from it, and our crate's three builds (lib, its unit tests, the
+# suite) end the critical path of the cold build. `cargo test` by hand keeps it.
 test:
 	$(MAKE) -j3 --no-print-directory venv browser test-build
-	ONNX_MICRONET_VENV=$(VENV) ONNX_MICRONET_REQUIRE_VENV=1 ONNX_MICRONET_CHROMIUM=$(CHROMIUM) $(CARGO) test --locked --all-targets
+	CARGO_INCREMENTAL=0 ONNX_MICRONET_VENV=$(VENV) ONNX_MICRONET_REQUIRE_VENV=1 ONNX_MICRONET_CHROMIUM=$(CHROMIUM) $(CARGO) test --locked --all-targets
 
 test-build:
-	$(CARGO) test --locked --all-targets --no-run
+	CARGO_INCREMENTAL=0 $(CARGO) test --locked --all-targets --no-run
 
 lint:
 	$(CARGO) fmt --all -- --check
