@@ -522,7 +522,10 @@ mod tests {
         };
         assert_eq!(hessian(&rows, 2), vec![14.0, 32.0, 32.0, 77.0]);
         // A Gram is H itself.
-        assert_eq!(hessian(&Stats::Gram(vec![1.0, 2.0, 2.0, 5.0]), 2), vec![1.0, 2.0, 2.0, 5.0]);
+        assert_eq!(
+            hessian(&Stats::Gram(vec![1.0, 2.0, 2.0, 5.0]), 2),
+            vec![1.0, 2.0, 2.0, 5.0]
+        );
     }
 
     #[test]
