@@ -70,6 +70,7 @@
 //! range = "maxabs"               # maxabs | percentile:99.99 | mse | minmax | asym-percentile:99.99 | asym-mse
 //! overflow_rate = 0.0
 //! placement = "inputs"           # inputs (of weighted layers) | outputs
+//! keep = 0                       # mixed precision: the K most output-sensitive activations stay 16-bit
 //! ```
 
 use std::path::Path;
@@ -275,6 +276,11 @@ pub struct Overrides {
     /// a zero-point grid with outliers clipped (unsigned ones as percentile:P and mse).
     #[arg(long, value_name = "RANGE")]
     pub act_range: Option<String>,
+    /// Mixed-precision activations: the K activations whose --act-bits quantization
+    /// alone moves the network's output most (measured on 32 calibration images,
+    /// one model run per activation) stay at 16 bits (float16).
+    #[arg(long, value_name = "K")]
+    pub act_keep: Option<usize>,
     /// Weight storage: packed (a bitmask over pruned zeros + k-bit codes or float32
     /// values, decoded by standard ONNX ops that runtimes fold at load; the default
     /// when pruning or quantizing) or float (dense float32).
@@ -628,10 +634,13 @@ impl Recipe {
                 if o.overflow_rate.is_some() {
                     a.overflow_rate = o.overflow_rate;
                 }
+                if o.act_keep.is_some() {
+                    a.keep = o.act_keep;
+                }
             }
-            None if o.act_range.is_some() => {
+            None if o.act_range.is_some() || o.act_keep.is_some() => {
                 return Err(Error::Usage(
-                    "--act-range needs --act-bits (or an [act_quant] section in the recipe)".into(),
+                    "--act-range and --act-keep need --act-bits (or an [act_quant] section in the recipe)".into(),
                 ));
             }
             None => {}

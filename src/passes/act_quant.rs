@@ -175,6 +175,10 @@ pub struct ActQuantSection {
     /// Glob patterns on value or layer names left float.
     #[serde(default)]
     pub skip: Vec<String>,
+    /// Mixed precision: this many activations, those whose quantization alone
+    /// moves the network's output most on the calibration images, stay at 16 bits
+    /// (float16). Default 0.
+    pub keep: Option<usize>,
     /// 8-bit form: "auto" (default: Q/DQ, except before layers whose weights
     /// onnxruntime would re-quantize, which get the fake-quant chain) or "always"
     /// (Q/DQ everywhere, for runtimes without that re-quantization).
@@ -223,6 +227,7 @@ impl ActQuantSection {
             overflow_rate,
             placement,
             skip: self.skip.clone(),
+            keep: self.keep.unwrap_or(0),
             qdq_weights: true,
             qdq_always,
         })
@@ -236,6 +241,8 @@ pub struct ActQuantConfig {
     pub overflow_rate: f64,
     pub placement: Placement,
     pub skip: Vec<String>,
+    /// Activations kept at 16 bits by measured sensitivity (mixed precision).
+    pub keep: usize,
     /// Affine-claimed weights will be written as codes + DequantizeLinear (packed
     /// storage): their layers' inputs may take Q/DQ (see [`requantized_weights`]).
     pub qdq_weights: bool,
@@ -1015,144 +1022,250 @@ impl Pass for ActQuant {
             );
         }
 
-        // Rewrite.
-        let bits = cfg.bits;
-        let g = model.graph_mut();
-        let mut names = Namer::of(g);
-        let mut before: HashMap<Option<usize>, Vec<NodeProto>> = HashMap::new();
-        let mut rewires: Vec<(usize, usize, String)> = Vec::new();
-        let mut absorbed: HashSet<usize> = HashSet::new();
-        for (t, st) in targets.iter().zip(&stats) {
-            let grid = choose_grid(st, bits, cfg.range, cfg.overflow_rate);
-            let (scale, signed) = (grid.scale, grid.signed);
-            let (lo, hi) = grid.levels(bits);
-            let form = match bits {
-                8 if t.no_qdq.is_none() => Form::Qdq {
-                    signed,
-                    zero_point: grid.zero_point,
-                },
-                16 => Form::Half,
-                _ => Form::FakeQuant { signed, lo, hi },
-            };
-            // Activations the quantizer's saturation makes redundant: Relu and
-            // Clip(0, c) when the grid's lowest level is 0, Clip and Min when the top
-            // level rounds from at or below the bound (c / s >= top level - 1/4,
-            // a margin for the runtime's float division).
-            let mut src = t.value.clone();
-            let mut absorbed_here = Vec::new();
-            if form != Form::Half {
-                for b in &t.chain {
-                    let floor_ok = !b.floor_zero || lo == 0.0;
-                    let top_ok =
-                        b.top == f32::INFINITY || (b.top as f64) / (scale as f64) >= hi - 0.25;
-                    if !(floor_ok && top_ok) {
-                        break;
-                    }
-                    absorbed_here.push(b.node);
-                    src = b.input.clone();
+        // Mixed precision: the `keep` values whose quantization alone moves the
+        // network's output most stay at 16 bits (float16).
+        let mut bits = vec![cfg.bits; targets.len()];
+        let mut notes = vec![String::new(); targets.len()];
+        if cfg.keep > 0 && cfg.bits < 16 {
+            let (s, images) = sensitivities(model, cx, &targets, &stats, cfg)?;
+            // Most sensitive first; ties in graph order.
+            let mut rank: Vec<usize> = (0..targets.len()).collect();
+            rank.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+            let kept = cfg.keep.min(targets.len());
+            for (r, &k) in rank.iter().enumerate() {
+                if r < kept {
+                    bits[k] = 16;
                 }
-            }
-            let (nodes, out) = act::build(g, &mut names, &src, form, scale);
-            before.entry(t.after).or_default().extend(nodes);
-            let absorbed_names: Vec<String> = absorbed_here
-                .iter()
-                .map(|&n| {
-                    let node = &g.node[n];
-                    format!("{} '{}'", node.op_type(), node.name())
-                })
-                .collect();
-            absorbed.extend(absorbed_here);
-            for &(n, k) in &t.uses {
-                rewires.push((n, k, out.clone()));
-            }
-            let mut readers = t.readers.clone();
-            readers.dedup();
-            let read_by = if readers.len() > 3 {
-                format!("{} and {} more", readers[..3].join(", "), readers.len() - 3)
-            } else {
-                readers.join(", ")
-            };
-            if form == Form::Half {
-                report.changed(
-                    &t.value,
-                    match data {
-                        Some(_) => format!(
-                            "16-bit {}, seen [{:.4}, {:.4}] (read by {read_by})",
-                            form.describe(),
-                            st.min,
-                            st.max,
-                        ),
-                        None => format!("16-bit {} (read by {read_by})", form.describe()),
-                    },
+                notes[k] = format!(
+                    "; {}-bit alone: output change {:.3e}, rank {} of {}{}",
+                    cfg.bits,
+                    s[k],
+                    r + 1,
+                    targets.len(),
+                    if r < kept { ", kept at 16 bits" } else { "" }
                 );
-                continue;
             }
-            let (bottom, top) = (scale as f64 * lo, scale as f64 * hi);
-            let mut step = if (scale.log2()).fract() == 0.0 {
-                format!("2^{} = {scale:?}", scale.log2() as i32)
-            } else {
-                format!("{scale:?}")
-            };
-            if grid.zero_point != 0 {
-                step += &format!(", zero point {}", grid.zero_point);
-            }
-            let mut why = t
-                .no_qdq
-                .as_ref()
-                .map(|w| format!("; not Q/DQ: {w}"))
-                .unwrap_or_default();
-            if !absorbed_names.is_empty() {
-                why.push_str(&format!(
-                    "; absorbs {} (the grid saturates where it clamps)",
-                    absorbed_names.join(", ")
-                ));
-            }
-            if data.is_some() {
-                report.ranges.push(super::ActRange {
-                    value: t.value.clone(),
-                    bits,
-                    seen_min: st.min,
-                    seen_max: st.max,
-                    grid_min: bottom,
-                    grid_max: top,
-                });
-            }
+            let sum_kept: f64 = rank[..kept].iter().map(|&k| s[k]).sum();
+            let sum_all: f64 = s.iter().sum();
             report.changed(
-                &t.value,
+                "mixed precision",
                 format!(
-                    "{bits}-bit {}, scale {step}, grid [{bottom:.4}, {top:.4}], seen [{:.4}, {:.4}], clipped ~{:.3}% (read by {read_by}){why}",
-                    form.describe(),
-                    st.min,
-                    st.max,
-                    100.0 * st.fraction_outside(bottom, top),
+                    "the {kept} of {} activations whose {}-bit quantization alone moves the network's output most stay at 16 bits (float16): each measured as ||y_k - y||^2 / ||y||^2 on {images} calibration images; the kept ones sum to {:.1}% of the summed changes",
+                    targets.len(),
+                    cfg.bits,
+                    if sum_all > 0.0 { 100.0 * sum_kept / sum_all } else { 0.0 },
                 ),
             );
         }
-        for (n, k, v) in rewires {
-            g.node[n].input[k] = v;
-        }
-        let bound_inputs: HashSet<String> = absorbed
-            .iter()
-            .flat_map(|&n| g.node[n].input.iter().skip(1).cloned())
-            .collect();
-        let old = std::mem::take(&mut g.node);
-        let mut new = Vec::with_capacity(old.len() + before.values().map(Vec::len).sum::<usize>());
-        if let Some(v) = before.remove(&None) {
-            new.extend(v);
-        }
-        for (i, n) in old.into_iter().enumerate() {
-            if !absorbed.contains(&i) {
-                new.push(n);
-            }
-            if let Some(v) = before.remove(&Some(i)) {
-                new.extend(v);
-            }
-        }
-        g.node = new;
-        // Constants only the absorbed nodes read (Clip bounds) go with them.
-        crate::graph::edit::remove_dead_constants(g, &bound_inputs);
+        insert(
+            model,
+            &targets,
+            &stats,
+            &bits,
+            &notes,
+            cfg,
+            data.is_some(),
+            &mut report,
+        );
         Ok(report)
     }
+}
+
+/// Calibration images the mixed-precision sensitivity runs use (the first ones).
+const SENSITIVITY_IMAGES: usize = 32;
+
+/// Per target, how much quantizing that value alone (at `cfg.bits`, on its
+/// calibrated grid) moves the network: ||y_k - y||^2 / ||y||^2 over all outputs
+/// on the first [`SENSITIVITY_IMAGES`] calibration images, y the model as this
+/// pass receives it (0 where its outputs are all zero). One model run per target,
+/// the images spread over the cores. The ranking HAWQ-style mixed precision uses
+/// (Dong et al., 2019, rank layers by their effect and keep the sensitive ones
+/// wide), measured on the network output instead of estimated from curvature.
+/// Returns the changes and the number of images.
+fn sensitivities(
+    model: &Model,
+    cx: &Context,
+    targets: &[Target],
+    stats: &[Stats],
+    cfg: &ActQuantConfig,
+) -> Result<(Vec<f64>, usize)> {
+    let probe = super::calib::OutputProbe::new(model, cx, SENSITIVITY_IMAGES)?;
+    let notes = vec![String::new(); targets.len()];
+    let mut out = Vec::with_capacity(targets.len());
+    crate::passes::solve_progress("act-quant: sensitivity", 0, targets.len());
+    for k in 0..targets.len() {
+        let mut m = model.clone();
+        let mut bits = vec![0; targets.len()];
+        bits[k] = cfg.bits;
+        let mut scratch = PassReport::new("act-quant");
+        insert(
+            &mut m,
+            targets,
+            stats,
+            &bits,
+            &notes,
+            cfg,
+            true,
+            &mut scratch,
+        );
+        out.push(probe.relative_change(&m)?.unwrap_or(0.0));
+        crate::passes::solve_progress("act-quant: sensitivity", k + 1, targets.len());
+    }
+    Ok((out, probe.images()))
+}
+
+/// Inserts the quantizer of each target at `bits[k]` (0: none; 16: float16
+/// rounding; 8: Q/DQ unless the target says why not; else the fake-quant chain),
+/// absorbing the activations its grid makes redundant, and reports each line with
+/// `notes[k]` appended (`measured`: the stats come from calibration images).
+#[allow(clippy::too_many_arguments)]
+fn insert(
+    model: &mut Model,
+    targets: &[Target],
+    stats: &[Stats],
+    bits: &[u32],
+    notes: &[String],
+    cfg: &ActQuantConfig,
+    measured: bool,
+    report: &mut PassReport,
+) {
+    let g = model.graph_mut();
+    let mut names = Namer::of(g);
+    let mut before: HashMap<Option<usize>, Vec<NodeProto>> = HashMap::new();
+    let mut rewires: Vec<(usize, usize, String)> = Vec::new();
+    let mut absorbed: HashSet<usize> = HashSet::new();
+    for (((t, st), &bits), note) in targets.iter().zip(stats).zip(bits).zip(notes) {
+        if bits == 0 {
+            continue;
+        }
+        let grid = choose_grid(st, bits, cfg.range, cfg.overflow_rate);
+        let (scale, signed) = (grid.scale, grid.signed);
+        let (lo, hi) = grid.levels(bits);
+        let form = match bits {
+            8 if t.no_qdq.is_none() => Form::Qdq {
+                signed,
+                zero_point: grid.zero_point,
+            },
+            16 => Form::Half,
+            _ => Form::FakeQuant { signed, lo, hi },
+        };
+        // Activations the quantizer's saturation makes redundant: Relu and
+        // Clip(0, c) when the grid's lowest level is 0, Clip and Min when the top
+        // level rounds from at or below the bound (c / s >= top level - 1/4,
+        // a margin for the runtime's float division).
+        let mut src = t.value.clone();
+        let mut absorbed_here = Vec::new();
+        if form != Form::Half {
+            for b in &t.chain {
+                let floor_ok = !b.floor_zero || lo == 0.0;
+                let top_ok = b.top == f32::INFINITY || (b.top as f64) / (scale as f64) >= hi - 0.25;
+                if !(floor_ok && top_ok) {
+                    break;
+                }
+                absorbed_here.push(b.node);
+                src = b.input.clone();
+            }
+        }
+        let (nodes, out) = act::build(g, &mut names, &src, form, scale);
+        before.entry(t.after).or_default().extend(nodes);
+        let absorbed_names: Vec<String> = absorbed_here
+            .iter()
+            .map(|&n| {
+                let node = &g.node[n];
+                format!("{} '{}'", node.op_type(), node.name())
+            })
+            .collect();
+        absorbed.extend(absorbed_here);
+        for &(n, k) in &t.uses {
+            rewires.push((n, k, out.clone()));
+        }
+        let mut readers = t.readers.clone();
+        readers.dedup();
+        let read_by = if readers.len() > 3 {
+            format!("{} and {} more", readers[..3].join(", "), readers.len() - 3)
+        } else {
+            readers.join(", ")
+        };
+        if form == Form::Half {
+            report.changed(
+                &t.value,
+                if measured {
+                    format!(
+                        "16-bit {}, seen [{:.4}, {:.4}] (read by {read_by}){note}",
+                        form.describe(),
+                        st.min,
+                        st.max,
+                    )
+                } else {
+                    format!("16-bit {} (read by {read_by}){note}", form.describe())
+                },
+            );
+            continue;
+        }
+        let (bottom, top) = (scale as f64 * lo, scale as f64 * hi);
+        let mut step = if (scale.log2()).fract() == 0.0 {
+            format!("2^{} = {scale:?}", scale.log2() as i32)
+        } else {
+            format!("{scale:?}")
+        };
+        if grid.zero_point != 0 {
+            step += &format!(", zero point {}", grid.zero_point);
+        }
+        let mut why = t
+            .no_qdq
+            .as_ref()
+            .map(|w| format!("; not Q/DQ: {w}"))
+            .unwrap_or_default();
+        if !absorbed_names.is_empty() {
+            why.push_str(&format!(
+                "; absorbs {} (the grid saturates where it clamps)",
+                absorbed_names.join(", ")
+            ));
+        }
+        if measured {
+            report.ranges.push(super::ActRange {
+                value: t.value.clone(),
+                bits,
+                seen_min: st.min,
+                seen_max: st.max,
+                grid_min: bottom,
+                grid_max: top,
+            });
+        }
+        report.changed(
+            &t.value,
+            format!(
+                "{bits}-bit {}, scale {step}, grid [{bottom:.4}, {top:.4}], seen [{:.4}, {:.4}], clipped ~{:.3}% (read by {read_by}){why}{note}",
+                form.describe(),
+                st.min,
+                st.max,
+                100.0 * st.fraction_outside(bottom, top),
+            ),
+        );
+    }
+    for (n, k, v) in rewires {
+        g.node[n].input[k] = v;
+    }
+    let bound_inputs: HashSet<String> = absorbed
+        .iter()
+        .flat_map(|&n| g.node[n].input.iter().skip(1).cloned())
+        .collect();
+    let old = std::mem::take(&mut g.node);
+    let mut new = Vec::with_capacity(old.len() + before.values().map(Vec::len).sum::<usize>());
+    if let Some(v) = before.remove(&None) {
+        new.extend(v);
+    }
+    for (i, n) in old.into_iter().enumerate() {
+        if !absorbed.contains(&i) {
+            new.push(n);
+        }
+        if let Some(v) = before.remove(&Some(i)) {
+            new.extend(v);
+        }
+    }
+    g.node = new;
+    // Constants only the absorbed nodes read (Clip bounds) go with them.
+    crate::graph::edit::remove_dead_constants(g, &bound_inputs);
 }
 
 #[cfg(test)]

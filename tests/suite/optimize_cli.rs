@@ -590,3 +590,79 @@ fn act_order_flag_overrides_the_recipe_both_ways() {
         "{err}"
     );
 }
+
+#[test]
+fn act_keep_holds_the_most_sensitive_activations_at_16_bits() {
+    // The Keras CIFAR-10 CNN at 8-bit weights and activations, the 3 activations whose
+    // 8-bit quantization alone moves the output most kept at float16: the report
+    // ranks every quantized activation, the 3 kept are ranks 1-3 with the largest
+    // measured changes, and the written model's score reads exactly their 3
+    // readers at 16 bits, every other weighted layer at 8.
+    let d = tempfile::tempdir_in(root().join("target")).unwrap();
+    let m = fixture("cifar10_keras_bn.onnx");
+    let calib = fixture("data/foolbox/cifar10");
+    let rep = optimize_report(
+        d.path(),
+        "keep",
+        &m,
+        &[
+            "--quantize",
+            "linear:8",
+            "--per-channel",
+            "--act-bits",
+            "8",
+            "--act-keep",
+            "3",
+            "--calib",
+            calib.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(rep["recipe"]["act_quant"]["keep"], serde_json::json!(3));
+    let act = rep["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pass"] == "act-quant")
+        .unwrap();
+    let mut ranked: Vec<(usize, f64, bool)> = Vec::new();
+    for item in act["changed"].as_array().unwrap() {
+        let what = item["what"].as_str().unwrap();
+        let Some(rest) = what.split("output change ").nth(1) else {
+            continue;
+        };
+        let mut parts = rest.split(", rank ");
+        let change: f64 = parts.next().unwrap().parse().unwrap();
+        let rank: usize = parts
+            .next()
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let kept = what.contains("kept at 16 bits");
+        assert_eq!(kept, what.starts_with("16-bit"), "{what}");
+        ranked.push((rank, change, kept));
+    }
+    ranked.sort_by_key(|r| r.0);
+    let n = ranked.len();
+    assert!(n > 5, "{n} activations ranked");
+    assert_eq!(
+        ranked.iter().map(|r| r.0).collect::<Vec<_>>(),
+        (1..=n).collect::<Vec<_>>()
+    );
+    assert!(ranked.windows(2).all(|w| w[0].1 >= w[1].1), "{ranked:?}");
+    assert!(ranked.iter().all(|r| r.2 == (r.0 <= 3)), "{ranked:?}");
+    let layers = rep["after"]["layers"].as_array().unwrap();
+    let weighted: Vec<u64> = layers
+        .iter()
+        .filter(|l| matches!(l["op_type"].as_str(), Some("Conv" | "Gemm" | "MatMul")))
+        .map(|l| l["act_bits"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        weighted.iter().filter(|&&b| b == 16).count(),
+        3,
+        "{weighted:?}"
+    );
+    assert!(weighted.iter().all(|&b| b == 16 || b == 8), "{weighted:?}");
+}

@@ -1501,3 +1501,119 @@ fn asymmetric_calibration_from_the_cli() {
         "mean |logit diff|: asymmetric {da}, parallel {dp}"
     );
 }
+
+/// The relu6 model's activations at 3 bits (maxabs) on `calib_set`, with
+/// `keep` of them at 16 bits by sensitivity and `skip` left float.
+fn act_quant_mixed(keep: usize, skip: &[&str]) -> (Model, PassReport) {
+    let mut m = wrap(relu6_model(false));
+    let data = calib_set();
+    let cx = Context {
+        reference: None,
+        calib: Some(&data),
+        input_shape: vec![1, 1, 4, 4],
+        threads: 1,
+        ..Default::default()
+    };
+    let cfg = ActQuantSection {
+        bits: 3,
+        keep: Some(keep),
+        skip: skip.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+    .config()
+    .unwrap();
+    let r = ActQuant(cfg).run(&mut m, &cx).unwrap();
+    (m, r)
+}
+
+/// ||a - b||^2 / ||b||^2.
+fn relative_change(a: &[f32], b: &[f32]) -> f64 {
+    let d: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    d / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>()
+}
+
+#[test]
+fn mixed_precision_keeps_the_most_output_sensitive_activations_at_16_bits() {
+    // Two activations: x (read by conv1) and r (the Clip's output, read by conv2),
+    // at 3 bits (x = i / 4 in [0, 3.75]: maxabs scale 2^-(3 - 2) = 0.5, so the odd
+    // quarters round; at 4 bits the grid 0.25 would hold x exactly).
+    // Each one's sensitivity, measured independently: the model with only that
+    // one quantized (the other skipped), run in tract on the calibration image,
+    // ||y_t - y||^2 / ||y||^2 against the float model.
+    let x: Vec<f32> = calib_set().images.iter().copied().collect();
+    let y = tract_run(&wrap(relu6_model(false)), &x);
+    let alone = |t: &str| {
+        let other = if t == "x" { "r" } else { "x" };
+        let (m, _) = act_quant_mixed(0, &[other]);
+        relative_change(&tract_run(&m, &x), &y)
+    };
+    let (sx, sr) = (alone("x"), alone("r"));
+    assert!(
+        sx > 0.0 && sr > 0.0 && (sx - sr).abs() > 0.1 * sx.max(sr),
+        "{sx} {sr}"
+    );
+    let (top, other) = if sx > sr { ("x", "r") } else { ("r", "x") };
+    let (reader_top, reader_other) = if top == "x" {
+        ("conv1", "conv2")
+    } else {
+        ("conv2", "conv1")
+    };
+
+    // keep = 1: the pass measures the same numbers (printed to 4 digits), ranks
+    // them, and keeps the larger at 16 bits (float16 Cast pair); the other stays
+    // on its 3-bit grid.
+    let (m, r) = act_quant_mixed(1, &[]);
+    let line = |v: &str| {
+        r.changed
+            .iter()
+            .find(|i| i.target == v)
+            .unwrap()
+            .what
+            .clone()
+    };
+    let reported = |v: &str| -> f64 {
+        let l = line(v);
+        let s = l.split("output change ").nth(1).unwrap();
+        s.split(',').next().unwrap().parse().unwrap()
+    };
+    for (v, s) in [("x", sx), ("r", sr)] {
+        assert!(
+            (reported(v) - s).abs() <= 5e-4 * s,
+            "{v}: {} vs {s}",
+            line(v)
+        );
+    }
+    assert!(
+        line(top).contains("rank 1 of 2, kept at 16 bits"),
+        "{}",
+        line(top)
+    );
+    assert!(line(top).starts_with("16-bit"), "{}", line(top));
+    assert!(line(other).contains("rank 2 of 2") && line(other).starts_with("3-bit"));
+    assert!(r.changed.iter().any(|i| i.target == "mixed precision"));
+    let rep = score::score(&m, &ScoreOptions::default()).unwrap();
+    let bits_of = |name: &str| rep.layers.iter().find(|l| l.name == name).unwrap().act_bits;
+    assert_eq!((bits_of(reader_top), bits_of(reader_other)), (16, 3));
+    let casts = m
+        .graph()
+        .node
+        .iter()
+        .filter(|n| n.op_type() == "Cast")
+        .count();
+    assert_eq!(casts, 2, "one float16 round trip");
+    // Keeping the more sensitive one moves the output less than keeping the other
+    // (the other's alone, the first's left float).
+    let (swapped, _) = act_quant_mixed(0, &[other]);
+    let kept = relative_change(&tract_run(&m, &x), &y);
+    let swapped = relative_change(&tract_run(&swapped, &x), &y);
+    assert!(kept < swapped, "{kept} {swapped}");
+
+    // keep = 2 (all): both float16, nothing at 3 bits.
+    let (m, _) = act_quant_mixed(2, &[]);
+    let rep = score::score(&m, &ScoreOptions::default()).unwrap();
+    assert!(rep.layers.iter().all(|l| l.act_bits == 16));
+}
