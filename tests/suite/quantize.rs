@@ -870,7 +870,21 @@ fn relu6_model(clip_out_too: bool) -> ModelProto {
 }
 
 fn act_quant_relu6(clip_out_too: bool, placement: &str) -> (Model, PassReport) {
-    let mut m = wrap(relu6_model(clip_out_too));
+    act_quant_on_calib_set(
+        relu6_model(clip_out_too),
+        ActQuantSection {
+            bits: 8,
+            placement: Some(placement.into()),
+            range: Some("minmax".into()),
+            qdq: Some("always".into()),
+            ..Default::default()
+        },
+    )
+}
+
+/// `proto` through the activation quantization `section`, calibrated on `calib_set`.
+fn act_quant_on_calib_set(proto: ModelProto, section: ActQuantSection) -> (Model, PassReport) {
+    let mut m = wrap(proto);
     let data = calib_set();
     let cx = Context {
         reference: None,
@@ -879,16 +893,9 @@ fn act_quant_relu6(clip_out_too: bool, placement: &str) -> (Model, PassReport) {
         threads: 1,
         ..Default::default()
     };
-    let cfg = ActQuantSection {
-        bits: 8,
-        placement: Some(placement.into()),
-        range: Some("minmax".into()),
-        qdq: Some("always".into()),
-        ..Default::default()
-    }
-    .config()
-    .unwrap();
-    let r = ActQuant(cfg).run(&mut m, &cx).unwrap();
+    let r = ActQuant(section.config().unwrap())
+        .run(&mut m, &cx)
+        .unwrap();
     (m, r)
 }
 
@@ -1505,25 +1512,15 @@ fn asymmetric_calibration_from_the_cli() {
 /// The relu6 model's activations at 3 bits (maxabs) on `calib_set`, with
 /// `keep` of them at 16 bits by sensitivity and `skip` left float.
 fn act_quant_mixed(keep: usize, skip: &[&str]) -> (Model, PassReport) {
-    let mut m = wrap(relu6_model(false));
-    let data = calib_set();
-    let cx = Context {
-        reference: None,
-        calib: Some(&data),
-        input_shape: vec![1, 1, 4, 4],
-        threads: 1,
-        ..Default::default()
-    };
-    let cfg = ActQuantSection {
-        bits: 3,
-        keep: Some(keep),
-        skip: skip.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-    .config()
-    .unwrap();
-    let r = ActQuant(cfg).run(&mut m, &cx).unwrap();
-    (m, r)
+    act_quant_on_calib_set(
+        relu6_model(false),
+        ActQuantSection {
+            bits: 3,
+            keep: Some(keep),
+            skip: skip.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        },
+    )
 }
 
 /// ||a - b||^2 / ||b||^2.
