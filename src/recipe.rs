@@ -639,9 +639,14 @@ impl Recipe {
                 }
             }
             None if o.act_range.is_some() || o.act_keep.is_some() => {
-                return Err(Error::Usage(
-                    "--act-range and --act-keep need --act-bits (or an [act_quant] section in the recipe)".into(),
-                ));
+                let flag = if o.act_range.is_some() {
+                    "--act-range"
+                } else {
+                    "--act-keep"
+                };
+                return Err(Error::Usage(format!(
+                    "{flag} needs --act-bits (or an [act_quant] section in the recipe)"
+                )));
             }
             None => {}
         }

@@ -665,4 +665,17 @@ fn act_keep_holds_the_most_sensitive_activations_at_16_bits() {
         "{weighted:?}"
     );
     assert!(weighted.iter().all(|&b| b == 16 || b == 8), "{weighted:?}");
+
+    // Without activation quantization there is nothing to keep: a usage error.
+    let out = d.path().join("none.onnx");
+    let err = cli_fails(&[
+        "optimize",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--act-keep",
+        "3",
+    ]);
+    assert!(err.contains("--act-keep needs --act-bits"), "{err}");
+    assert!(!out.exists());
 }
