@@ -278,7 +278,7 @@ pub struct Overrides {
     pub act_range: Option<String>,
     /// Mixed-precision activations: the K activations whose --act-bits quantization
     /// alone moves the network's output most (measured on 32 calibration images,
-    /// one model run per activation) stay at 16 bits (float16).
+    /// one model run per activation) stay at 16 bits (an int16 grid over their seen range, as TFLite's 16x8 mode).
     #[arg(long, value_name = "K")]
     pub act_keep: Option<usize>,
     /// Weight storage: packed (a bitmask over pruned zeros + k-bit codes or float32

@@ -1561,7 +1561,7 @@ fn mixed_precision_keeps_the_most_output_sensitive_activations_at_16_bits() {
     };
 
     // keep = 1: the pass measures the same numbers (printed to 4 digits), ranks
-    // them, and keeps the larger at 16 bits (float16 Cast pair); the other stays
+    // them, and keeps the larger at 16 bits (an int16 grid); the other stays
     // on its 3-bit grid.
     let (m, r) = act_quant_mixed(1, &[]);
     let line = |v: &str| {
@@ -1595,13 +1595,20 @@ fn mixed_precision_keeps_the_most_output_sensitive_activations_at_16_bits() {
     let rep = score::score(&m, &ScoreOptions::default()).unwrap();
     let bits_of = |name: &str| rep.layers.iter().find(|l| l.name == name).unwrap().act_bits;
     assert_eq!((bits_of(reader_top), bits_of(reader_other)), (16, 3));
-    let casts = m
-        .graph()
-        .node
-        .iter()
-        .filter(|n| n.op_type() == "Cast")
-        .count();
-    assert_eq!(casts, 2, "one float16 round trip");
+    // The kept one on a 16-bit integer grid (the fake-quant chain's Clip bounds):
+    // both values are non-negative (x = i / 4, r after a Clip at 0), so unsigned
+    // [0, 65535].
+    let kept_hi = values(&m, &format!("{top}_act_hi"));
+    assert_eq!(
+        (values(&m, &format!("{top}_act_lo")), kept_hi),
+        (vec![0.0], vec![65535.0])
+    );
+    assert!(m.graph().node.iter().all(|n| n.op_type() != "Cast"));
+    // onnxruntime runs the mixed model as tract does.
+    let got: Vec<f64> = tract_run(&m, &x).iter().map(|v| *v as f64).collect();
+    if let Some(ort) = ort_run(&m, &x, true) {
+        assert_close(&ort, &got, "onnxruntime vs tract");
+    }
     // Keeping the more sensitive one moves the output less than keeping the other
     // (the other's alone, the first's left float).
     let (swapped, _) = act_quant_mixed(0, &[other]);
@@ -1609,8 +1616,9 @@ fn mixed_precision_keeps_the_most_output_sensitive_activations_at_16_bits() {
     let swapped = relative_change(&tract_run(&swapped, &x), &y);
     assert!(kept < swapped, "{kept} {swapped}");
 
-    // keep = 2 (all): both float16, nothing at 3 bits.
+    // keep = 2 (all): both on 16-bit grids, nothing at 3 bits.
     let (m, _) = act_quant_mixed(2, &[]);
     let rep = score::score(&m, &ScoreOptions::default()).unwrap();
-    assert!(rep.layers.iter().all(|l| l.act_bits == 16));
+    let bits_of = |name: &str| rep.layers.iter().find(|l| l.name == name).unwrap().act_bits;
+    assert_eq!((bits_of("conv1"), bits_of("conv2")), (16, 16));
 }
