@@ -1031,6 +1031,15 @@ impl Pass for ActQuant {
         // network's output most stay at 16 bits (an int16 grid, see `insert`).
         let mut bits = vec![cfg.bits; targets.len()];
         let mut notes = vec![String::new(); targets.len()];
+        if cfg.keep > 0 && cfg.bits >= 16 {
+            report.skipped(
+                "mixed precision",
+                format!(
+                    "keep = {} has nothing to keep: every activation is already at {} bits",
+                    cfg.keep, cfg.bits
+                ),
+            );
+        }
         if cfg.keep > 0 && cfg.bits < 16 {
             let (s, images) = sensitivities(model, cx, &targets, &stats, cfg)?;
             // Most sensitive first; ties in graph order.

@@ -666,6 +666,34 @@ fn act_keep_holds_the_most_sensitive_activations_at_16_bits() {
     );
     assert!(weighted.iter().all(|&b| b == 16 || b == 8), "{weighted:?}");
 
+    // At 16 bits everything is already kept: the report says the flag did nothing.
+    let rep = optimize_report(
+        d.path(),
+        "keep16",
+        &m,
+        &[
+            "--quantize",
+            "linear:8",
+            "--act-bits",
+            "16",
+            "--act-keep",
+            "3",
+            "--calib",
+            calib.to_str().unwrap(),
+        ],
+    );
+    let act = rep["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pass"] == "act-quant")
+        .unwrap();
+    let skipped = act["skipped"].to_string();
+    assert!(
+        skipped.contains("keep = 3 has nothing to keep: every activation is already at 16 bits"),
+        "{skipped}"
+    );
+
     // Without activation quantization there is nothing to keep: a usage error.
     let out = d.path().join("none.onnx");
     let err = cli_fails(&[
