@@ -279,3 +279,13 @@ pub fn conv_f64(x: &[f64], w: &[f32]) -> Vec<f64> {
     }
     out
 }
+
+/// The entry of pass `name` in an `optimize --report` JSON value.
+pub fn report_pass<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["passes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pass"] == name)
+        .unwrap_or_else(|| panic!("no pass '{name}' in {}", report["passes"]))
+}

@@ -111,15 +111,6 @@ fn weights(path: &Path) -> BTreeMap<String, (i32, Vec<i64>, Vec<u8>)> {
         .collect()
 }
 
-fn pass<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    report["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pass"] == name)
-        .unwrap_or_else(|| panic!("no pass '{name}' in {}", report["passes"]))
-}
-
 /// The model's bytes with the tool's provenance entries removed.
 fn without_provenance(path: &std::path::Path) -> Vec<u8> {
     use prost::Message;
@@ -143,7 +134,7 @@ fn provenance(path: &std::path::Path, key: &str) -> String {
 }
 
 fn changed_whats(report: &serde_json::Value, name: &str) -> Vec<String> {
-    pass(report, name)["changed"]
+    report_pass(report, name)["changed"]
         .as_array()
         .unwrap()
         .iter()

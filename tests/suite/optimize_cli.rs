@@ -618,12 +618,7 @@ fn act_keep_holds_the_most_sensitive_activations_at_16_bits() {
         ],
     );
     assert_eq!(rep["recipe"]["act_quant"]["keep"], serde_json::json!(3));
-    let act = rep["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pass"] == "act-quant")
-        .unwrap();
+    let act = report_pass(&rep, "act-quant");
     let mut ranked: Vec<(usize, f64, bool)> = Vec::new();
     for item in act["changed"].as_array().unwrap() {
         let what = item["what"].as_str().unwrap();
@@ -682,12 +677,7 @@ fn act_keep_holds_the_most_sensitive_activations_at_16_bits() {
             calib.to_str().unwrap(),
         ],
     );
-    let act = rep["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pass"] == "act-quant")
-        .unwrap();
+    let act = report_pass(&rep, "act-quant");
     let skipped = act["skipped"].to_string();
     assert!(
         skipped.contains("keep = 3 has nothing to keep: every activation is already at 16 bits"),

@@ -1038,12 +1038,7 @@ fn gptq_on_2_4_and_ternary_grids_packs_to_the_scored_storage() {
         }
         let (p, f) = (&outs[0], &outs[1]);
         // GPTQ ran (the default with --calib) on most layers.
-        let q = p.1["passes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["pass"] == "quantize")
-            .unwrap();
+        let q = report_pass(&p.1, "quantize");
         let gptq = q["errors"]
             .as_array()
             .unwrap()

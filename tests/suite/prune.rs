@@ -1128,13 +1128,7 @@ fn asymmetric_sparsegpt_from_the_cli() {
     };
     let parallel = run("sequential");
     let asym = run("asymmetric");
-    let prune = asym["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pass"] == "prune")
-        .unwrap()
-        .clone();
+    let prune = report_pass(&asym, "prune").clone();
     let changed = prune["changed"].as_array().unwrap();
     let calibration = changed
         .iter()

@@ -95,13 +95,7 @@ fn prune(m: &mut Model, section: ChannelSection, calib: Option<&Dataset>) -> Pas
 fn pass_report(report: &std::path::Path, name: &str) -> serde_json::Value {
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
-    json["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pass"] == name)
-        .unwrap_or_else(|| panic!("no {name} pass in {report:?}"))
-        .clone()
+    report_pass(&json, name).clone()
 }
 
 fn section(ratio: f64, criterion: &str, reconstruct: bool) -> ChannelSection {

@@ -1059,12 +1059,7 @@ fn avg_weight_bits_allocates_within_the_budget() {
             n += numel as f64;
             widths.insert(b);
         }
-        let q = j["passes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["pass"] == "quantize")
-            .unwrap();
+        let q = report_pass(j, "quantize");
         let err: f64 = q["errors"]
             .as_array()
             .unwrap()
@@ -1084,12 +1079,7 @@ fn avg_weight_bits_allocates_within_the_budget() {
         err5 < err,
         "summed layer errors {err5} at 5 bits vs {err} at 3.5"
     );
-    let q = &j["passes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["pass"] == "quantize")
-        .unwrap()["changed"];
+    let q = &report_pass(&j, "quantize")["changed"];
     let line = q
         .as_array()
         .unwrap()
@@ -1442,15 +1432,8 @@ fn asymmetric_calibration_from_the_cli() {
             ],
         )
     };
-    let quantize = |j: &serde_json::Value| -> serde_json::Value {
-        j["passes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["pass"] == "quantize")
-            .unwrap()
-            .clone()
-    };
+    let quantize =
+        |j: &serde_json::Value| -> serde_json::Value { report_pass(j, "quantize").clone() };
     let errors = |j: &serde_json::Value| -> std::collections::BTreeMap<String, (String, f64)> {
         quantize(j)["errors"]
             .as_array()
