@@ -249,6 +249,111 @@ fn conv_rows(
     Ok(ho * wo)
 }
 
+/// G += X^T X and sum += the rows of group `g` of a conv whose groups read one
+/// input channel each (depthwise; `cin_per_group` = 1), straight from the
+/// channel's plane, without forming the im2col rows: entry (a, b) of G, taps
+/// a = (ky, kx) and b, is the sum over output positions of the products of the
+/// two taps' inputs. The plane is copied once, zero-padded and split into
+/// `stride` column phases, so that tap (ky, kx) at output row oy is the
+/// contiguous run phase[(kx d) mod s][oy s_h + ky d_h][(kx d) div s ..][.. wo];
+/// the runs of each tap are copied into one column, and G's entries are dot
+/// products of columns in f32 (one image's positions, as [`flush`] sums a
+/// flush), added to G in f64.
+/// A layer that will keep its rows (`images` x positions <= kh kw: [`Stats::Rows`])
+/// gets them in `buf` from [`conv_rows`] instead. Returns the row count (output
+/// positions), as [`conv_rows`] does.
+#[allow(clippy::too_many_arguments)]
+fn conv_gram_depthwise(
+    c: &ConvGeom,
+    x: &ArrayViewD<f32>,
+    g: usize,
+    images: usize,
+    buf: &mut Vec<f32>,
+    gram: &mut Vec<f64>,
+    sum: &mut Vec<f64>,
+) -> std::result::Result<usize, String> {
+    let Patches {
+        x: planes,
+        h,
+        w,
+        ho,
+        wo,
+        pt,
+        pl,
+    } = patches(c, x)?;
+    debug_assert_eq!(c.cin_per_group, 1);
+    let [kh, kw] = c.kernel;
+    let [sh, sw] = c.strides;
+    let [dh, dw] = c.dilations;
+    let dim = kh * kw;
+    if ho * wo * images <= dim {
+        return conv_rows(c, x, g, buf);
+    }
+    if gram.is_empty() {
+        *gram = vec![0.0; dim * dim];
+    }
+    if sum.is_empty() {
+        *sum = vec![0.0; dim];
+    }
+    if ho == 0 || wo == 0 {
+        return Ok(0);
+    }
+    let plane = planes.index_axis(ndarray::Axis(0), g);
+    // Padded rows needed, and each phase's width.
+    let hp = (ho - 1) * sh + (kh - 1) * dh + 1;
+    let wq = wo + (kw - 1) * dw / sw;
+    let mut phases = vec![0f32; sw * hp * wq];
+    for r in 0..sw {
+        for y in 0..hp {
+            let Some(iy) = y.checked_sub(pt).filter(|&iy| iy < h) else {
+                continue;
+            };
+            let src = plane.row(iy);
+            let dst = &mut phases[(r * hp + y) * wq..(r * hp + y + 1) * wq];
+            // Phase columns j whose input column j s + r - pl is inside [0, w).
+            let lo = pl.saturating_sub(r).div_ceil(sw);
+            let hi = if w + pl > r {
+                ((w + pl - r - 1) / sw + 1).min(wq)
+            } else {
+                0
+            };
+            for (j, v) in dst.iter_mut().enumerate().take(hi).skip(lo) {
+                *v = src[j * sw + r - pl];
+            }
+        }
+    }
+    // Per tap: its phase, row offset and column offset within the phase.
+    let taps: Vec<(usize, usize, usize)> = (0..dim)
+        .map(|a| {
+            let (ky, kx) = (a / kw, a % kw);
+            ((kx * dw) % sw, ky * dh, (kx * dw) / sw)
+        })
+        .collect();
+    // Each tap's inputs over all output positions, contiguous (the columns of the
+    // im2col matrix), then the upper triangle of X^T X as dot products of columns.
+    let rows = ho * wo;
+    let mut cols = vec![0f32; dim * rows];
+    for (a, &(r, dy, dx)) in taps.iter().enumerate() {
+        let col = &mut cols[a * rows..(a + 1) * rows];
+        for (oy, run) in col.chunks_exact_mut(wo).enumerate() {
+            let at = (r * hp + oy * sh + dy) * wq + dx;
+            run.copy_from_slice(&phases[at..at + wo]);
+        }
+    }
+    for a in 0..dim {
+        let ca = &cols[a * rows..(a + 1) * rows];
+        sum[a] += lane_sum(ca) as f64;
+        for b in a..dim {
+            let v = dot(ca, &cols[b * rows..(b + 1) * rows]) as f64;
+            gram[a * dim + b] += v;
+            if a != b {
+                gram[b * dim + a] += v;
+            }
+        }
+    }
+    Ok(ho * wo)
+}
+
 /// Adds the sum of the im2col rows of group `g` of a conv input [1, C, H, W] to
 /// `sum` (dim long) without forming them: entry (ci, ky, kx) is the sum of x[ci]
 /// over the output positions' taps that fall inside the image (padding adds 0).
@@ -402,6 +507,19 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (x, y) in ca.zip(cb) {
         for k in 0..8 {
             acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The sum of a slice in 8 f32 lanes (as [`dot`]).
+fn lane_sum(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let tail: f32 = ca.remainder().iter().sum();
+    for x in ca {
+        for k in 0..8 {
+            acc[k] += x[k];
         }
     }
     acc.iter().sum::<f32>() + tail
@@ -562,6 +680,17 @@ pub fn collect_with(
                         Geom::Conv(c) if means_only => {
                             conv_row_sum(c, &acts[slot], g, &mut acc.sums[li][g])
                         }
+                        // Depthwise groups that will not keep their rows: the
+                        // Gram straight from the plane.
+                        Geom::Conv(c) if c.cin_per_group == 1 => conv_gram_depthwise(
+                            c,
+                            &acts[slot],
+                            g,
+                            n,
+                            buf,
+                            &mut acc.grams[li][g],
+                            &mut acc.sums[li][g],
+                        ),
                         Geom::Conv(c) => conv_rows(c, &acts[slot], g, buf),
                         Geom::Dense { input, k, trans_a } => {
                             dense_rows(input, *k, *trans_a, &acts[slot], buf)
@@ -719,4 +848,114 @@ pub fn collect_with(
         }
     }
     Ok((out, too_big))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geom(
+        k: [usize; 2],
+        s: [usize; 2],
+        d: [usize; 2],
+        pads: [usize; 4],
+        auto: AutoPad,
+    ) -> ConvGeom {
+        ConvGeom {
+            input: "x".into(),
+            cin_per_group: 1,
+            groups: 3,
+            kernel: k,
+            strides: s,
+            dilations: d,
+            pads,
+            auto_pad: auto,
+        }
+    }
+
+    #[test]
+    fn depthwise_gram_by_hand() {
+        // One channel [[1, 2], [3, 4]], kernel 1 x 2, no padding: the rows are
+        // (1, 2) and (3, 4), so G = [[1 + 9, 2 + 12], [2 + 12, 4 + 16]] =
+        // [[10, 14], [14, 20]] and the row sum is (4, 6).
+        let mut c = geom([1, 2], [1, 1], [1, 1], [0; 4], AutoPad::NotSet);
+        c.groups = 1;
+        let x = ndarray::Array4::from_shape_vec((1, 1, 2, 2), vec![1.0f32, 2.0, 3.0, 4.0])
+            .unwrap()
+            .into_dyn();
+        let (mut g, mut s, mut buf) = (Vec::new(), Vec::new(), Vec::new());
+        let rows = conv_gram_depthwise(&c, &x.view(), 0, 10, &mut buf, &mut g, &mut s).unwrap();
+        assert_eq!(rows, 2);
+        assert!(buf.is_empty());
+        assert_eq!(g, vec![10.0, 14.0, 14.0, 20.0]);
+        assert_eq!(s, vec![4.0, 6.0]);
+        // One image whose 2 rows do not outnumber the 2 inputs keeps its rows.
+        let rows = conv_gram_depthwise(&c, &x.view(), 0, 1, &mut buf, &mut g, &mut s).unwrap();
+        assert_eq!((rows, buf), (2, vec![1.0, 2.0, 3.0, 4.0]));
+    }
+
+    #[test]
+    fn depthwise_gram_equals_the_im2col_gram() {
+        // The direct Gram against im2col rows + flush, on strided, dilated and
+        // padded geometries (explicit, uneven and SAME pads), 2-D and 1-D inputs.
+        let mut seed = 11u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 11) as f64 / (1u64 << 53) as f64) as f32 * 2.0 - 1.0
+        };
+        let x4 = ndarray::Array4::from_shape_fn((1, 3, 9, 11), |_| rnd()).into_dyn();
+        let x3 = ndarray::Array3::from_shape_fn((1, 3, 13), |_| rnd()).into_dyn();
+        let cases = [
+            (
+                geom([3, 3], [1, 1], [1, 1], [1, 1, 1, 1], AutoPad::NotSet),
+                &x4,
+            ),
+            (
+                geom([3, 3], [2, 2], [1, 1], [1, 1, 1, 1], AutoPad::NotSet),
+                &x4,
+            ),
+            (
+                geom([3, 3], [2, 3], [1, 1], [0, 2, 1, 0], AutoPad::NotSet),
+                &x4,
+            ),
+            (
+                geom([5, 5], [1, 2], [2, 1], [2, 2, 2, 2], AutoPad::NotSet),
+                &x4,
+            ),
+            (
+                geom([3, 3], [2, 2], [1, 1], [0; 4], AutoPad::SameUpper),
+                &x4,
+            ),
+            (
+                geom([3, 3], [2, 2], [1, 1], [0; 4], AutoPad::SameLower),
+                &x4,
+            ),
+            (geom([1, 1], [2, 2], [1, 1], [0; 4], AutoPad::NotSet), &x4),
+            (
+                geom([1, 3], [1, 2], [1, 1], [0, 1, 0, 1], AutoPad::NotSet),
+                &x3,
+            ),
+        ];
+        for (i, (c, x)) in cases.iter().enumerate() {
+            for g in 0..3 {
+                let dim = c.kernel[0] * c.kernel[1];
+                let (mut gd, mut sd, mut buf) = (Vec::new(), Vec::new(), Vec::new());
+                let rd =
+                    conv_gram_depthwise(c, &x.view(), g, 100, &mut buf, &mut gd, &mut sd).unwrap();
+                assert!(buf.is_empty());
+                let (mut gi, mut si, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+                let ri = conv_rows(c, &x.view(), g, &mut rows).unwrap();
+                flush(&mut rows, dim, &mut gi, &mut si);
+                assert_eq!(rd, ri, "case {i} group {g}");
+                for (a, b) in gd.iter().zip(&gi).chain(sd.iter().zip(&si)) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "case {i} group {g}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
 }
