@@ -1032,20 +1032,34 @@ impl Pass for Quantize {
                 .as_ref()
                 .map(|m| &m.table.layers)
                 .or(table.as_ref().map(|t: &Table| &t.layers));
-            for &ji in stage {
-                let c = compute(
-                    ji,
-                    ji == stage[0],
-                    chosen[ji],
-                    calibrated.get(&ji),
-                    no_calib.get(&ji),
-                    layers.and_then(|l| l.get(&(ji, chosen[ji]))),
-                    model,
-                )?;
-                apply(ji, c, model, &mut report);
-                done[ji] = true;
-                solved += 1;
-                crate::passes::solve_progress("weight rounding (GPTQ)", solved, solving);
+            // The stage's layers as many at a time as there are cores (each
+            // solve is pure; memory holds one result per core), written in
+            // layer order.
+            for chunk in stage.chunks(rayon::current_num_threads().max(1)) {
+                let computed: Vec<Result<Computed>> = {
+                    use rayon::prelude::*;
+                    let model = &*model;
+                    chunk
+                        .par_iter()
+                        .map(|&ji| {
+                            compute(
+                                ji,
+                                ji == stage[0],
+                                chosen[ji],
+                                calibrated.get(&ji),
+                                no_calib.get(&ji),
+                                layers.and_then(|l| l.get(&(ji, chosen[ji]))),
+                                model,
+                            )
+                        })
+                        .collect()
+                };
+                for (&ji, c) in chunk.iter().zip(computed) {
+                    apply(ji, c?, model, &mut report);
+                    done[ji] = true;
+                    solved += 1;
+                    crate::passes::solve_progress("weight rounding (GPTQ)", solved, solving);
+                }
             }
             if let (Some(key), Some(memo), Some(calibrated), Some(table)) =
                 (memo_key, cx.memo, owned, table)

@@ -480,32 +480,34 @@ impl Layer<'_> {
 }
 
 /// The relative output error of rows `new` against `old` (natural order) on the
-/// factor's H: sum (new - old)^T H (new - old) / sum old^T H old.
+/// factor's H: sum (new - old)^T H (new - old) / sum old^T H old. The rows are
+/// stacked into matrices D (differences) and O (old), permuted to H's visit
+/// order, and the quadratic forms are the row sums of (D H) .* D and (O H) .* O,
+/// by faer's blocked product (one thread).
 pub fn relative_error(f: &Factor, old: &[Vec<f64>], new: &[Vec<f64>]) -> (f64, f64) {
     let d = f.d;
-    let quad = |v: &[f64]| -> f64 {
-        // v in natural order; H is permuted: use the order.
-        let p: Vec<f64> = f.order.iter().map(|&c| v[c]).collect();
-        let mut s = 0.0;
-        for a in 0..d {
-            if p[a] == 0.0 {
-                continue;
-            }
-            let row = &f.h[a * d..(a + 1) * d];
-            s += p[a] * row.iter().zip(&p).map(|(h, x)| h * x).sum::<f64>();
-        }
-        s
+    let n = old.len();
+    if n == 0 || d == 0 {
+        return (0.0, 0.0);
+    }
+    let h = MatRef::from_row_major_slice(&f.h, d, d);
+    let quad = |m: &Mat<f64>| -> f64 {
+        let mut p = Mat::<f64>::zeros(n, d);
+        faer::linalg::matmul::matmul(
+            &mut p,
+            faer::Accum::Replace,
+            m.as_ref(),
+            h,
+            1.0,
+            faer::Par::Seq,
+        );
+        (0..n)
+            .map(|r| (0..d).map(|k| p[(r, k)] * m[(r, k)]).sum::<f64>())
+            .sum()
     };
-    // Per-row terms in parallel, summed in row order (thread-count independent).
-    let terms: Vec<(f64, f64)> = old
-        .par_iter()
-        .zip(new)
-        .map(|(o, n)| {
-            let diff: Vec<f64> = o.iter().zip(n).map(|(a, b)| b - a).collect();
-            (quad(&diff), quad(o))
-        })
-        .collect();
-    terms.iter().fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+    let o = Mat::<f64>::from_fn(n, d, |r, k| old[r][f.order[k]]);
+    let diff = Mat::<f64>::from_fn(n, d, |r, k| new[r][f.order[k]] - old[r][f.order[k]]);
+    (quad(&diff), quad(&o))
 }
 
 #[cfg(test)]
