@@ -249,21 +249,27 @@ fn conv_rows(
     Ok(ho * wo)
 }
 
-/// G += X^T X and sum += the rows of group `g` of a conv whose groups read one
-/// input channel each (depthwise; `cin_per_group` = 1), straight from the
-/// channel's plane, without forming the im2col rows: entry (a, b) of G, taps
-/// a = (ky, kx) and b, is the sum over output positions of the products of the
-/// two taps' inputs. The plane is copied once, zero-padded and split into
-/// `stride` column phases, so that tap (ky, kx) at output row oy is the
-/// contiguous run phase[(kx d) mod s][oy s_h + ky d_h][(kx d) div s ..][.. wo];
-/// the runs of each tap are copied into one column, and G's entries are dot
-/// products of columns in f32 (one image's positions, as [`flush`] sums a
-/// flush), added to G in f64.
-/// A layer that will keep its rows (`images` x positions <= kh kw: [`Stats::Rows`])
-/// gets them in `buf` from [`conv_rows`] instead. Returns the row count (output
-/// positions), as [`conv_rows`] does.
+/// Input rows of at most this many entries (cin/g kh kw) get their Gram straight
+/// from the input planes ([`conv_gram_small`]); wider ones from im2col rows and a
+/// matrix product ([`flush`]).
+const SMALL_DIM: usize = 32;
+
+/// G += X^T X and sum += the rows of group `g` of a conv whose rows are short
+/// (cin/g kh kw <= [`SMALL_DIM`]: depthwise convs, 9; the paired [x~, x] inputs
+/// of asymmetric calibration, 18; a stem conv on RGB, 27), straight from the
+/// group's input planes, without forming the im2col rows: entry (a, b) of G,
+/// for taps a = (ci, ky, kx) and b (the im2col order), is the sum over output
+/// positions of the products of the two taps' inputs. Each plane is copied
+/// once, zero-padded and split into `stride` column phases, so that tap
+/// (ci, ky, kx) at output row oy is the contiguous run
+/// phase[ci][(kx d) mod s][oy s_h + ky d_h][(kx d) div s ..][.. wo]; the runs of
+/// each tap are copied into one column, and G's entries are dot products of
+/// columns in f32 (one image's positions, as [`flush`] sums a flush), added to
+/// G in f64. A layer that will keep its rows (`images` x positions <= dim:
+/// [`Stats::Rows`]) gets them in `buf` from [`conv_rows`] instead. Returns the
+/// row count (output positions), as [`conv_rows`] does.
 #[allow(clippy::too_many_arguments)]
-fn conv_gram_depthwise(
+fn conv_gram_small(
     c: &ConvGeom,
     x: &ArrayViewD<f32>,
     g: usize,
@@ -281,11 +287,11 @@ fn conv_gram_depthwise(
         pt,
         pl,
     } = patches(c, x)?;
-    debug_assert_eq!(c.cin_per_group, 1);
     let [kh, kw] = c.kernel;
     let [sh, sw] = c.strides;
     let [dh, dw] = c.dilations;
-    let dim = kh * kw;
+    let cpg = c.cin_per_group;
+    let dim = cpg * kh * kw;
     if ho * wo * images <= dim {
         return conv_rows(c, x, g, buf);
     }
@@ -298,35 +304,39 @@ fn conv_gram_depthwise(
     if ho == 0 || wo == 0 {
         return Ok(0);
     }
-    let plane = planes.index_axis(ndarray::Axis(0), g);
     // Padded rows needed, and each phase's width.
     let hp = (ho - 1) * sh + (kh - 1) * dh + 1;
     let wq = wo + (kw - 1) * dw / sw;
-    let mut phases = vec![0f32; sw * hp * wq];
-    for r in 0..sw {
-        for y in 0..hp {
-            let Some(iy) = y.checked_sub(pt).filter(|&iy| iy < h) else {
-                continue;
-            };
-            let src = plane.row(iy);
-            let dst = &mut phases[(r * hp + y) * wq..(r * hp + y + 1) * wq];
-            // Phase columns j whose input column j s + r - pl is inside [0, w).
-            let lo = pl.saturating_sub(r).div_ceil(sw);
-            let hi = if w + pl > r {
-                ((w + pl - r - 1) / sw + 1).min(wq)
-            } else {
-                0
-            };
-            for (j, v) in dst.iter_mut().enumerate().take(hi).skip(lo) {
-                *v = src[j * sw + r - pl];
+    let mut phases = vec![0f32; cpg * sw * hp * wq];
+    for ci in 0..cpg {
+        let plane = planes.index_axis(ndarray::Axis(0), g * cpg + ci);
+        for r in 0..sw {
+            for y in 0..hp {
+                let Some(iy) = y.checked_sub(pt).filter(|&iy| iy < h) else {
+                    continue;
+                };
+                let src = plane.row(iy);
+                let at = ((ci * sw + r) * hp + y) * wq;
+                let dst = &mut phases[at..at + wq];
+                // Phase columns j whose input column j s + r - pl is inside [0, w).
+                let lo = pl.saturating_sub(r).div_ceil(sw);
+                let hi = if w + pl > r {
+                    ((w + pl - r - 1) / sw + 1).min(wq)
+                } else {
+                    0
+                };
+                for (j, v) in dst.iter_mut().enumerate().take(hi).skip(lo) {
+                    *v = src[j * sw + r - pl];
+                }
             }
         }
     }
     // Per tap: its phase, row offset and column offset within the phase.
     let taps: Vec<(usize, usize, usize)> = (0..dim)
         .map(|a| {
-            let (ky, kx) = (a / kw, a % kw);
-            ((kx * dw) % sw, ky * dh, (kx * dw) / sw)
+            let (ci, k) = (a / (kh * kw), a % (kh * kw));
+            let (ky, kx) = (k / kw, k % kw);
+            (ci * sw + (kx * dw) % sw, ky * dh, (kx * dw) / sw)
         })
         .collect();
     // Each tap's inputs over all output positions, contiguous (the columns of the
@@ -680,17 +690,21 @@ pub fn collect_with(
                         Geom::Conv(c) if means_only => {
                             conv_row_sum(c, &acts[slot], g, &mut acc.sums[li][g])
                         }
-                        // Depthwise groups that will not keep their rows: the
-                        // Gram straight from the plane.
-                        Geom::Conv(c) if c.cin_per_group == 1 => conv_gram_depthwise(
-                            c,
-                            &acts[slot],
-                            g,
-                            n,
-                            buf,
-                            &mut acc.grams[li][g],
-                            &mut acc.sums[li][g],
-                        ),
+                        // Short rows (depthwise, paired depthwise, a stem): the
+                        // Gram straight from the planes.
+                        Geom::Conv(c)
+                            if c.cin_per_group * c.kernel[0] * c.kernel[1] <= SMALL_DIM =>
+                        {
+                            conv_gram_small(
+                                c,
+                                &acts[slot],
+                                g,
+                                n,
+                                buf,
+                                &mut acc.grams[li][g],
+                                &mut acc.sums[li][g],
+                            )
+                        }
                         Geom::Conv(c) => conv_rows(c, &acts[slot], g, buf),
                         Geom::Dense { input, k, trans_a } => {
                             dense_rows(input, *k, *trans_a, &acts[slot], buf)
@@ -874,7 +888,7 @@ mod tests {
     }
 
     #[test]
-    fn depthwise_gram_by_hand() {
+    fn small_gram_by_hand() {
         // One channel [[1, 2], [3, 4]], kernel 1 x 2, no padding: the rows are
         // (1, 2) and (3, 4), so G = [[1 + 9, 2 + 12], [2 + 12, 4 + 16]] =
         // [[10, 14], [14, 20]] and the row sum is (4, 6).
@@ -884,20 +898,22 @@ mod tests {
             .unwrap()
             .into_dyn();
         let (mut g, mut s, mut buf) = (Vec::new(), Vec::new(), Vec::new());
-        let rows = conv_gram_depthwise(&c, &x.view(), 0, 10, &mut buf, &mut g, &mut s).unwrap();
+        let rows = conv_gram_small(&c, &x.view(), 0, 10, &mut buf, &mut g, &mut s).unwrap();
         assert_eq!(rows, 2);
         assert!(buf.is_empty());
         assert_eq!(g, vec![10.0, 14.0, 14.0, 20.0]);
         assert_eq!(s, vec![4.0, 6.0]);
         // One image whose 2 rows do not outnumber the 2 inputs keeps its rows.
-        let rows = conv_gram_depthwise(&c, &x.view(), 0, 1, &mut buf, &mut g, &mut s).unwrap();
+        let rows = conv_gram_small(&c, &x.view(), 0, 1, &mut buf, &mut g, &mut s).unwrap();
         assert_eq!((rows, buf), (2, vec![1.0, 2.0, 3.0, 4.0]));
     }
 
     #[test]
-    fn depthwise_gram_equals_the_im2col_gram() {
+    fn small_gram_equals_the_im2col_gram() {
         // The direct Gram against im2col rows + flush, on strided, dilated and
-        // padded geometries (explicit, uneven and SAME pads), 2-D and 1-D inputs.
+        // padded geometries (explicit, uneven and SAME pads), 2-D and 1-D inputs,
+        // one input channel per group (depthwise), two per group and three in one
+        // group (a stem on RGB).
         let mut seed = 11u64;
         let mut rnd = || {
             seed = seed
@@ -938,15 +954,25 @@ mod tests {
                 &x3,
             ),
         ];
-        for (i, (c, x)) in cases.iter().enumerate() {
-            for g in 0..3 {
-                let dim = c.kernel[0] * c.kernel[1];
+        let x6 = ndarray::Array4::from_shape_fn((1, 6, 8, 7), |_| rnd()).into_dyn();
+        let mut wide = Vec::new();
+        for (cpg, groups, x) in [(2, 3, &x6), (3, 1, &x4)] {
+            for (st, pads) in [([1, 1], [1, 1, 1, 1]), ([2, 2], [1, 0, 1, 1])] {
+                let mut c = geom([3, 3], st, [1, 1], pads, AutoPad::NotSet);
+                c.cin_per_group = cpg;
+                c.groups = groups;
+                wide.push((c, x));
+            }
+        }
+        for (i, (c, x)) in cases.iter().cloned().chain(wide).enumerate() {
+            for g in 0..c.groups {
+                let dim = c.cin_per_group * c.kernel[0] * c.kernel[1];
                 let (mut gd, mut sd, mut buf) = (Vec::new(), Vec::new(), Vec::new());
                 let rd =
-                    conv_gram_depthwise(c, &x.view(), g, 100, &mut buf, &mut gd, &mut sd).unwrap();
+                    conv_gram_small(&c, &x.view(), g, 100, &mut buf, &mut gd, &mut sd).unwrap();
                 assert!(buf.is_empty());
                 let (mut gi, mut si, mut rows) = (Vec::new(), Vec::new(), Vec::new());
-                let ri = conv_rows(c, &x.view(), g, &mut rows).unwrap();
+                let ri = conv_rows(&c, &x.view(), g, &mut rows).unwrap();
                 flush(&mut rows, dim, &mut gi, &mut si);
                 assert_eq!(rd, ri, "case {i} group {g}");
                 for (a, b) in gd.iter().zip(&gi).chain(sd.iter().zip(&si)) {
