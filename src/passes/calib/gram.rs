@@ -4,7 +4,7 @@
 //! image by image, rows buffered per worker and added in f64; X is never held
 //! beyond a few hundred rows.
 
-use ndarray::{ArrayView2, ArrayViewD};
+use ndarray::ArrayViewD;
 
 use crate::engine;
 use crate::error::{Error, Result};
@@ -493,12 +493,30 @@ fn flush(buf: &mut Vec<f32>, dim: usize, gram: &mut Vec<f64>, sum: &mut Vec<f64>
         }
     } else {
         // The product of one flush (a few hundred to a thousand rows) in f32, twice as
-        // fast as f64; the sums across flushes and images in f64.
-        let x = ArrayView2::from_shape((rows, dim), buf.as_slice()).expect("whole rows");
-        let mut part = ndarray::Array2::<f32>::zeros((dim, dim));
-        ndarray::linalg::general_mat_mul(1.0, &x.t(), &x, 0.0, &mut part);
-        for (g, p) in gram.iter_mut().zip(part.iter()) {
-            *g += *p as f64;
+        // fast as f64, and only its lower triangle (faer's triangular product: half
+        // the multiplies; X^T X is symmetric); the sums across flushes and images
+        // in f64, both halves from the lower one.
+        let x = faer::MatRef::from_row_major_slice(buf.as_slice(), rows, dim);
+        let mut part = faer::Mat::<f32>::zeros(dim, dim);
+        faer::linalg::matmul::triangular::matmul(
+            &mut part,
+            faer::linalg::matmul::triangular::BlockStructure::TriangularLower,
+            faer::Accum::Replace,
+            x.transpose(),
+            faer::linalg::matmul::triangular::BlockStructure::Rectangular,
+            x,
+            faer::linalg::matmul::triangular::BlockStructure::Rectangular,
+            1.0f32,
+            faer::Par::Seq,
+        );
+        for a in 0..dim {
+            for b in 0..=a {
+                let v = part[(a, b)] as f64;
+                gram[a * dim + b] += v;
+                if a != b {
+                    gram[b * dim + a] += v;
+                }
+            }
         }
     }
     buf.clear();
