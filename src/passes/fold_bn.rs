@@ -33,7 +33,7 @@
 //! them folds in the same run. New weights and biases are new initializers: one
 //! shared with other nodes is never changed in place.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use ndarray::{ArrayD, Axis, IxDyn};
 
@@ -557,6 +557,25 @@ fn apply(g: &mut GraphProto, opset: i64, mut folds: Vec<Fold>, report: &mut Pass
             (w, b)
         })
         .collect();
+    // How many node inputs read each name (top-level graph), and what else
+    // pins a name: graph inputs and outputs, subgraphs (which this does not scan).
+    let mut reads: HashMap<String, usize> = HashMap::new();
+    for n in &g.node {
+        for i in &n.input {
+            *reads.entry(i.clone()).or_default() += 1;
+        }
+    }
+    let subgraphs = g.node.iter().any(|n| {
+        n.attribute
+            .iter()
+            .any(|a| a.g.is_some() || !a.graphs.is_empty())
+    });
+    let pinned: HashSet<String> = g
+        .input
+        .iter()
+        .chain(&g.output)
+        .map(|v| v.name().to_string())
+        .collect();
     for (f, (w, b)) in folds.into_iter().zip(encoded) {
         let layer_name = g.node[f.layer].name().to_string();
         let base = if layer_name.is_empty() {
@@ -564,8 +583,21 @@ fn apply(g: &mut GraphProto, opset: i64, mut folds: Vec<Fold>, report: &mut Pass
         } else {
             layer_name
         };
-        // Fresh initializers: the old ones may be shared with other nodes.
-        let w_name = names.fresh(&format!("{base}.weight_folded"));
+        // The folded weight keeps the weight's name when this layer alone reads
+        // that initializer (rules naming the exported weight, such as
+        // `features.*.conv.1.0.weight`, then still find the layer after the
+        // fold); a shared one (or one a graph input declares, or that a subgraph
+        // might read) stays, and the folded weight gets a fresh name.
+        let old_w = g.node[f.layer].input[1].clone();
+        let own = !subgraphs
+            && reads.get(&old_w) == Some(&1)
+            && !pinned.contains(&old_w)
+            && g.initializer.iter().any(|t| t.name() == old_w);
+        let w_name = if own {
+            old_w
+        } else {
+            names.fresh(&format!("{base}.weight_folded"))
+        };
         set_initializer_proto(g, &w_name, w);
         let b_name = names.fresh(&format!("{base}.bias_folded"));
         set_initializer_proto(g, &b_name, b);

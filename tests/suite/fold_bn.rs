@@ -329,3 +329,54 @@ fn real_fixtures_fold_and_agree_in_tract() {
         same_outputs(&m, &folded, &d.images);
     }
 }
+
+/// A per-layer rule naming the exported weight (PyTorch's parameter name) still
+/// finds its layer after BN folding: the folded weight keeps the name when its
+/// layer alone reads it. (The folded weights were renamed `<node>.weight_folded`,
+/// so `--layer-bits 'features.*.conv.1.0.weight=8'` passed the pattern check on
+/// the original model and then matched nothing: every layer stayed at 4 bits.)
+#[test]
+fn a_rule_naming_the_exported_weight_applies_after_folding() {
+    use onnx_micronet::score::{self, ScoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let rep = optimize_report(
+        dir.path(),
+        "q",
+        &fixture("mobilenetv2_cifar_bn.onnx"),
+        &[
+            "--quantize",
+            "minmax:4",
+            "--per-channel",
+            "--layer-bits",
+            "features.*.conv.1.0.weight=8",
+        ],
+    );
+    // The CIFAR MobileNetV2 has 17 depthwise convs; blocks 2..17 (16 of them)
+    // have an expansion conv first, so their depthwise weight is conv.1.0; block
+    // 1's is conv.0.0. 53 weighted layers: 16 at 8 bits, 37 at 4.
+    let q = report_pass(&rep, "quantize");
+    let lines: Vec<&str> = q["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["what"].as_str().unwrap())
+        .collect();
+    let at8: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains("minmax 8-bit"))
+        .collect();
+    assert_eq!(at8.len(), 16, "{lines:#?}");
+    for l in &at8 {
+        assert!(
+            l.contains("(weight 'features.") && l.contains(".conv.1.0.weight')"),
+            "{l}"
+        );
+    }
+    let m = onnx_micronet::load(&dir.path().join("q.onnx")).unwrap();
+    let s = score::score(&m, &ScoreOptions::default()).unwrap();
+    let mut bits: Vec<u32> = s.layers.iter().filter_map(|l| l.weight_bits).collect();
+    bits.sort();
+    assert_eq!(bits.len(), 53);
+    assert_eq!(bits.iter().filter(|&&b| b == 8).count(), 16);
+    assert_eq!(bits.iter().filter(|&&b| b == 4).count(), 37);
+}
