@@ -352,7 +352,7 @@ fn conv_gram_small(
     }
     for a in 0..dim {
         let ca = &cols[a * rows..(a + 1) * rows];
-        sum[a] += lane_sum(ca) as f64;
+        sum[a] += lane_sum(ca);
         for b in a..dim {
             let v = dot(ca, &cols[b * rows..(b + 1) * rows]) as f64;
             gram[a * dim + b] += v;
@@ -540,17 +540,18 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// The sum of a slice in 8 f32 lanes (as [`dot`]).
-fn lane_sum(a: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
+/// The sum of a slice in 8 f64 lanes (each value widened, as [`add_rows`] sums
+/// them; the lanes vectorize where one running f64 sum cannot).
+fn lane_sum(a: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
     let ca = a.chunks_exact(8);
-    let tail: f32 = ca.remainder().iter().sum();
+    let tail: f64 = ca.remainder().iter().map(|&v| v as f64).sum();
     for x in ca {
         for k in 0..8 {
-            acc[k] += x[k];
+            acc[k] += x[k] as f64;
         }
     }
-    acc.iter().sum::<f32>() + tail
+    acc.iter().sum::<f64>() + tail
 }
 
 /// sum += each row of `buf`.
