@@ -599,6 +599,13 @@ fn apply(g: &mut GraphProto, opset: i64, mut folds: Vec<Fold>, report: &mut Pass
             names.fresh(&format!("{base}.weight_folded"))
         };
         set_initializer_proto(g, &w_name, w);
+        if own {
+            // The folded values are on no grid the old tensor may have claimed
+            // (a model quantized with folding off): its other metadata stays.
+            if let Some(t) = g.initializer.iter_mut().find(|t| t.name() == w_name) {
+                crate::repr::claim::write(t, &[]);
+            }
+        }
         let b_name = names.fresh(&format!("{base}.bias_folded"));
         set_initializer_proto(g, &b_name, b);
         let node = &mut g.node[f.layer];

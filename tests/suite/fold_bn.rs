@@ -291,6 +291,42 @@ fn a_weight_shared_by_two_convs_is_copied() {
     assert_eq!(w, orig);
 }
 
+/// A weight its layer alone reads keeps its name through the fold, and loses the
+/// grid claim it may carry (a model quantized with folding off): the folded
+/// values are on no grid. Its other metadata stays.
+#[test]
+fn a_folded_weight_keeps_its_name_and_drops_its_claim() {
+    use onnx_micronet::onnx::proto::StringStringEntryProto;
+    let mut m = tiny_conv();
+    let g = m.graph.as_mut().unwrap();
+    g.node[0].output[0] = "c0".into();
+    g.node.insert(1, bn_node("c0", "c"));
+    g.initializer.extend(bn_inits(3));
+    let w = g.initializer.iter_mut().find(|t| t.name() == "w").unwrap();
+    for (k, v) in [
+        (onnx_micronet::repr::claim::META_SCHEME, "linear"),
+        (onnx_micronet::repr::claim::META_BITS, "4"),
+        ("source", "kept"),
+    ] {
+        w.metadata_props.push(StringStringEntryProto {
+            key: Some(k.to_string()),
+            value: Some(v.to_string()),
+        });
+    }
+    let (folded, _) = fold(&as_model(m));
+    let g = folded.proto.graph.as_ref().unwrap();
+    let conv = g.node.iter().find(|n| n.op_type() == "Conv").unwrap();
+    assert_eq!(conv.input[1], "w");
+    let w = g.initializer.iter().find(|t| t.name() == "w").unwrap();
+    assert!(onnx_micronet::repr::claim::claim_keys(w).is_empty());
+    let kept: Vec<(&str, &str)> = w
+        .metadata_props
+        .iter()
+        .map(|p| (p.key(), p.value()))
+        .collect();
+    assert_eq!(kept, vec![("source", "kept")]);
+}
+
 /// Real fixtures: every BN after a conv folds, and tract outputs agree on real images.
 #[test]
 fn real_fixtures_fold_and_agree_in_tract() {
