@@ -30,8 +30,11 @@
 //! shape is right-aligned with the rank-(2+d) output ([C,1,1] or [1,C,1,1]; a [C]
 //! constant broadcasts over the width). Otherwise the BN stays and the report says
 //! why. Identity and inference Dropout nodes are removed first, so a BN behind
-//! them folds in the same run. New weights and biases are new initializers: one
-//! shared with other nodes is never changed in place.
+//! them folds in the same run. A folded weight its layer alone reads keeps its
+//! initializer's name (rules naming the exported weight still find the layer),
+//! with any grid claim dropped; a weight shared with other nodes (or declared as
+//! a graph input or output, or in a graph with subgraphs) is never changed in
+//! place: the folded one is a new initializer, as is every folded bias.
 
 use std::collections::{HashMap, HashSet};
 

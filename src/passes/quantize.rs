@@ -1032,35 +1032,28 @@ impl Pass for Quantize {
                 .as_ref()
                 .map(|m| &m.table.layers)
                 .or(table.as_ref().map(|t: &Table| &t.layers));
-            // The stage's layers as many at a time as there are cores (each
-            // solve is pure; memory holds one result per core), written in
-            // layer order.
-            for chunk in stage.chunks(rayon::current_num_threads().max(1)) {
-                let computed: Vec<Result<Computed>> = {
-                    use rayon::prelude::*;
-                    let model = &*model;
-                    chunk
-                        .par_iter()
-                        .map(|&ji| {
-                            compute(
-                                ji,
-                                ji == stage[0],
-                                chosen[ji],
-                                calibrated.get(&ji),
-                                no_calib.get(&ji),
-                                layers.and_then(|l| l.get(&(ji, chosen[ji]))),
-                                model,
-                            )
-                        })
-                        .collect()
-                };
-                for (&ji, c) in chunk.iter().zip(computed) {
-                    apply(ji, c?, model, &mut report);
+            // The stage's layers side by side, written in layer order.
+            in_order(
+                stage,
+                model,
+                |ji, model| {
+                    compute(
+                        ji,
+                        ji == stage[0],
+                        chosen[ji],
+                        calibrated.get(&ji),
+                        no_calib.get(&ji),
+                        layers.and_then(|l| l.get(&(ji, chosen[ji]))),
+                        model,
+                    )
+                },
+                |ji, c, model| {
+                    apply(ji, c, model, &mut report);
                     done[ji] = true;
                     solved += 1;
                     crate::passes::solve_progress("weight rounding (GPTQ)", solved, solving);
-                }
-            }
+                },
+            )?;
             if let (Some(key), Some(memo), Some(calibrated), Some(table)) =
                 (memo_key, cx.memo, owned, table)
             {
@@ -1074,22 +1067,14 @@ impl Pass for Quantize {
                 );
             }
         }
-        // As many layers at a time as there are cores: memory holds one quantized
-        // copy per core, not one of the whole model.
+        // The layers without calibration, side by side, written in layer order.
         let left: Vec<usize> = (0..jobs.len()).filter(|&ji| !done[ji]).collect();
-        for chunk in left.chunks(rayon::current_num_threads().max(1)) {
-            let computed: Vec<Result<Computed>> = {
-                use rayon::prelude::*;
-                let model = &*model;
-                chunk
-                    .par_iter()
-                    .map(|&ji| compute(ji, false, chosen[ji], None, no_calib.get(&ji), None, model))
-                    .collect()
-            };
-            for (&ji, c) in chunk.iter().zip(computed) {
-                apply(ji, c?, model, &mut report);
-            }
-        }
+        in_order(
+            &left,
+            model,
+            |ji, model| compute(ji, false, chosen[ji], None, no_calib.get(&ji), None, model),
+            |ji, c, model| apply(ji, c, model, &mut report),
+        )?;
         if !stages.is_empty() {
             report.changed(
                 "calibration",
@@ -1420,6 +1405,29 @@ fn calibrated_layer(
         nearest: err_nearest,
         after,
     })
+}
+
+/// Computes the layers `ids` as many at a time as there are cores (`compute`
+/// reads the model and is pure: memory holds one result per core, not one of
+/// the whole model), and hands each result to `write` in the order of `ids`
+/// (deterministic output). Stops at the first error, in that order.
+fn in_order<T: Send>(
+    ids: &[usize],
+    model: &mut Model,
+    compute: impl Fn(usize, &Model) -> Result<T> + Sync,
+    mut write: impl FnMut(usize, T, &mut Model),
+) -> Result<()> {
+    use rayon::prelude::*;
+    for chunk in ids.chunks(rayon::current_num_threads().max(1)) {
+        let computed: Vec<Result<T>> = {
+            let model = &*model;
+            chunk.par_iter().map(|&ji| compute(ji, model)).collect()
+        };
+        for (&ji, c) in chunk.iter().zip(computed) {
+            write(ji, c?, model);
+        }
+    }
+    Ok(())
 }
 
 /// Reads a tensor's claim keys (for tests and reports).
