@@ -76,15 +76,21 @@ fn bn_node(x: &str, y: &str) -> onnx_micronet::onnx::NodeProto {
     )
 }
 
-#[test]
-fn conv_with_bias_folds_exactly() {
-    // tiny_conv (Conv w[3,2,3,3] b[3] -> Relu) with a BN between Conv and Relu.
+/// tiny_conv (Conv w[3,2,3,3] b[3] -> Relu) with a BN (`bn`, statistics from
+/// [`bn_inits`]) between the Conv (now writing `c0`) and the Relu.
+fn tiny_conv_bn() -> ModelProto {
     let mut m = tiny_conv();
     let g = m.graph.as_mut().unwrap();
     g.node[0].output[0] = "c0".into();
     g.node.insert(1, bn_node("c0", "c"));
     g.initializer.extend(bn_inits(3));
-    let m = as_model(m);
+    m
+}
+
+#[test]
+fn conv_with_bias_folds_exactly() {
+    // tiny_conv (Conv w[3,2,3,3] b[3] -> Relu) with a BN between Conv and Relu.
+    let m = as_model(tiny_conv_bn());
     let (folded, report) = fold(&m);
     assert_eq!(ops(&folded), ["Conv", "Relu"]);
     assert_eq!(report.changed[0].target, "bn");
@@ -227,11 +233,8 @@ fn mul_add_form_folds_into_conv() {
 #[test]
 fn shared_output_and_variable_statistics_are_left_alone() {
     // The conv output feeds the BN and also the graph output: folding would change it.
-    let mut m = tiny_conv();
+    let mut m = tiny_conv_bn();
     let g = m.graph.as_mut().unwrap();
-    g.node[0].output[0] = "c0".into();
-    g.node.insert(1, bn_node("c0", "c"));
-    g.initializer.extend(bn_inits(3));
     g.output.push(value_info("c0", &[1, 3, 4, 4]));
     let (folded, report) = fold(&as_model(m));
     assert!(ops(&folded).contains(&"BatchNormalization".to_string()));
@@ -244,11 +247,8 @@ fn shared_output_and_variable_statistics_are_left_alone() {
     );
 
     // The BN mean is a graph input, not a constant.
-    let mut m = tiny_conv();
+    let mut m = tiny_conv_bn();
     let g = m.graph.as_mut().unwrap();
-    g.node[0].output[0] = "c0".into();
-    g.node.insert(1, bn_node("c0", "c"));
-    g.initializer.extend(bn_inits(3));
     g.initializer.retain(|t| t.name() != "mean");
     g.input.push(value_info("mean", &[3]));
     let (_, report) = fold(&as_model(m));
@@ -264,11 +264,8 @@ fn shared_output_and_variable_statistics_are_left_alone() {
 #[test]
 fn a_weight_shared_by_two_convs_is_copied() {
     // Two convs read w; only the first is followed by a BN. The second must keep w.
-    let mut m = tiny_conv();
+    let mut m = tiny_conv_bn();
     let g = m.graph.as_mut().unwrap();
-    g.node[0].output[0] = "c0".into();
-    g.node.insert(1, bn_node("c0", "c"));
-    g.initializer.extend(bn_inits(3));
     let mut conv2 = node("Conv", "conv2", &["x", "w", "b"], &["z"]);
     conv2.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
     g.node.push(conv2);
@@ -297,11 +294,8 @@ fn a_weight_shared_by_two_convs_is_copied() {
 #[test]
 fn a_folded_weight_keeps_its_name_and_drops_its_claim() {
     use onnx_micronet::onnx::proto::StringStringEntryProto;
-    let mut m = tiny_conv();
+    let mut m = tiny_conv_bn();
     let g = m.graph.as_mut().unwrap();
-    g.node[0].output[0] = "c0".into();
-    g.node.insert(1, bn_node("c0", "c"));
-    g.initializer.extend(bn_inits(3));
     let w = g.initializer.iter_mut().find(|t| t.name() == "w").unwrap();
     for (k, v) in [
         (onnx_micronet::repr::claim::META_SCHEME, "linear"),
