@@ -301,9 +301,8 @@ fn conv_gram_small(
     if sum.is_empty() {
         *sum = vec![0.0; dim];
     }
-    if ho == 0 || wo == 0 {
-        return Ok(0);
-    }
+    // Here ho wo >= 1: the rows outnumber dim >= 1 (an empty output keeps its
+    // zero rows above).
     // Padded rows needed, and each phase's width.
     let hp = (ho - 1) * sh + (kh - 1) * dh + 1;
     let wq = wo + (kw - 1) * dw / sw;
@@ -350,17 +349,10 @@ fn conv_gram_small(
             run.copy_from_slice(&phases[at..at + wo]);
         }
     }
-    for a in 0..dim {
-        let ca = &cols[a * rows..(a + 1) * rows];
-        sum[a] += lane_sum(ca);
-        for b in a..dim {
-            let v = dot(ca, &cols[b * rows..(b + 1) * rows]) as f64;
-            gram[a * dim + b] += v;
-            if a != b {
-                gram[b * dim + a] += v;
-            }
-        }
+    for (s, col) in sum.iter_mut().zip(cols.chunks_exact(rows)) {
+        *s += lane_sum(col);
     }
+    add_column_gram(&cols, rows, dim, gram);
     Ok(ho * wo)
 }
 
@@ -481,16 +473,7 @@ fn flush(buf: &mut Vec<f32>, dim: usize, gram: &mut Vec<f64>, sum: &mut Vec<f64>
                 cols[a * rows + r] = v;
             }
         }
-        for a in 0..dim {
-            let ca = &cols[a * rows..(a + 1) * rows];
-            for b in a..dim {
-                let v = dot(ca, &cols[b * rows..(b + 1) * rows]) as f64;
-                gram[a * dim + b] += v;
-                if a != b {
-                    gram[b * dim + a] += v;
-                }
-            }
-        }
+        add_column_gram(&cols, rows, dim, gram);
     } else {
         // The product of one flush (a few hundred to a thousand rows) in f32, twice as
         // fast as f64, and only its lower triangle (faer's triangular product: half
@@ -520,6 +503,22 @@ fn flush(buf: &mut Vec<f32>, dim: usize, gram: &mut Vec<f64>, sum: &mut Vec<f64>
         }
     }
     buf.clear();
+}
+
+/// G += X^T X for X given by its columns (`cols`: `dim` columns of `rows`
+/// values each, contiguous): the upper triangle as dot products of columns in
+/// f32 (vectorized), added to both halves of G in f64.
+fn add_column_gram(cols: &[f32], rows: usize, dim: usize, gram: &mut [f64]) {
+    for a in 0..dim {
+        let ca = &cols[a * rows..(a + 1) * rows];
+        for b in a..dim {
+            let v = dot(ca, &cols[b * rows..(b + 1) * rows]) as f64;
+            gram[a * dim + b] += v;
+            if a != b {
+                gram[b * dim + a] += v;
+            }
+        }
+    }
 }
 
 /// The dot product of two equally long slices, in 8 f32 lanes.
