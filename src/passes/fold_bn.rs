@@ -32,11 +32,11 @@
 //! why. Identity and inference Dropout nodes are removed first, so a BN behind
 //! them folds in the same run. A folded weight its layer alone reads keeps its
 //! initializer's name (rules naming the exported weight still find the layer),
-//! with any grid claim dropped; a weight shared with other nodes (or declared as
-//! a graph input or output, or in a graph with subgraphs) is never changed in
-//! place: the folded one is a new initializer, as is every folded bias.
+//! with any grid claim dropped; a weight read elsewhere too (by another node, a
+//! subgraph or the graph outputs) is never changed in place: the folded one is a
+//! new initializer, as is every folded bias.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use ndarray::{ArrayD, Axis, IxDyn};
 
@@ -65,6 +65,9 @@ struct Fold {
     /// Value the layer writes afterwards (the BN's output).
     output: String,
     weight: ArrayD<f32>,
+    /// The layer alone reads its weight initializer (one use, by node, subgraph
+    /// or graph output; not overridable): the folded weight keeps its name.
+    own_weight: bool,
     /// The new bias (Conv/ConvTranspose/Gemm input 2), or the Add constant for MatMul.
     bias: ArrayD<f32>,
     kind: Kind,
@@ -533,12 +536,16 @@ fn fold_into_layer(
     let bias: Vec<f32> = (0..c)
         .map(|k| (old_bias.as_ref().map_or(0.0, |b| b[k]) * f[k] + shift[k]) as f32)
         .collect();
+    let w_name = &g.node(p).input[1];
     Ok(Fold {
         name: String::new(),
         layer: p,
         removed,
         output: g.node(last).output[0].clone(),
         weight: w,
+        own_weight: g.use_count(w_name) == 1
+            && g.initializer(w_name).is_some()
+            && !g.is_overridable(w_name),
         bias: ArrayD::from_shape_vec(IxDyn(&[c]), bias).expect("1-D"),
         kind,
         note,
@@ -560,25 +567,6 @@ fn apply(g: &mut GraphProto, opset: i64, mut folds: Vec<Fold>, report: &mut Pass
             (w, b)
         })
         .collect();
-    // How many node inputs read each name (top-level graph), and what else
-    // pins a name: graph inputs and outputs, subgraphs (which this does not scan).
-    let mut reads: HashMap<String, usize> = HashMap::new();
-    for n in &g.node {
-        for i in &n.input {
-            *reads.entry(i.clone()).or_default() += 1;
-        }
-    }
-    let subgraphs = g.node.iter().any(|n| {
-        n.attribute
-            .iter()
-            .any(|a| a.g.is_some() || !a.graphs.is_empty())
-    });
-    let pinned: HashSet<String> = g
-        .input
-        .iter()
-        .chain(&g.output)
-        .map(|v| v.name().to_string())
-        .collect();
     for (f, (w, b)) in folds.into_iter().zip(encoded) {
         let layer_name = g.node[f.layer].name().to_string();
         let base = if layer_name.is_empty() {
@@ -589,15 +577,11 @@ fn apply(g: &mut GraphProto, opset: i64, mut folds: Vec<Fold>, report: &mut Pass
         // The folded weight keeps the weight's name when this layer alone reads
         // that initializer (rules naming the exported weight, such as
         // `features.*.conv.1.0.weight`, then still find the layer after the
-        // fold); a shared one (or one a graph input declares, or that a subgraph
-        // might read) stays, and the folded weight gets a fresh name.
-        let old_w = g.node[f.layer].input[1].clone();
-        let own = !subgraphs
-            && reads.get(&old_w) == Some(&1)
-            && !pinned.contains(&old_w)
-            && g.initializer.iter().any(|t| t.name() == old_w);
+        // fold); a shared or overridable one stays, and the folded weight gets a
+        // fresh name.
+        let own = f.own_weight;
         let w_name = if own {
-            old_w
+            g.node[f.layer].input[1].clone()
         } else {
             names.fresh(&format!("{base}.weight_folded"))
         };
