@@ -397,23 +397,29 @@ fn conv_row_sum(
         };
         (lo, hi.max(lo))
     };
+    // For each kernel row ky: the column sums (f64) of the input rows its taps
+    // visit, one vectorizable pass over those rows; then each tap kx sums the
+    // columns it visits.
     let c0 = g * c.cin_per_group;
+    let mut col = vec![0f64; w];
     for (k, ci) in (c0..c0 + c.cin_per_group).enumerate() {
         let plane = x.index_axis(ndarray::Axis(0), ci);
         for ky in 0..kh {
             let (y0, y1) = valid(ho, sh, ky * dh, pt, h);
+            if y0 == y1 {
+                continue;
+            }
+            col.fill(0.0);
+            for oy in y0..y1 {
+                let row = plane.row(oy * sh + ky * dh - pt);
+                match row.as_slice() {
+                    Some(r) => col.iter_mut().zip(r).for_each(|(a, &v)| *a += v as f64),
+                    None => col.iter_mut().zip(row).for_each(|(a, &v)| *a += v as f64),
+                }
+            }
             for kx in 0..kw {
                 let (x0, x1) = valid(wo, sw, kx * dw, pl, w);
-                let mut acc = 0f64;
-                for oy in y0..y1 {
-                    let iy = oy * sh + ky * dh - pt;
-                    let row = plane.row(iy);
-                    let mut r = 0f32;
-                    for ox in x0..x1 {
-                        r += row[ox * sw + kx * dw - pl];
-                    }
-                    acc += r as f64;
-                }
+                let acc: f64 = (x0..x1).map(|ox| col[ox * sw + kx * dw - pl]).sum();
                 sum[(k * kh + ky) * kw + kx] += acc;
             }
         }
@@ -921,6 +927,10 @@ mod tests {
         assert!(buf.is_empty());
         assert_eq!(g, vec![10.0, 14.0, 14.0, 20.0]);
         assert_eq!(s, vec![4.0, 6.0]);
+        // The row sum alone (bias correction's means), without the rows.
+        let mut m = Vec::new();
+        assert_eq!(conv_row_sum(&c, &x.view(), 0, &mut m), Ok(2));
+        assert_eq!(m, vec![4.0, 6.0]);
         // One image whose 2 rows do not outnumber the 2 inputs keeps its rows.
         let rows = conv_gram_small(&c, &x.view(), 0, 1, &mut buf, &mut g, &mut s).unwrap();
         assert_eq!((rows, buf), (2, vec![1.0, 2.0, 3.0, 4.0]));
@@ -928,10 +938,10 @@ mod tests {
 
     #[test]
     fn small_gram_equals_the_im2col_gram() {
-        // The direct Gram against im2col rows + flush, on strided, dilated and
-        // padded geometries (explicit, uneven and SAME pads), 2-D and 1-D inputs,
-        // one input channel per group (depthwise), two per group and three in one
-        // group (a stem on RGB).
+        // The direct Gram and the row sum alone against im2col rows + flush, on
+        // strided, dilated and padded geometries (explicit, uneven and SAME
+        // pads), 2-D and 1-D inputs, one input channel per group (depthwise),
+        // two per group and three in one group (a stem on RGB).
         let mut seed = 11u64;
         let mut rnd = || {
             seed = seed
@@ -993,7 +1003,15 @@ mod tests {
                 let ri = conv_rows(&c, &x.view(), g, &mut rows).unwrap();
                 flush(&mut rows, dim, &mut gi, &mut si);
                 assert_eq!(rd, ri, "case {i} group {g}");
-                for (a, b) in gd.iter().zip(&gi).chain(sd.iter().zip(&si)) {
+                // And the row sum computed alone, as bias correction does.
+                let mut sr = Vec::new();
+                assert_eq!(conv_row_sum(&c, &x.view(), g, &mut sr), Ok(ri));
+                for (a, b) in gd
+                    .iter()
+                    .zip(&gi)
+                    .chain(sd.iter().zip(&si))
+                    .chain(sr.iter().zip(&si))
+                {
                     assert!(
                         (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
                         "case {i} group {g}: {a} vs {b}"
