@@ -37,6 +37,7 @@ use crate::onnx::proto::{GraphProto, TensorProto};
 use crate::onnx::{DataType, Model, TensorData};
 use crate::repr::claim::{self, Claim, META_AXIS, META_STEP, META_ZERO_POINT};
 use crate::repr::packed::{self as format, Packed, Shared, Store, MAX_CODE_BITS};
+use crate::repr::round;
 use crate::repr::scheme::Storage;
 
 /// The packing pass.
@@ -198,7 +199,7 @@ fn affine(
         if s == 0.0 || !s.is_finite() {
             return None;
         }
-        let u = (v / s).round() + z;
+        let u = round::round_f32(v / s) + z;
         if !(0.0..max).contains(&u) {
             return None;
         }

@@ -26,6 +26,7 @@ pub mod act;
 pub mod claim;
 pub mod eval;
 pub mod packed;
+pub mod round;
 pub mod scheme;
 
 use ndarray::{ArrayD, Axis, IxDyn};

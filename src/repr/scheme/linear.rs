@@ -34,6 +34,7 @@ use super::{
     abs_at_overflow_rank, fmt_f32, fmt_step, Grid, Params, Proof, Slice, Storage, WeightScheme,
 };
 use crate::repr::claim::{META_STEP, META_ZERO_POINT};
+use crate::repr::round;
 
 /// Integral bits of seed 000: ceil(log2(v + 1e-12)), v the |x| at the overflow rank.
 pub fn integral_part(w: &[f32], overflow_rate: f64) -> i32 {
@@ -55,7 +56,7 @@ pub fn linear_with_sf(w: &[f32], sf: i32, bits: u32) -> (Vec<f32>, f32, usize) {
     let out = w
         .iter()
         .map(|&x| {
-            let r = (x as f64 / d as f64 + 0.5).floor();
+            let r = round::floor(x as f64 / d as f64 + 0.5);
             if r < lo || r > hi {
                 clipped += 1;
             }
@@ -145,7 +146,7 @@ pub fn minmax_with(w: &[f32], bits: u32, s: f32, z: i64) -> (Vec<f32>, usize) {
     let out = w
         .iter()
         .map(|&x| {
-            let q = (x as f64 / s as f64 + 0.5).floor() + z as f64;
+            let q = round::floor(x as f64 / s as f64 + 0.5) + z as f64;
             if q < 0.0 || q > n {
                 clipped += 1;
             }
@@ -289,7 +290,7 @@ fn verify_affine(p: &Proof, signed: bool) -> Result<(), String> {
     // away, written by other tools).
     let on_grid = |v: f32, step: f64, zp: f64| -> bool {
         let x = v as f64 / step;
-        let k = x.round();
+        let k = round::round(x);
         let exact = (k as f32) * (step as f32) == v;
         (exact || (x - k).abs() <= 1e-3) && k + zp >= lo && k + zp <= hi
     };

@@ -23,6 +23,7 @@ use ndarray::ArrayD;
 
 use crate::error::{Error, Result};
 use crate::onnx::TensorProto;
+use crate::repr::round;
 
 pub use ternary::TernaryRule;
 
@@ -186,10 +187,10 @@ impl Grid {
         }
         match *self {
             Grid::Linear { d, lo, hi } => {
-                ((x as f64 / d as f64 + 0.5).floor().clamp(lo, hi) as f32) * d
+                (round::floor(x as f64 / d as f64 + 0.5).clamp(lo, hi) as f32) * d
             }
             Grid::MinMax { s, z, n } => {
-                let q = (x as f64 / s as f64 + 0.5).floor() + z as f64;
+                let q = round::floor(x as f64 / s as f64 + 0.5) + z as f64;
                 ((q.clamp(0.0, n) as i64 - z) as f32) * s
             }
             Grid::Log { emin, emax } => {
@@ -206,9 +207,7 @@ impl Grid {
                 x.signum() * 2f32.powi(e)
             }
             Grid::Tanh { n } => {
-                let c = (((x as f64).tanh() + 1.0) / 2.0 * n + 0.5)
-                    .floor()
-                    .clamp(1.0, n - 1.0);
+                let c = round::floor(((x as f64).tanh() + 1.0) / 2.0 * n + 0.5).clamp(1.0, n - 1.0);
                 (2.0 * c / n - 1.0).atanh() as f32
             }
             Grid::Ternary { neg, pos } => {

@@ -25,7 +25,7 @@ pub fn tanh(w: &[f32], bits: u32) -> (Vec<f32>, usize) {
                 return 0.0;
             }
             let t = (x as f64).tanh();
-            let c = ((t + 1.0) / 2.0 * n + 0.5).floor();
+            let c = crate::repr::round::floor((t + 1.0) / 2.0 * n + 0.5);
             if c < 1.0 || c > n - 1.0 {
                 clipped += 1;
             }
