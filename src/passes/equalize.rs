@@ -595,13 +595,14 @@ fn find_pairs(g: &Graph, cfg: &EqualizeConfig) -> Result<(Vec<Pair>, Left)> {
             continue;
         }
         let mut names: Vec<&str> = Vec::new();
-        for p in &ps {
-            names.push(g.node_name(p.node));
-            names.push(&p.w);
-        }
-        for c in &cs {
-            names.push(g.node_name(c.node));
-            names.push(&c.w);
+        for (node, w) in ps
+            .iter()
+            .map(|p| (p.node, &p.w))
+            .chain(cs.iter().map(|c| (c.node, &c.w)))
+        {
+            names.push(g.node_name(node));
+            names.push(w);
+            names.extend(select::origin(&g, w));
         }
         if let Some(p) = select::first_match(&cfg.skip, &names) {
             left.push((label, format!("matches skip pattern '{p}'")));

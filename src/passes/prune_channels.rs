@@ -786,7 +786,12 @@ fn plan(
         let names: Vec<String> = found
             .roots
             .iter()
-            .flat_map(|&n| [g.node_name(n).to_string(), g.node(n).input[1].clone()])
+            .flat_map(|&n| {
+                let w = &g.node(n).input[1];
+                [g.node_name(n).to_string(), w.clone()]
+                    .into_iter()
+                    .chain(select::origin(g, w).map(str::to_string))
+            })
             .collect();
         let label = {
             let first = g.node_name(found.roots[0]).to_string();

@@ -630,6 +630,7 @@ impl Pass for Quantize {
                     .iter()
                     .map(|&n| view.node_name(n))
                     .chain(std::iter::once(init.as_str()))
+                    .chain(select::origin(&view, init))
                     .collect();
                 let mut scheme = cfg.scheme;
                 let mut rounding = cfg.rounding.unwrap_or(if calibrating {

@@ -5,10 +5,26 @@
 //! included), `?` (one character), `[abc]`, `[a-z]`, `[!a-z]` / `[^a-z]`, and `\`
 //! to take the next character literally. The whole name must match.
 //!
-//! A layer is known by several names (its nodes', its weight's): a pattern
-//! matches the layer when it matches any of them. Skip lists take the first
+//! A layer is known by several names (its nodes', its weight's, and for a weight
+//! BN folding copied under a fresh name, the weight it was copied from: see
+//! [`META_ORIGIN`]): a pattern matches the layer when it matches any of them. Skip lists take the first
 //! matching pattern; per-layer rules ([`LayerRule`]) apply in order, so later
 //! rules win.
+
+/// Metadata key on an initializer that a pass wrote as a copy of another under a
+/// fresh name (BN folding of a weight other nodes also read, or a graph input):
+/// the name of the tensor it was copied from, so that a rule naming the exported
+/// weight (`features.3.conv.0.weight=8`) still finds the layer.
+pub const META_ORIGIN: &str = "onnx_micronet.origin";
+
+/// The name an initializer was copied from ([`META_ORIGIN`]), if it is a copy.
+pub fn origin<'g>(g: &crate::graph::Graph<'g>, value: &str) -> Option<&'g str> {
+    g.initializer(value)?
+        .metadata_props
+        .iter()
+        .find(|p| p.key() == META_ORIGIN)
+        .map(|p| p.value())
+}
 
 /// A per-layer rule of a recipe section (`[[prune.layer]]`, `[[quantize.layer]]`).
 pub trait LayerRule {

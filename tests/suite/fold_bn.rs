@@ -410,3 +410,66 @@ fn a_rule_naming_the_exported_weight_applies_after_folding() {
     assert_eq!(bits.iter().filter(|&&b| b == 8).count(), 16);
     assert_eq!(bits.iter().filter(|&&b| b == 4).count(), 37);
 }
+
+/// A rule naming a weight that BN folding had to copy (another conv also reads
+/// it) applies to the copy too: the copy records its origin. Two convs read w,
+/// the first through a BN; `--layer-bits w=8` over a 4-bit default puts both at 8
+/// bits (before the copy kept its origin, the folded conv stayed at 4).
+#[test]
+fn a_rule_naming_a_shared_weight_applies_to_its_folded_copy() {
+    use onnx_micronet::score::{self, ScoreOptions};
+    let mut m = tiny_conv_bn();
+    let g = m.graph.as_mut().unwrap();
+    let mut conv2 = node("Conv", "conv2", &["x", "w", "b"], &["z"]);
+    conv2.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
+    g.node.push(conv2);
+    g.output.push(value_info("z", &[1, 3, 4, 4]));
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("shared.onnx");
+    write_model(&input, &m);
+    let rep = optimize_report(
+        dir.path(),
+        "q",
+        &input,
+        // Float storage: the weights stay initializers (packed ones become
+        // decoders), so the copy's metadata can be read back.
+        &[
+            "--quantize",
+            "minmax:4",
+            "--layer-bits",
+            "w=8",
+            "--storage",
+            "float",
+        ],
+    );
+    let out = onnx_micronet::load(&dir.path().join("q.onnx")).unwrap();
+    let g = out.graph();
+    let conv = g.node.iter().find(|n| n.name() == "conv").unwrap();
+    assert_ne!(conv.input[1], "w", "the folded weight is a copy");
+    let copy = g
+        .initializer
+        .iter()
+        .find(|t| t.name() == conv.input[1])
+        .unwrap();
+    let origin = copy
+        .metadata_props
+        .iter()
+        .find(|p| p.key() == onnx_micronet::passes::select::META_ORIGIN)
+        .map(|p| p.value());
+    assert_eq!(origin, Some("w"));
+    let q = report_pass(&rep, "quantize");
+    let lines: Vec<&str> = q["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["what"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("minmax 8-bit")).count(),
+        2,
+        "{lines:#?}"
+    );
+    let s = score::score(&out, &ScoreOptions::default()).unwrap();
+    let bits: Vec<u32> = s.layers.iter().filter_map(|l| l.weight_bits).collect();
+    assert_eq!(bits, vec![8, 8]);
+}

@@ -521,6 +521,7 @@ fn find_layers(graph: &Graph, cfg: &PruneConfig, report: &mut PassReport) -> Res
             continue;
         }
         let names: Vec<&str> = std::iter::once(init.as_str())
+            .chain(select::origin(graph, &init))
             .chain(node_names.iter().map(String::as_str))
             .collect();
         if let Some(p) = select::first_match(&cfg.skip, &names) {
