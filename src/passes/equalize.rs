@@ -602,7 +602,7 @@ fn find_pairs(g: &Graph, cfg: &EqualizeConfig) -> Result<(Vec<Pair>, Left)> {
         {
             names.push(g.node_name(node));
             names.push(w);
-            names.extend(select::origin(&g, w));
+            names.extend(select::origin(g, w));
         }
         if let Some(p) = select::first_match(&cfg.skip, &names) {
             left.push((label, format!("matches skip pattern '{p}'")));

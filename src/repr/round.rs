@@ -11,7 +11,7 @@
 /// `v.floor()`, exactly.
 #[inline]
 pub fn floor(v: f64) -> f64 {
-    if !(v.abs() < 4_503_599_627_370_496.0) {
+    if v.abs() >= 4_503_599_627_370_496.0 || v.is_nan() {
         return v; // |v| >= 2^52: an integer; or infinite, or NaN
     }
     let t = v as i64 as f64;
@@ -22,7 +22,7 @@ pub fn floor(v: f64) -> f64 {
 /// `v.round()` (halves away from zero), exactly.
 #[inline]
 pub fn round(v: f64) -> f64 {
-    if !(v.abs() < 4_503_599_627_370_496.0) {
+    if v.abs() >= 4_503_599_627_370_496.0 || v.is_nan() {
         return v;
     }
     let t = v as i64 as f64;
@@ -40,7 +40,7 @@ pub fn round(v: f64) -> f64 {
 /// `v.round()` (halves away from zero), exactly.
 #[inline]
 pub fn round_f32(v: f32) -> f32 {
-    if !(v.abs() < 8_388_608.0) {
+    if v.abs() >= 8_388_608.0 || v.is_nan() {
         return v; // |v| >= 2^23: an integer; or infinite, or NaN
     }
     let t = v as i32 as f32;
