@@ -4,7 +4,7 @@
 //! `f32::round` compile to calls into libm; the quantizers call them once per
 //! weight, and a ResNet-50 has 25M weights. These give the same results, bit for
 //! bit (sign of zero included), from a truncating integer conversion: for
-//! |v| < 2^52 (f64) or 2^23 (f32), v - trunc(v) is exact, so comparing it with
+//! |v| < 2^52 (f64), v - trunc(v) is exact, so comparing it with
 //! 0 or 1/2 decides the result exactly; larger magnitudes, infinities and NaN are
 //! already their own floor and rounding.
 
@@ -37,22 +37,11 @@ pub fn round(v: f64) -> f64 {
     r.copysign(v) // round(-0.3) = -0.0
 }
 
-/// `v.round()` (halves away from zero), exactly.
+/// `v.round()` (halves away from zero), exactly: through f64, which holds
+/// every f32 and every rounded f32 exactly.
 #[inline]
 pub fn round_f32(v: f32) -> f32 {
-    if v.abs() >= 8_388_608.0 || v.is_nan() {
-        return v; // |v| >= 2^23: an integer; or infinite, or NaN
-    }
-    let t = v as i32 as f32;
-    let d = v - t;
-    let r = if d >= 0.5 {
-        t + 1.0
-    } else if d <= -0.5 {
-        t - 1.0
-    } else {
-        t
-    };
-    r.copysign(v)
+    round(v as f64) as f32
 }
 
 #[cfg(test)]

@@ -281,6 +281,16 @@ pub fn conv_f64(x: &[f64], w: &[f32]) -> Vec<f64> {
 }
 
 /// The entry of pass `name` in an `optimize --report` JSON value.
+/// The `what` of every `changed` line of one pass's report.
+pub fn changed_whats(pass: &serde_json::Value) -> Vec<&str> {
+    pass["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["what"].as_str().unwrap())
+        .collect()
+}
+
 pub fn report_pass<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     report["passes"]
         .as_array()

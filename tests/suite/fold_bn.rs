@@ -87,6 +87,18 @@ fn tiny_conv_bn() -> ModelProto {
     m
 }
 
+/// tiny_conv_bn plus a second conv "conv2" (no BN) reading the same w and b,
+/// its output z a second graph output.
+fn tiny_conv_bn_shared() -> ModelProto {
+    let mut m = tiny_conv_bn();
+    let g = m.graph.as_mut().unwrap();
+    let mut conv2 = node("Conv", "conv2", &["x", "w", "b"], &["z"]);
+    conv2.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
+    g.node.push(conv2);
+    g.output.push(value_info("z", &[1, 3, 4, 4]));
+    m
+}
+
 #[test]
 fn conv_with_bias_folds_exactly() {
     // tiny_conv (Conv w[3,2,3,3] b[3] -> Relu) with a BN between Conv and Relu.
@@ -264,13 +276,7 @@ fn shared_output_and_variable_statistics_are_left_alone() {
 #[test]
 fn a_weight_shared_by_two_convs_is_copied() {
     // Two convs read w; only the first is followed by a BN. The second must keep w.
-    let mut m = tiny_conv_bn();
-    let g = m.graph.as_mut().unwrap();
-    let mut conv2 = node("Conv", "conv2", &["x", "w", "b"], &["z"]);
-    conv2.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
-    g.node.push(conv2);
-    g.output.push(value_info("z", &[1, 3, 4, 4]));
-    let m = as_model(m);
+    let m = as_model(tiny_conv_bn_shared());
     let (folded, _) = fold(&m);
     let g = Graph::new(folded.proto.graph.as_ref().unwrap()).unwrap();
     let conv2 = g.nodes().iter().find(|n| n.name() == "conv2").unwrap();
@@ -384,13 +390,7 @@ fn a_rule_naming_the_exported_weight_applies_after_folding() {
     // The CIFAR MobileNetV2 has 17 depthwise convs; blocks 2..17 (16 of them)
     // have an expansion conv first, so their depthwise weight is conv.1.0; block
     // 1's is conv.0.0. 53 weighted layers: 16 at 8 bits, 37 at 4.
-    let q = report_pass(&rep, "quantize");
-    let lines: Vec<&str> = q["changed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["what"].as_str().unwrap())
-        .collect();
+    let lines = changed_whats(report_pass(&rep, "quantize"));
     let at8: Vec<&&str> = lines
         .iter()
         .filter(|l| l.contains("minmax 8-bit"))
@@ -418,12 +418,7 @@ fn a_rule_naming_the_exported_weight_applies_after_folding() {
 #[test]
 fn a_rule_naming_a_shared_weight_applies_to_its_folded_copy() {
     use onnx_micronet::score::{self, ScoreOptions};
-    let mut m = tiny_conv_bn();
-    let g = m.graph.as_mut().unwrap();
-    let mut conv2 = node("Conv", "conv2", &["x", "w", "b"], &["z"]);
-    conv2.attribute.push(attr_ints("pads", &[1, 1, 1, 1]));
-    g.node.push(conv2);
-    g.output.push(value_info("z", &[1, 3, 4, 4]));
+    let m = tiny_conv_bn_shared();
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("shared.onnx");
     write_model(&input, &m);
@@ -457,13 +452,7 @@ fn a_rule_naming_a_shared_weight_applies_to_its_folded_copy() {
         .find(|p| p.key() == onnx_micronet::passes::select::META_ORIGIN)
         .map(|p| p.value());
     assert_eq!(origin, Some("w"));
-    let q = report_pass(&rep, "quantize");
-    let lines: Vec<&str> = q["changed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["what"].as_str().unwrap())
-        .collect();
+    let lines = changed_whats(report_pass(&rep, "quantize"));
     assert_eq!(
         lines.iter().filter(|l| l.contains("minmax 8-bit")).count(),
         2,

@@ -513,11 +513,8 @@ fn generated_resnet50_coupled_stages_are_pruned_together_and_run() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let pass = pass_report(&report, "prune-channels");
-    let coupled: Vec<&str> = pass["changed"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["what"].as_str().unwrap())
+    let coupled: Vec<&str> = changed_whats(&pass)
+        .into_iter()
         .filter(|w| w.contains("coupled group"))
         .collect();
     // Stages of 3, 4, 6 and 3 blocks: 1 shortcut + one last conv per block.
