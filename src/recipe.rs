@@ -358,13 +358,12 @@ impl Recipe {
         let mut names: Vec<String> = (0..g.nodes().len())
             .map(|i| g.node_name(i).to_string())
             .collect();
-        names.extend(
-            model
-                .graph()
-                .initializer
-                .iter()
-                .map(|t| t.name().to_string()),
-        );
+        // Initializers by name, and copies also by the weight they were copied
+        // from (the layer rules match that name too: `select::META_ORIGIN`).
+        for t in &model.graph().initializer {
+            names.push(t.name().to_string());
+            names.extend(crate::passes::select::origin(&g, t.name()).map(str::to_string));
+        }
         for (pattern, source) in self.patterns() {
             if crate::passes::select::matches_any(pattern, &names) {
                 continue;

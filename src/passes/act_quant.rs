@@ -69,7 +69,9 @@
 //! quantiles are taken at a bin's upper edge: at most 3.2% above the exact
 //! value, so the range errs wide), and the |x| of negative x in a second one of
 //! the same bins (the two tails), beside the exact min, max and max |x|.
-//! Chunks of 4 images are merged in order, so results do not depend on threads.
+//! Images are counted in chunks (about 4 a thread, at least 4 images each);
+//! counts are integers and a zero min or max is taken as +0, so results do not
+//! depend on the thread count.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -325,26 +327,41 @@ const TALLY_PAD: usize = 16;
 /// x < 0 (the two tails of a signed value); min, max and NaNs are kept per lane.
 /// Raw indices become [`bin_of`]'s bins once, when [`Stats::merge_tally`] sums
 /// the tables. Counts equal [`Stats::add`]'s exactly.
-/// Memory: 8 x (2 x 8192 + 16) u64 = 1 MiB a value, of which only the pages of
-/// the bins seen are touched (the rest stays unmapped zero pages).
-#[derive(Debug, Clone)]
+///
+/// Memory: 8 x (2 x 8192 + 16) u32 = 512 KiB a value, written once (zeroed,
+/// not calloc's lazily mapped pages, whose first increment faults twice and
+/// flushes the other threads' TLBs); the capture reuses them chunk after chunk
+/// ([`Tally::reset`]). Before a lane's u32 could overflow (2^32 elements since
+/// the last spill), the tables are added into `spill` and zeroed.
+#[derive(Debug)]
 pub struct Tally {
     lo: f32,
     hi: f32,
     count: u64,
     nan: u64,
+    /// Elements counted in `counts` since they were last zeroed.
+    in_tables: u64,
     /// [lane][(x < 0) * TALLY_RAW + raw index of |x|], then TALLY_PAD unused.
-    counts: Box<[[u64; 2 * TALLY_RAW + TALLY_PAD]]>,
+    counts: Box<[[u32; 2 * TALLY_RAW + TALLY_PAD]]>,
+    /// Bins spilled from `counts` (hist, neg), when a tally outgrew u32.
+    spill: Option<(Vec<u64>, Vec<u64>)>,
 }
 
 impl Default for Tally {
     fn default() -> Self {
+        let mut counts = Vec::with_capacity(TALLY_LANES);
+        for _ in 0..TALLY_LANES {
+            // Pushed, so written: not a calloc.
+            counts.push([0u32; 2 * TALLY_RAW + TALLY_PAD]);
+        }
         Tally {
             lo: f32::INFINITY,
             hi: f32::NEG_INFINITY,
             count: 0,
             nan: 0,
-            counts: vec![[0u64; 2 * TALLY_RAW + TALLY_PAD]; TALLY_LANES].into_boxed_slice(),
+            in_tables: 0,
+            counts: counts.into_boxed_slice(),
+            spill: None,
         }
     }
 }
@@ -361,10 +378,34 @@ fn bin_of_raw(r: usize) -> usize {
     bin_of(f32::from_bits(((r as u32) << 18).min(0x7f80_0000)))
 }
 
+/// hist += the tables' counts of either sign, neg += those of x < 0, by bin.
+fn add_tables(counts: &[[u32; 2 * TALLY_RAW + TALLY_PAD]], hist: &mut [u64], neg: &mut [u64]) {
+    for lane in counts {
+        let (pos, ng) = lane.split_at(TALLY_RAW);
+        for (r, (&p, &n)) in pos.iter().zip(&ng[..TALLY_RAW]).enumerate() {
+            if p | n != 0 {
+                let b = bin_of_raw(r);
+                hist[b] += u64::from(p) + u64::from(n);
+                neg[b] += u64::from(n);
+            }
+        }
+    }
+}
+
 impl Tally {
     /// Counts every element of `xs` (NaN: bin 0, neither min nor max, as
     /// [`Stats::add`]).
     pub fn add(&mut self, xs: &[f32]) {
+        // Parts short enough that no u32 counter can overflow within one.
+        for part in xs.chunks(1 << 30) {
+            if self.in_tables + part.len() as u64 > u64::from(u32::MAX) {
+                self.spill_tables();
+            }
+            self.add_part(part);
+        }
+    }
+
+    fn add_part(&mut self, xs: &[f32]) {
         const MASK: usize = 2 * TALLY_RAW - 1;
         let (mut lo, mut hi) = (
             [f32::INFINITY; TALLY_LANES],
@@ -396,6 +437,28 @@ impl Tally {
         self.hi = hi.iter().fold(self.hi, |a, b| a.max(*b));
         self.nan += nan.iter().sum::<u64>();
         self.count += xs.len() as u64;
+        self.in_tables += xs.len() as u64;
+    }
+
+    /// Adds the tables into `spill` and zeroes them.
+    fn spill_tables(&mut self) {
+        let (hist, neg) = self
+            .spill
+            .get_or_insert_with(|| (vec![0; BINS + 1], vec![0; BINS + 1]));
+        add_tables(&self.counts, hist, neg);
+        for lane in self.counts.iter_mut() {
+            lane.fill(0);
+        }
+        self.in_tables = 0;
+    }
+
+    /// Back to no elements, keeping the tables' memory.
+    pub fn reset(&mut self) {
+        for lane in self.counts.iter_mut() {
+            lane.fill(0);
+        }
+        (self.lo, self.hi) = (f32::INFINITY, f32::NEG_INFINITY);
+        (self.count, self.nan, self.in_tables, self.spill) = (0, 0, 0, None);
     }
 }
 
@@ -496,19 +559,21 @@ impl Stats {
         if t.count == 0 {
             return;
         }
-        self.min = self.min.min(t.lo as f64);
-        self.max = self.max.max(t.hi as f64);
+        // +0 for a zero of either sign: which zero f32::min/max keeps depends on
+        // the order the lanes and chunks met them, and so on the thread count.
+        let plus_zero = |v: f32| if v == 0.0 { 0.0 } else { v as f64 };
+        self.min = self.min.min(plus_zero(t.lo));
+        self.max = self.max.max(plus_zero(t.hi));
         // max |x| over the non-NaN values is max(hi, -lo); 0 when all are NaN.
         self.absmax = self.absmax.max((t.hi.max(-t.lo)).max(0.0) as f64);
         self.count += t.count;
-        for lane in t.counts.iter() {
-            let (pos, neg) = lane.split_at(TALLY_RAW);
-            for (r, (p, n)) in pos.iter().zip(&neg[..TALLY_RAW]).enumerate() {
-                if p + n > 0 {
-                    let b = bin_of_raw(r);
-                    self.hist[b] += p + n;
-                    self.neg[b] += n;
-                }
+        add_tables(&t.counts, &mut self.hist, &mut self.neg);
+        if let Some((hist, neg)) = &t.spill {
+            for (a, b) in self.hist.iter_mut().zip(hist) {
+                *a += b;
+            }
+            for (a, b) in self.neg.iter_mut().zip(neg) {
+                *a += b;
             }
         }
         // NaNs (never x < 0) were counted at an infinity's raw index or above.
@@ -1104,6 +1169,8 @@ impl Pass for ActQuant {
             let input_shape = cx.input_shape_for(data);
             let values: Vec<String> = targets.iter().map(|t| t.value.clone()).collect();
             let start = std::time::Instant::now();
+            // Tallies come back from each merge to be reused by the next chunk.
+            let pool: std::sync::Mutex<Vec<Vec<Tally>>> = std::sync::Mutex::new(Vec::new());
             crate::engine::capture(
                 model,
                 &input_shape,
@@ -1114,7 +1181,12 @@ impl Pass for ActQuant {
                 // at each chunk's merge): about 4 chunks a thread, at least 4
                 // images each.
                 (data.len() / (4 * cx.threads.max(1))).max(4),
-                || vec![Tally::default(); values.len()],
+                || {
+                    pool.lock()
+                        .expect("no poisoned lock")
+                        .pop()
+                        .unwrap_or_else(|| values.iter().map(|_| Tally::default()).collect())
+                },
                 |acc: &mut Vec<Tally>, _i, views| {
                     for (s, v) in acc.iter_mut().zip(views) {
                         // A contiguous output (tract's usual) as a slice.
@@ -1124,10 +1196,12 @@ impl Pass for ActQuant {
                         }
                     }
                 },
-                |acc| {
-                    for (s, a) in stats.iter_mut().zip(&acc) {
+                |mut acc: Vec<Tally>| {
+                    for (s, a) in stats.iter_mut().zip(&mut acc) {
                         s.merge_tally(a);
+                        a.reset();
                     }
+                    pool.lock().expect("no poisoned lock").push(acc);
                 },
             )
             .map_err(|e| Error::Usage(format!("act-quant calibration: {e}")))?;
@@ -1447,7 +1521,8 @@ mod tests {
     /// The lane tables count what the one-table loop counts, bin for bin, on
     /// every kind of element (zeros of both signs, NaN, infinities, values below
     /// 2^-40 and above 2^24, negatives) and a length that leaves a remainder
-    /// (8 runs of 8 and 5 more), split over two calls as the capture does.
+    /// (8 runs of 8 and 5 more), split over two calls with the tables spilled
+    /// between them, and again after a reset.
     #[test]
     fn tally_counts_what_add_counts() {
         let mut xs: Vec<f32> = vec![
@@ -1483,9 +1558,21 @@ mod tests {
         let want = stats_of(&xs);
         let mut t = Tally::default();
         t.add(&xs[..21]);
+        // As when a lane's u32 could overflow: the first 21 move to the spill.
+        t.spill_tables();
         t.add(&xs[21..]);
         let mut got = Stats::default();
         got.merge_tally(&t);
+        // A reset tally counts afresh (the capture reuses them).
+        t.reset();
+        t.add(&xs);
+        let mut again = Stats::default();
+        again.merge_tally(&t);
+        assert_eq!(
+            (again.hist.clone(), again.neg.clone()),
+            (want.hist.clone(), want.neg.clone())
+        );
+        assert_eq!(again.count, 69);
         assert_eq!(got.count, 69);
         assert_eq!(got.hist, want.hist);
         assert_eq!(got.neg, want.neg);

@@ -34,14 +34,14 @@
 //! initializer's name (rules naming the exported weight still find the layer),
 //! with any grid claim dropped; a weight read elsewhere too (by another node, a
 //! subgraph or the graph outputs) is never changed in place: the folded one is a
-//! new initializer, marked as a copy of it (`select::META_ORIGIN`, which layer
+//! new initializer, marked as a copy of it ([`select::META_ORIGIN`], which layer
 //! rules also match), as is every folded bias.
 
 use std::collections::HashSet;
 
 use ndarray::{ArrayD, Axis, IxDyn};
 
-use super::select::META_ORIGIN;
+use super::select;
 use super::{Context, Pass, PassReport};
 use crate::error::{Error, Result};
 use crate::graph::layers::weight_axis;
@@ -49,7 +49,7 @@ use crate::graph::{
     remove_nodes, remove_unused_initializers, set_initializer_proto, Graph, Namer, WEIGHTED_OPS,
 };
 use crate::onnx::attr::{self, NodeAttrs};
-use crate::onnx::proto::{GraphProto, NodeProto, StringStringEntryProto, TensorProto};
+use crate::onnx::proto::{GraphProto, NodeProto, TensorProto};
 
 use crate::onnx::{Model, TensorData};
 use rayon::prelude::*;
@@ -588,27 +588,17 @@ fn apply(g: &mut GraphProto, opset: i64, mut folds: Vec<Fold>, report: &mut Pass
         } else {
             names.fresh(&format!("{base}.weight_folded"))
         };
-        // A copy records the weight it was copied from (that one's own origin
-        // when it is itself a copy), so that layer rules naming it still apply.
-        let origin = (!own).then(|| {
-            g.initializer
-                .iter()
-                .find(|t| t.name() == old_name)
-                .and_then(|t| t.metadata_props.iter().find(|p| p.key() == META_ORIGIN))
-                .map_or(old_name.clone(), |p| p.value().to_string())
-        });
         set_initializer_proto(g, &w_name, w);
-        if let Some(t) = g.initializer.iter_mut().find(|t| t.name() == w_name) {
-            match origin {
-                // The folded values are on no grid the old tensor may have
-                // claimed (a model quantized with folding off): its other
-                // metadata stays.
-                None => crate::repr::claim::write(t, &[]),
-                Some(o) => t.metadata_props.push(StringStringEntryProto {
-                    key: Some(META_ORIGIN.to_string()),
-                    value: Some(o),
-                }),
+        if own {
+            // The folded values are on no grid the old tensor may have claimed
+            // (a model quantized with folding off): its other metadata stays.
+            if let Some(t) = g.initializer.iter_mut().find(|t| t.name() == w_name) {
+                crate::repr::claim::write(t, &[]);
             }
+        } else {
+            // A copy records the weight it was copied from, so that layer
+            // rules naming that weight still apply.
+            select::mark_copy(g, &w_name, &old_name);
         }
         let b_name = names.fresh(&format!("{base}.bias_folded"));
         set_initializer_proto(g, &b_name, b);

@@ -919,6 +919,10 @@ impl Pass for Quantize {
                 None => job.init.clone(),
             };
             write_tensor(g, &target, &c.q);
+            if job.weight_shared.is_some() {
+                // A later run's layer rules naming the shared weight find the copy.
+                select::mark_copy(g, &target, &job.init);
+            }
             report.changed(format!("[#{}] {}", job.index, job.node), c.line);
             match c.bias {
                 None => {}

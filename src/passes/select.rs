@@ -26,6 +26,27 @@ pub fn origin<'g>(g: &crate::graph::Graph<'g>, value: &str) -> Option<&'g str> {
         .map(|p| p.value())
 }
 
+/// Marks initializer `copy` of `g` as a copy of `original` (an initializer or a
+/// graph input): its [`META_ORIGIN`] is `original`'s own origin when that is a
+/// copy too, else `original`'s name. Nothing happens when `copy` is not an
+/// initializer of `g`.
+pub fn mark_copy(g: &mut crate::onnx::proto::GraphProto, copy: &str, original: &str) {
+    let origin = g
+        .initializer
+        .iter()
+        .find(|t| t.name() == original)
+        .and_then(|t| t.metadata_props.iter().find(|p| p.key() == META_ORIGIN))
+        .map_or(original.to_string(), |p| p.value().to_string());
+    if let Some(t) = g.initializer.iter_mut().find(|t| t.name() == copy) {
+        t.metadata_props.retain(|p| p.key() != META_ORIGIN);
+        t.metadata_props
+            .push(crate::onnx::proto::StringStringEntryProto {
+                key: Some(META_ORIGIN.to_string()),
+                value: Some(origin),
+            });
+    }
+}
+
 /// A per-layer rule of a recipe section (`[[prune.layer]]`, `[[quantize.layer]]`).
 pub trait LayerRule {
     /// Its glob.

@@ -280,7 +280,6 @@ pub fn conv_f64(x: &[f64], w: &[f32]) -> Vec<f64> {
     out
 }
 
-/// The entry of pass `name` in an `optimize --report` JSON value.
 /// The `what` of every `changed` line of one pass's report.
 pub fn changed_whats(pass: &serde_json::Value) -> Vec<&str> {
     pass["changed"]
@@ -291,6 +290,7 @@ pub fn changed_whats(pass: &serde_json::Value) -> Vec<&str> {
         .collect()
 }
 
+/// The entry of pass `name` in an `optimize --report` JSON value.
 pub fn report_pass<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     report["passes"]
         .as_array()

@@ -462,3 +462,72 @@ fn a_rule_naming_a_shared_weight_applies_to_its_folded_copy() {
     let bits: Vec<u32> = s.layers.iter().filter_map(|l| l.weight_bits).collect();
     assert_eq!(bits, vec![8, 8]);
 }
+
+/// Copies keep their origin across runs. (a) A model whose conv reads "w_copy",
+/// marked as a copy of "w" (a written output of an earlier run where every
+/// reader of w was folded): `--layer-bits w=8` passes the pattern check (which
+/// lists copies by their origin too) and puts the layer at 8 bits. (b)
+/// Quantize's private copy of a weight another node also reads (here a Mul of w
+/// into a second output) records w as its origin.
+#[test]
+fn copies_keep_their_origin_across_runs() {
+    use onnx_micronet::onnx::proto::StringStringEntryProto;
+    use onnx_micronet::passes::select::META_ORIGIN;
+    let origin_of = |m: &onnx_micronet::onnx::Model, name: &str| -> Option<String> {
+        m.graph()
+            .initializer
+            .iter()
+            .find(|t| t.name() == name)
+            .and_then(|t| t.metadata_props.iter().find(|p| p.key() == META_ORIGIN))
+            .map(|p| p.value().to_string())
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // (a)
+    let mut m = tiny_conv();
+    let g = m.graph.as_mut().unwrap();
+    g.node[0].input[1] = "w_copy".into();
+    let w = g.initializer.iter_mut().find(|t| t.name() == "w").unwrap();
+    w.name = Some("w_copy".into());
+    w.metadata_props.push(StringStringEntryProto {
+        key: Some(META_ORIGIN.into()),
+        value: Some("w".into()),
+    });
+    let input = dir.path().join("copy.onnx");
+    write_model(&input, &m);
+    let args = [
+        "--quantize",
+        "minmax:4",
+        "--layer-bits",
+        "w=8",
+        "--storage",
+        "float",
+    ];
+    let rep = optimize_report(dir.path(), "a", &input, &args);
+    let lines = changed_whats(report_pass(&rep, "quantize"));
+    assert!(
+        lines.iter().any(|l| l.contains("minmax 8-bit")),
+        "{lines:#?}"
+    );
+    // (b)
+    let mut m = tiny_conv();
+    let g = m.graph.as_mut().unwrap();
+    g.initializer.push(tensor_f32("two", &[], &[2.0]));
+    g.node.push(node("Mul", "mul", &["w", "two"], &["w2"]));
+    g.output.push(value_info("w2", &[3, 2, 3, 3]));
+    let input = dir.path().join("shared.onnx");
+    write_model(&input, &m);
+    let rep = optimize_report(
+        dir.path(),
+        "b",
+        &input,
+        &["--quantize", "minmax:4", "--storage", "float"],
+    );
+    let lines = changed_whats(report_pass(&rep, "quantize"));
+    assert!(
+        lines.iter().any(|l| l.contains("a private copy 'w_q'")),
+        "{lines:#?}"
+    );
+    let out = onnx_micronet::load(&dir.path().join("b.onnx")).unwrap();
+    assert_eq!(origin_of(&out, "w_q").as_deref(), Some("w"));
+    assert_eq!(origin_of(&out, "w"), None);
+}
