@@ -87,6 +87,48 @@ fn tiny_conv_bn() -> ModelProto {
     m
 }
 
+/// A 4-bit default in float storage (the first 4), with one rule at 8 bits for
+/// the weight w:
+/// the weights stay initializers (packed ones become decoders), so their
+/// metadata can be read back.
+const W8_OVER_4: [&str; 6] = [
+    "--quantize",
+    "minmax:4",
+    "--storage",
+    "float",
+    "--layer-bits",
+    "w=8",
+];
+
+/// Writes `m` into `dir` as `{tag}_in.onnx`, runs `optimize` on it with `args`
+/// (output `{tag}.onnx`), and returns the report and the written model.
+fn optimize_proto(
+    dir: &std::path::Path,
+    tag: &str,
+    m: &ModelProto,
+    args: &[&str],
+) -> (serde_json::Value, Model) {
+    let input = dir.join(format!("{tag}_in.onnx"));
+    write_model(&input, m);
+    let rep = optimize_report(dir, tag, &input, args);
+    let out = onnx_micronet::load(&dir.join(format!("{tag}.onnx"))).unwrap();
+    (rep, out)
+}
+
+/// The origin (`select::META_ORIGIN`) recorded on initializer `name`.
+fn origin_of(m: &Model, name: &str) -> Option<String> {
+    m.graph()
+        .initializer
+        .iter()
+        .find(|t| t.name() == name)
+        .and_then(|t| {
+            t.metadata_props
+                .iter()
+                .find(|p| p.key() == onnx_micronet::passes::select::META_ORIGIN)
+        })
+        .map(|p| p.value().to_string())
+}
+
 /// tiny_conv_bn plus a second conv "conv2" (no BN) reading the same w and b,
 /// its output z a second graph output.
 fn tiny_conv_bn_shared() -> ModelProto {
@@ -418,40 +460,16 @@ fn a_rule_naming_the_exported_weight_applies_after_folding() {
 #[test]
 fn a_rule_naming_a_shared_weight_applies_to_its_folded_copy() {
     use onnx_micronet::score::{self, ScoreOptions};
-    let m = tiny_conv_bn_shared();
     let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("shared.onnx");
-    write_model(&input, &m);
-    let rep = optimize_report(
-        dir.path(),
-        "q",
-        &input,
-        // Float storage: the weights stay initializers (packed ones become
-        // decoders), so the copy's metadata can be read back.
-        &[
-            "--quantize",
-            "minmax:4",
-            "--layer-bits",
-            "w=8",
-            "--storage",
-            "float",
-        ],
-    );
-    let out = onnx_micronet::load(&dir.path().join("q.onnx")).unwrap();
-    let g = out.graph();
-    let conv = g.node.iter().find(|n| n.name() == "conv").unwrap();
-    assert_ne!(conv.input[1], "w", "the folded weight is a copy");
-    let copy = g
-        .initializer
+    let (rep, out) = optimize_proto(dir.path(), "q", &tiny_conv_bn_shared(), &W8_OVER_4);
+    let conv = out
+        .graph()
+        .node
         .iter()
-        .find(|t| t.name() == conv.input[1])
+        .find(|n| n.name() == "conv")
         .unwrap();
-    let origin = copy
-        .metadata_props
-        .iter()
-        .find(|p| p.key() == onnx_micronet::passes::select::META_ORIGIN)
-        .map(|p| p.value());
-    assert_eq!(origin, Some("w"));
+    assert_ne!(conv.input[1], "w", "the folded weight is a copy");
+    assert_eq!(origin_of(&out, &conv.input[1]).as_deref(), Some("w"));
     let lines = changed_whats(report_pass(&rep, "quantize"));
     assert_eq!(
         lines.iter().filter(|l| l.contains("minmax 8-bit")).count(),
@@ -473,14 +491,6 @@ fn a_rule_naming_a_shared_weight_applies_to_its_folded_copy() {
 fn copies_keep_their_origin_across_runs() {
     use onnx_micronet::onnx::proto::StringStringEntryProto;
     use onnx_micronet::passes::select::META_ORIGIN;
-    let origin_of = |m: &onnx_micronet::onnx::Model, name: &str| -> Option<String> {
-        m.graph()
-            .initializer
-            .iter()
-            .find(|t| t.name() == name)
-            .and_then(|t| t.metadata_props.iter().find(|p| p.key() == META_ORIGIN))
-            .map(|p| p.value().to_string())
-    };
     let dir = tempfile::tempdir().unwrap();
     // (a)
     let mut m = tiny_conv();
@@ -492,17 +502,7 @@ fn copies_keep_their_origin_across_runs() {
         key: Some(META_ORIGIN.into()),
         value: Some("w".into()),
     });
-    let input = dir.path().join("copy.onnx");
-    write_model(&input, &m);
-    let args = [
-        "--quantize",
-        "minmax:4",
-        "--layer-bits",
-        "w=8",
-        "--storage",
-        "float",
-    ];
-    let rep = optimize_report(dir.path(), "a", &input, &args);
+    let (rep, _) = optimize_proto(dir.path(), "a", &m, &W8_OVER_4);
     let lines = changed_whats(report_pass(&rep, "quantize"));
     assert!(
         lines.iter().any(|l| l.contains("minmax 8-bit")),
@@ -514,20 +514,12 @@ fn copies_keep_their_origin_across_runs() {
     g.initializer.push(tensor_f32("two", &[], &[2.0]));
     g.node.push(node("Mul", "mul", &["w", "two"], &["w2"]));
     g.output.push(value_info("w2", &[3, 2, 3, 3]));
-    let input = dir.path().join("shared.onnx");
-    write_model(&input, &m);
-    let rep = optimize_report(
-        dir.path(),
-        "b",
-        &input,
-        &["--quantize", "minmax:4", "--storage", "float"],
-    );
+    let (rep, out) = optimize_proto(dir.path(), "b", &m, &W8_OVER_4[..4]);
     let lines = changed_whats(report_pass(&rep, "quantize"));
     assert!(
         lines.iter().any(|l| l.contains("a private copy 'w_q'")),
         "{lines:#?}"
     );
-    let out = onnx_micronet::load(&dir.path().join("b.onnx")).unwrap();
     assert_eq!(origin_of(&out, "w_q").as_deref(), Some("w"));
     assert_eq!(origin_of(&out, "w"), None);
 }
