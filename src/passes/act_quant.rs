@@ -343,8 +343,9 @@ pub struct Tally {
     in_tables: u64,
     /// [lane][(x < 0) * TALLY_RAW + raw index of |x|], then TALLY_PAD unused.
     counts: Box<[[u32; 2 * TALLY_RAW + TALLY_PAD]]>,
-    /// Bins spilled from `counts` (hist, neg), when a tally outgrew u32.
-    spill: Option<(Vec<u64>, Vec<u64>)>,
+    /// Bins spilled from `counts` when a tally outgrew u32 (only its hist and
+    /// neg are filled: its min, max and count stay neutral for a merge).
+    spill: Option<Box<Stats>>,
 }
 
 impl Default for Tally {
@@ -442,10 +443,8 @@ impl Tally {
 
     /// Adds the tables into `spill` and zeroes them.
     fn spill_tables(&mut self) {
-        let (hist, neg) = self
-            .spill
-            .get_or_insert_with(|| (vec![0; BINS + 1], vec![0; BINS + 1]));
-        add_tables(&self.counts, hist, neg);
+        let s = self.spill.get_or_insert_with(Default::default);
+        add_tables(&self.counts, &mut s.hist, &mut s.neg);
         for lane in self.counts.iter_mut() {
             lane.fill(0);
         }
@@ -531,6 +530,8 @@ fn center(i: usize) -> f64 {
 }
 
 impl Stats {
+    /// Counts every element, one at a time: the definition [`Tally`] (what the
+    /// capture uses) is tested against.
     pub fn add(&mut self, xs: impl Iterator<Item = f32>) {
         let (mut lo, mut hi, mut am) = (f32::INFINITY, f32::NEG_INFINITY, 0f32);
         let mut n = 0u64;
@@ -568,13 +569,8 @@ impl Stats {
         self.absmax = self.absmax.max((t.hi.max(-t.lo)).max(0.0) as f64);
         self.count += t.count;
         add_tables(&t.counts, &mut self.hist, &mut self.neg);
-        if let Some((hist, neg)) = &t.spill {
-            for (a, b) in self.hist.iter_mut().zip(hist) {
-                *a += b;
-            }
-            for (a, b) in self.neg.iter_mut().zip(neg) {
-                *a += b;
-            }
+        if let Some(s) = &t.spill {
+            self.merge(s);
         }
         // NaNs (never x < 0) were counted at an infinity's raw index or above.
         self.hist[BINS] -= t.nan;
@@ -1177,9 +1173,9 @@ impl Pass for ActQuant {
                 &values,
                 data.images.view(),
                 cx.threads.max(1),
-                // Chunks of images share one set of tallies (1 MiB a value, summed
-                // at each chunk's merge): about 4 chunks a thread, at least 4
-                // images each.
+                // Chunks of images share one set of tallies (512 KiB a value,
+                // summed at each chunk's merge, then reused): about 4 chunks a
+                // thread, at least 4 images each.
                 (data.len() / (4 * cx.threads.max(1))).max(4),
                 || {
                     pool.lock()

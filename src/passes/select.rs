@@ -5,11 +5,11 @@
 //! included), `?` (one character), `[abc]`, `[a-z]`, `[!a-z]` / `[^a-z]`, and `\`
 //! to take the next character literally. The whole name must match.
 //!
-//! A layer is known by several names (its nodes', its weight's, and for a weight
-//! BN folding copied under a fresh name, the weight it was copied from: see
-//! [`META_ORIGIN`]): a pattern matches the layer when it matches any of them. Skip lists take the first
-//! matching pattern; per-layer rules ([`LayerRule`]) apply in order, so later
-//! rules win.
+//! A layer is known by several names (its nodes', its weight's and, for a weight
+//! a pass copied under a fresh name, the weight it was copied from: see
+//! [`META_ORIGIN`]): a pattern matches the layer when it matches any of them.
+//! Skip lists take the first matching pattern; per-layer rules ([`LayerRule`])
+//! apply in order, so later rules win.
 
 /// Metadata key on an initializer that a pass wrote as a copy of another under a
 /// fresh name (BN folding of a weight other nodes also read, or a graph input):
@@ -19,8 +19,11 @@ pub const META_ORIGIN: &str = "onnx_micronet.origin";
 
 /// The name an initializer was copied from ([`META_ORIGIN`]), if it is a copy.
 pub fn origin<'g>(g: &crate::graph::Graph<'g>, value: &str) -> Option<&'g str> {
-    g.initializer(value)?
-        .metadata_props
+    tensor_origin(g.initializer(value)?)
+}
+
+fn tensor_origin(t: &crate::onnx::proto::TensorProto) -> Option<&str> {
+    t.metadata_props
         .iter()
         .find(|p| p.key() == META_ORIGIN)
         .map(|p| p.value())
@@ -35,8 +38,9 @@ pub fn mark_copy(g: &mut crate::onnx::proto::GraphProto, copy: &str, original: &
         .initializer
         .iter()
         .find(|t| t.name() == original)
-        .and_then(|t| t.metadata_props.iter().find(|p| p.key() == META_ORIGIN))
-        .map_or(original.to_string(), |p| p.value().to_string());
+        .and_then(tensor_origin)
+        .unwrap_or(original)
+        .to_string();
     if let Some(t) = g.initializer.iter_mut().find(|t| t.name() == copy) {
         t.metadata_props.retain(|p| p.key() != META_ORIGIN);
         t.metadata_props
