@@ -281,6 +281,12 @@ pub struct Overrides {
     /// one model run per activation) stay at 16 bits (an int16 grid over their seen range, as TFLite's 16x8 mode).
     #[arg(long, value_name = "K")]
     pub act_keep: Option<usize>,
+    /// Loss-aware activation range search: R rounds of coordinate descent on each
+    /// activation's scale (x0.5 to x2 of the --act-range grid), keeping the one
+    /// with the least network output error on 32 calibration images (LAPQ's
+    /// criterion without labels). Costs R x activations x 8 model runs.
+    #[arg(long, value_name = "R")]
+    pub act_search: Option<usize>,
     /// Weight storage: packed (a bitmask over pruned zeros + k-bit codes or float32
     /// values, decoded by standard ONNX ops that runtimes fold at load; the default
     /// when pruning or quantizing) or float (dense float32).
@@ -636,12 +642,17 @@ impl Recipe {
                 if o.act_keep.is_some() {
                     a.keep = o.act_keep;
                 }
+                if o.act_search.is_some() {
+                    a.search = o.act_search;
+                }
             }
-            None if o.act_range.is_some() || o.act_keep.is_some() => {
+            None if o.act_range.is_some() || o.act_keep.is_some() || o.act_search.is_some() => {
                 let flag = if o.act_range.is_some() {
                     "--act-range"
-                } else {
+                } else if o.act_keep.is_some() {
                     "--act-keep"
+                } else {
+                    "--act-search"
                 };
                 return Err(Error::Usage(format!(
                     "{flag} needs --act-bits (or an [act_quant] section in the recipe)"

@@ -21,6 +21,12 @@
 //! ||y_k - y||^2 / ||y||^2, stay at 16 bits on the fake-quant chain with a maxabs
 //! int16 grid (TFLite's 16x8 mode keeps activations at int16 the same way).
 //!
+//! Range search (`search = R`): R rounds of coordinate descent on the scales,
+//! each activation in graph order trying its scale x 0.5 .. x 2 with the others on
+//! their current grids, keeping the one with the least network output error on
+//! 32 calibration images (LAPQ's loss-aware clipping, without labels; see
+//! `search_ranges`).
+//!
 //! `score` reads every form back as b-bit activations; the forms are built and read
 //! in one place, `repr::act`.
 //!
@@ -186,6 +192,10 @@ pub struct ActQuantSection {
     /// moves the network's output most on the calibration images, stay at 16 bits
     /// (an int16 grid over the seen range). Default 0.
     pub keep: Option<usize>,
+    /// Loss-aware range search: rounds of coordinate descent on each activation's
+    /// scale by the network's output error on 32 calibration images (default 0:
+    /// the range's grids as they are). A round costs 8 model runs an activation.
+    pub search: Option<usize>,
     /// 8-bit form: "auto" (default: Q/DQ, except before layers whose weights
     /// onnxruntime would re-quantize, which get the fake-quant chain) or "always"
     /// (Q/DQ everywhere, for runtimes without that re-quantization).
@@ -235,6 +245,7 @@ impl ActQuantSection {
             placement,
             skip: self.skip.clone(),
             keep: self.keep.unwrap_or(0),
+            search: self.search.unwrap_or(0),
             qdq_weights: true,
             qdq_always,
         })
@@ -250,6 +261,8 @@ pub struct ActQuantConfig {
     pub skip: Vec<String>,
     /// Activations kept at 16 bits by measured sensitivity (mixed precision).
     pub keep: usize,
+    /// Rounds of loss-aware range search (0: the range's grids as they are).
+    pub search: usize,
     /// Affine-claimed weights will be written as codes + DequantizeLinear (packed
     /// storage): their layers' inputs may take Q/DQ (see [`requantized_weights`]).
     pub qdq_weights: bool,
@@ -1262,10 +1275,42 @@ impl Pass for ActQuant {
                 ),
             );
         }
+        let mut grids: Vec<Grid> = stats
+            .iter()
+            .zip(&bits)
+            .map(|(st, &b)| grid_for(st, b, cfg))
+            .collect();
+        if cfg.search > 0 && cfg.bits < 16 {
+            let s = search_ranges(model, cx, &targets, &stats, &bits, &mut grids, cfg)?;
+            for (note, f) in notes.iter_mut().zip(&s.factors) {
+                if *f != 1.0 {
+                    note.push_str(&format!(
+                        "; range search: scale x {f:.3} of the {} grid",
+                        cfg.range
+                    ));
+                }
+            }
+            let moved = s.factors.iter().filter(|f| **f != 1.0).count();
+            report.changed(
+                "range search",
+                format!(
+                    "{} round(s) over {} activations, {} model runs on {} calibration images: {moved} scales moved; output error ||y - y_float||^2 / ||y_float||^2 {:.4e} -> {:.4e} ({:.1}% less) in {:.1}s",
+                    cfg.search,
+                    s.factors.len(),
+                    s.runs,
+                    s.images,
+                    s.before,
+                    s.after,
+                    if s.before > 0.0 { 100.0 * (1.0 - s.after / s.before) } else { 0.0 },
+                    s.seconds,
+                ),
+            );
+        }
         insert(
             model,
             &targets,
             &stats,
+            &grids,
             &bits,
             &notes,
             cfg,
@@ -1303,10 +1348,16 @@ fn sensitivities(
         let mut bits = vec![0; targets.len()];
         bits[k] = cfg.bits;
         let mut scratch = PassReport::new("act-quant");
+        let grids: Vec<Grid> = stats
+            .iter()
+            .zip(&bits)
+            .map(|(st, &b)| grid_for(st, b, cfg))
+            .collect();
         insert(
             &mut m,
             targets,
             stats,
+            &grids,
             &bits,
             &notes,
             cfg,
@@ -1319,10 +1370,121 @@ fn sensitivities(
     Ok((out, probe.images()))
 }
 
-/// Inserts the quantizer of each target at `bits[k]` (0: none; 16: float16
-/// rounding when the pass's width is 16, else (mixed precision) the fake-quant
-/// chain on a maxabs int16 grid; 8: Q/DQ unless the target says why not; else the
-/// fake-quant chain),
+/// The grid of a value at `bits` by the pass's range. A value kept at 16 bits by
+/// mixed precision (the pass's width is lower) goes on a 16-bit integer grid over
+/// its whole seen range (maxabs, no clipping), the int16 activations of TFLite's
+/// 16x8 mode: as accurate as float16 here and about 3x faster in tract, whose
+/// float16 casts convert element by element.
+fn grid_for(st: &Stats, bits: u32, cfg: &ActQuantConfig) -> Grid {
+    if bits == 16 && cfg.bits < 16 {
+        choose_grid(st, 16, Range::MaxAbs, 0.0)
+    } else {
+        choose_grid(st, bits, cfg.range, cfg.overflow_rate)
+    }
+}
+
+/// Calibration images the range search runs (the first ones).
+const SEARCH_IMAGES: usize = 32;
+
+/// Scale factors the range search tries on each activation in a round, around
+/// its current scale (1, the current one, is known).
+const SEARCH_FACTORS: [f64; 8] = [0.5, 0.65, 0.8, 0.9, 1.12, 1.25, 1.5, 2.0];
+
+/// What the range search did.
+struct Search {
+    /// Per target, its final scale over the range's (1: unchanged or not searched).
+    factors: Vec<f64>,
+    /// The output error with the range's grids, and with the searched ones.
+    before: f64,
+    after: f64,
+    runs: usize,
+    images: usize,
+    seconds: f64,
+}
+
+/// Loss-aware range search: coordinate descent on the activation scales, by the
+/// network's output. In graph order, each activation quantized at the pass's
+/// width tries its scale times each of [`SEARCH_FACTORS`] (the zero point kept)
+/// with every other activation quantized on its current grid, and keeps the
+/// scale with the least output error ||y - y_float||^2 / ||y_float||^2 over the
+/// first [`SEARCH_IMAGES`] calibration images (y_float: the model this pass
+/// receives); `cfg.search` rounds over all of them. The per-tensor criteria
+/// (percentile, MSE) weigh every element's error alike; this one weighs it by
+/// what it does downstream, as LAPQ (Nahshan et al., 2021, "Loss aware
+/// post-training quantization") chooses clipping by the network's loss, here
+/// without labels. One model run per candidate: rounds x targets x 8 runs.
+fn search_ranges(
+    model: &Model,
+    cx: &Context,
+    targets: &[Target],
+    stats: &[Stats],
+    bits: &[u32],
+    grids: &mut [Grid],
+    cfg: &ActQuantConfig,
+) -> Result<Search> {
+    let start = std::time::Instant::now();
+    let probe = super::calib::OutputProbe::new(model, cx, SEARCH_IMAGES)?;
+    let notes = vec![String::new(); targets.len()];
+    let error = |grids: &[Grid]| -> Result<f64> {
+        let mut m = model.clone();
+        let mut scratch = PassReport::new("act-quant");
+        insert(
+            &mut m,
+            targets,
+            stats,
+            grids,
+            bits,
+            &notes,
+            cfg,
+            true,
+            &mut scratch,
+        );
+        Ok(probe.relative_change(&m)?.unwrap_or(0.0))
+    };
+    let searched: Vec<usize> = (0..targets.len())
+        .filter(|&k| bits[k] == cfg.bits)
+        .collect();
+    let total = cfg.search * searched.len();
+    let before = error(grids)?;
+    let (mut now, mut runs) = (before, 1);
+    let mut factors = vec![1.0; targets.len()];
+    crate::passes::solve_progress("act-quant: range search", 0, total);
+    for round in 0..cfg.search {
+        for (j, &k) in searched.iter().enumerate() {
+            let base = grids[k];
+            let mut best = (now, 1.0);
+            for &f in &SEARCH_FACTORS {
+                grids[k].scale = finite_scale(base.scale as f64 * f);
+                let e = error(grids)?;
+                runs += 1;
+                if e < best.0 {
+                    best = (e, f);
+                }
+            }
+            grids[k].scale = finite_scale(base.scale as f64 * best.1);
+            factors[k] *= best.1;
+            now = best.0;
+            crate::passes::solve_progress(
+                "act-quant: range search",
+                round * searched.len() + j + 1,
+                total,
+            );
+        }
+    }
+    Ok(Search {
+        factors,
+        before,
+        after: now,
+        runs,
+        images: probe.images(),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Inserts the quantizer of each target at `bits[k]` on `grids[k]` (0: none; 16:
+/// float16 rounding when the pass's width is 16, else (mixed precision) the
+/// fake-quant chain on the int16 grid; 8: Q/DQ unless the target says why not;
+/// else the fake-quant chain),
 /// absorbing the activations its grid makes redundant, and reports each line with
 /// `notes[k]` appended (`measured`: the stats come from calibration images).
 #[allow(clippy::too_many_arguments)]
@@ -1330,6 +1492,7 @@ fn insert(
     model: &mut Model,
     targets: &[Target],
     stats: &[Stats],
+    grids: &[Grid],
     bits: &[u32],
     notes: &[String],
     cfg: &ActQuantConfig,
@@ -1341,21 +1504,13 @@ fn insert(
     let mut before: HashMap<Option<usize>, Vec<NodeProto>> = HashMap::new();
     let mut rewires: Vec<(usize, usize, String)> = Vec::new();
     let mut absorbed: HashSet<usize> = HashSet::new();
-    for (((t, st), &bits), note) in targets.iter().zip(stats).zip(bits).zip(notes) {
+    for ((((t, st), grid), &bits), note) in
+        targets.iter().zip(stats).zip(grids).zip(bits).zip(notes)
+    {
         if bits == 0 {
             continue;
         }
-        // A value kept at 16 bits by mixed precision (the pass's width is lower)
-        // goes on a 16-bit integer grid over its whole seen range (maxabs, no
-        // clipping), the int16 activations of TFLite's 16x8 mode: as accurate as
-        // float16 here and about 3x faster in tract, whose float16 casts convert
-        // element by element.
         let kept = bits == 16 && cfg.bits < 16;
-        let grid = if kept {
-            choose_grid(st, bits, Range::MaxAbs, 0.0)
-        } else {
-            choose_grid(st, bits, cfg.range, cfg.overflow_rate)
-        };
         let (scale, signed) = (grid.scale, grid.signed);
         let (lo, hi) = grid.levels(bits);
         let form = match bits {

@@ -1605,3 +1605,128 @@ fn mixed_precision_keeps_the_most_output_sensitive_activations_at_16_bits() {
     let bits_of = |name: &str| rep.layers.iter().find(|l| l.name == name).unwrap().act_bits;
     assert_eq!((bits_of("conv1"), bits_of("conv2")), (16, 16));
 }
+
+/// x (the calibration image, x = i / 4, i = 0..15) through 1x1 convs with
+/// weights `w1` (x -> h, one output channel per weight) and `w2` (h -> y, one
+/// input channel per weight), the activations at `bits` (maxabs) with `search`
+/// rounds of range search; `skip`: values left float.
+fn act_search_model(
+    w1: &[f32],
+    w2: &[f32],
+    bits: u32,
+    search: usize,
+    skip: &[&str],
+) -> (Model, PassReport) {
+    let c = w1.len() as i64;
+    let proto = model(
+        GraphProto {
+            name: Some("two_convs".into()),
+            node: vec![
+                node("Conv", "conv1", &["x", "w1"], &["h"]),
+                node("Conv", "conv2", &["h", "w2"], &["y"]),
+            ],
+            initializer: vec![
+                tensor_f32("w1", &[c, 1, 1, 1], w1),
+                tensor_f32("w2", &[1, c, 1, 1], w2),
+            ],
+            input: vec![value_info("x", &[1, 1, 4, 4])],
+            output: vec![value_info("y", &[1, 1, 4, 4])],
+            ..Default::default()
+        },
+        13,
+    );
+    act_quant_on_calib_set(
+        proto,
+        ActQuantSection {
+            bits,
+            search: Some(search),
+            skip: skip.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        },
+    )
+}
+
+fn line_of(r: &PassReport, target: &str) -> String {
+    r.changed
+        .iter()
+        .find(|i| i.target == target)
+        .unwrap_or_else(|| panic!("no line for {target}: {:?}", r.changed))
+        .what
+        .clone()
+}
+
+#[test]
+fn range_search_keeps_the_candidate_scale_with_the_least_output_error() {
+    // y = x through identity convs, only x quantized, at 2 bits: x = i / 4 in
+    // [0, 3.75], maxabs scale 2^-(2 - ceil(log2 3.75)) = 1, levels {0, 1, 2, 3}.
+    // ||y||^2 = sum (i / 4)^2 = 1240 / 16 = 77.5. Squared error of
+    // s * clip(round_even(x / s), 0, 3) over the 16 values, by candidate s:
+    //   1    : x = .5 -> 0, .75 -> 1, 1.5 -> 2 (even), 2.5 -> 2 (even), 3.5.. -> 3:
+    //          4 (.25^2) + 2 (.5^2) ... = 2.0           (relative 2.0 / 77.5 = 2.5806e-2)
+    //   0.5  : top level 1.5, 18.0;   0.65: 9.7375;   0.8: 4.78;   0.9: 2.89
+    //   1.12 : levels {0, 1.12, 2.24, 3.36}: 1.564     (relative 2.0181e-2)
+    //   1.25 : 1.875;   1.5: 3.25;   2: 5.5
+    // so one round keeps 1.12. A second round tries 1.12 x the same factors
+    // (1.008: 1.920, 1.2544: 1.896, ...): none beats 1.564, the scale stays.
+    for rounds in [1, 2] {
+        let (m, r) = act_search_model(&[1.0], &[1.0], 2, rounds, &["h"]);
+        let search = line_of(&r, "range search");
+        assert!(
+            search.contains("2.5806e-2 -> 2.0181e-2") && search.contains("1 scales moved"),
+            "{search}"
+        );
+        assert!(
+            search.contains(&format!("{} model runs", 1 + 8 * rounds)),
+            "{search}"
+        );
+        let x = line_of(&r, "x");
+        assert!(x.contains("scale x 1.120 of the maxabs grid"), "{x}");
+        assert_eq!(values(&m, "x_act_scale"), vec![1.12f32]);
+        // The written model computes the searched grid: 1.12 * {0, 1, 2, 3}.
+        let input: Vec<f32> = calib_set().images.iter().copied().collect();
+        let s = 1.12f32;
+        let want: Vec<f32> = [
+            0., 0., 0., 1., 1., 1., 1., 2., 2., 2., 2., 2., 3., 3., 3., 3.,
+        ]
+        .iter()
+        .map(|q: &f32| q * s)
+        .collect();
+        assert_eq!(tract_run(&m, &input), want);
+    }
+    // search = 0: the maxabs grid, byte for byte the pass without the search.
+    let (m0, r0) = act_search_model(&[1.0], &[1.0], 2, 0, &["h"]);
+    assert_eq!(values(&m0, "x_act_scale"), vec![1.0f32]);
+    assert!(r0.changed.iter().all(|i| i.target != "range search"));
+}
+
+#[test]
+fn range_search_weighs_errors_by_what_they_do_downstream() {
+    // h = (x, 10 x): channel 0 in [0, 3.75], channel 1 in [0, 37.5]; y = h0 +
+    // 0.001 h1, so channel 1 hardly matters downstream. Only h quantized, at 4
+    // bits: maxabs over both channels gives scale 2^-(4 - ceil(log2 37.5)) = 4,
+    // levels 0, 4, .., 60, and channel 0 (what y is made of) rounds to 0 or 4.
+    // A per-tensor criterion sees channel 1's range; the search sees y's error,
+    // halves the scale in each of its 3 rounds (4 -> 2 -> 1 -> 0.5), clipping
+    // channel 1 (its error x 0.001) to resolve channel 0, and the output error
+    // falls by more than 10x.
+    let (m, r) = act_search_model(&[1.0, 10.0], &[1.0, 0.001], 4, 3, &["x"]);
+    assert_eq!(values(&m, "h_act_scale"), vec![0.5f32]);
+    let h = line_of(&r, "h");
+    assert!(h.contains("scale x 0.125 of the maxabs grid"), "{h}");
+    // The reported errors are those of the written models, measured here.
+    let input: Vec<f32> = calib_set().images.iter().copied().collect();
+    let proto_y = |w: &Model| tract_run(w, &input);
+    let (m0, _) = act_search_model(&[1.0, 10.0], &[1.0, 0.001], 4, 0, &["x"]);
+    let (f, _) = act_search_model(&[1.0, 10.0], &[1.0, 0.001], 16, 0, &["x", "h"]);
+    let y = proto_y(&f);
+    let (before, after) = (
+        relative_change(&proto_y(&m0), &y),
+        relative_change(&proto_y(&m), &y),
+    );
+    assert!(after < 0.1 * before, "{before} -> {after}");
+    let search = line_of(&r, "range search");
+    assert!(
+        search.contains(&format!("{before:.4e} -> {after:.4e}")),
+        "{search} vs {before:.4e} -> {after:.4e}"
+    );
+}
