@@ -697,3 +697,88 @@ fn act_keep_holds_the_most_sensitive_activations_at_16_bits() {
     assert!(err.contains("--act-keep needs --act-bits"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn act_search_from_the_cli() {
+    // --act-search 1 at 4 bits on a real CIFAR-10 model: the recipe records it,
+    // the report gives the search's line (runs = 1 + 8 per activation, the
+    // output error not above the range's) and each moved scale's factor.
+    let d = tempfile::tempdir_in(root().join("target")).unwrap();
+    let m = fixture("cifar10_keras_bn.onnx");
+    let calib = fixture("data/foolbox/cifar10");
+    let rep = optimize_report(
+        d.path(),
+        "search",
+        &m,
+        &[
+            "--quantize",
+            "linear:8",
+            "--per-channel",
+            "--act-bits",
+            "4",
+            "--act-range",
+            "percentile:99.99",
+            "--act-search",
+            "1",
+            "--calib",
+            calib.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(rep["recipe"]["act_quant"]["search"], serde_json::json!(1));
+    let act = report_pass(&rep, "act-quant");
+    let items = act["changed"].as_array().unwrap();
+    let line = items
+        .iter()
+        .find(|i| i["target"] == "range search")
+        .unwrap_or_else(|| panic!("{act}"))["what"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let quantized = items
+        .iter()
+        .filter(|i| i["what"].as_str().unwrap().starts_with("4-bit"))
+        .count();
+    assert!(quantized > 3, "{act}");
+    assert!(
+        line.starts_with(&format!(
+            "1 round(s) over {quantized} activations, {} model runs",
+            1 + 8 * quantized
+        )),
+        "{line}"
+    );
+    let errors = line.split("||y_float||^2 ").nth(1).unwrap();
+    let mut e = errors.split(" -> ");
+    let before: f64 = e.next().unwrap().parse().unwrap();
+    let after: f64 = e
+        .next()
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(after <= before && before > 0.0, "{line}");
+    let moved = items
+        .iter()
+        .filter(|i| {
+            i["what"]
+                .as_str()
+                .unwrap()
+                .contains("; range search: scale x ")
+        })
+        .count();
+    assert!(line.contains(&format!(": {moved} scales moved")), "{line}");
+
+    // Without activation quantization there is nothing to search: a usage error.
+    let out = d.path().join("none.onnx");
+    let err = cli_fails(&[
+        "optimize",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--act-search",
+        "1",
+    ]);
+    assert!(err.contains("--act-search needs --act-bits"), "{err}");
+    assert!(!out.exists());
+}
