@@ -591,6 +591,32 @@ fn act_order_flag_overrides_the_recipe_both_ways() {
     );
 }
 
+/// `optimize` on the Keras CIFAR-10 CNN with `args` and its foolbox images as
+/// calibration; the JSON report.
+fn keras_cifar_report(dir: &std::path::Path, tag: &str, args: &[&str]) -> serde_json::Value {
+    let calib = fixture("data/foolbox/cifar10");
+    let mut all = args.to_vec();
+    all.extend(["--calib", calib.to_str().unwrap()]);
+    optimize_report(dir, tag, &fixture("cifar10_keras_bn.onnx"), &all)
+}
+
+/// `optimize` with `flag value` and no activation quantization fails with a usage
+/// error naming the flag, and writes nothing.
+fn needs_act_bits(dir: &std::path::Path, flag: &str, value: &str) {
+    let out = dir.join("none.onnx");
+    let m = fixture("cifar10_keras_bn.onnx");
+    let err = cli_fails(&[
+        "optimize",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        flag,
+        value,
+    ]);
+    assert!(err.contains(&format!("{flag} needs --act-bits")), "{err}");
+    assert!(!out.exists());
+}
+
 #[test]
 fn act_keep_holds_the_most_sensitive_activations_at_16_bits() {
     // The Keras CIFAR-10 CNN at 8-bit weights and activations, the 3 activations whose
@@ -599,12 +625,9 @@ fn act_keep_holds_the_most_sensitive_activations_at_16_bits() {
     // measured changes, and the written model's score reads exactly their 3
     // readers at 16 bits, every other weighted layer at 8.
     let d = tempfile::tempdir_in(root().join("target")).unwrap();
-    let m = fixture("cifar10_keras_bn.onnx");
-    let calib = fixture("data/foolbox/cifar10");
-    let rep = optimize_report(
+    let rep = keras_cifar_report(
         d.path(),
         "keep",
-        &m,
         &[
             "--quantize",
             "linear:8",
@@ -613,8 +636,6 @@ fn act_keep_holds_the_most_sensitive_activations_at_16_bits() {
             "8",
             "--act-keep",
             "3",
-            "--calib",
-            calib.to_str().unwrap(),
         ],
     );
     assert_eq!(rep["recipe"]["act_quant"]["keep"], serde_json::json!(3));
@@ -662,10 +683,9 @@ fn act_keep_holds_the_most_sensitive_activations_at_16_bits() {
     assert!(weighted.iter().all(|&b| b == 16 || b == 8), "{weighted:?}");
 
     // At 16 bits everything is already kept: the report says the flag did nothing.
-    let rep = optimize_report(
+    let rep = keras_cifar_report(
         d.path(),
         "keep16",
-        &m,
         &[
             "--quantize",
             "linear:8",
@@ -673,8 +693,6 @@ fn act_keep_holds_the_most_sensitive_activations_at_16_bits() {
             "16",
             "--act-keep",
             "3",
-            "--calib",
-            calib.to_str().unwrap(),
         ],
     );
     let act = report_pass(&rep, "act-quant");
@@ -685,17 +703,7 @@ fn act_keep_holds_the_most_sensitive_activations_at_16_bits() {
     );
 
     // Without activation quantization there is nothing to keep: a usage error.
-    let out = d.path().join("none.onnx");
-    let err = cli_fails(&[
-        "optimize",
-        m.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--act-keep",
-        "3",
-    ]);
-    assert!(err.contains("--act-keep needs --act-bits"), "{err}");
-    assert!(!out.exists());
+    needs_act_bits(d.path(), "--act-keep", "3");
 }
 
 #[test]
@@ -704,12 +712,9 @@ fn act_search_from_the_cli() {
     // the report gives the search's line (runs = 1 + 8 per activation, the
     // output error not above the range's) and each moved scale's factor.
     let d = tempfile::tempdir_in(root().join("target")).unwrap();
-    let m = fixture("cifar10_keras_bn.onnx");
-    let calib = fixture("data/foolbox/cifar10");
-    let rep = optimize_report(
+    let rep = keras_cifar_report(
         d.path(),
         "search",
-        &m,
         &[
             "--quantize",
             "linear:8",
@@ -720,8 +725,6 @@ fn act_search_from_the_cli() {
             "percentile:99.99",
             "--act-search",
             "1",
-            "--calib",
-            calib.to_str().unwrap(),
         ],
     );
     assert_eq!(rep["recipe"]["act_quant"]["search"], serde_json::json!(1));
@@ -770,15 +773,5 @@ fn act_search_from_the_cli() {
     assert!(line.contains(&format!(": {moved} scales moved")), "{line}");
 
     // Without activation quantization there is nothing to search: a usage error.
-    let out = d.path().join("none.onnx");
-    let err = cli_fails(&[
-        "optimize",
-        m.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--act-search",
-        "1",
-    ]);
-    assert!(err.contains("--act-search needs --act-bits"), "{err}");
-    assert!(!out.exists());
+    needs_act_bits(d.path(), "--act-search", "1");
 }
