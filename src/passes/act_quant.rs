@@ -24,8 +24,8 @@
 //! Range search (`search = R`): R rounds of coordinate descent on the scales,
 //! each activation in graph order trying its scale x 0.5 .. x 2 with the others on
 //! their current grids, keeping the one with the least network output error on
-//! 32 calibration images (LAPQ's loss-aware clipping, without labels; see
-//! `search_ranges`).
+//! 32 calibration images (`search_images`), LAPQ's loss-aware clipping without
+//! labels (see `search_ranges`).
 //!
 //! `score` reads every form back as b-bit activations; the forms are built and read
 //! in one place, `repr::act`.
@@ -196,6 +196,9 @@ pub struct ActQuantSection {
     /// scale by the network's output error on 32 calibration images (default 0:
     /// the range's grids as they are). A round costs 8 model runs an activation.
     pub search: Option<usize>,
+    /// Calibration images the range search runs (the first ones; default 32).
+    /// More fit the scales less to those images, at proportional cost.
+    pub search_images: Option<usize>,
     /// 8-bit form: "auto" (default: Q/DQ, except before layers whose weights
     /// onnxruntime would re-quantize, which get the fake-quant chain) or "always"
     /// (Q/DQ everywhere, for runtimes without that re-quantization).
@@ -229,6 +232,13 @@ impl ActQuantSection {
                 )))
             }
         };
+        let search_images = self.search_images.unwrap_or(SEARCH_IMAGES);
+        if search_images == 0 {
+            return Err(Error::Usage(
+                "act_quant search_images = 0: the range search needs at least one calibration image"
+                    .into(),
+            ));
+        }
         let qdq_always = match self.qdq.as_deref() {
             None | Some("auto") => false,
             Some("always") => true,
@@ -246,6 +256,7 @@ impl ActQuantSection {
             skip: self.skip.clone(),
             keep: self.keep.unwrap_or(0),
             search: self.search.unwrap_or(0),
+            search_images,
             qdq_weights: true,
             qdq_always,
         })
@@ -263,6 +274,8 @@ pub struct ActQuantConfig {
     pub keep: usize,
     /// Rounds of loss-aware range search (0: the range's grids as they are).
     pub search: usize,
+    /// Calibration images each range-search run uses.
+    pub search_images: usize,
     /// Affine-claimed weights will be written as codes + DequantizeLinear (packed
     /// storage): their layers' inputs may take Q/DQ (see [`requantized_weights`]).
     pub qdq_weights: bool,
@@ -1383,8 +1396,8 @@ fn grid_for(st: &Stats, bits: u32, cfg: &ActQuantConfig) -> Grid {
     }
 }
 
-/// Calibration images the range search runs (the first ones).
-const SEARCH_IMAGES: usize = 32;
+/// Calibration images the range search runs by default (the first ones).
+pub const SEARCH_IMAGES: usize = 32;
 
 /// Scale factors the range search tries on each activation in a round, around
 /// its current scale (1, the current one, is known).
@@ -1407,8 +1420,9 @@ struct Search {
 /// width tries its scale times each of [`SEARCH_FACTORS`] (the zero point kept)
 /// with every other activation quantized on its current grid, and keeps the
 /// scale with the least output error ||y - y_float||^2 / ||y_float||^2 over the
-/// first [`SEARCH_IMAGES`] calibration images (y_float: the model this pass
-/// receives); `cfg.search` rounds over all of them. The per-tensor criteria
+/// first `cfg.search_images` calibration images ([`SEARCH_IMAGES`] by default;
+/// y_float: the model this pass receives); `cfg.search` rounds over all of
+/// them. The per-tensor criteria
 /// (percentile, MSE) weigh every element's error alike; this one weighs it by
 /// what it does downstream, as LAPQ (Nahshan et al., 2021, "Loss aware
 /// post-training quantization") chooses clipping by the network's loss, here
@@ -1423,7 +1437,7 @@ fn search_ranges(
     cfg: &ActQuantConfig,
 ) -> Result<Search> {
     let start = std::time::Instant::now();
-    let probe = super::calib::OutputProbe::new(model, cx, SEARCH_IMAGES)?;
+    let probe = super::calib::OutputProbe::new(model, cx, cfg.search_images)?;
     let notes = vec![String::new(); targets.len()];
     let error = |grids: &[Grid]| -> Result<f64> {
         let mut m = model.clone();

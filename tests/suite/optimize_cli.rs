@@ -772,6 +772,38 @@ fn act_search_from_the_cli() {
         .count();
     assert!(line.contains(&format!(": {moved} scales moved")), "{line}");
 
+    // The 20 foolbox images are fewer than the default 32: all of them.
+    assert!(
+        line.contains(" model runs on 20 calibration images"),
+        "{line}"
+    );
+
+    // act_quant.search_images sets how many; 0 is a usage error.
+    let args = |n: &'static str| {
+        [
+            "--quantize",
+            "linear:8",
+            "--act-bits",
+            "4",
+            "--act-search",
+            "1",
+            "--set",
+            n,
+        ]
+    };
+    let rep = keras_cifar_report(d.path(), "search5", &args("act_quant.search_images=5"));
+    let act = report_pass(&rep, "act-quant").to_string();
+    assert!(act.contains(" model runs on 5 calibration images"), "{act}");
+    let out = d.path().join("zero.onnx");
+    let m = fixture("cifar10_keras_bn.onnx");
+    let calib = fixture("data/foolbox/cifar10");
+    let mut all = vec!["optimize", m.to_str().unwrap(), "-o", out.to_str().unwrap()];
+    all.extend(args("act_quant.search_images=0"));
+    all.extend(["--calib", calib.to_str().unwrap()]);
+    let err = cli_fails(&all);
+    assert!(err.contains("search_images = 0"), "{err}");
+    assert!(!out.exists());
+
     // Without activation quantization there is nothing to search: a usage error.
     needs_act_bits(d.path(), "--act-search", "1");
 }
