@@ -1288,11 +1288,7 @@ impl Pass for ActQuant {
                 ),
             );
         }
-        let mut grids: Vec<Grid> = stats
-            .iter()
-            .zip(&bits)
-            .map(|(st, &b)| grid_for(st, b, cfg))
-            .collect();
+        let mut grids = grids_for(&stats, &bits, cfg);
         if cfg.search > 0 && cfg.bits < 16 {
             let s = search_ranges(model, cx, &targets, &stats, &bits, &mut grids, cfg)?;
             for (note, f) in notes.iter_mut().zip(&s.factors) {
@@ -1353,31 +1349,15 @@ fn sensitivities(
     cfg: &ActQuantConfig,
 ) -> Result<(Vec<f64>, usize)> {
     let probe = super::calib::OutputProbe::new(model, cx, SENSITIVITY_IMAGES)?;
-    let notes = vec![String::new(); targets.len()];
+    let grids = grids_for(stats, &vec![cfg.bits; targets.len()], cfg);
     let mut out = Vec::with_capacity(targets.len());
     crate::passes::solve_progress("act-quant: sensitivity", 0, targets.len());
     for k in 0..targets.len() {
-        let mut m = model.clone();
         let mut bits = vec![0; targets.len()];
         bits[k] = cfg.bits;
-        let mut scratch = PassReport::new("act-quant");
-        let grids: Vec<Grid> = stats
-            .iter()
-            .zip(&bits)
-            .map(|(st, &b)| grid_for(st, b, cfg))
-            .collect();
-        insert(
-            &mut m,
-            targets,
-            stats,
-            &grids,
-            &bits,
-            &notes,
-            cfg,
-            true,
-            &mut scratch,
-        );
-        out.push(probe.relative_change(&m)?.unwrap_or(0.0));
+        out.push(output_change(
+            model, &probe, targets, stats, &grids, &bits, cfg,
+        )?);
         crate::passes::solve_progress("act-quant: sensitivity", k + 1, targets.len());
     }
     Ok((out, probe.images()))
@@ -1394,6 +1374,44 @@ fn grid_for(st: &Stats, bits: u32, cfg: &ActQuantConfig) -> Grid {
     } else {
         choose_grid(st, bits, cfg.range, cfg.overflow_rate)
     }
+}
+
+/// [`grid_for`] of every target at its `bits[k]`.
+fn grids_for(stats: &[Stats], bits: &[u32], cfg: &ActQuantConfig) -> Vec<Grid> {
+    stats
+        .iter()
+        .zip(bits)
+        .map(|(st, &b)| grid_for(st, b, cfg))
+        .collect()
+}
+
+/// How far the quantizers at `bits[k]` on `grids[k]` move the network's output
+/// on the probe's images: ||y - y0||^2 / ||y0||^2 (0 where y0 is all zero).
+#[allow(clippy::too_many_arguments)]
+fn output_change(
+    model: &Model,
+    probe: &super::calib::OutputProbe,
+    targets: &[Target],
+    stats: &[Stats],
+    grids: &[Grid],
+    bits: &[u32],
+    cfg: &ActQuantConfig,
+) -> Result<f64> {
+    let mut m = model.clone();
+    let notes = vec![String::new(); targets.len()];
+    let mut scratch = PassReport::new("act-quant");
+    insert(
+        &mut m,
+        targets,
+        stats,
+        grids,
+        bits,
+        &notes,
+        cfg,
+        true,
+        &mut scratch,
+    );
+    Ok(probe.relative_change(&m)?.unwrap_or(0.0))
 }
 
 /// Calibration images the range search runs by default (the first ones).
@@ -1422,11 +1440,11 @@ struct Search {
 /// scale with the least output error ||y - y_float||^2 / ||y_float||^2 over the
 /// first `cfg.search_images` calibration images ([`SEARCH_IMAGES`] by default;
 /// y_float: the model this pass receives); `cfg.search` rounds over all of
-/// them. The per-tensor criteria
-/// (percentile, MSE) weigh every element's error alike; this one weighs it by
-/// what it does downstream, as LAPQ (Nahshan et al., 2021, "Loss aware
-/// post-training quantization") chooses clipping by the network's loss, here
-/// without labels. One model run per candidate: rounds x targets x 8 runs.
+/// them. The per-tensor criteria (percentile, MSE) weigh every element's error
+/// alike; this one weighs it by what it does downstream, as LAPQ (Nahshan et
+/// al., 2021, "Loss aware post-training quantization") chooses clipping by the
+/// network's loss, here without labels. One model run per candidate: rounds x
+/// targets x 8 runs.
 fn search_ranges(
     model: &Model,
     cx: &Context,
@@ -1438,23 +1456,7 @@ fn search_ranges(
 ) -> Result<Search> {
     let start = std::time::Instant::now();
     let probe = super::calib::OutputProbe::new(model, cx, cfg.search_images)?;
-    let notes = vec![String::new(); targets.len()];
-    let error = |grids: &[Grid]| -> Result<f64> {
-        let mut m = model.clone();
-        let mut scratch = PassReport::new("act-quant");
-        insert(
-            &mut m,
-            targets,
-            stats,
-            grids,
-            bits,
-            &notes,
-            cfg,
-            true,
-            &mut scratch,
-        );
-        Ok(probe.relative_change(&m)?.unwrap_or(0.0))
-    };
+    let error = |grids: &[Grid]| output_change(model, &probe, targets, stats, grids, bits, cfg);
     let searched: Vec<usize> = (0..targets.len())
         .filter(|&k| bits[k] == cfg.bits)
         .collect();
