@@ -71,6 +71,8 @@
 //! overflow_rate = 0.0
 //! placement = "inputs"           # inputs (of weighted layers) | outputs
 //! keep = 0                       # mixed precision: the K most output-sensitive activations stay 16-bit
+//! search = 0                     # rounds of loss-aware range search (search_images = 32)
+//! per_channel = false            # one grid per channel (axis 1), symmetric ranges only
 //! ```
 
 use std::path::Path;
@@ -287,6 +289,11 @@ pub struct Overrides {
     /// criterion without labels). Costs R x activations x 8 model runs.
     #[arg(long, value_name = "R")]
     pub act_search: Option<usize>,
+    /// Per-channel activation grids: each channel of a quantized activation gets
+    /// its own scale, max |x| of that channel on the calibration images, capped at
+    /// the --act-range grid's (symmetric ranges only; the float fake-quant chain).
+    #[arg(long)]
+    pub act_per_channel: bool,
     /// Weight storage: packed (a bitmask over pruned zeros + k-bit codes or float32
     /// values, decoded by standard ONNX ops that runtimes fold at load; the default
     /// when pruning or quantizing) or float (dense float32).
@@ -645,14 +652,23 @@ impl Recipe {
                 if o.act_search.is_some() {
                     a.search = o.act_search;
                 }
+                if o.act_per_channel {
+                    a.per_channel = Some(true);
+                }
             }
-            None if o.act_range.is_some() || o.act_keep.is_some() || o.act_search.is_some() => {
+            None if o.act_range.is_some()
+                || o.act_keep.is_some()
+                || o.act_search.is_some()
+                || o.act_per_channel =>
+            {
                 let flag = if o.act_range.is_some() {
                     "--act-range"
                 } else if o.act_keep.is_some() {
                     "--act-keep"
-                } else {
+                } else if o.act_search.is_some() {
                     "--act-search"
+                } else {
+                    "--act-per-channel"
                 };
                 return Err(Error::Usage(format!(
                     "{flag} needs --act-bits (or an [act_quant] section in the recipe)"

@@ -27,6 +27,15 @@
 //! 32 calibration images (`search_images`), LAPQ's loss-aware clipping without
 //! labels (see `search_ranges`).
 //!
+//! Per-channel grids (`per_channel = true`): each channel of axis 1 gets the grid
+//! the range chooses for its own values ([`Stats::channel`], from a histogram per
+//! channel at 8 bins an octave), on the tensor's signed or unsigned levels, as
+//! the fake-quant chain with a [C, 1, .., 1] scale (symmetric ranges only; a value
+//! a MatMul reads keeps one grid). Outlier channels get their own scales as in
+//! per-embedding-group activation quantization (PEG: Bondarenko et al., 2021,
+//! "Understanding and overcoming the challenges of efficient transformer
+//! quantization"), here one group per channel.
+//!
 //! `score` reads every form back as b-bit activations; the forms are built and read
 //! in one place, `repr::act`.
 //!
@@ -199,6 +208,10 @@ pub struct ActQuantSection {
     /// Calibration images the range search runs (the first ones; default 32).
     /// More fit the scales less to those images, at proportional cost.
     pub search_images: Option<usize>,
+    /// Per-channel grids: each channel (axis 1) of a quantized activation gets its
+    /// own scale from its own max |x|, capped at the range's per-tensor grid
+    /// (symmetric ranges only). Default false.
+    pub per_channel: Option<bool>,
     /// 8-bit form: "auto" (default: Q/DQ, except before layers whose weights
     /// onnxruntime would re-quantize, which get the fake-quant chain) or "always"
     /// (Q/DQ everywhere, for runtimes without that re-quantization).
@@ -239,6 +252,17 @@ impl ActQuantSection {
                     .into(),
             ));
         }
+        let per_channel = self.per_channel.unwrap_or(false);
+        if per_channel
+            && matches!(
+                range,
+                Range::MinMax | Range::AsymPercentile(_) | Range::AsymMse
+            )
+        {
+            return Err(Error::Usage(format!(
+                "per-channel activations take a symmetric range (maxabs, percentile:P or mse), not {range}: a zero point per channel is not supported"
+            )));
+        }
         let qdq_always = match self.qdq.as_deref() {
             None | Some("auto") => false,
             Some("always") => true,
@@ -259,6 +283,7 @@ impl ActQuantSection {
             search_images,
             qdq_weights: true,
             qdq_always,
+            per_channel,
         })
     }
 }
@@ -281,6 +306,8 @@ pub struct ActQuantConfig {
     pub qdq_weights: bool,
     /// Q/DQ at 8 bits whatever the weights (recipe `qdq = "always"`).
     pub qdq_always: bool,
+    /// Per-channel grids (axis 1), capped at the per-tensor grid.
+    pub per_channel: bool,
 }
 
 /// Why the layers reading a value through `uses` would not keep their weights as
@@ -372,6 +399,12 @@ pub struct Tally {
     /// Bins spilled from `counts` when a tally outgrew u32 (only its hist and
     /// neg are filled: its min, max and count stay neutral for a merge).
     spill: Option<Box<Stats>>,
+    /// Per channel (axis 1), max |x| (see [`Tally::add_channels`]; empty until then).
+    channels: Vec<f32>,
+    /// Per channel, [`CH_BINS`] counts of |x| ([`ch_bin`]), channel after channel.
+    channel_hist: Vec<u32>,
+    /// The rank of the values `channels` was measured on.
+    rank: usize,
 }
 
 impl Default for Tally {
@@ -389,8 +422,26 @@ impl Default for Tally {
             in_tables: 0,
             counts: counts.into_boxed_slice(),
             spill: None,
+            channels: Vec::new(),
+            channel_hist: Vec::new(),
+            rank: 0,
         }
     }
+}
+
+/// Per-channel histograms: 8 bins per octave of |x| from 2^-16 to 2^16 (bin 0:
+/// below, zeros included; the last: 2^16 and above, and NaN). Coarser than
+/// [`Stats`]' 32 (1 KiB a channel, so that the ~17k channels of MobileNetV2's
+/// activations fit in a chunk's tallies); each bin is 4 of [`Stats`]' bins.
+pub const CH_BINS: usize = 32 * 8 + 2;
+
+/// The per-channel bin of |x|: its f32 exponent and top 3 mantissa bits, offset
+/// so that 2^-16 is bin 1.
+#[inline(always)]
+fn ch_bin(x: f32) -> usize {
+    const BASE: usize = (127 - 16) * 8;
+    let r = ((x.to_bits() & 0x7fff_ffff) >> 20) as usize;
+    (r + 1).saturating_sub(BASE).min(CH_BINS - 1)
 }
 
 /// The slot of x in a lane's table: its raw index, plus TALLY_RAW when x < 0.
@@ -467,6 +518,50 @@ impl Tally {
         self.in_tables += xs.len() as u64;
     }
 
+    /// Keeps max |x| per channel of axis 1 of `v` (rank >= 2; NaN ignored). The
+    /// grids of per-channel activation quantization start from these.
+    pub fn add_channels(&mut self, v: &ndarray::ArrayViewD<f32>) {
+        let c = v.shape()[1];
+        if self.channels.len() < c {
+            self.channels.resize(c, 0.0);
+            self.channel_hist.resize(c * CH_BINS, 0);
+        }
+        self.rank = v.ndim();
+        match v.as_slice() {
+            // [N, C, ...] contiguous: N x C planes in order.
+            Some(xs) if !xs.is_empty() => {
+                let plane = (xs.len() / (v.shape()[0] * c)).max(1);
+                for (i, p) in xs.chunks(plane).enumerate() {
+                    self.count_channel(i % c, p);
+                }
+            }
+            _ => {
+                for (ch, lane) in v.axis_iter(ndarray::Axis(1)).enumerate() {
+                    self.count_channel(ch, &lane.iter().copied().collect::<Vec<f32>>());
+                }
+            }
+        }
+    }
+
+    /// Channel `ch`'s max |x| and histogram, over `xs`.
+    fn count_channel(&mut self, ch: usize, xs: &[f32]) {
+        let hist = &mut self.channel_hist[ch * CH_BINS..(ch + 1) * CH_BINS];
+        // Two running maxima: no single dependency chain through every element.
+        let (mut m0, mut m1) = (self.channels[ch], 0f32);
+        let mut pairs = xs.chunks_exact(2);
+        for p in &mut pairs {
+            m0 = m0.max(p[0].abs());
+            m1 = m1.max(p[1].abs());
+            hist[ch_bin(p[0])] += 1;
+            hist[ch_bin(p[1])] += 1;
+        }
+        for &x in pairs.remainder() {
+            m0 = m0.max(x.abs());
+            hist[ch_bin(x)] += 1;
+        }
+        self.channels[ch] = m0.max(m1);
+    }
+
     /// Adds the tables into `spill` and zeroes them.
     fn spill_tables(&mut self) {
         let s = self.spill.get_or_insert_with(Default::default);
@@ -484,6 +579,9 @@ impl Tally {
         }
         (self.lo, self.hi) = (f32::INFINITY, f32::NEG_INFINITY);
         (self.count, self.nan, self.in_tables, self.spill) = (0, 0, 0, None);
+        self.channels.clear();
+        self.channel_hist.clear();
+        self.rank = 0;
     }
 }
 
@@ -504,6 +602,12 @@ pub struct Stats {
     /// The same bins, negative x only (so hist - neg counts x >= 0): the two
     /// tails of a signed value for the asymmetric ranges.
     pub neg: Vec<u64>,
+    /// Per channel of axis 1, max |x| (empty when not measured: per-tensor grids).
+    pub channel_absmax: Vec<f64>,
+    /// Per channel, [`CH_BINS`] counts of |x|, channel after channel.
+    pub channel_hist: Vec<u64>,
+    /// The rank of the value `channel_absmax` was measured on (0: not measured).
+    pub rank: usize,
 }
 
 impl Default for Stats {
@@ -515,6 +619,9 @@ impl Default for Stats {
             count: 0,
             hist: vec![0; BINS + 1],
             neg: vec![0; BINS + 1],
+            channel_absmax: Vec::new(),
+            channel_hist: Vec::new(),
+            rank: 0,
         }
     }
 }
@@ -601,6 +708,62 @@ impl Stats {
         // NaNs (never x < 0) were counted at an infinity's raw index or above.
         self.hist[BINS] -= t.nan;
         self.hist[0] += t.nan;
+        let channels: Vec<f64> = t.channels.iter().map(|&c| c as f64).collect();
+        let hist: Vec<u64> = t.channel_hist.iter().map(|&c| u64::from(c)).collect();
+        self.merge_channels(&channels, &hist, t.rank);
+    }
+
+    /// Per-channel maxima (the larger of each) and histograms (summed); a
+    /// shorter list counts as zeros.
+    fn merge_channels(&mut self, channels: &[f64], hist: &[u64], rank: usize) {
+        if channels.is_empty() {
+            return;
+        }
+        if self.channel_absmax.len() < channels.len() {
+            self.channel_absmax.resize(channels.len(), 0.0);
+            self.channel_hist.resize(channels.len() * CH_BINS, 0);
+        }
+        for (a, b) in self.channel_absmax.iter_mut().zip(channels) {
+            *a = a.max(*b);
+        }
+        for (a, b) in self.channel_hist.iter_mut().zip(hist) {
+            *a += b;
+        }
+        self.rank = rank;
+    }
+
+    /// Channel `c`'s statistics as a [`Stats`] (so that every symmetric range
+    /// reads it as it reads a tensor's): each per-channel bin's count spread
+    /// evenly over the 4 bins it spans here, min = -max |x| when `signed` (the
+    /// tensor's sign decides the grid), else 0. Values below 2^-16 count as zeros.
+    pub fn channel(&self, c: usize, signed: bool) -> Stats {
+        let mut st = Stats::default();
+        let absmax = self.channel_absmax[c];
+        let hist = &self.channel_hist[c * CH_BINS..(c + 1) * CH_BINS];
+        for (b, &n) in hist.iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            if b == 0 {
+                st.hist[0] += n;
+                continue;
+            }
+            // 2^(-16 + (b - 1) / 8): octave e, top 3 mantissa bits m.
+            let (e, m) = (((b - 1) / 8) as i64 - 16, (b - 1) % 8);
+            let first = ((e + 40) * 32) as usize + 4 * m + 1;
+            if b == CH_BINS - 1 {
+                st.hist[first.min(BINS)] += n;
+                continue;
+            }
+            for k in 0..4 {
+                st.hist[first + k] += n / 4 + u64::from((k as u64) < n % 4);
+            }
+        }
+        st.count = hist.iter().sum();
+        st.absmax = absmax;
+        st.max = absmax;
+        st.min = if signed { -absmax } else { 0.0 };
+        st
     }
 
     pub fn merge(&mut self, o: &Stats) {
@@ -614,6 +777,7 @@ impl Stats {
         for (a, b) in self.neg.iter_mut().zip(&o.neg) {
             *a += b;
         }
+        self.merge_channels(&o.channel_absmax, &o.channel_hist, o.rank);
     }
 
     /// Bin counts of one side: x >= 0 (`negative` false, zeros included in bin 0)
@@ -646,7 +810,7 @@ impl Stats {
     /// no more than `rank` values.
     pub fn tail_quantile(&self, negative: bool, rate: f64) -> f64 {
         let top = self.side_max(negative);
-        let rank = (rate * self.count as f64).floor() as u64;
+        let rank = crate::repr::round::rank_at_rate(rate, self.count);
         if rank == 0 {
             return top;
         }
@@ -683,7 +847,7 @@ impl Stats {
 
     /// |x| at rank floor(rate * count) from the top (rate 0: the exact max).
     pub fn quantile_from_top(&self, rate: f64) -> f64 {
-        let rank = (rate * self.count as f64).floor() as u64;
+        let rank = crate::repr::round::rank_at_rate(rate, self.count);
         if rank == 0 {
             return self.absmax;
         }
@@ -913,6 +1077,30 @@ pub fn choose_grid(st: &Stats, bits: u32, range: Range, overflow_rate: f64) -> G
     }
 }
 
+/// Per-channel scales of a value at `bits` (zero point 0), each relative to the
+/// per-tensor grid's scale `grid.scale`: channel c's grid is the one the range
+/// chooses for that channel's values alone ([`Stats::channel`]; percentile:P
+/// its own P-th percentile of |x|, mse its own least-MSE clipping, maxabs its
+/// own max), on the tensor's signed or unsigned levels. A channel that never
+/// left 0 takes the tensor's scale (any scale represents it). Relative, so that
+/// the range search's factor on the tensor's scale moves every channel alike.
+pub fn channel_scales(st: &Stats, grid: &Grid, bits: u32, cfg: &ActQuantConfig) -> Vec<f32> {
+    (0..st.channel_absmax.len())
+        .map(|c| {
+            if !(st.channel_absmax[c] > 0.0 && st.channel_absmax[c].is_finite()) {
+                return 1.0;
+            }
+            let g = choose_grid(
+                &st.channel(c, grid.signed),
+                bits,
+                cfg.range,
+                cfg.overflow_rate,
+            );
+            g.scale / grid.scale
+        })
+        .collect()
+}
+
 /// A usable f32 scale: positive, finite, at least the smallest normal (1 otherwise).
 fn finite_scale(scale: f64) -> f32 {
     let scale = if scale > 0.0 && scale.is_finite() {
@@ -940,6 +1128,11 @@ struct Target {
     /// only by the next (or, the first, only by the rewired uses): the quantizer
     /// can take their place when its saturation does what they do.
     chain: Vec<Bound>,
+    /// With per-channel grids asked: why this value keeps one grid.
+    per_tensor_why: Option<String>,
+    /// Per-channel grids at the pass's width: each channel's scale over the
+    /// tensor grid's ([`channel_scales`]).
+    channel_rel: Option<Vec<f32>>,
 }
 
 /// An activation the quantizer may absorb.
@@ -1118,6 +1311,8 @@ impl Pass for ActQuant {
                         after,
                         readers,
                         chain: Vec::new(),
+                        per_tensor_why: None,
+                        channel_rel: None,
                     },
                 );
             };
@@ -1178,6 +1373,18 @@ impl Pass for ActQuant {
             }
             for t in &mut targets {
                 t.chain = chain_of(&view, &t.value, &t.uses);
+                if cfg.per_channel {
+                    t.per_tensor_why = t
+                        .uses
+                        .iter()
+                        .find(|&&(n, _)| view.node(n).op_type() == "MatMul")
+                        .map(|&(n, _)| {
+                            format!(
+                                "one grid: MatMul '{}' reads it (its channels are the last axis, not axis 1)",
+                                view.node_name(n)
+                            )
+                        });
+                }
             }
             targets
         };
@@ -1210,11 +1417,14 @@ impl Pass for ActQuant {
                         .unwrap_or_else(|| values.iter().map(|_| Tally::default()).collect())
                 },
                 |acc: &mut Vec<Tally>, _i, views| {
-                    for (s, v) in acc.iter_mut().zip(views) {
+                    for ((s, v), t) in acc.iter_mut().zip(views).zip(&targets) {
                         // A contiguous output (tract's usual) as a slice.
                         match v.as_slice() {
                             Some(xs) => s.add(xs),
                             None => s.add(&v.iter().copied().collect::<Vec<f32>>()),
+                        }
+                        if cfg.per_channel && t.per_tensor_why.is_none() && v.ndim() >= 2 {
+                            s.add_channels(v);
                         }
                     }
                 },
@@ -1242,6 +1452,18 @@ impl Pass for ActQuant {
                     }
                 ),
             );
+        }
+
+        // Per-channel grids, relative to the tensor's (on symmetric levels, so
+        // not for a zero-point grid; 16 bits is float16 rounding).
+        let mut targets = targets;
+        if cfg.per_channel && cfg.bits < 16 {
+            for (t, st) in targets.iter_mut().zip(&stats) {
+                let g = grid_for(st, cfg.bits, cfg);
+                if st.rank >= 2 && st.channel_absmax.len() > 1 && g.zero_point == 0 {
+                    t.channel_rel = Some(channel_scales(st, &g, cfg.bits, cfg));
+                }
+            }
         }
 
         // Mixed precision: the `keep` values whose quantization alone moves the
@@ -1529,14 +1751,28 @@ fn insert(
         let kept = bits == 16 && cfg.bits < 16;
         let (scale, signed) = (grid.scale, grid.signed);
         let (lo, hi) = grid.levels(bits);
+        // Per-channel grids: at the pass's width (not Half, not kept), where the
+        // capture measured channels.
+        let channel_scales = t
+            .channel_rel
+            .as_ref()
+            .filter(|_| bits == cfg.bits && grid.zero_point == 0)
+            .map(|rel| {
+                rel.iter()
+                    .map(|&r| finite_scale(scale as f64 * r as f64))
+                    .collect::<Vec<f32>>()
+            });
         let form = match bits {
-            8 if t.no_qdq.is_none() => Form::Qdq {
+            8 if t.no_qdq.is_none() && channel_scales.is_none() => Form::Qdq {
                 signed,
                 zero_point: grid.zero_point,
             },
             16 if !kept => Form::Half,
             _ => Form::FakeQuant { signed, lo, hi },
         };
+        // The largest scale sets the top of the grid (the others stop lower).
+        let scales = channel_scales.clone().unwrap_or_else(|| vec![scale]);
+        let top_scale = scales.iter().fold(0f32, |a, &b| a.max(b));
         // Activations the quantizer's saturation makes redundant: Relu and
         // Clip(0, c) when the grid's lowest level is 0, Clip and Min when the top
         // level rounds from at or below the bound (c / s >= top level - 1/4,
@@ -1546,7 +1782,8 @@ fn insert(
         if form != Form::Half {
             for b in &t.chain {
                 let floor_ok = !b.floor_zero || lo == 0.0;
-                let top_ok = b.top == f32::INFINITY || (b.top as f64) / (scale as f64) >= hi - 0.25;
+                let top_ok =
+                    b.top == f32::INFINITY || (b.top as f64) / (top_scale as f64) >= hi - 0.25;
                 if !(floor_ok && top_ok) {
                     break;
                 }
@@ -1554,7 +1791,7 @@ fn insert(
                 src = b.input.clone();
             }
         }
-        let (nodes, out) = act::build(g, &mut names, &src, form, scale);
+        let (nodes, out) = act::build(g, &mut names, &src, form, &scales, st.rank);
         before.entry(t.after).or_default().extend(nodes);
         let absorbed_names: Vec<String> = absorbed_here
             .iter()
@@ -1604,6 +1841,25 @@ fn insert(
             .as_ref()
             .map(|w| format!("; not Q/DQ: {w}"))
             .unwrap_or_default();
+        match &channel_scales {
+            Some(cs) => {
+                let least = cs.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+                why.push_str(&format!(
+                    "; per channel: {} scales in [{least:?}, {top_scale:?}] (each channel's own {} grid; the grid above is the tensor's), as the fake-quant chain",
+                    cs.len(),
+                    cfg.range
+                ));
+            }
+            None if cfg.per_channel && bits == cfg.bits && bits < 16 => {
+                why.push_str(&format!(
+                    "; {}",
+                    t.per_tensor_why
+                        .as_deref()
+                        .unwrap_or("one grid: no channel axis (rank below 2)")
+                ));
+            }
+            None => {}
+        }
         if !absorbed_names.is_empty() {
             why.push_str(&format!(
                 "; absorbs {} (the grid saturates where it clamps)",
@@ -1690,6 +1946,55 @@ mod tests {
     /// 2^-40 and above 2^24, negatives) and a length that leaves a remainder
     /// (8 runs of 8 and 5 more), split over two calls with the tables spilled
     /// between them, and again after a reset.
+    #[test]
+    fn channel_stats_by_hand() {
+        // One image [1, 2, 1000]: channel 0 holds 999 ones and one 100, channel 1
+        // only zeros. Per-channel bins are 8 an octave: 1.0 falls in [1, 1.125),
+        // spread over the 4 fine bins [1, 1.03125) .. [1.09375, 1.125) as 250,
+        // 250, 250, 249. percentile:99.9 skips floor(0.001 x 1000) = 1 value from
+        // the top (the 100), so v = the last fine bin's upper edge, 1.125 (the
+        // tensor's own 32-an-octave histogram would say 1.03125); unsigned 8 bits:
+        // scale 1.125 / 255. The tensor's grid: 1000 of 2000 values are zeros, the
+        // top 2 of 2000 skipped: v = 1.03125. Channel 1 never left 0: ratio 1.
+        let mut x = vec![1.0f32; 2000];
+        x[500] = 100.0;
+        x[1000..].fill(0.0);
+        let v = ndarray::ArrayD::from_shape_vec(vec![1, 2, 1000], x.clone()).unwrap();
+        let mut t = Tally::default();
+        t.add(&x);
+        t.add_channels(&v.view());
+        let mut st = Stats::default();
+        st.merge_tally(&t);
+        assert_eq!(st.channel_absmax, vec![100.0, 0.0]);
+        assert_eq!(st.rank, 3);
+        let c0 = st.channel(0, false);
+        assert_eq!(c0.count, 1000);
+        assert_eq!(c0.quantile_from_top(0.001), 1.125);
+        let cfg = ActQuantSection {
+            bits: 8,
+            range: Some("percentile:99.9".into()),
+            per_channel: Some(true),
+            ..Default::default()
+        }
+        .config()
+        .unwrap();
+        let g = grid_for(&st, 8, &cfg);
+        assert_eq!(g.scale, (1.03125f64 / 255.0) as f32);
+        let rel = channel_scales(&st, &g, 8, &cfg);
+        assert_eq!(rel, vec![(1.125f64 / 255.0) as f32 / g.scale, 1.0]);
+        // Bins: 2^-16 is bin 1, just below it bin 0, 2^16 and up the last.
+        assert_eq!(ch_bin(2f32.powi(-16)), 1);
+        assert_eq!(ch_bin(2f32.powi(-16) * 0.999), 0);
+        assert_eq!(ch_bin(0.0), 0);
+        assert_eq!(ch_bin(-1.0), ch_bin(1.0));
+        assert_eq!(ch_bin(1.0), 16 * 8 + 1);
+        assert_eq!(ch_bin(1.124), 16 * 8 + 1);
+        assert_eq!(ch_bin(1.125), 16 * 8 + 2);
+        assert_eq!(ch_bin(65535.0), CH_BINS - 2);
+        assert_eq!(ch_bin(65536.0), CH_BINS - 1);
+        assert_eq!(ch_bin(f32::NAN), CH_BINS - 1);
+    }
+
     #[test]
     fn tally_counts_what_add_counts() {
         let mut xs: Vec<f32> = vec![

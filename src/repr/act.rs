@@ -336,12 +336,21 @@ fn node(op: &str, name: String, inputs: Vec<String>, output: String) -> NodeProt
 /// Builds the quantizer of `value` (`scale` unused for [`Form::Half`]): pushes its
 /// constants to `g.initializer` and returns its nodes, in order, and the value
 /// they write. Names come from `names`, derived from `value`.
+///
+/// `scale` holds one scale (per tensor) or one per channel of axis 1 of a value
+/// of rank `rank` >= 2, written as a constant of shape [C, 1, ..., 1] (rank - 1
+/// dims) that broadcasts against [N, C, ...] (ONNX multidirectional
+/// broadcasting); per-channel scales take [`Form::FakeQuant`] only.
+///
+/// Panics when per-channel scales come with [`Form::Qdq`] or `rank` < 2: the
+/// pass never asks for either.
 pub fn build(
     g: &mut GraphProto,
     names: &mut Namer,
     value: &str,
     form: Form,
-    scale: f32,
+    scale: &[f32],
+    rank: usize,
 ) -> (Vec<NodeProto>, String) {
     let base = value.replace(['/', ':'], "_");
     let base = base.trim_start_matches('_');
@@ -361,8 +370,20 @@ pub fn build(
         return (vec![c1, c2], out);
     }
     let s_name = names.fresh(&format!("{base}_act_scale"));
+    let scale_tensor = match scale {
+        [s] => ndarray::arr0(*s).into_dyn(),
+        _ => {
+            assert!(
+                rank >= 2 && !matches!(form, Form::Qdq { .. }),
+                "per-channel activation scales need the fake-quant chain and a channel axis"
+            );
+            let mut shape = vec![1; rank - 1];
+            shape[0] = scale.len();
+            ndarray::ArrayD::from_shape_vec(shape, scale.to_vec()).expect("C scales")
+        }
+    };
     g.initializer
-        .push(TensorData::F32(ndarray::arr0(scale).into_dyn()).to_proto(&s_name));
+        .push(TensorData::F32(scale_tensor).to_proto(&s_name));
     let out;
     match form {
         Form::Qdq { signed, zero_point } => {

@@ -8,6 +8,23 @@
 //! 0 or 1/2 decides the result exactly; larger magnitudes, infinities and NaN are
 //! already their own floor and rounding.
 
+/// floor(rate x n), the rank a clipping rate names among n values, with a
+/// product within 1e-9 (relative) below an integer taken as that integer: a
+/// rate computed as 1 - 99.9 / 100 = 0.000999999999999889 must name rank 1 of
+/// 1000 values (the product 0.999999999999889 would floor to 0 and clip
+/// nothing). Rates are at most 1; so are the errors of computing them, far
+/// above 1e-9 relative of no real rank.
+pub fn rank_at_rate(rate: f64, n: u64) -> u64 {
+    let x = rate * n as f64;
+    let r = round(x);
+    let rank = if r > x && r - x <= 1e-9 * r.max(1.0) {
+        r
+    } else {
+        floor(x)
+    };
+    rank.max(0.0) as u64
+}
+
 /// `v.floor()`, exactly.
 #[inline]
 pub fn floor(v: f64) -> f64 {
@@ -59,6 +76,19 @@ mod tests {
     /// Bit for bit what std gives: the edges by hand (signed zeros, halves,
     /// just below and above them, 2^52 and 2^23 and their neighbours,
     /// infinities, NaN) and a million values spread over every exponent.
+    #[test]
+    fn rank_at_rate_by_hand() {
+        // 1 - 99.9 / 100 = 0.000999999999999889: x 1000 = 0.999999999999889, rank 1.
+        assert_eq!(rank_at_rate(1.0 - 99.9 / 100.0, 1000), 1);
+        // (1 - 99.9 / 100) / 2 x 2000 (the asymmetric tails): rank 1.
+        assert_eq!(rank_at_rate((1.0 - 99.9 / 100.0) / 2.0, 2000), 1);
+        assert_eq!(rank_at_rate(0.1, 10), 1);
+        assert_eq!(rank_at_rate(0.0, 1000), 0);
+        assert_eq!(rank_at_rate(0.5, 3), 1); // floor(1.5)
+        assert_eq!(rank_at_rate(0.00099, 1000), 0); // 0.99: a real fraction floors
+        assert_eq!(rank_at_rate(0.999_999_9, 10), 9); // 9.999999: not within 1e-9
+    }
+
     #[test]
     fn same_bits_as_std() {
         let mut edges: Vec<f64> = vec![

@@ -807,3 +807,98 @@ fn act_search_from_the_cli() {
     // Without activation quantization there is nothing to search: a usage error.
     needs_act_bits(d.path(), "--act-search", "1");
 }
+
+#[test]
+fn act_per_channel_from_the_cli() {
+    // --act-per-channel on the Keras CIFAR-10 CNN at 8-bit weights and
+    // activations: the recipe records it; the activations with a channel axis
+    // get one scale per channel (the report says how many, each its own
+    // percentile grid) on the fake-quant chain, which the score reads as 8 bits
+    // for every weighted layer; tract and onnxruntime run the written model alike.
+    let d = tempfile::tempdir_in(root().join("target")).unwrap();
+    let flags = [
+        "--quantize",
+        "linear:8",
+        "--per-channel",
+        "--act-bits",
+        "8",
+        "--act-range",
+        "percentile:99.99",
+        "--act-per-channel",
+    ];
+    let rep = keras_cifar_report(d.path(), "pc", &flags);
+    assert_eq!(
+        rep["recipe"]["act_quant"]["per_channel"],
+        serde_json::json!(true)
+    );
+    let act = report_pass(&rep, "act-quant");
+    let lines: Vec<&str> = act["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["what"].as_str().unwrap())
+        .filter(|w| w.starts_with("8-bit"))
+        .collect();
+    let per_channel = lines
+        .iter()
+        .filter(|w| {
+            w.contains("; per channel: ")
+                && w.contains("(each channel's own percentile:99.99 grid")
+                && w.starts_with("8-bit signed fake-quant")
+                    | w.starts_with("8-bit unsigned fake-quant")
+        })
+        .count();
+    assert!(
+        per_channel > 3 && per_channel + 1 >= lines.len(),
+        "{lines:#?}"
+    );
+    // The image (3 channels) is the first layer's input.
+    assert!(
+        lines.iter().any(|w| w.contains("per channel: 3 scales")),
+        "{lines:#?}"
+    );
+    let layers = rep["after"]["layers"].as_array().unwrap();
+    let weighted: Vec<u64> = layers
+        .iter()
+        .filter(|l| matches!(l["op_type"].as_str(), Some("Conv" | "Gemm" | "MatMul")))
+        .map(|l| l["act_bits"].as_u64().unwrap())
+        .collect();
+    assert!(
+        weighted.len() > 3 && weighted.iter().all(|&b| b == 8),
+        "{weighted:?}"
+    );
+    let rel = d.path().join("pc.onnx");
+    let rel = format!("../{}", rel.strip_prefix(root()).unwrap().to_str().unwrap());
+    crate::validate_ort::check(&rel, "data/foolbox/cifar10", "raw", 20);
+
+    // A zero point per channel is not offered; and it needs --act-bits.
+    let out = d.path().join("none.onnx");
+    let m = fixture("cifar10_keras_bn.onnx");
+    let calib = fixture("data/foolbox/cifar10");
+    let err = cli_fails(&[
+        "optimize",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--act-bits",
+        "8",
+        "--act-range",
+        "minmax",
+        "--act-per-channel",
+        "--calib",
+        calib.to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("per-channel activations take a symmetric range"),
+        "{err}"
+    );
+    let err = cli_fails(&[
+        "optimize",
+        m.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--act-per-channel",
+    ]);
+    assert!(err.contains("--act-per-channel needs --act-bits"), "{err}");
+    assert!(!out.exists());
+}

@@ -1617,6 +1617,20 @@ fn act_search_model(
     search: usize,
     skip: &[&str],
 ) -> (Model, PassReport) {
+    act_two_convs(
+        w1,
+        w2,
+        ActQuantSection {
+            bits,
+            search: Some(search),
+            skip: skip.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        },
+    )
+}
+
+/// [`act_search_model`]'s two 1x1 convs with any `[act_quant]` section.
+fn act_two_convs(w1: &[f32], w2: &[f32], section: ActQuantSection) -> (Model, PassReport) {
     let c = w1.len() as i64;
     let proto = model(
         GraphProto {
@@ -1635,15 +1649,7 @@ fn act_search_model(
         },
         13,
     );
-    act_quant_on_calib_set(
-        proto,
-        ActQuantSection {
-            bits,
-            search: Some(search),
-            skip: skip.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        },
-    )
+    act_quant_on_calib_set(proto, section)
 }
 
 fn line_of(r: &PassReport, target: &str) -> String {
@@ -1728,5 +1734,82 @@ fn range_search_weighs_errors_by_what_they_do_downstream() {
     assert!(
         search.contains(&format!("{before:.4e} -> {after:.4e}")),
         "{search} vs {before:.4e} -> {after:.4e}"
+    );
+}
+
+#[test]
+fn per_channel_activation_grids_by_hand() {
+    use onnx_micronet::graph::Graph;
+    use onnx_micronet::repr::act::ActBits;
+    // h = (x, 10 x) with x = i / 4, i = 0..15: channel 0 in [0, 3.75], channel 1
+    // in [0, 37.5]; y = h0 + 0.001 h1; only h quantized, 4 bits, maxabs, never
+    // negative (unsigned, levels 0..15). Per tensor: v = 37.5, I = ceil(log2
+    // 37.5) = 6, scale 2^-(4 - 6) = 4, and channel 0 rounds to 0 or 4. Per
+    // channel: channel 0's max 3.75 gives I = 2, scale 2^-(4 - 2) = 0.25 (x / 0.25
+    // = i exactly: channel 0 is kept whole); channel 1's max 37.5 gives 4. So
+    // h1 -> 4 round_even(2.5 i / 4) = 4 round_even(0.625 i):
+    //   0.625 i = 0, .625, 1.25, 1.875, 2.5, 3.125, 3.75, 4.375, 5, 5.625, 6.25,
+    //             6.875, 7.5, 8.125, 8.75, 9.375
+    //   rounded = 0, 1, 1, 2, 2, 3, 4, 4, 5, 6, 6, 7, 8, 8, 9, 9 (2.5 -> 2, 7.5 -> 8)
+    // and y = i / 4 + 0.004 rounded.
+    let section = |per_channel: bool| ActQuantSection {
+        bits: 4,
+        skip: vec!["x".into()],
+        per_channel: Some(per_channel),
+        ..Default::default()
+    };
+    let (m, r) = act_two_convs(&[1.0, 10.0], &[1.0, 0.001], section(true));
+    let scale = m
+        .graph()
+        .initializer
+        .iter()
+        .find(|t| t.name() == "h_act_scale")
+        .unwrap();
+    assert_eq!(scale.dims, vec![2, 1, 1]);
+    assert_eq!(values(&m, "h_act_scale"), vec![0.25f32, 4.0]);
+    let h = line_of(&r, "h");
+    assert!(
+        h.contains("per channel: 2 scales in [0.25, 4.0] (each channel's own maxabs grid"),
+        "{h}"
+    );
+    let rounded = [
+        0., 1., 1., 2., 2., 3., 4., 4., 5., 6., 6., 7., 8., 8., 9., 9.,
+    ];
+    let want: Vec<f32> = rounded
+        .iter()
+        .enumerate()
+        .map(|(i, q)| i as f32 / 4.0 + 0.001 * (4.0 * q))
+        .collect();
+    let input: Vec<f32> = calib_set().images.iter().copied().collect();
+    let y = tract_run(&m, &input);
+    for (a, b) in y.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-6, "{y:?} vs {want:?}");
+    }
+    // The score reads the per-channel chain as 4-bit activations.
+    let g = Graph::of(&m).unwrap();
+    let conv2_input = g.node(g.producer("y").unwrap().0).input[0].clone();
+    assert_eq!(ActBits::new(&g).of(&conv2_input), Some(4));
+
+    // Per tensor: one scale, 4, and a larger output error.
+    let (m1, r1) = act_two_convs(&[1.0, 10.0], &[1.0, 0.001], section(false));
+    assert_eq!(values(&m1, "h_act_scale"), vec![4.0f32]);
+    assert!(!line_of(&r1, "h").contains("per channel"));
+    let (f, _) = act_search_model(&[1.0, 10.0], &[1.0, 0.001], 16, 0, &["x", "h"]);
+    let y_float = tract_run(&f, &input);
+    assert!(
+        relative_change(&y, &y_float) < 0.01 * relative_change(&tract_run(&m1, &input), &y_float)
+    );
+
+    // A zero point per channel is not offered: the asymmetric ranges are refused.
+    let err = ActQuantSection {
+        range: Some("minmax".into()),
+        ..section(true)
+    }
+    .config()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("per-channel activations take a symmetric range"),
+        "{err}"
     );
 }

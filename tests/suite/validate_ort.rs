@@ -15,7 +15,12 @@ out = np.concatenate([s.run(None, {name: x[i:i+1]})[0].reshape(1, -1) for i in r
 print(json.dumps(out.astype(float).tolist()))
 "#;
 
-fn check(model_rel: &str, data_rel: &str, preset: &str, limit: usize) -> Option<(f64, f64)> {
+pub(crate) fn check(
+    model_rel: &str,
+    data_rel: &str,
+    preset: &str,
+    limit: usize,
+) -> Option<(f64, f64)> {
     let py = venv_python()?;
     let model_path = fixture(model_rel);
     if !model_path.exists() {

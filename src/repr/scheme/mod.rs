@@ -442,7 +442,7 @@ pub fn abs_at_overflow_rank(w: &[f32], overflow_rate: f64) -> f32 {
     if n == 0 {
         return 0.0;
     }
-    let idx = ((overflow_rate * n as f64).floor() as usize).min(n - 1);
+    let idx = (crate::repr::round::rank_at_rate(overflow_rate, n as u64) as usize).min(n - 1);
     if idx == 0 {
         return w.iter().fold(0f32, |m, x| m.max(x.abs()));
     }
