@@ -289,9 +289,9 @@ pub struct Overrides {
     /// criterion without labels). Costs R x activations x 8 model runs.
     #[arg(long, value_name = "R")]
     pub act_search: Option<usize>,
-    /// Per-channel activation grids: each channel of a quantized activation gets
-    /// its own scale, max |x| of that channel on the calibration images, capped at
-    /// the --act-range grid's (symmetric ranges only; the float fake-quant chain).
+    /// Per-channel activation grids: each channel (axis 1) of a quantized
+    /// activation gets the grid --act-range chooses for that channel's values
+    /// alone (symmetric ranges only; written as the float fake-quant chain).
     #[arg(long)]
     pub act_per_channel: bool,
     /// Weight storage: packed (a bitmask over pruned zeros + k-bit codes or float32

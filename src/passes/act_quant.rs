@@ -208,9 +208,9 @@ pub struct ActQuantSection {
     /// Calibration images the range search runs (the first ones; default 32).
     /// More fit the scales less to those images, at proportional cost.
     pub search_images: Option<usize>,
-    /// Per-channel grids: each channel (axis 1) of a quantized activation gets its
-    /// own scale from its own max |x|, capped at the range's per-tensor grid
-    /// (symmetric ranges only). Default false.
+    /// Per-channel grids: each channel (axis 1) of a quantized activation gets the
+    /// grid the range chooses for that channel's values alone (symmetric ranges
+    /// only; the fake-quant chain). Default false.
     pub per_channel: Option<bool>,
     /// 8-bit form: "auto" (default: Q/DQ, except before layers whose weights
     /// onnxruntime would re-quantize, which get the fake-quant chain) or "always"
@@ -306,7 +306,7 @@ pub struct ActQuantConfig {
     pub qdq_weights: bool,
     /// Q/DQ at 8 bits whatever the weights (recipe `qdq = "always"`).
     pub qdq_always: bool,
-    /// Per-channel grids (axis 1), capped at the per-tensor grid.
+    /// Per-channel grids (axis 1), each channel's own by the range.
     pub per_channel: bool,
 }
 
@@ -518,8 +518,9 @@ impl Tally {
         self.in_tables += xs.len() as u64;
     }
 
-    /// Keeps max |x| per channel of axis 1 of `v` (rank >= 2; NaN ignored). The
-    /// grids of per-channel activation quantization start from these.
+    /// Counts `v` per channel of axis 1 (rank >= 2): each channel's max |x| (NaN
+    /// ignored) and its histogram of |x| ([`ch_bin`]), from which per-channel
+    /// activation quantization chooses each channel's grid. 1 KiB a channel.
     pub fn add_channels(&mut self, v: &ndarray::ArrayViewD<f32>) {
         let c = v.shape()[1];
         if self.channels.len() < c {
