@@ -600,6 +600,17 @@ fn keras_cifar_report(dir: &std::path::Path, tag: &str, args: &[&str]) -> serde_
     optimize_report(dir, tag, &fixture("cifar10_keras_bn.onnx"), &all)
 }
 
+/// The activation bits the written model's score reads for each weighted layer.
+fn weighted_act_bits(rep: &serde_json::Value) -> Vec<u64> {
+    rep["after"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| matches!(l["op_type"].as_str(), Some("Conv" | "Gemm" | "MatMul")))
+        .map(|l| l["act_bits"].as_u64().unwrap())
+        .collect()
+}
+
 /// `optimize` with `flag value` and no activation quantization fails with a usage
 /// error naming the flag, and writes nothing.
 fn needs_act_bits(dir: &std::path::Path, flag: &str, value: &str) {
@@ -669,12 +680,7 @@ fn act_keep_holds_the_most_sensitive_activations_at_16_bits() {
     );
     assert!(ranked.windows(2).all(|w| w[0].1 >= w[1].1), "{ranked:?}");
     assert!(ranked.iter().all(|r| r.2 == (r.0 <= 3)), "{ranked:?}");
-    let layers = rep["after"]["layers"].as_array().unwrap();
-    let weighted: Vec<u64> = layers
-        .iter()
-        .filter(|l| matches!(l["op_type"].as_str(), Some("Conv" | "Gemm" | "MatMul")))
-        .map(|l| l["act_bits"].as_u64().unwrap())
-        .collect();
+    let weighted = weighted_act_bits(&rep);
     assert_eq!(
         weighted.iter().filter(|&&b| b == 16).count(),
         3,
@@ -857,12 +863,7 @@ fn act_per_channel_from_the_cli() {
         lines.iter().any(|w| w.contains("per channel: 3 scales")),
         "{lines:#?}"
     );
-    let layers = rep["after"]["layers"].as_array().unwrap();
-    let weighted: Vec<u64> = layers
-        .iter()
-        .filter(|l| matches!(l["op_type"].as_str(), Some("Conv" | "Gemm" | "MatMul")))
-        .map(|l| l["act_bits"].as_u64().unwrap())
-        .collect();
+    let weighted = weighted_act_bits(&rep);
     assert!(
         weighted.len() > 3 && weighted.iter().all(|&b| b == 8),
         "{weighted:?}"
