@@ -1082,13 +1082,19 @@ pub fn choose_grid(st: &Stats, bits: u32, range: Range, overflow_rate: f64) -> G
 /// per-tensor grid's scale `grid.scale`: channel c's grid is the one the range
 /// chooses for that channel's values alone ([`Stats::channel`]; percentile:P
 /// its own P-th percentile of |x|, mse its own least-MSE clipping, maxabs its
-/// own max), on the tensor's signed or unsigned levels. A channel that never
-/// left 0 takes the tensor's scale (any scale represents it). Relative, so that
-/// the range search's factor on the tensor's scale moves every channel alike.
+/// own max), on the tensor's signed or unsigned levels. Except with maxabs
+/// (whose power-of-two scales round up by design), no channel's grid reaches
+/// above its own max |x|: a channel zero but for fewer values than the
+/// percentile clips has a zero percentile, and would otherwise get
+/// [`choose_grid`]'s fallback scale 1. A channel that never left 0 takes the
+/// tensor's scale (any scale represents it). Relative, so that the range
+/// search's factor on the tensor's scale moves every channel alike.
 pub fn channel_scales(st: &Stats, grid: &Grid, bits: u32, cfg: &ActQuantConfig) -> Vec<f32> {
+    let (_, top) = grid.levels(bits);
     (0..st.channel_absmax.len())
         .map(|c| {
-            if !(st.channel_absmax[c] > 0.0 && st.channel_absmax[c].is_finite()) {
+            let absmax = st.channel_absmax[c];
+            if !(absmax > 0.0 && absmax.is_finite()) {
                 return 1.0;
             }
             let g = choose_grid(
@@ -1097,7 +1103,11 @@ pub fn channel_scales(st: &Stats, grid: &Grid, bits: u32, cfg: &ActQuantConfig) 
                 cfg.range,
                 cfg.overflow_rate,
             );
-            g.scale / grid.scale
+            let scale = match cfg.range {
+                Range::MaxAbs => g.scale,
+                _ => g.scale.min(finite_scale(absmax / top)),
+            };
+            scale / grid.scale
         })
         .collect()
 }
@@ -1955,18 +1965,21 @@ mod tests {
         // 250, 250, 249. percentile:99.9 skips floor(0.001 x 1000) = 1 value from
         // the top (the 100), so v = the last fine bin's upper edge, 1.125 (the
         // tensor's own 32-an-octave histogram would say 1.03125); unsigned 8 bits:
-        // scale 1.125 / 255. The tensor's grid: 1000 of 2000 values are zeros, the
-        // top 2 of 2000 skipped: v = 1.03125. Channel 1 never left 0: ratio 1.
+        // scale 1.125 / 255. Channel 1 is 999 zeros and one 5: its 99.9th
+        // percentile is 0, so its grid stops at its max, scale 5 / 255 (not
+        // choose_grid's fallback 1, which would round it to integers). The
+        // tensor's grid: the top 2 of 2000 skipped (100, 5): v = 1.03125.
         let mut x = vec![1.0f32; 2000];
         x[500] = 100.0;
         x[1000..].fill(0.0);
+        x[1500] = 5.0;
         let v = ndarray::ArrayD::from_shape_vec(vec![1, 2, 1000], x.clone()).unwrap();
         let mut t = Tally::default();
         t.add(&x);
         t.add_channels(&v.view());
         let mut st = Stats::default();
         st.merge_tally(&t);
-        assert_eq!(st.channel_absmax, vec![100.0, 0.0]);
+        assert_eq!(st.channel_absmax, vec![100.0, 5.0]);
         assert_eq!(st.rank, 3);
         let c0 = st.channel(0, false);
         assert_eq!(c0.count, 1000);
@@ -1982,7 +1995,17 @@ mod tests {
         let g = grid_for(&st, 8, &cfg);
         assert_eq!(g.scale, (1.03125f64 / 255.0) as f32);
         let rel = channel_scales(&st, &g, 8, &cfg);
-        assert_eq!(rel, vec![(1.125f64 / 255.0) as f32 / g.scale, 1.0]);
+        assert_eq!(
+            rel,
+            vec![
+                (1.125f64 / 255.0) as f32 / g.scale,
+                (5.0f64 / 255.0) as f32 / g.scale
+            ]
+        );
+        // A channel that never left 0: ratio 1.
+        let mut zero = st.clone();
+        zero.channel_absmax[1] = 0.0;
+        assert_eq!(channel_scales(&zero, &g, 8, &cfg)[1], 1.0);
         // Bins: 2^-16 is bin 1, just below it bin 0, 2^16 and up the last.
         assert_eq!(ch_bin(2f32.powi(-16)), 1);
         assert_eq!(ch_bin(2f32.powi(-16) * 0.999), 0);
