@@ -1866,7 +1866,7 @@ fn insert(
                     "; {}",
                     t.per_tensor_why
                         .as_deref()
-                        .unwrap_or("one grid: no channel axis (rank below 2)")
+                        .unwrap_or("one grid: no axis 1 with more than one channel")
                 ));
             }
             None => {}
