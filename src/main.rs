@@ -165,6 +165,7 @@ fn merge_preprocess(r: &mut Recipe, flags: &PrepArgs) -> anyhow::Result<PrepArgs
         resize: p.resize,
         crop_pct: p.crop_pct,
         interpolation: p.interpolation.clone(),
+        calib_augment: sec.calib_augment.clone(),
     };
     r.preprocess = (used != PreprocessSection::default()).then_some(used);
     Ok(p)
@@ -843,13 +844,23 @@ fn optimize(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let calib = match &a.calib {
-        Some(p) => Some(prepare(
-            &original,
-            p,
-            &a.prep,
-            &a.counting.input_shape,
-            Some(a.calib_samples),
-        )?),
+        Some(p) => {
+            let mut c = prepare(
+                &original,
+                p,
+                &a.prep,
+                &a.counting.input_shape,
+                Some(a.calib_samples),
+            )?;
+            let augment = r
+                .preprocess
+                .as_ref()
+                .and_then(|s| s.calib_augment.as_deref());
+            if augment == Some("flip") {
+                c.data = c.data.with_mirrors(c.geometry.layout);
+            }
+            Some(c)
+        }
         None => None,
     };
     if let (Some(e), Some(c)) = (&eval, &calib) {

@@ -22,6 +22,7 @@
 //! refit = false                  # least-squares refit of survivors (needs --calib)
 //! rounds = 3                     # reweighting rounds
 //! allocate = "uniform"           # sparsegpt: uniform | error | network (per-layer sparsities by output error, unweighted or weighted by measured effect on the output; the target overall; chosen on the float model's inputs, then pruned in the stages of a sequential/asymmetric calib_mode)
+//! damp = 0.01                    # sparsegpt: ridge of H, fraction of its mean diagonal
 //!
 //! [channels]                     # passes/prune_channels.rs; structured: whole channels go
 //! ratio = 0.3                    # fraction of each group's channels removed
@@ -52,6 +53,7 @@
 //! rounding = "gptq"              # gptq (default with --calib) | nearest
 //! calib_mode = "parallel"        # parallel | sequential[:K] (GPTQ's inputs from the model quantized so far) | asymmetric[:K] (and each layer fit to the float model's output: GPTAQ)
 //! act_order = true               # GPTQ's columns by decreasing Hessian diagonal (default false: the weight's order)
+//! damp = "auto"                  # GPTQ's ridge of H: "auto" (default: per layer, 2-fold cross-validation) or a fraction of its mean diagonal (0.01)
 //! avg_bits = 4.0                 # per-layer bits from 2..8 with this parameter-weighted mean (needs --calib)
 //! [[quantize.layer]]             # later entries win
 //! match = "*classifier*"
@@ -129,6 +131,10 @@ pub struct PreprocessSection {
     pub crop_pct: Option<f64>,
     /// bilinear | bicubic | nearest.
     pub interpolation: Option<String>,
+    /// Calibration images added as transformed copies: "flip" (each image and
+    /// its left-right mirror, side by side: twice the calibration rows) or
+    /// "none" (the default). Evaluation images are never augmented.
+    pub calib_augment: Option<String>,
 }
 
 impl PreprocessSection {
@@ -147,6 +153,11 @@ impl PreprocessSection {
         if let Some(i) = &self.interpolation {
             if !["bilinear", "bicubic", "nearest"].contains(&i.as_str()) {
                 return Err(bad("interpolation", i, "bilinear, bicubic, nearest"));
+            }
+        }
+        if let Some(a) = &self.calib_augment {
+            if !["none", "flip"].contains(&a.as_str()) {
+                return Err(bad("calib_augment", a, "none, flip"));
             }
         }
         if let Some(s) = &self.std {
@@ -191,6 +202,12 @@ pub struct Overrides {
     /// Do not fold BatchNormalization (folding is on by default).
     #[arg(long)]
     pub no_fold_bn: bool,
+    /// Calibration augmentation: flip (each calibration image and its left-right
+    /// mirror: twice the rows for GPTQ, SparseGPT and the activation ranges, for
+    /// datasets whose classes are mirror-symmetric, as ImageNet's are) or none
+    /// (the default). Recipe `[preprocess] calib_augment`
+    #[arg(long, value_name = "HOW", value_parser = ["none", "flip"])]
+    pub calib_augment: Option<String>,
     /// Equalize consecutive layers before quantizing (lossless per-channel rescaling):
     /// cle (data-free, Nagel et al. 2019), smoothquant[:A] (activation ranges from
     /// --calib, Xiao et al. 2023) or auto (the default value: smoothquant:0.5 with
@@ -252,9 +269,12 @@ pub struct Overrides {
     /// compressed inputs, GPTAQ; K defaults to one group per layer).
     #[arg(long, value_name = "MODE")]
     pub calib_mode: Option<String>,
-    /// GPTQ's dampening of H, a fraction of its mean diagonal (default 0.01).
-    #[arg(long, value_name = "F")]
-    pub gptq_damp: Option<f64>,
+    /// GPTQ's dampening of H: auto (the default: each layer's from 0.003 to 1 by
+    /// 2-fold cross-validation on the calibration images, the least output error
+    /// on the half not fit) or a fixed fraction of its mean diagonal (GPTQ's
+    /// usual 0.01)
+    #[arg(long, value_name = "F|auto")]
+    pub gptq_damp: Option<crate::passes::calib::obs::Damp>,
     /// GPTQ's column order: by decreasing Hessian diagonal (GPTQ's act-order:
     /// the inputs carrying the most signal are rounded while the most columns
     /// are left to absorb their error; `--act-order` or `--act-order true`) or
@@ -508,6 +528,11 @@ impl Recipe {
     pub fn apply(&mut self, o: &Overrides) -> Result<()> {
         if o.no_fold_bn {
             self.fold_bn = Some(false);
+        }
+        if let Some(a) = &o.calib_augment {
+            self.preprocess
+                .get_or_insert_with(Default::default)
+                .calib_augment = Some(a.clone());
         }
         if let Some(mode) = &o.equalize {
             let old = self.equalize.take().unwrap_or_default();

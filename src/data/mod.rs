@@ -73,6 +73,44 @@ impl Dataset {
         !self.labels.is_empty() && self.labels.iter().all(Option::is_some)
     }
 
+    /// Each image followed by its left-right mirror (the width axis reversed:
+    /// axis 3 of NCHW, axis 2 of NHWC), so 2N images; labels repeat, names of the
+    /// copies end in " (mirrored)". An image and its mirror are neighbours, so
+    /// they fall in the same chunk of a capture (and the same half of its folds).
+    pub fn with_mirrors(&self, layout: Layout) -> Dataset {
+        let axis = match layout {
+            Layout::Nchw => 2,
+            Layout::Nhwc => 1,
+        };
+        let n = self.len();
+        let mut views = Vec::with_capacity(2 * n);
+        let mirrored: Vec<ndarray::Array3<f32>> = self
+            .images
+            .outer_iter()
+            .map(|img| {
+                let mut m = img.to_owned();
+                m.invert_axis(ndarray::Axis(axis));
+                m
+            })
+            .collect();
+        for (img, m) in self.images.outer_iter().zip(&mirrored) {
+            views.push(img);
+            views.push(m.view());
+        }
+        let images = ndarray::stack(ndarray::Axis(0), &views).expect("images of one shape");
+        Dataset {
+            images,
+            labels: self.labels.iter().flat_map(|l| [*l, *l]).collect(),
+            names: self
+                .names
+                .iter()
+                .flat_map(|n| [n.clone(), format!("{n} (mirrored)")])
+                .collect(),
+            description: format!("{}, each with its mirror", self.description),
+            warnings: self.warnings.clone(),
+        }
+    }
+
     /// The names of this set's images whose preprocessed content (every value, bit
     /// for bit) is also an image of `other`: the same photo in both sets, whatever
     /// its file name. Used to warn when evaluation images were also calibration
@@ -525,4 +563,38 @@ pub(crate) fn read_exact_growing<R: std::io::Read>(
     let too_long = buf.len() as u64 > len;
     buf.truncate(len as usize);
     Ok((buf, too_long))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Dataset, Layout};
+
+    /// Two 1-channel 2x3 images [[1, 2, 3], [4, 5, 6]] and [[7, 8, 9], [10, 11,
+    /// 12]]: each is followed by its mirror, the columns reversed ([[3, 2, 1],
+    /// [6, 5, 4]]), in NCHW and NHWC alike.
+    #[test]
+    fn mirrors_reverse_the_width_by_hand() {
+        let v: Vec<f32> = (1..=12).map(|x| x as f32).collect();
+        let set = |images| Dataset {
+            images,
+            labels: vec![Some(3), None],
+            names: vec!["a".into(), "b".into()],
+            description: "two".into(),
+            warnings: Vec::new(),
+        };
+        let want = [
+            1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 3.0, 2.0, 1.0, 6.0, 5.0, 4.0, //
+            7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 9.0, 8.0, 7.0, 12.0, 11.0, 10.0,
+        ];
+        let nchw = set(ndarray::Array4::from_shape_vec((2, 1, 2, 3), v.clone()).unwrap());
+        let m = nchw.with_mirrors(Layout::Nchw);
+        assert_eq!(m.images.shape(), &[4, 1, 2, 3]);
+        assert_eq!(m.images.iter().copied().collect::<Vec<_>>(), want);
+        assert_eq!(m.labels, vec![Some(3), Some(3), None, None]);
+        assert_eq!(m.names, vec!["a", "a (mirrored)", "b", "b (mirrored)"]);
+        let nhwc = set(ndarray::Array4::from_shape_vec((2, 2, 3, 1), v).unwrap());
+        let m = nhwc.with_mirrors(Layout::Nhwc);
+        assert_eq!(m.images.shape(), &[4, 2, 3, 1]);
+        assert_eq!(m.images.iter().copied().collect::<Vec<_>>(), want);
+    }
 }

@@ -159,8 +159,9 @@ pub struct QuantizeSection {
     /// How values reach the grid: "nearest" (round to nearest) or "gptq" (GPTQ,
     /// with calibration data; default when --calib is given).
     pub rounding: Option<String>,
-    /// GPTQ's dampening, a fraction of the mean diagonal of H (default 0.01).
-    pub damp: Option<f64>,
+    /// GPTQ's dampening: "auto" (the default: each layer's by cross-validation,
+    /// [`calib::obs::Damp`]) or a fraction of the mean diagonal of H (0.01).
+    pub damp: Option<calib::obs::Damp>,
     /// How affine grids (linear, minmax) are chosen: minmax (span the range,
     /// default) or mse (shrunk to minimize the error, as GPTQ's reference does).
     pub range: Option<String>,
@@ -290,11 +291,13 @@ impl QuantizeSection {
                 "quantize msu_alpha {msu_alpha} / ec2t_lambda {ec2t_lambda}: must be finite and >= 0"
             )));
         }
-        let damp = self.damp.unwrap_or(crate::passes::calib::obs::DEFAULT_DAMP);
-        if !(damp > 0.0 && damp.is_finite()) {
-            return Err(Error::Usage(format!(
+        let damp = self.damp.unwrap_or_default();
+        if let calib::obs::Damp::Fixed(f) = damp {
+            if !(f > 0.0 && f.is_finite()) {
+                return Err(Error::Usage(format!(
                 "quantize damp {damp}: must be positive (a fraction of the mean diagonal of H, e.g. 0.01)"
             )));
+            }
         }
         if let Some(b) = self.avg_bits {
             let lo = *ALLOCATION_BITS.first().expect("candidates");
@@ -422,7 +425,7 @@ pub struct QuantConfig {
     pub ec2t_lambda: f64,
     /// None: GPTQ when calibration data is given, else nearest.
     pub rounding: Option<Rounding>,
-    pub damp: f64,
+    pub damp: calib::obs::Damp,
     pub act_order: bool,
     /// Allocate per-layer bits under this mean width ([`allocate_bits`]).
     pub avg_bits: Option<f64>,
@@ -445,7 +448,7 @@ impl Default for QuantConfig {
             msu_alpha: MSU_ALPHA,
             ec2t_lambda: EC2T_LAMBDA,
             rounding: None,
-            damp: crate::passes::calib::obs::DEFAULT_DAMP,
+            damp: calib::obs::Damp::default(),
             act_order: false,
             avg_bits: None,
             calib_mode: calib::CalibMode::Parallel,
@@ -975,6 +978,8 @@ impl Pass for Quantize {
         let hit = memo_key
             .as_ref()
             .and_then(|k| cx.memo.and_then(|m| m.get(k)));
+        // Auto dampening cross-validates on two halves of the images (GPTQ only).
+        let folds = cfg.damp == calib::obs::Damp::Auto && cfg.rounding != Some(Rounding::Nearest);
         for stage in &stages {
             let wanted: Vec<(usize, Vec<calib::Geom>)> = stage
                 .iter()
@@ -989,7 +994,7 @@ impl Pass for Quantize {
                 }
                 None => {
                     let (c, t, secs) = match &original {
-                        None => calib::capture(model, cx, &wanted)?,
+                        None => calib::capture_folds(model, cx, &wanted, folds)?,
                         Some(original) => calib::paired::capture(
                             original,
                             model,
@@ -997,6 +1002,7 @@ impl Pass for Quantize {
                             &wanted,
                             &|ji| jobs[ji].rank,
                             &|ji| jobs[ji].node.clone(),
+                            folds,
                         )?,
                     };
                     capture_secs += secs;
@@ -1311,21 +1317,6 @@ fn calibrated_layer(
     // float model's inputs alone: their compressed inputs are not known yet (the
     // earlier layers of the stage are quantized after the capture), and fitting
     // them to the stage's uncompensated inputs would compensate the same error twice.
-    let (blocks, factors) = if paired {
-        calib::paired::split(cal, d, cfg.damp, cfg.act_order)?
-    } else {
-        let factors = cal
-            .stats
-            .iter()
-            .map(|st| obs::Factor::new(&obs::hessian(st, d), d, cfg.damp, cfg.act_order))
-            .collect::<std::result::Result<_, _>>()?;
-        (Vec::new(), factors)
-    };
-    let layer = obs::Layer {
-        rows,
-        groups: cal.groups,
-        factors: &factors,
-    };
     let w0: Vec<f32> = w.iter().copied().collect();
     // The float model's weight the fit aims at (asymmetric: the layer's weight
     // before an earlier lossy pass pruned it, say), else the layer's own.
@@ -1333,18 +1324,25 @@ fn calibrated_layer(
         Some(r) if paired && r.len() == w0.len() => r,
         _ => &w0,
     };
-    let rtn: Vec<f32> = nearest.values.iter().copied().collect();
-    // The relative output error of new weights: against the float model's output
-    // (asymmetric) or against the layer's own output on the same inputs.
-    let error = |new: &[f32]| -> f64 {
-        if !paired {
-            return layer.error(&w0, new);
-        }
+    // Rows only (the factors are not read by `rows_of`).
+    let shape = obs::Layer {
+        rows,
+        groups: cal.groups,
+        factors: &[],
+    };
+    // The relative output error of new weights on the statistics of `c`: against
+    // the float model's output (asymmetric) or against the layer's own output on
+    // the same inputs.
+    let error_on = |c: &calib::Calibrated, new: &[f32]| -> f64 {
         let (mut num, mut den) = (0.0, 0.0);
-        for (g, b) in blocks.iter().enumerate() {
-            let (old, _) = layer.rows_of(w_ref, g);
-            let (new, _) = layer.rows_of(new, g);
-            let (n, dd) = calib::paired::fit_error(b, d, &old, &new);
+        for (g, st) in c.stats.iter().enumerate() {
+            let (old, _) = shape.rows_of(w_ref, g);
+            let (new, _) = shape.rows_of(new, g);
+            let (n, dd) = if paired {
+                calib::paired::fit_error(&calib::paired::blocks(st, d), d, &old, &new)
+            } else {
+                obs::quadratic_error(&obs::hessian(st, d), d, &old, &new)
+            };
             num += n;
             den += dd;
         }
@@ -1354,7 +1352,8 @@ fn calibrated_layer(
             0.0
         }
     };
-    let err_nearest = error(&rtn);
+    let rtn: Vec<f32> = nearest.values.iter().copied().collect();
+    let err_nearest = error_on(cal, &rtn);
     let (values, method) = match rounding {
         Rounding::Nearest => (rtn, "nearest".to_string()),
         Rounding::Gptq => {
@@ -1383,33 +1382,104 @@ fn calibrated_layer(
             let round = |r: usize, x: f64| -> f64 {
                 grids[if per_channel { r } else { 0 }].round(x as f32) as f64
             };
-            let mut m = "GPTQ".to_string();
-            let v = if paired {
-                let target = calib::paired::layer_targets(
-                    &layer,
-                    &blocks,
-                    &w0,
-                    (w_ref != w0.as_slice()).then_some(w_ref),
-                    cfg.damp,
-                )?;
-                m.push_str(" asymmetric");
-                layer.solve_masked(&target, Some(&w0), Some(&round), obs::Sparsity::None)
-            } else {
-                layer.solve(&w0, Some(&round), obs::Sparsity::None, true)
+            // GPTQ on the statistics of `c`, H dampened by `f`.
+            let fit = |c: &calib::Calibrated, f: f64| -> std::result::Result<Vec<f32>, String> {
+                if paired {
+                    let (blocks, factors) = calib::paired::split(c, d, f, cfg.act_order)?;
+                    let layer = obs::Layer {
+                        rows,
+                        groups: c.groups,
+                        factors: &factors,
+                    };
+                    let target = calib::paired::layer_targets(
+                        &layer,
+                        &blocks,
+                        &w0,
+                        (w_ref != w0.as_slice()).then_some(w_ref),
+                        f,
+                    )?;
+                    Ok(layer.solve_masked(&target, Some(&w0), Some(&round), obs::Sparsity::None))
+                } else {
+                    let factors = c
+                        .stats
+                        .iter()
+                        .map(|st| obs::Factor::new(&obs::hessian(st, d), d, f, cfg.act_order))
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    let layer = obs::Layer {
+                        rows,
+                        groups: c.groups,
+                        factors: &factors,
+                    };
+                    Ok(layer.solve(&w0, Some(&round), obs::Sparsity::None, true))
+                }
             };
+            let mut m = "GPTQ".to_string();
+            if paired {
+                m.push_str(" asymmetric");
+            }
             if cfg.act_order {
                 m.push_str(" (act-order)");
             }
-            (v, m)
+            let damp = match cfg.damp {
+                obs::Damp::Fixed(f) => f,
+                obs::Damp::Auto => {
+                    let (f, why) = cross_validated_damp(cal, &fit, &error_on);
+                    m.push_str(&format!(", damp {f} ({why})"));
+                    f
+                }
+            };
+            (fit(cal, damp)?, m)
         }
     };
-    let after = error(&values);
+    let after = error_on(cal, &values);
     Ok(CalibratedLayer {
         values: ArrayD::from_shape_vec(w.raw_dim(), values).expect("same shape"),
         method,
         nearest: err_nearest,
         after,
     })
+}
+
+/// A solve of one layer on a calibration with a dampening: its new weights.
+type Fit<'a> = dyn Fn(&calib::Calibrated, f64) -> std::result::Result<Vec<f32>, String> + 'a;
+
+/// [`calib::obs::Damp::Auto`]: the dampening of [`calib::obs::AUTO_DAMPS`] whose solve on one
+/// half of the calibration images (`fit`) has the least output error on the
+/// other half (`error_on`), summed over both directions; ties go to the smaller
+/// dampening. Returns it with how it was chosen: [`calib::obs::DEFAULT_DAMP`] when the
+/// capture has no folds (a layer that kept its rows; fewer than two chunks of
+/// images) or no candidate could be solved on both halves.
+fn cross_validated_damp(
+    cal: &calib::Calibrated,
+    fit: &Fit,
+    error_on: &dyn Fn(&calib::Calibrated, &[f32]) -> f64,
+) -> (f64, String) {
+    let (Some(a), Some(b)) = (cal.fold(0), cal.fold(1)) else {
+        return (
+            calib::obs::DEFAULT_DAMP,
+            "the default: no halves of the calibration images to cross-validate on".into(),
+        );
+    };
+    let mut best: Option<(f64, f64)> = None;
+    for &f in &calib::obs::AUTO_DAMPS {
+        let (Ok(on_a), Ok(on_b)) = (fit(&a, f), fit(&b, f)) else {
+            continue;
+        };
+        let held_out = error_on(&b, &on_a) + error_on(&a, &on_b);
+        if held_out.is_finite() && best.is_none_or(|(e, _)| held_out < e) {
+            best = Some((held_out, f));
+        }
+    }
+    match best {
+        Some((e, f)) => (
+            f,
+            format!("2-fold cross-validation: held-out error {:.3}%", 50.0 * e),
+        ),
+        None => (
+            calib::obs::DEFAULT_DAMP,
+            "the default: no dampening could be solved on both halves".into(),
+        ),
+    }
 }
 
 /// Computes the layers `ids` as many at a time as there are cores (`compute`
@@ -1772,6 +1842,110 @@ pub fn allocate_bits(
 #[cfg(test)]
 mod tests {
     use super::allocate_bits;
+
+    /// `damp = "auto"` (2-fold cross-validation) by hand. Weights w = [0.4, 0.3,
+    /// -1, 2] on the minmax 2-bit grid: [min, max] = [-1, 2], scale 1, zero point
+    /// 1, levels {-1, 0, 1, 2}, so nearest rounding gives q = [0, 0, -1, 2] and
+    /// only columns 0 and 1 carry error. Fold A's Gram couples them,
+    /// H_a = [[1, .9], [.9, 1]] (+ identity on columns 2, 3; mean diagonal 1);
+    /// fold B's is the identity. GPTQ (natural order) rounds column 0 to 0 and
+    /// moves its error onto column 1: w1 = 0.3 + 0.9 / (1 + f) x 0.4, which rounds
+    /// to 1 while 0.36 / (1 + f) > 0.2, i.e. f < 0.8: on fold A every candidate
+    /// dampening but 1 gives q = [0, 1, -1, 2]; on fold B (no coupling) all give q
+    /// = [0, 0, -1, 2]. Relative errors d^T H d / w^T H w (w^T I w = 0.16 + 0.09 +
+    /// 1 + 4 = 5.25; w^T H_a w = 0.16 + 2 x 0.9 x 0.12 + 0.09 + 5 = 5.466):
+    /// - fit on A, f < 0.8, held out on B: d = [-0.4, 0.7, 0, 0]: 0.65 / 5.25;
+    ///   with f = 1, d = [-0.4, -0.3, 0, 0]: 0.25 / 5.25;
+    /// - fit on B, held out on A: d = [-0.4, -0.3, 0, 0]: 0.466 / 5.466.
+    ///
+    /// So f = 1 wins: 0.25 / 5.25 + 0.466 / 5.466 = 0.132873 (the report prints
+    /// half of it, the mean of the two folds, 6.644%) against 0.209064. When
+    /// both folds couple the columns (H_b = H_a), the compensation holds out:
+    /// d = [-0.4, 0.7, 0, 0] on H_a is 0.16 - 2 x 0.9 x 0.28 + 0.49 = 0.146,
+    /// less than 0.466, every f < 0.8 ties and the smallest, 0.003, is chosen.
+    #[test]
+    fn auto_damp_by_cross_validation_by_hand() {
+        use super::{calibrated_layer, quantize_tensor, Inputs, QuantConfig, Rounding, Scheme};
+        use crate::passes::calib::{obs::Damp, Calibrated, Rows, Stats};
+        let w = ndarray::ArrayD::from_shape_vec(vec![1, 4], vec![0.4f32, 0.3, -1.0, 2.0]).unwrap();
+        let cfg = QuantConfig {
+            scheme: Scheme::MinMax,
+            bits: 2,
+            damp: Damp::Auto,
+            ..Default::default()
+        };
+        let nearest = quantize_tensor(&w, Scheme::MinMax, 2, &cfg, None, 4);
+        assert_eq!(nearest.values.as_slice().unwrap(), &[0.0, 0.0, -1.0, 2.0]);
+        let eye = |c: f64| {
+            let mut h = vec![0.0; 16];
+            for i in 0..4 {
+                h[i * 4 + i] = 1.0;
+            }
+            h[1] = c;
+            h[4] = c;
+            h
+        };
+        let cal = |a: Vec<f64>, b: Vec<f64>| Calibrated {
+            stats: vec![Stats::Gram(a.iter().zip(&b).map(|(x, y)| x + y).collect())],
+            means: Vec::new(),
+            dim: 4,
+            groups: 1,
+            rows: 100,
+            scale: 1.0,
+            folds: vec![vec![Stats::Gram(a)], vec![Stats::Gram(b)]],
+        };
+        let rows = Rows::contiguous(1, 4);
+        let run = |c: &Calibrated, cfg: &QuantConfig| {
+            calibrated_layer(
+                cfg,
+                Scheme::MinMax,
+                2,
+                None,
+                4,
+                &w,
+                &nearest,
+                c,
+                &rows,
+                Rounding::Gptq,
+                Inputs::Own,
+                None,
+            )
+            .unwrap()
+        };
+        let one = run(&cal(eye(0.9), eye(0.0)), &cfg);
+        let e: f64 = 0.25 / 5.25 + 0.466 / 5.466;
+        assert!(
+            one.method.ends_with(&format!(
+                "damp 1 (2-fold cross-validation: held-out error {:.3}%)",
+                50.0 * e
+            )),
+            "{}",
+            one.method
+        );
+        assert!(one.method.contains("6.644%"), "{}", one.method);
+        // On all images (H = H_a + H_b, mean diagonal 2, lambda = 2):
+        // w1 = 0.3 + 0.9 / 4 x 0.4 = 0.39 rounds to 0.
+        assert_eq!(one.values.as_slice().unwrap(), &[0.0, 0.0, -1.0, 2.0]);
+        let both = run(&cal(eye(0.9), eye(0.9)), &cfg);
+        assert!(both.method.contains("damp 0.003 "), "{}", both.method);
+        // H = 2 H_a, lambda = 0.006: w1 = 0.3 + 1.8 / 2.006 x 0.4 = 0.659 rounds to 1.
+        assert_eq!(both.values.as_slice().unwrap(), &[0.0, 1.0, -1.0, 2.0]);
+        // Without folds: the default, and the report says why.
+        let mut none = cal(eye(0.9), eye(0.9));
+        none.folds.clear();
+        let r = run(&none, &cfg);
+        assert!(
+            r.method.contains("damp 0.01 (the default: no halves"),
+            "{}",
+            r.method
+        );
+        // A fixed dampening reads no folds and says nothing of them.
+        let fixed = QuantConfig {
+            damp: Damp::Fixed(1.0),
+            ..cfg.clone()
+        };
+        assert_eq!(run(&cal(eye(0.9), eye(0.0)), &fixed).method, "GPTQ");
+    }
 
     /// The least summed error within `budget` bits over every assignment.
     fn exhaustive(numel: &[usize], errors: &[Vec<f64>], bits: &[u32], budget: f64) -> Option<f64> {

@@ -9,6 +9,7 @@ use onnx_micronet::data::Dataset;
 use onnx_micronet::onnx::proto::{GraphProto, ModelProto};
 use onnx_micronet::onnx::{Model, TensorData};
 use onnx_micronet::passes::act_quant::{ActQuant, ActQuantSection};
+use onnx_micronet::passes::calib::obs::Damp;
 use onnx_micronet::passes::quantize::{
     linear, log, quantize_tensor, tanh, ternary, QuantConfig, Quantize, QuantizeSection, Scheme,
     TernaryRule,
@@ -574,6 +575,18 @@ fn recipe_errors_name_the_option() {
             "--act-range 'median'",
         ),
         ("[act_quant]\nbits = 1\n", "--act-bits 1"),
+        (
+            "[quantize]\nscheme = \"minmax\"\nbits = 4\ndamp = \"sometimes\"\n",
+            "damp 'sometimes': expected a positive fraction",
+        ),
+        (
+            "[quantize]\nscheme = \"minmax\"\nbits = 4\ndamp = -0.1\n",
+            "damp '-0.1'",
+        ),
+        (
+            "[prune]\nmethod = \"sparsegpt\"\nsparsity = 0.5\ndamp = 0\n",
+            "prune.damp = 0: must be positive",
+        ),
     ];
     for (text, want) in cases {
         let p = dir.path().join("r.toml");
@@ -590,6 +603,27 @@ fn recipe_errors_name_the_option() {
         let r = Recipe::from_file(&p).unwrap();
         r.pipeline()
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    }
+    // damp = "auto" or a number, in a recipe as on the command line.
+    for (text, want) in [
+        ("damp = \"auto\"", Damp::Auto),
+        ("damp = \"AUTO\"", Damp::Auto),
+        ("damp = 0.1", Damp::Fixed(0.1)),
+        ("damp = 1", Damp::Fixed(1.0)),
+    ] {
+        let p = dir.path().join("d.toml");
+        std::fs::write(
+            &p,
+            format!("[quantize]\nscheme = \"minmax\"\nbits = 4\n{text}\n"),
+        )
+        .unwrap();
+        let r = Recipe::from_file(&p).unwrap();
+        assert_eq!(r.quantize.as_ref().unwrap().damp, Some(want), "{text}");
+        assert_eq!(
+            r.quantize.as_ref().unwrap().config().unwrap().damp,
+            want,
+            "{text}"
+        );
     }
     let s = QuantizeSection::from_flag("ternary:msu").unwrap();
     assert_eq!(
@@ -1396,6 +1430,228 @@ fn paired_capture_of_a_model_beside_itself_repeats_its_gram() {
     }
 }
 
+/// The two folds of a capture (`calib::capture_folds`, for `--gptq-damp auto`)
+/// on 24 noise images of the CIFAR MobileNetV2 (three chunks of 8: fold 0 takes
+/// chunks 0 and 2, images 0-7 and 16-23; fold 1 takes chunk 1, images 8-15):
+/// for every weighted layer that keeps a Gram, each fold equals a plain capture
+/// of its own images (unscaled; 1e-6 relative), and the two sum to the capture
+/// of all 24 (1e-12). Layers that see no more rows than inputs keep their rows
+/// and have no folds.
+#[test]
+fn capture_folds_are_the_captures_of_the_two_halves() {
+    use onnx_micronet::graph::{weighted_layers, Graph};
+    use onnx_micronet::passes::calib::{self, obs};
+    let model = onnx_micronet::onnx::load(&fixture("mobilenetv2_cifar_bn.onnx")).unwrap();
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let v: Vec<f32> = (0..24 * 3 * 32 * 32)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect();
+    let all = Array4::from_shape_vec((24, 3, 32, 32), v).unwrap();
+    let set = |idx: &[usize]| Dataset {
+        images: all.select(ndarray::Axis(0), idx),
+        labels: vec![None; idx.len()],
+        names: idx.iter().map(|i| format!("noise {i}")).collect(),
+        description: "noise".into(),
+        warnings: Vec::new(),
+    };
+    let every: Vec<usize> = (0..24).collect();
+    let even: Vec<usize> = (0..8).chain(16..24).collect();
+    let odd: Vec<usize> = (8..16).collect();
+    let g = Graph::of(&model).unwrap();
+    let mut wanted = Vec::new();
+    for (i, l) in weighted_layers(&g).iter().enumerate() {
+        let t = model
+            .graph()
+            .initializer
+            .iter()
+            .find(|t| t.name() == l.weight)
+            .unwrap();
+        let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        wanted.push((i, calib::layout(&g, &l.nodes, &shape).unwrap().1));
+    }
+    let capture = |idx: &[usize], folds: bool| {
+        let data = set(idx);
+        let cx = Context {
+            calib: Some(&data),
+            threads: 2,
+            ..Default::default()
+        };
+        calib::capture_folds(&model, &cx, &wanted, folds).unwrap().0
+    };
+    let (full, a, b) = (
+        capture(&every, true),
+        capture(&even, false),
+        capture(&odd, false),
+    );
+    let unscaled = |st: &calib::Stats, d: usize, scale: f64| -> Vec<f64> {
+        obs::hessian(st, d).iter().map(|v| v * scale).collect()
+    };
+    let mut with_folds = 0;
+    for (i, gs) in &wanted {
+        let d = gs[0].dim();
+        let f = &full[i];
+        if f.folds.is_empty() {
+            assert!(
+                matches!(f.stats[0], calib::Stats::Rows { .. }),
+                "layer {i} has a Gram but no folds"
+            );
+            continue;
+        }
+        with_folds += 1;
+        assert_eq!(f.folds.len(), 2);
+        for (g, st) in f.stats.iter().enumerate() {
+            let h = unscaled(st, d, f.scale);
+            let norm = h.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let close = |x: &[f64], y: &[f64], tol: f64, what: &str| {
+                let diff = x
+                    .iter()
+                    .zip(y)
+                    .map(|(p, q)| (p - q).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                assert!(
+                    diff <= tol * norm,
+                    "layer {i} group {g} {what}: {diff} vs {norm}"
+                );
+            };
+            let fa = unscaled(&f.folds[0][g], d, f.scale);
+            let fb = unscaled(&f.folds[1][g], d, f.scale);
+            // A capture of 8 images may keep its rows where the fold sums a Gram:
+            // the same products summed in another order (1e-6).
+            close(
+                &fa,
+                &unscaled(&a[i].stats[g], d, a[i].scale),
+                1e-6,
+                "fold 0",
+            );
+            close(
+                &fb,
+                &unscaled(&b[i].stats[g], d, b[i].scale),
+                1e-6,
+                "fold 1",
+            );
+            let sum: Vec<f64> = fa.iter().zip(&fb).map(|(p, q)| p + q).collect();
+            close(&sum, &h, 1e-12, "sum");
+        }
+    }
+    // 53 layers: the Gemm (24 rows for 1280 inputs) and the projection convs of
+    // blocks 14-17 (24 images x 4 x 4 positions = 384 rows for 576 or 960 inputs)
+    // keep their rows.
+    assert_eq!(with_folds, 48);
+    // A plain capture keeps no folds.
+    assert!(capture(&every, false).values().all(|c| c.folds.is_empty()));
+}
+
+/// `--gptq-damp auto` (the default) and `--calib-augment flip` from the CLI, on
+/// the CIFAR MobileNetV2 with the 20 foolbox images at 4-bit per-channel minmax:
+/// the capture sees 40 images (each and its mirror), the recipe records the
+/// augmentation, and every GPTQ layer reports the dampening its 2-fold
+/// cross-validation chose (one of 0.003 .. 1) with the held-out error; a fixed
+/// `--gptq-damp 0.01` reports none. A bad augmentation is a usage error naming
+/// the option, on the command line and in a recipe.
+#[test]
+fn auto_damp_and_mirrored_calibration_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("mobilenetv2_cifar_bn.onnx");
+    let data = fixture("data/foolbox/cifar100");
+    let c = data.to_str().unwrap();
+    let base = ["--calib", c, "--quantize", "minmax:4", "--per-channel"];
+    let auto = optimize_report(
+        dir.path(),
+        "auto",
+        &src,
+        &[&base[..], &["--calib-augment", "flip"]].concat(),
+    );
+    assert_eq!(auto["recipe"]["preprocess"]["calib_augment"], "flip");
+    let q = report_pass(&auto, "quantize");
+    let calibration = q["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["target"] == "calibration")
+        .map(|c| c["what"].as_str().unwrap().to_string())
+        .unwrap();
+    assert!(calibration.starts_with("40 images:"), "{calibration}");
+    let methods: Vec<String> = q["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["method"].as_str().unwrap().to_string())
+        .filter(|m| m.starts_with("GPTQ"))
+        .collect();
+    assert!(methods.len() >= 40, "{methods:?}");
+    let allowed = ["0.003", "0.01", "0.03", "0.1", "0.3", "1"];
+    for m in &methods {
+        let rest = m
+            .strip_prefix("GPTQ, damp ")
+            .unwrap_or_else(|| panic!("{m}"));
+        let (f, why) = rest.split_once(' ').unwrap();
+        assert!(allowed.contains(&f), "{m}");
+        assert!(
+            why.starts_with("(2-fold cross-validation: held-out error "),
+            "{m}"
+        );
+    }
+    // Several dampenings are chosen: the choice is per layer.
+    let chosen: std::collections::BTreeSet<&str> = methods
+        .iter()
+        .map(|m| m.split(' ').nth(2).unwrap())
+        .collect();
+    assert!(chosen.len() >= 3, "{chosen:?}");
+    let fixed = optimize_report(
+        dir.path(),
+        "fixed",
+        &src,
+        &[&base[..], &["--gptq-damp", "0.01"]].concat(),
+    );
+    let q = report_pass(&fixed, "quantize");
+    assert!(q["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["method"] == "GPTQ" || e["method"] == "nearest"));
+    let out = dir.path().join("x.onnx");
+    let o = cli(&[
+        "optimize",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        c,
+        "--quantize",
+        "minmax:4",
+        "--calib-augment",
+        "rotate",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("invalid value 'rotate' for '--calib-augment"),
+        "{err}"
+    );
+    let recipe = dir.path().join("r.toml");
+    std::fs::write(
+        &recipe,
+        "[quantize]\nscheme = \"minmax\"\nbits = 4\n[preprocess]\ncalib_augment = \"rotate\"\n",
+    )
+    .unwrap();
+    let err = cli_fails(&[
+        "optimize",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--recipe",
+        recipe.to_str().unwrap(),
+    ]);
+    assert!(err.contains("calib_augment = 'rotate'"), "{err}");
+    assert!(!out.exists());
+}
+
 /// `--calib-mode asymmetric` from the CLI (GPTAQ's asymmetric calibration: each
 /// layer fit to the float model's output from the compressed model's inputs), at
 /// 4-bit per-channel minmax on the CIFAR MobileNetV2 with the 20 foolbox images
@@ -1429,6 +1685,11 @@ fn asymmetric_calibration_from_the_cli() {
                 "--per-channel",
                 "--calib-mode",
                 mode,
+                // One dampening for both modes: `auto` would choose each layer's
+                // from errors that differ in the last bits between the plain and
+                // the paired capture.
+                "--gptq-damp",
+                "0.01",
             ],
         )
     };

@@ -584,10 +584,16 @@ pub struct Captured {
     /// What G (and X) were divided by: `stats` hold G / scale (X / sqrt(scale));
     /// 1 when G was zero.
     pub scale: f64,
+    /// With [`collect_folds`]: the Grams of two disjoint halves of the images
+    /// (chunks of [`CHUNK`] images taken alternately: even chunks, odd chunks),
+    /// per group, scaled as `stats`, summing to them. Empty otherwise, and for a
+    /// layer that keeps its rows or saw fewer than two chunks.
+    pub folds: Vec<Vec<Stats>>,
 }
 
 /// What a layer's calibration leaves for the solves, per group, scaled so the
 /// mean diagonal of G over the layer is 1.
+#[derive(Clone)]
 pub enum Stats {
     /// G = X^T X, d x d row-major.
     Gram(Vec<f64>),
@@ -621,7 +627,21 @@ pub fn collect(
     threads: usize,
     wanted: &[(usize, Vec<Geom>)],
 ) -> Result<(Vec<Captured>, Vec<(usize, String)>)> {
-    collect_with(model, input_shape, images, threads, wanted, false)
+    collect_inner(model, input_shape, images, threads, wanted, false, false)
+}
+
+/// [`collect`], with each layer's Grams of the two halves of the images kept
+/// apart as well ([`Captured::folds`]: cross-validation of a solve's settings).
+/// The Gram memory of a batch is twice [`collect`]'s.
+#[allow(clippy::type_complexity)]
+pub fn collect_folds(
+    model: &Model,
+    input_shape: &[usize],
+    images: ndarray::ArrayView4<f32>,
+    threads: usize,
+    wanted: &[(usize, Vec<Geom>)],
+) -> Result<(Vec<Captured>, Vec<(usize, String)>)> {
+    collect_inner(model, input_shape, images, threads, wanted, false, true)
 }
 
 /// [`collect`], or with `means_only` the mean input rows alone (no Gram
@@ -635,11 +655,34 @@ pub fn collect_with(
     wanted: &[(usize, Vec<Geom>)],
     means_only: bool,
 ) -> Result<(Vec<Captured>, Vec<(usize, String)>)> {
+    collect_inner(
+        model,
+        input_shape,
+        images,
+        threads,
+        wanted,
+        means_only,
+        false,
+    )
+}
+
+#[allow(clippy::type_complexity)]
+fn collect_inner(
+    model: &Model,
+    input_shape: &[usize],
+    images: ndarray::ArrayView4<f32>,
+    threads: usize,
+    wanted: &[(usize, Vec<Geom>)],
+    means_only: bool,
+    folds: bool,
+) -> Result<(Vec<Captured>, Vec<(usize, String)>)> {
+    let folds = folds && !means_only;
     let bytes = |gs: &[Geom]| {
         if means_only {
             gs[0].groups() * gs[0].dim() * 8
         } else {
-            gs[0].groups() * gs[0].dim() * gs[0].dim() * 8
+            // Two fold accumulators instead of one.
+            (1 + folds as usize) * gs[0].groups() * gs[0].dim() * gs[0].dim() * 8
         }
     };
     let mut too_big = Vec::new();
@@ -768,8 +811,11 @@ pub fn collect_with(
                 }
             }
         };
-        let mut grams: Vec<Vec<Vec<f64>>> =
-            dims.iter().map(|&(g, _)| vec![Vec::new(); g]).collect();
+        // [fold][layer][group]: one fold unless `folds` (chunk k goes to fold k % 2).
+        let mut grams: Vec<Vec<Vec<Vec<f64>>>> = (0..1 + folds as usize)
+            .map(|_| dims.iter().map(|&(g, _)| vec![Vec::new(); g]).collect())
+            .collect();
+        let mut chunk = 0usize;
         let mut sums: Vec<Vec<Vec<f64>>> = dims.iter().map(|&(g, _)| vec![Vec::new(); g]).collect();
         let mut row_counts = vec![0usize; dims.len()];
         let mut rows: Vec<Vec<Vec<f32>>> = dims.iter().map(|&(g, _)| vec![Vec::new(); g]).collect();
@@ -782,7 +828,9 @@ pub fn collect_with(
             for (c, r) in row_counts.iter_mut().zip(&acc.rows) {
                 *c += r;
             }
-            for (target, part) in [(&mut grams, acc.grams), (&mut sums, acc.sums)] {
+            let fold = chunk % grams.len();
+            chunk += 1;
+            for (target, part) in [(&mut grams[fold], acc.grams), (&mut sums, acc.sums)] {
                 for (s, a) in target.iter_mut().zip(part) {
                     for (sg, ag) in s.iter_mut().zip(a) {
                         if sg.is_empty() {
@@ -817,12 +865,43 @@ pub fn collect_with(
                 "capturing calibration activations: {e}"
             )));
         }
-        for ((((w, layer_grams), layer_rows), layer_sums), &layer_count) in
-            batch.iter().zip(grams).zip(rows).zip(sums).zip(&row_counts)
+        // The full Grams (the folds' sums, fold 0 then fold 1 added in that
+        // order) and, with `folds`, the folds themselves.
+        let mut fold_grams = grams.split_off(1);
+        let mut grams = grams.pop().expect("one fold");
+        let mut halves: Vec<Option<[Vec<Vec<f64>>; 2]>> = vec![None; grams.len()];
+        if let Some(odd) = fold_grams.pop() {
+            for ((li, even), odd) in grams.iter_mut().enumerate().zip(odd) {
+                let complete = even
+                    .iter()
+                    .zip(&odd)
+                    .all(|(a, b)| !a.is_empty() && !b.is_empty());
+                let kept = even.clone();
+                for (a, b) in even.iter_mut().zip(&odd) {
+                    if a.is_empty() {
+                        a.clone_from(b);
+                    } else if !b.is_empty() {
+                        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    }
+                }
+                if complete {
+                    halves[li] = Some([kept, odd]);
+                }
+            }
+        }
+        for (((((w, layer_grams), layer_rows), layer_sums), &layer_count), half) in batch
+            .iter()
+            .zip(grams)
+            .zip(rows)
+            .zip(sums)
+            .zip(&row_counts)
+            .zip(halves)
         {
             let (groups, dim) = (w.1[0].groups(), w.1[0].dim());
             let mut stats: Vec<Stats> = Vec::with_capacity(groups);
             let mut means: Vec<Vec<f64>> = Vec::with_capacity(groups);
+            // Folds only when every row went into their Grams (none kept, none left over).
+            let mut half = half.filter(|_| layer_rows.iter().all(Vec::is_empty));
             for ((mut g, mut r), mut sum) in layer_grams.into_iter().zip(layer_rows).zip(layer_sums)
             {
                 // Rows never flushed (kept as rows, or left over) join the sums.
@@ -876,12 +955,27 @@ pub fn collect_with(
             for m in &mut means {
                 m.iter_mut().for_each(|v| *v /= total);
             }
+            let folds = match half.take() {
+                Some(parts) => parts
+                    .into_iter()
+                    .map(|fold| {
+                        fold.into_iter()
+                            .map(|mut g| {
+                                g.iter_mut().for_each(|v| *v /= scale);
+                                Stats::Gram(g)
+                            })
+                            .collect()
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
             out.push(Captured {
                 layer: w.0,
                 stats,
                 means,
                 rows: layer_count,
                 scale,
+                folds,
             });
         }
     }

@@ -201,6 +201,25 @@ pub struct Calibrated {
     pub rows: usize,
     /// What `stats` were scaled by (G / scale; see [`gram::Captured`]).
     pub scale: f64,
+    /// The Grams of two disjoint halves of the images, scaled as `stats` and
+    /// summing to them ([`gram::Captured::folds`]); empty unless captured with
+    /// [`capture_folds`], and for a layer that kept its rows.
+    pub folds: Vec<Vec<Stats>>,
+}
+
+impl Calibrated {
+    /// Fold `k` (0 or 1) as a calibration of its own (its Grams; no means).
+    pub fn fold(&self, k: usize) -> Option<Calibrated> {
+        self.folds.get(k).map(|stats| Calibrated {
+            stats: stats.clone(),
+            means: Vec::new(),
+            dim: self.dim,
+            groups: self.groups,
+            rows: 0,
+            scale: self.scale,
+            folds: Vec::new(),
+        })
+    }
 }
 
 /// Captures the Gram matrices and mean input rows of the `wanted` layers (key,
@@ -217,6 +236,22 @@ pub fn capture(
     Vec<(usize, String)>,
     f64,
 )> {
+    capture_folds(model, cx, wanted, false)
+}
+
+/// [`capture`], with `folds` the Grams of two halves of the images kept as well
+/// ([`Calibrated::folds`]).
+#[allow(clippy::type_complexity)]
+pub fn capture_folds(
+    model: &crate::onnx::Model,
+    cx: &super::Context,
+    wanted: &[(usize, Vec<Geom>)],
+    folds: bool,
+) -> crate::error::Result<(
+    std::collections::HashMap<usize, Calibrated>,
+    Vec<(usize, String)>,
+    f64,
+)> {
     let mut out = std::collections::HashMap::new();
     let Some(data) = cx.calib.filter(|d| !d.is_empty()) else {
         return Ok((out, Vec::new(), 0.0));
@@ -226,7 +261,12 @@ pub fn capture(
     }
     let input_shape = cx.input_shape_for(data);
     let start = std::time::Instant::now();
-    let (captured, too_big) = gram::collect(
+    let collect = if folds {
+        gram::collect_folds
+    } else {
+        gram::collect
+    };
+    let (captured, too_big) = collect(
         model,
         &input_shape,
         data.images.view(),
@@ -248,6 +288,7 @@ pub fn capture(
                 means: c.means,
                 rows: c.rows,
                 scale: c.scale,
+                folds: c.folds,
             },
         );
     }

@@ -255,6 +255,7 @@ pub fn capture(
     wanted: &[(usize, Vec<Geom>)],
     rank: &dyn Fn(usize) -> usize,
     name: &dyn Fn(usize) -> String,
+    folds: bool,
 ) -> Result<(
     std::collections::HashMap<usize, super::Calibrated>,
     Vec<(usize, String)>,
@@ -286,7 +287,7 @@ pub fn capture(
         doubled.push((*key, gs));
     }
     let both = side_by_side(original, current, &pairs)?;
-    super::capture(&both, cx, &doubled)
+    super::capture_folds(&both, cx, &doubled, folds)
 }
 
 /// A paired layer's statistics reduced to the original model's inputs alone
@@ -303,17 +304,20 @@ pub fn original_only(
             cal.dim
         ));
     }
-    Ok(super::Calibrated {
-        stats: cal
-            .stats
+    let own = |stats: &[Stats]| -> Vec<Stats> {
+        stats
             .iter()
             .map(|st| Stats::Gram(blocks(st, d).2))
-            .collect(),
+            .collect()
+    };
+    Ok(super::Calibrated {
+        stats: own(&cal.stats),
         means: Vec::new(),
         dim: d,
         groups: cal.groups,
         rows: cal.rows,
         scale: cal.scale,
+        folds: cal.folds.iter().map(|f| own(f)).collect(),
     })
 }
 
@@ -631,6 +635,7 @@ mod tests {
             groups: 1,
             rows: 3,
             scale: 1.0,
+            folds: Vec::new(),
         };
         let own = original_only(&cal, 2).unwrap();
         assert_eq!(own.dim, 2);

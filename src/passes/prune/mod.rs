@@ -221,6 +221,8 @@ pub struct PruneSection {
     /// "error" (chosen by the layers' output errors so that the pool of layers
     /// without a rule of their own reaches the target overall).
     pub allocate: Option<String>,
+    /// SparseGPT's dampening of H, a fraction of its mean diagonal (default 0.01).
+    pub damp: Option<f64>,
     #[serde(default, rename = "layer")]
     pub layers: Vec<LayerSection>,
 }
@@ -320,6 +322,15 @@ impl PruneSection {
                     )))
                 }
             },
+            damp: match self.damp {
+                None => defaults.damp,
+                Some(f) if f > 0.0 && f.is_finite() => f,
+                Some(f) => {
+                    return Err(Error::Usage(format!(
+                        "prune.damp = {f}: must be positive (a fraction of the mean diagonal of H, e.g. 0.01)"
+                    )))
+                }
+            },
         })
     }
 }
@@ -366,6 +377,8 @@ pub struct PruneConfig {
     /// SparseGPT: one sparsity for all layers, or each layer's chosen by its
     /// errors (see [`allocate_by_error`]).
     pub allocation: Allocation,
+    /// SparseGPT's dampening of H, a fraction of its mean diagonal.
+    pub damp: f64,
 }
 
 /// How SparseGPT's per-layer sparsities are chosen (`prune.allocate`).
@@ -393,6 +406,7 @@ impl Default for PruneConfig {
             rounds: 3,
             calib_mode: calib::CalibMode::Parallel,
             allocation: Allocation::Uniform,
+            damp: calib::obs::DEFAULT_DAMP,
         }
     }
 }
@@ -606,6 +620,8 @@ fn find_layers(graph: &Graph, cfg: &PruneConfig, report: &mut PassReport) -> Res
 struct Calibrated {
     stats: Vec<gram::Stats>,
     dim: usize,
+    /// SparseGPT's dampening of H, a fraction of its mean diagonal (`prune.damp`).
+    damp: f64,
 }
 
 impl Pass for Prune {
@@ -720,6 +736,7 @@ impl Pass for Prune {
                 calibrated[i] = Some(Calibrated {
                     stats: c.stats,
                     dim,
+                    damp: cfg.damp,
                 });
             }
             notes.iter_mut().for_each(|n| n.dedup());
@@ -897,6 +914,7 @@ impl Pass for Prune {
                                 stage,
                                 &|i| layers[i].shape.len(),
                                 &|i| layers[i].node_names.join(", "),
+                                false,
                             )?,
                         };
                         for (i, why) in too_big {
@@ -920,6 +938,7 @@ impl Pass for Prune {
                                     let c = Calibrated {
                                         stats: c.stats,
                                         dim: c.dim,
+                                        damp: cfg.damp,
                                     };
                                     let r = sparsegpt(&l.w0, rows, &c, sparsity);
                                     (c, r)
@@ -933,6 +952,7 @@ impl Pass for Prune {
                                         Ok(own) => Calibrated {
                                             stats: own.stats,
                                             dim: own.dim,
+                                            damp: cfg.damp,
                                         },
                                         Err(why) => {
                                             notes[*i].push(format!("no calibration ({why})"));
@@ -950,6 +970,7 @@ impl Pass for Prune {
                                             &c,
                                             sparsity,
                                             reference.as_deref(),
+                                            cfg.damp,
                                         )
                                     } else {
                                         sparsegpt(&l.w0, rows, &own, sparsity)
@@ -1172,15 +1193,16 @@ fn sparsegpt_asymmetric(
     c: &calib::Calibrated,
     sparsity: calib::obs::Sparsity,
     reference: Option<&[f32]>,
+    damp: f64,
 ) -> std::result::Result<Vec<f32>, String> {
     use calib::obs;
-    let (blocks, factors) = calib::paired::split(c, rows.len, obs::DEFAULT_DAMP, false)?;
+    let (blocks, factors) = calib::paired::split(c, rows.len, damp, false)?;
     let layer = obs::Layer {
         rows,
         groups: c.stats.len(),
         factors: &factors,
     };
-    let target = calib::paired::layer_targets(&layer, &blocks, w0, reference, obs::DEFAULT_DAMP)?;
+    let target = calib::paired::layer_targets(&layer, &blocks, w0, reference, damp)?;
     Ok(layer.solve_masked(&target, Some(w0), None, sparsity))
 }
 
@@ -1189,7 +1211,7 @@ fn factors_of(c: &Calibrated) -> std::result::Result<Vec<calib::obs::Factor>, St
     use calib::obs;
     c.stats
         .iter()
-        .map(|st| obs::Factor::new(&obs::hessian(st, c.dim), c.dim, obs::DEFAULT_DAMP, false))
+        .map(|st| obs::Factor::new(&obs::hessian(st, c.dim), c.dim, c.damp, false))
         .collect()
 }
 
