@@ -1337,6 +1337,20 @@ fn target_score_keeps_the_widest_plan_within_the_score() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--target-score"));
 }
 
+/// `n` pseudo-random 3x32x32 images, uniform in [-1, 1) (xorshift64 from `seed`).
+fn xorshift_images(n: usize, seed: u64) -> Array4<f32> {
+    let mut s = seed;
+    let v: Vec<f32> = (0..n * 3 * 32 * 32)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect();
+    Array4::from_shape_vec((n, 3, 32, 32), v).unwrap()
+}
+
 /// Paired capture (asymmetric calibration, `passes::calib::paired`) of a model
 /// beside itself: for every weighted layer of the CIFAR MobileNetV2 (the plain
 /// stem conv, the 1x1 convs, the stride-1 and stride-2 depthwise convs with 32 to
@@ -1348,18 +1362,9 @@ fn paired_capture_of_a_model_beside_itself_repeats_its_gram() {
     use onnx_micronet::graph::{weighted_layers, Graph};
     use onnx_micronet::passes::calib::{self, obs, paired};
     let model = onnx_micronet::onnx::load(&fixture("mobilenetv2_cifar_bn.onnx")).unwrap();
-    // Six smooth pseudo-random images (xorshift), 3x32x32.
-    let mut s = 0x9E37_79B9_7F4A_7C15u64;
-    let v: Vec<f32> = (0..6 * 3 * 32 * 32)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-        })
-        .collect();
+    // Six pseudo-random images, 3x32x32.
     let data = Dataset {
-        images: Array4::from_shape_vec((6, 3, 32, 32), v).unwrap(),
+        images: xorshift_images(6, 0x9E37_79B9_7F4A_7C15),
         labels: vec![None; 6],
         names: (0..6).map(|i| format!("noise {i}")).collect(),
         description: "noise".into(),
@@ -1442,16 +1447,7 @@ fn capture_folds_are_the_captures_of_the_two_halves() {
     use onnx_micronet::graph::{weighted_layers, Graph};
     use onnx_micronet::passes::calib::{self, obs};
     let model = onnx_micronet::onnx::load(&fixture("mobilenetv2_cifar_bn.onnx")).unwrap();
-    let mut s = 0x2545_F491_4F6C_DD1Du64;
-    let v: Vec<f32> = (0..24 * 3 * 32 * 32)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
-        })
-        .collect();
-    let all = Array4::from_shape_vec((24, 3, 32, 32), v).unwrap();
+    let all = xorshift_images(24, 0x2545_F491_4F6C_DD1D);
     let set = |idx: &[usize]| Dataset {
         images: all.select(ndarray::Axis(0), idx),
         labels: vec![None; idx.len()],
