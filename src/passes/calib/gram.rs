@@ -876,7 +876,7 @@ fn collect_inner(
                     .iter()
                     .zip(&odd)
                     .all(|(a, b)| !a.is_empty() && !b.is_empty());
-                let kept = even.clone();
+                let kept = complete.then(|| even.clone());
                 for (a, b) in even.iter_mut().zip(&odd) {
                     if a.is_empty() {
                         a.clone_from(b);
@@ -884,9 +884,7 @@ fn collect_inner(
                         a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
                     }
                 }
-                if complete {
-                    halves[li] = Some([kept, odd]);
-                }
+                halves[li] = kept.map(|kept| [kept, odd]);
             }
         }
         for (((((w, layer_grams), layer_rows), layer_sums), &layer_count), half) in batch
@@ -901,7 +899,7 @@ fn collect_inner(
             let mut stats: Vec<Stats> = Vec::with_capacity(groups);
             let mut means: Vec<Vec<f64>> = Vec::with_capacity(groups);
             // Folds only when every row went into their Grams (none kept, none left over).
-            let mut half = half.filter(|_| layer_rows.iter().all(Vec::is_empty));
+            let half = half.filter(|_| layer_rows.iter().all(Vec::is_empty));
             for ((mut g, mut r), mut sum) in layer_grams.into_iter().zip(layer_rows).zip(layer_sums)
             {
                 // Rows never flushed (kept as rows, or left over) join the sums.
@@ -955,7 +953,7 @@ fn collect_inner(
             for m in &mut means {
                 m.iter_mut().for_each(|v| *v /= total);
             }
-            let folds = match half.take() {
+            let folds = match half {
                 Some(parts) => parts
                     .into_iter()
                     .map(|fold| {
