@@ -1337,6 +1337,34 @@ fn target_score_keeps_the_widest_plan_within_the_score() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--target-score"));
 }
 
+/// Every weighted layer of `model` (in layer order) with its calibration
+/// geometries, and its weight's rank.
+#[allow(clippy::type_complexity)]
+fn layer_geometries(
+    model: &Model,
+) -> (
+    Vec<(usize, Vec<onnx_micronet::passes::calib::Geom>)>,
+    Vec<usize>,
+) {
+    use onnx_micronet::graph::{weighted_layers, Graph};
+    let g = Graph::of(model).unwrap();
+    let mut wanted = Vec::new();
+    let mut ranks = Vec::new();
+    for (i, l) in weighted_layers(&g).iter().enumerate() {
+        let t = model
+            .graph()
+            .initializer
+            .iter()
+            .find(|t| t.name() == l.weight)
+            .unwrap();
+        let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        let (_, geoms) = onnx_micronet::passes::calib::layout(&g, &l.nodes, &shape).unwrap();
+        wanted.push((i, geoms));
+        ranks.push(shape.len());
+    }
+    (wanted, ranks)
+}
+
 /// `n` pseudo-random 3x32x32 images, uniform in [-1, 1) (xorshift64 from `seed`).
 fn xorshift_images(n: usize, seed: u64) -> Array4<f32> {
     let mut s = seed;
@@ -1359,7 +1387,6 @@ fn xorshift_images(n: usize, seed: u64) -> Array4<f32> {
 /// the pairing puts x~ and x, group by group, where the doubled geometry reads them.
 #[test]
 fn paired_capture_of_a_model_beside_itself_repeats_its_gram() {
-    use onnx_micronet::graph::{weighted_layers, Graph};
     use onnx_micronet::passes::calib::{self, obs, paired};
     let model = onnx_micronet::onnx::load(&fixture("mobilenetv2_cifar_bn.onnx")).unwrap();
     // Six pseudo-random images, 3x32x32.
@@ -1375,21 +1402,7 @@ fn paired_capture_of_a_model_beside_itself_repeats_its_gram() {
         threads: 2,
         ..Default::default()
     };
-    let g = Graph::of(&model).unwrap();
-    let mut wanted = Vec::new();
-    let mut ranks = Vec::new();
-    for (i, l) in weighted_layers(&g).iter().enumerate() {
-        let t = model
-            .graph()
-            .initializer
-            .iter()
-            .find(|t| t.name() == l.weight)
-            .unwrap();
-        let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-        let (_, geoms) = calib::layout(&g, &l.nodes, &shape).unwrap();
-        wanted.push((i, geoms));
-        ranks.push(shape.len());
-    }
+    let (wanted, ranks) = layer_geometries(&model);
     assert_eq!(wanted.len(), 53);
     let depthwise = wanted.iter().filter(|(_, gs)| gs[0].groups() > 1).count();
     assert_eq!(depthwise, 17);
@@ -1444,7 +1457,6 @@ fn paired_capture_of_a_model_beside_itself_repeats_its_gram() {
 /// and have no folds.
 #[test]
 fn capture_folds_are_the_captures_of_the_two_halves() {
-    use onnx_micronet::graph::{weighted_layers, Graph};
     use onnx_micronet::passes::calib::{self, obs};
     let model = onnx_micronet::onnx::load(&fixture("mobilenetv2_cifar_bn.onnx")).unwrap();
     let all = xorshift_images(24, 0x2545_F491_4F6C_DD1D);
@@ -1458,18 +1470,7 @@ fn capture_folds_are_the_captures_of_the_two_halves() {
     let every: Vec<usize> = (0..24).collect();
     let even: Vec<usize> = (0..8).chain(16..24).collect();
     let odd: Vec<usize> = (8..16).collect();
-    let g = Graph::of(&model).unwrap();
-    let mut wanted = Vec::new();
-    for (i, l) in weighted_layers(&g).iter().enumerate() {
-        let t = model
-            .graph()
-            .initializer
-            .iter()
-            .find(|t| t.name() == l.weight)
-            .unwrap();
-        let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-        wanted.push((i, calib::layout(&g, &l.nodes, &shape).unwrap().1));
-    }
+    let (wanted, _) = layer_geometries(&model);
     let capture = |idx: &[usize], folds: bool| {
         let data = set(idx);
         let cx = Context {
