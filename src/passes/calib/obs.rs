@@ -133,8 +133,6 @@ pub struct Factor {
     u: Vec<f64>,
     /// Visit order of the columns (act-order) or the identity.
     order: Vec<usize>,
-    /// H (permuted as `order`), for output errors.
-    h: Vec<f64>,
 }
 
 /// H from a layer's statistics (G, or the rows X themselves).
@@ -216,7 +214,7 @@ impl Factor {
                 u[i * d + j] = l[(j, i)];
             }
         }
-        Ok(Factor { d, u, order, h: hp })
+        Ok(Factor { d, u, order })
     }
 
     pub fn dim(&self) -> usize {
@@ -526,24 +524,6 @@ impl Layer<'_> {
         out
     }
 
-    /// The relative output error sum ||X (w1 - w0)||^2 / sum ||X w0||^2 on the
-    /// calibration rows (all groups).
-    pub fn error(&self, w0: &[f32], w1: &[f32]) -> f64 {
-        let (mut num, mut den) = (0.0, 0.0);
-        for g in 0..self.groups {
-            let (a, _) = self.rows_of(w0, g);
-            let (b, _) = self.rows_of(w1, g);
-            let (n, d) = relative_error(&self.factors[g], &a, &b);
-            num += n;
-            den += d;
-        }
-        if den > 0.0 {
-            num / den
-        } else {
-            0.0
-        }
-    }
-
     /// Per row (output channel), w . E[x] with E[x] the group's mean input row:
     /// the mean of the layer's output without its bias.
     pub fn mean_output(&self, w: &[f32], means: &[Vec<f64>]) -> Vec<f64> {
@@ -558,36 +538,17 @@ impl Layer<'_> {
     }
 }
 
-/// The relative output error of rows `new` against `old` (natural order) on the
-/// factor's H: sum (new - old)^T H (new - old) / sum old^T H old. The rows are
-/// stacked into matrices D (differences) and O (old), permuted to H's visit
-/// order, and the quadratic forms are the row sums of (D H) .* D and (O H) .* O,
-/// by faer's blocked product (one thread).
-pub fn relative_error(f: &Factor, old: &[Vec<f64>], new: &[Vec<f64>]) -> (f64, f64) {
-    quadratic_error_in(&f.h, f.d, &f.order, old, new)
-}
-
-/// [`relative_error`] on H itself (d x d, row-major, the natural column order):
-/// (sum (new - old)^T H (new - old), sum old^T H old).
+/// The output error of rows `new` against `old` on H (d x d, row-major, the
+/// natural column order): (sum (new - old)^T H (new - old), sum old^T H old),
+/// whose ratio is the relative output error sum ||X (new - old)||^2 /
+/// sum ||X old||^2 when H = X^T X. The rows are stacked into matrices D
+/// (differences) and O (old), and the quadratic forms are the row sums of
+/// (D H) .* D and (O H) .* O, by faer's blocked product (one thread).
 pub fn quadratic_error(h: &[f64], d: usize, old: &[Vec<f64>], new: &[Vec<f64>]) -> (f64, f64) {
-    let order: Vec<usize> = (0..d).collect();
-    quadratic_error_in(h, d, &order, old, new)
-}
-
-/// The quadratic forms with H given in the column order `order` (H[a][b] is the
-/// form's entry for columns order[a], order[b]).
-fn quadratic_error_in(
-    h: &[f64],
-    d: usize,
-    order: &[usize],
-    old: &[Vec<f64>],
-    new: &[Vec<f64>],
-) -> (f64, f64) {
     let n = old.len();
     if n == 0 || d == 0 {
         return (0.0, 0.0);
     }
-    let f_order = order;
     let h = MatRef::from_row_major_slice(h, d, d);
     let quad = |m: &Mat<f64>| -> f64 {
         let mut p = Mat::<f64>::zeros(n, d);
@@ -603,8 +564,8 @@ fn quadratic_error_in(
             .map(|r| (0..d).map(|k| p[(r, k)] * m[(r, k)]).sum::<f64>())
             .sum()
     };
-    let o = Mat::<f64>::from_fn(n, d, |r, k| old[r][f_order[k]]);
-    let diff = Mat::<f64>::from_fn(n, d, |r, k| new[r][f_order[k]] - old[r][f_order[k]]);
+    let o = Mat::<f64>::from_fn(n, d, |r, k| old[r][k]);
+    let diff = Mat::<f64>::from_fn(n, d, |r, k| new[r][k] - old[r][k]);
     (quad(&diff), quad(&o))
 }
 
@@ -665,10 +626,10 @@ mod tests {
             (rows[0][1] - (0.3 + 0.4 * 2.0 / 3.0)).abs() < 1e-12,
             "{rows:?}"
         );
-        let (num, den) = relative_error(&f, &[vec![0.4, 0.3]], &[vec![0.0, 1.0]]);
+        let (num, den) = quadratic_error(&h, 2, &[vec![0.4, 0.3]], &[vec![0.0, 1.0]]);
         // den = w^T H w = 0.64 + 0.48 + 0.27 = 1.39.
         assert!((num - 0.99).abs() < 1e-12 && (den - 1.39).abs() < 1e-12);
-        let (num, _) = relative_error(&f, &[vec![0.4, 0.3]], &[vec![0.0, 0.0]]);
+        let (num, _) = quadratic_error(&h, 2, &[vec![0.4, 0.3]], &[vec![0.0, 0.0]]);
         assert!((num - 1.39).abs() < 1e-12);
     }
 
@@ -781,8 +742,8 @@ mod correlated {
                 o
             })
             .collect();
-        let (e1, den) = relative_error(&f, &rows, &sg);
-        let (e2, _) = relative_error(&f, &rows, &mag);
+        let (e1, den) = quadratic_error(&h, d, &rows, &sg);
+        let (e2, _) = quadratic_error(&h, d, &rows, &mag);
         assert!(
             e1 / den < 0.02 && e2 / den > 0.1,
             "{} vs {}",
