@@ -4,6 +4,7 @@
     .venv/bin/python tests/bench/ort_agree.py REF.onnx OTHER.onnx [OTHER2.onnx ...]
         --images DIR_OR_LIST [--limit N] [--skip N] [--size 224] [--resize 256]
         [--mean 0.485,0.456,0.406] [--std 0.229,0.224,0.225] [--manifest CSV] [--json OUT]
+        [--save-npy X.npy]
 
 Images: a folder (recursively, sorted by path) or a text file of paths. Each image
 is prepared as torchvision does for ImageNet: RGB, short side resized to --resize
@@ -15,6 +16,9 @@ optimizations, as a user's session) and one with optimizations disabled
 default-session top-1, in both sessions, and, with --manifest (the CSV of
 shared/data/fetch-real-photos.sh: file, ..., labels), top-1 accuracy on the
 labelled images (a prediction is right when it is in the image's label set).
+--save-npy writes the prepared tensors (N x 3 x size x size) so that tract sees
+the very inputs onnxruntime saw: `onnx-micronet validate REF OTHER --data X.npy
+--preprocess raw`.
 """
 
 import argparse
@@ -79,6 +83,7 @@ def main():
     ap.add_argument("--std", default="0.229,0.224,0.225")
     ap.add_argument("--manifest")
     ap.add_argument("--json")
+    ap.add_argument("--save-npy")
     a = ap.parse_args()
     mean = np.array([float(v) for v in a.mean.split(",")], np.float32)
     std = np.array([float(v) for v in a.std.split(",")], np.float32)
@@ -86,6 +91,8 @@ def main():
     if a.limit:
         paths = paths[: a.limit]
     x = np.stack([prep(p, a.size, a.resize, mean, std) for p in paths]).astype(np.float32)
+    if a.save_npy:
+        np.save(a.save_npy, x)
     labels = {}
     if a.manifest:
         base = os.path.dirname(os.path.abspath(a.manifest))

@@ -586,8 +586,9 @@ pub struct Captured {
     pub scale: f64,
     /// With [`collect_folds`]: the Grams of two disjoint halves of the images
     /// (chunks of [`CHUNK`] images taken alternately: even chunks, odd chunks),
-    /// per group, scaled as `stats`, summing to them. Empty otherwise, and for a
-    /// layer that keeps its rows or saw fewer than two chunks.
+    /// per group, scaled as `stats`, summing to them (a layer that keeps its
+    /// rows: its rows of each half, as [`Stats::Rows`]). Empty otherwise, and
+    /// for a layer that saw fewer than two chunks.
     pub folds: Vec<Vec<Stats>>,
 }
 
@@ -600,6 +601,18 @@ pub enum Stats {
     /// X itself, kept when the layer sees no more rows than its dimension (so X
     /// is smaller than G): column-major, x[i n + s] = row s, input i.
     Rows { x: Vec<f64>, n: usize },
+}
+
+/// Row-major rows of `dim` values as [`Stats::Rows`] (column-major, f64).
+fn column_major(r: &[f32], dim: usize) -> Stats {
+    let count = r.len() / dim;
+    let mut x = vec![0.0f64; dim * count];
+    for (s, row) in r.chunks_exact(dim).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            x[i * count + s] = v as f64;
+        }
+    }
+    Stats::Rows { x, n: count }
 }
 
 /// One chunk's partial sums.
@@ -819,17 +832,21 @@ fn collect_inner(
         let mut sums: Vec<Vec<Vec<f64>>> = dims.iter().map(|&(g, _)| vec![Vec::new(); g]).collect();
         let mut row_counts = vec![0usize; dims.len()];
         let mut rows: Vec<Vec<Vec<f32>>> = dims.iter().map(|&(g, _)| vec![Vec::new(); g]).collect();
+        // [layer]: (fold, rows per group) of each chunk, in order: the halves of
+        // a layer that keeps its rows.
+        let mut segments: Vec<Vec<(usize, usize)>> = vec![Vec::new(); dims.len()];
         let mut error: Option<String> = None;
         let merge = |acc: Acc| {
             if let Some(e) = acc.error {
                 error.get_or_insert(e);
                 return;
             }
-            for (c, r) in row_counts.iter_mut().zip(&acc.rows) {
-                *c += r;
-            }
             let fold = chunk % grams.len();
             chunk += 1;
+            for ((c, r), s) in row_counts.iter_mut().zip(&acc.rows).zip(&mut segments) {
+                *c += r;
+                s.push((fold, *r));
+            }
             for (target, part) in [(&mut grams[fold], acc.grams), (&mut sums, acc.sums)] {
                 for (s, a) in target.iter_mut().zip(part) {
                     for (sg, ag) in s.iter_mut().zip(a) {
@@ -887,19 +904,34 @@ fn collect_inner(
                 halves[li] = kept.map(|kept| [kept, odd]);
             }
         }
-        for (((((w, layer_grams), layer_rows), layer_sums), &layer_count), half) in batch
-            .iter()
-            .zip(grams)
-            .zip(rows)
-            .zip(sums)
-            .zip(&row_counts)
-            .zip(halves)
+        for ((((((w, layer_grams), layer_rows), layer_sums), &layer_count), half), segments) in
+            batch
+                .iter()
+                .zip(grams)
+                .zip(rows)
+                .zip(sums)
+                .zip(&row_counts)
+                .zip(halves)
+                .zip(&segments)
         {
             let (groups, dim) = (w.1[0].groups(), w.1[0].dim());
             let mut stats: Vec<Stats> = Vec::with_capacity(groups);
             let mut means: Vec<Vec<f64>> = Vec::with_capacity(groups);
-            // Folds only when every row went into their Grams (none kept, none left over).
+            // Gram folds only when every row went into their Grams (none kept,
+            // none left over).
             let half = half.filter(|_| layer_rows.iter().all(Vec::is_empty));
+            // A layer that keeps all its rows has them split by the chunks' folds.
+            let kept_rows = folds
+                && layer_grams.iter().all(Vec::is_empty)
+                && layer_rows.iter().all(|r| !r.is_empty())
+                && [0, 1]
+                    .iter()
+                    .all(|k| segments.iter().any(|&(f, r)| f == *k && r > 0));
+            let mut row_folds: Vec<Vec<Stats>> = if kept_rows {
+                vec![Vec::with_capacity(groups), Vec::with_capacity(groups)]
+            } else {
+                Vec::new()
+            };
             for ((mut g, mut r), mut sum) in layer_grams.into_iter().zip(layer_rows).zip(layer_sums)
             {
                 // Rows never flushed (kept as rows, or left over) join the sums.
@@ -909,15 +941,18 @@ fn collect_inner(
                     continue;
                 }
                 if g.is_empty() && !r.is_empty() {
-                    // Column-major copy of the rows.
-                    let count = r.len() / dim;
-                    let mut x = vec![0.0f64; dim * count];
-                    for (s, row) in r.chunks_exact(dim).enumerate() {
-                        for (i, &v) in row.iter().enumerate() {
-                            x[i * count + s] = v as f64;
+                    if kept_rows {
+                        let mut parts = [Vec::new(), Vec::new()];
+                        let mut at = 0;
+                        for &(f, count) in segments {
+                            parts[f].extend_from_slice(&r[at..at + count * dim]);
+                            at += count * dim;
+                        }
+                        for (fold, part) in row_folds.iter_mut().zip(&parts) {
+                            fold.push(column_major(part, dim));
                         }
                     }
-                    stats.push(Stats::Rows { x, n: count });
+                    stats.push(column_major(&r, dim));
                 } else {
                     // Rows left over (none in practice) join the Gram.
                     if g.is_empty() {
@@ -965,7 +1000,15 @@ fn collect_inner(
                             .collect()
                     })
                     .collect(),
-                None => Vec::new(),
+                None => {
+                    let root = scale.sqrt();
+                    for s in row_folds.iter_mut().flatten() {
+                        if let Stats::Rows { x, .. } = s {
+                            x.iter_mut().for_each(|v| *v /= root);
+                        }
+                    }
+                    row_folds
+                }
             };
             out.push(Captured {
                 layer: w.0,
