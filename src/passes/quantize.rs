@@ -1344,7 +1344,7 @@ fn calibrated_layer(
             let (n, dd) = if paired {
                 calib::paired::fit_error(&calib::paired::blocks(st, d), d, &old, &new)
             } else {
-                obs::quadratic_error(&obs::hessian(st, d), d, &old, &new)
+                obs::output_error(st, d, &old, &new)
             };
             num += n;
             den += dd;

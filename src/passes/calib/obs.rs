@@ -569,9 +569,58 @@ pub fn quadratic_error(h: &[f64], d: usize, old: &[Vec<f64>], new: &[Vec<f64>]) 
     (quad(&diff), quad(&o))
 }
 
+/// [`quadratic_error`] on a layer's statistics: on G itself for a Gram; for
+/// kept rows X (n x d, n <= d), as ||X (new - old)||^2 and ||X old||^2 from
+/// the n x rows products (n d per row against d^2 through H = X^T X: a dense
+/// classifier of 1,280 inputs on 128 images, 10x fewer multiplications).
+pub fn output_error(stats: &Stats, d: usize, old: &[Vec<f64>], new: &[Vec<f64>]) -> (f64, f64) {
+    let (x, n) = match stats {
+        Stats::Gram(g) => return quadratic_error(g, d, old, new),
+        Stats::Rows { x, n } => (x, *n),
+    };
+    let rows = old.len();
+    if rows == 0 || d == 0 || n == 0 {
+        return (0.0, 0.0);
+    }
+    // X^T as a row-major d x n matrix (input a's n values at x[a n ..]).
+    let xt = MatRef::from_row_major_slice(x, d, n);
+    let norm = |m: &Mat<f64>| -> f64 {
+        let mut p = Mat::<f64>::zeros(rows, n);
+        faer::linalg::matmul::matmul(
+            &mut p,
+            faer::Accum::Replace,
+            m.as_ref(),
+            xt,
+            1.0,
+            faer::Par::Seq,
+        );
+        (0..rows)
+            .map(|r| (0..n).map(|s| p[(r, s)] * p[(r, s)]).sum::<f64>())
+            .sum()
+    };
+    let o = Mat::<f64>::from_fn(rows, d, |r, k| old[r][k]);
+    let diff = Mat::<f64>::from_fn(rows, d, |r, k| new[r][k] - old[r][k]);
+    (norm(&diff), norm(&o))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_error_of_kept_rows_by_hand() {
+        // X = [[1, 4], [2, 5], [3, 6]] (three rows, two inputs; H = [[14, 32],
+        // [32, 77]]). old = (1, 0): ||X old||^2 = 1 + 4 + 9 = 14 = old^T H old.
+        // new = (1, 1): X (new - old) = (4, 5, 6), 16 + 25 + 36 = 77.
+        let rows = Stats::Rows {
+            x: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            n: 3,
+        };
+        let (old, new) = (vec![vec![1.0, 0.0]], vec![vec![1.0, 1.0]]);
+        assert_eq!(output_error(&rows, 2, &old, &new), (77.0, 14.0));
+        let gram = Stats::Gram(hessian(&rows, 2));
+        assert_eq!(output_error(&gram, 2, &old, &new), (77.0, 14.0));
+    }
 
     #[test]
     fn hessian_of_kept_rows_is_x_transpose_x() {
