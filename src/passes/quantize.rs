@@ -1917,15 +1917,15 @@ mod tests {
             folds: vec![vec![Stats::Gram(a)], vec![Stats::Gram(b)]],
         };
         let rows = Rows::contiguous(1, 4);
-        let run = |c: &Calibrated, cfg: &QuantConfig| {
+        let layer = |w: &ndarray::ArrayD<f32>, nearest, c: &Calibrated, cfg: &QuantConfig| {
             calibrated_layer(
                 cfg,
                 Scheme::MinMax,
                 2,
                 None,
                 4,
-                &w,
-                &nearest,
+                w,
+                nearest,
                 c,
                 &rows,
                 Rounding::Gptq,
@@ -1934,6 +1934,7 @@ mod tests {
             )
             .unwrap()
         };
+        let run = |c: &Calibrated, cfg: &QuantConfig| layer(&w, &nearest, c, cfg);
         // f = 1 is GPTQ's best, and its fits on the halves are nearest rounding:
         // a tie with nearest, which then wins (it fits nothing).
         let one = run(&cal(eye(0.9), eye(0.0)), &cfg);
@@ -1988,33 +1989,17 @@ mod tests {
         let nearest = quantize_tensor(&w, Scheme::MinMax, 2, &cfg, None, 4);
         assert_eq!(nearest.values.as_slice().unwrap(), &[0.0, 0.0, -1.0, 2.0]);
         let c = cal(eye(0.9), eye(0.0));
-        let layer = |cfg: &QuantConfig| {
-            calibrated_layer(
-                cfg,
-                Scheme::MinMax,
-                2,
-                None,
-                4,
-                &w,
-                &nearest,
-                &c,
-                &rows,
-                Rounding::Gptq,
-                Inputs::Own,
-                None,
-            )
-            .unwrap()
-        };
-        let strict = layer(&cfg);
+        let strict = layer(&w, &nearest, &c, &cfg);
         assert_eq!(
             strict.method,
             "nearest (2-fold cross-validation: held-out error 10.415%, GPTQ's least 11.340% at damp 0.003)"
         );
         assert_eq!(strict.values.as_slice().unwrap(), &[0.0, 0.0, -1.0, 2.0]);
-        let gptq = layer(&QuantConfig {
+        let fixed = QuantConfig {
             damp: Damp::Fixed(0.003),
             ..cfg.clone()
-        });
+        };
+        let gptq = layer(&w, &nearest, &c, &fixed);
         assert_eq!(gptq.values.as_slice().unwrap(), &[0.0, 1.0, -1.0, 2.0]);
     }
 

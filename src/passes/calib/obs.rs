@@ -145,15 +145,7 @@ pub fn hessian(stats: &Stats, d: usize) -> Vec<f64> {
             // thread: callers run layers in parallel), then made exactly
             // symmetric from its lower triangle.
             let xt = MatRef::from_row_major_slice(x, d, *n);
-            let mut m = Mat::<f64>::zeros(d, d);
-            faer::linalg::matmul::matmul(
-                &mut m,
-                faer::Accum::Replace,
-                xt,
-                xt.transpose(),
-                1.0,
-                faer::Par::Seq,
-            );
+            let m = product(xt, xt.transpose());
             let mut h = vec![0.0; d * d];
             for a in 0..d {
                 for b in 0..=a {
@@ -538,6 +530,13 @@ impl Layer<'_> {
     }
 }
 
+/// a b by faer's blocked product, on one thread (callers run layers in parallel).
+fn product(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Mat<f64> {
+    let mut p = Mat::<f64>::zeros(a.nrows(), b.ncols());
+    faer::linalg::matmul::matmul(&mut p, faer::Accum::Replace, a, b, 1.0, faer::Par::Seq);
+    p
+}
+
 /// The output error of rows `new` against `old` on H (d x d, row-major, the
 /// natural column order): (sum (new - old)^T H (new - old), sum old^T H old),
 /// whose ratio is the relative output error sum ||X (new - old)||^2 /
@@ -551,15 +550,7 @@ pub fn quadratic_error(h: &[f64], d: usize, old: &[Vec<f64>], new: &[Vec<f64>]) 
     }
     let h = MatRef::from_row_major_slice(h, d, d);
     let quad = |m: &Mat<f64>| -> f64 {
-        let mut p = Mat::<f64>::zeros(n, d);
-        faer::linalg::matmul::matmul(
-            &mut p,
-            faer::Accum::Replace,
-            m.as_ref(),
-            h,
-            1.0,
-            faer::Par::Seq,
-        );
+        let p = product(m.as_ref(), h);
         (0..n)
             .map(|r| (0..d).map(|k| p[(r, k)] * m[(r, k)]).sum::<f64>())
             .sum()
@@ -585,15 +576,7 @@ pub fn output_error(stats: &Stats, d: usize, old: &[Vec<f64>], new: &[Vec<f64>])
     // X^T as a row-major d x n matrix (input a's n values at x[a n ..]).
     let xt = MatRef::from_row_major_slice(x, d, n);
     let norm = |m: &Mat<f64>| -> f64 {
-        let mut p = Mat::<f64>::zeros(rows, n);
-        faer::linalg::matmul::matmul(
-            &mut p,
-            faer::Accum::Replace,
-            m.as_ref(),
-            xt,
-            1.0,
-            faer::Par::Seq,
-        );
+        let p = product(m.as_ref(), xt);
         (0..rows)
             .map(|r| (0..n).map(|s| p[(r, s)] * p[(r, s)]).sum::<f64>())
             .sum()
