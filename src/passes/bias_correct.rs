@@ -146,13 +146,13 @@ impl Pass for BiasCorrect {
         let data = cx.calib.expect("checked");
         let input_shape = cx.input_shape_for(data);
         let start = std::time::Instant::now();
-        let (captured, too_big) = calib::gram::collect_with(
+        let (captured, too_big) = calib::gram::collect(
             model,
             &input_shape,
             data.images.view(),
             cx.threads.max(1),
             &wanted,
-            true,
+            calib::gram::Capture::MeansOnly,
         )?;
         let means: HashMap<usize, Vec<Vec<f64>>> =
             captured.into_iter().map(|c| (c.layer, c.means)).collect();

@@ -584,7 +584,7 @@ pub struct Captured {
     /// What G (and X) were divided by: `stats` hold G / scale (X / sqrt(scale));
     /// 1 when G was zero.
     pub scale: f64,
-    /// With [`collect_folds`]: the Grams of two disjoint halves of the images
+    /// With [`Capture::GramsAndHalves`]: the Grams of two disjoint halves of the images
     /// (chunks of [`CHUNK`] images taken alternately: even chunks, odd chunks),
     /// per group, scaled as `stats`, summing to them (a layer that keeps its
     /// rows: its rows of each half, as [`Stats::Rows`]). Empty otherwise, and
@@ -628,10 +628,23 @@ struct Acc {
     error: Option<String>,
 }
 
+/// What [`collect`] keeps of each layer's input rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capture {
+    /// G = X^T X (or X itself, see [`Stats::Rows`]) and the mean input row.
+    Grams,
+    /// As `Grams`, with the Grams (or rows) of the two halves of the images kept
+    /// apart as well ([`Captured::folds`]: cross-validation of a solve's
+    /// settings). The Gram memory of a batch is twice `Grams`'.
+    GramsAndHalves,
+    /// The mean input rows alone (`stats` is empty).
+    MeansOnly,
+}
+
 /// Captures the Gram matrices (or rows) of the `wanted` layers (index, one
-/// geometry per consuming node; all with the same groups and dim). Returns, per
-/// layer, one [`Stats`] per group, and the layers left out because their Grams
-/// alone exceed the memory budget.
+/// geometry per consuming node; all with the same groups and dim), or what
+/// `what` asks of them. Returns, per layer, one [`Stats`] per group, and the
+/// layers left out because their Grams alone exceed the memory budget.
 #[allow(clippy::type_complexity)]
 pub fn collect(
     model: &Model,
@@ -639,57 +652,10 @@ pub fn collect(
     images: ndarray::ArrayView4<f32>,
     threads: usize,
     wanted: &[(usize, Vec<Geom>)],
+    what: Capture,
 ) -> Result<(Vec<Captured>, Vec<(usize, String)>)> {
-    collect_inner(model, input_shape, images, threads, wanted, false, false)
-}
-
-/// [`collect`], with each layer's Grams of the two halves of the images kept
-/// apart as well ([`Captured::folds`]: cross-validation of a solve's settings).
-/// The Gram memory of a batch is twice [`collect`]'s.
-#[allow(clippy::type_complexity)]
-pub fn collect_folds(
-    model: &Model,
-    input_shape: &[usize],
-    images: ndarray::ArrayView4<f32>,
-    threads: usize,
-    wanted: &[(usize, Vec<Geom>)],
-) -> Result<(Vec<Captured>, Vec<(usize, String)>)> {
-    collect_inner(model, input_shape, images, threads, wanted, false, true)
-}
-
-/// [`collect`], or with `means_only` the mean input rows alone (no Gram
-/// matrices: `stats` is empty).
-#[allow(clippy::type_complexity)]
-pub fn collect_with(
-    model: &Model,
-    input_shape: &[usize],
-    images: ndarray::ArrayView4<f32>,
-    threads: usize,
-    wanted: &[(usize, Vec<Geom>)],
-    means_only: bool,
-) -> Result<(Vec<Captured>, Vec<(usize, String)>)> {
-    collect_inner(
-        model,
-        input_shape,
-        images,
-        threads,
-        wanted,
-        means_only,
-        false,
-    )
-}
-
-#[allow(clippy::type_complexity)]
-fn collect_inner(
-    model: &Model,
-    input_shape: &[usize],
-    images: ndarray::ArrayView4<f32>,
-    threads: usize,
-    wanted: &[(usize, Vec<Geom>)],
-    means_only: bool,
-    folds: bool,
-) -> Result<(Vec<Captured>, Vec<(usize, String)>)> {
-    let folds = folds && !means_only;
+    let means_only = what == Capture::MeansOnly;
+    let folds = what == Capture::GramsAndHalves;
     let bytes = |gs: &[Geom]| {
         if means_only {
             gs[0].groups() * gs[0].dim() * 8

@@ -261,17 +261,17 @@ pub fn capture_folds(
     }
     let input_shape = cx.input_shape_for(data);
     let start = std::time::Instant::now();
-    let collect = if folds {
-        gram::collect_folds
-    } else {
-        gram::collect
-    };
-    let (captured, too_big) = collect(
+    let (captured, too_big) = gram::collect(
         model,
         &input_shape,
         data.images.view(),
         cx.threads.max(1),
         wanted,
+        if folds {
+            gram::Capture::GramsAndHalves
+        } else {
+            gram::Capture::Grams
+        },
     )?;
     for c in captured {
         let geoms = &wanted

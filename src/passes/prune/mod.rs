@@ -710,6 +710,7 @@ impl Pass for Prune {
                 data.images.view(),
                 cx.threads.max(1),
                 &wanted,
+                gram::Capture::Grams,
             )?;
             if !wanted.is_empty() {
                 let as_rows = grams
