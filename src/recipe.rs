@@ -271,8 +271,8 @@ pub struct Overrides {
     pub calib_mode: Option<String>,
     /// GPTQ's dampening of H: auto (the default: each layer's from 0.003 to 1 by
     /// 2-fold cross-validation on the calibration images, the least output error
-    /// on the half not fit) or a fixed fraction of its mean diagonal (GPTQ's
-    /// usual 0.01)
+    /// on the half not fit, or nearest rounding where that errs no more) or a
+    /// fixed fraction of its mean diagonal (GPTQ's usual 0.01)
     #[arg(long, value_name = "F|auto")]
     pub gptq_damp: Option<crate::passes::calib::obs::Damp>,
     /// GPTQ's column order: by decreasing Hessian diagonal (GPTQ's act-order:
