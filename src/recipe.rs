@@ -53,6 +53,7 @@
 //! rounding = "gptq"              # gptq (default with --calib) | nearest
 //! calib_mode = "parallel"        # parallel | sequential[:K] (GPTQ's inputs from the model quantized so far) | asymmetric[:K] (and each layer fit to the float model's output: GPTAQ)
 //! act_order = true               # GPTQ's columns by decreasing Hessian diagonal (default false: the weight's order)
+//! act_aware = true               # sequential/asymmetric captures run with [act_quant]'s quantizers in place (default true)
 //! damp = "auto"                  # GPTQ's ridge of H: "auto" (default: per layer, 2-fold cross-validation) or a fraction of its mean diagonal (0.01)
 //! avg_bits = 4.0                 # per-layer bits from 2..8 with this parameter-weighted mean (needs --calib)
 //! [[quantize.layer]]             # later entries win
@@ -266,7 +267,9 @@ pub struct Overrides {
     /// model), sequential[:K] (the model already compressed up to each layer, in
     /// K groups of layers, one model run each) or asymmetric[:K] (as sequential,
     /// each group's first layer fit to the float model's output from the
-    /// compressed inputs, GPTAQ; K defaults to one group per layer).
+    /// compressed inputs, GPTAQ; K defaults to one group per layer). With
+    /// --act-bits, GPTQ's stages run with the activation quantizers in place
+    /// (`--set quantize.act_aware=false` turns that off).
     #[arg(long, value_name = "MODE")]
     pub calib_mode: Option<String>,
     /// GPTQ's dampening of H: auto (the default: each layer's from 0.003 to 1 by

@@ -1255,8 +1255,113 @@ impl Pass for ActQuant {
     }
 
     fn run(&self, model: &mut Model, cx: &Context) -> Result<PassReport> {
-        let cfg = &self.0;
         let mut report = PassReport::new(self.name());
+        if let Some(p) = plan(&self.0, model, cx, &mut report)? {
+            p.insert(model, &self.0, &mut report);
+        }
+        Ok(report)
+    }
+}
+
+/// What the pass inserts, measured and chosen but not yet written: the targets
+/// (node indices of the model it was planned on), their statistics, grids, widths
+/// and report notes.
+struct Planned {
+    targets: Vec<Target>,
+    stats: Vec<Stats>,
+    grids: Vec<Grid>,
+    bits: Vec<u32>,
+    notes: Vec<String>,
+    measured: bool,
+}
+
+impl Planned {
+    fn insert(&self, model: &mut Model, cfg: &ActQuantConfig, report: &mut PassReport) {
+        insert(
+            model,
+            &self.targets,
+            &self.stats,
+            &self.grids,
+            &self.bits,
+            &self.notes,
+            cfg,
+            self.measured,
+            report,
+        );
+    }
+}
+
+/// The activation quantizers this pass would insert, calibrated once on a model
+/// and written into copies of it whose weights have changed since: what GPTQ's
+/// sequential and asymmetric calibration see, so that each layer is fit on the
+/// inputs the deployed model feeds it, activation rounding and clipping included
+/// (QDrop's point, Wei et al. 2022: reconstruct with the activations quantized).
+/// The copies must keep the planned model's nodes (same count and outputs):
+/// weight rewrites (GPTQ, private weight copies) do.
+pub struct Simulation {
+    cfg: ActQuantConfig,
+    planned: Planned,
+    /// The first output of every node of the planned model, in order.
+    outputs: Vec<String>,
+}
+
+impl Simulation {
+    /// Plans the pass on `model` (its ranges measured on `cx.calib`). `Ok(None)`:
+    /// nothing would be quantized. Errors as the pass's.
+    pub fn calibrate(cfg: &ActQuantConfig, model: &Model, cx: &Context) -> Result<Option<Self>> {
+        let mut report = PassReport::new("act-quant (simulated)");
+        Ok(
+            plan(cfg, model, cx, &mut report)?.map(|planned| Simulation {
+                cfg: cfg.clone(),
+                planned,
+                outputs: first_outputs(model),
+            }),
+        )
+    }
+
+    /// How many activations it quantizes.
+    pub fn len(&self) -> usize {
+        self.planned.bits.iter().filter(|&&b| b > 0).count()
+    }
+
+    /// Whether it quantizes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `model` with the planned quantizers written in. `Err` when its nodes are
+    /// not the planned model's.
+    pub fn apply(&self, model: &Model) -> Result<Model> {
+        if first_outputs(model) != self.outputs {
+            return Err(Error::Graph(
+                "simulated activation quantization: the model's nodes changed since its ranges were calibrated".into(),
+            ));
+        }
+        let mut m = model.clone();
+        let mut report = PassReport::new("act-quant (simulated)");
+        self.planned.insert(&mut m, &self.cfg, &mut report);
+        Ok(m)
+    }
+}
+
+fn first_outputs(model: &Model) -> Vec<String> {
+    model
+        .graph()
+        .node
+        .iter()
+        .map(|n| n.output.first().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// The pass up to its edit: which values, their calibrated ranges, mixed
+/// precision and range search. `None`: nothing to quantize.
+fn plan(
+    cfg: &ActQuantConfig,
+    model: &Model,
+    cx: &Context,
+    report: &mut PassReport,
+) -> Result<Option<Planned>> {
+    {
         // Float16 rounding has no range to choose: it runs without images.
         let data = cx.calib.filter(|d| !d.is_empty());
         if data.is_none() && cfg.bits != 16 {
@@ -1335,7 +1440,7 @@ impl Pass for ActQuant {
                             &n.input[0],
                             vec![(i, 0)],
                             vec![view.node_name(i).to_string()],
-                            &mut report,
+                            report,
                         );
                     }
                     Placement::Outputs
@@ -1368,7 +1473,7 @@ impl Pass for ActQuant {
                             .collect::<std::collections::BTreeSet<_>>()
                             .into_iter()
                             .collect();
-                        add(v, uses, readers, &mut report);
+                        add(v, uses, readers, report);
                     }
                     _ => {}
                 }
@@ -1400,7 +1505,7 @@ impl Pass for ActQuant {
             targets
         };
         if targets.is_empty() {
-            return Ok(report);
+            return Ok(None);
         }
 
         // Calibration (float16 rounding without images: nothing to measure).
@@ -1548,18 +1653,14 @@ impl Pass for ActQuant {
                 ),
             );
         }
-        insert(
-            model,
-            &targets,
-            &stats,
-            &grids,
-            &bits,
-            &notes,
-            cfg,
-            data.is_some(),
-            &mut report,
-        );
-        Ok(report)
+        Ok(Some(Planned {
+            targets,
+            stats,
+            grids,
+            bits,
+            notes,
+            measured: data.is_some(),
+        }))
     }
 }
 

@@ -285,7 +285,10 @@ pub fn pipeline(plan: Plan) -> Pipeline {
     if let Some(c) = plan.prune {
         p.passes.push(Box::new(prune::Prune(c)));
     }
-    if let Some(c) = plan.quantize {
+    if let Some(mut c) = plan.quantize {
+        if c.act_aware {
+            c.act_sim.clone_from(&plan.act_quant);
+        }
         p.passes.push(Box::new(quantize::Quantize(c)));
     }
     if let Some(c) = plan.act_quant {

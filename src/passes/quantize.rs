@@ -173,6 +173,10 @@ pub struct QuantizeSection {
     /// GPTQ visits the inputs by decreasing diag(H) (default false: the weight's
     /// own column order).
     pub act_order: Option<bool>,
+    /// Sequential and asymmetric GPTQ capture each stage on the model with the
+    /// activation quantizers of `[act_quant]` in place (default true when both
+    /// are asked): the layers are fit on the inputs the deployed model feeds them.
+    pub act_aware: Option<bool>,
     /// Per-layer bits chosen by output error under this parameter-weighted mean
     /// width ([`allocate_bits`]; needs calibration).
     pub avg_bits: Option<f64>,
@@ -331,6 +335,8 @@ impl QuantizeSection {
             rounding: self.rounding.as_deref().map(str::parse).transpose()?,
             damp,
             act_order: self.act_order.unwrap_or(false),
+            act_aware: self.act_aware.unwrap_or(true),
+            act_sim: None,
             avg_bits: self.avg_bits,
             calib_mode: match &self.calib_mode {
                 Some(m) => m.parse()?,
@@ -427,6 +433,12 @@ pub struct QuantConfig {
     pub rounding: Option<Rounding>,
     pub damp: calib::obs::Damp,
     pub act_order: bool,
+    /// Capture sequential/asymmetric stages with activation quantization simulated
+    /// (recipe `act_aware`).
+    pub act_aware: bool,
+    /// The activation quantization simulated in those captures: the pipeline sets
+    /// it from `[act_quant]` when `act_aware`.
+    pub act_sim: Option<crate::passes::act_quant::ActQuantConfig>,
     /// Allocate per-layer bits under this mean width ([`allocate_bits`]).
     pub avg_bits: Option<f64>,
     pub calib_mode: calib::CalibMode,
@@ -450,6 +462,8 @@ impl Default for QuantConfig {
             rounding: None,
             damp: calib::obs::Damp::default(),
             act_order: false,
+            act_aware: true,
+            act_sim: None,
             avg_bits: None,
             calib_mode: calib::CalibMode::Parallel,
             mse_grid: false,
@@ -980,11 +994,54 @@ impl Pass for Quantize {
             .and_then(|k| cx.memo.and_then(|m| m.get(k)));
         // Auto dampening cross-validates on two halves of the images (GPTQ only).
         let folds = cfg.damp == calib::obs::Damp::Auto && cfg.rounding != Some(Rounding::Nearest);
+        // Sequential and asymmetric stages are captured with the activation
+        // quantizers of the act-quant pass in place (ranges measured once, here,
+        // on the model as this pass receives it), so each layer is fit on the
+        // inputs the deployed model gives it.
+        let sim = match &cfg.act_sim {
+            Some(ac) if cfg.calib_mode != calib::CalibMode::Parallel && !stages.is_empty() => {
+                crate::passes::act_quant::Simulation::calibrate(ac, model, cx)?
+                    .filter(|s| !s.is_empty())
+            }
+            _ => None,
+        };
         for stage in &stages {
             let wanted: Vec<(usize, Vec<calib::Geom>)> = stage
                 .iter()
                 .map(|&i| (i, jobs[i].layout.as_ref().expect("calibratable").1.clone()))
                 .collect();
+            // The stage's model: as quantized so far, with the simulated activation
+            // quantizers, whose outputs its layers then read.
+            let simulated;
+            let (current, wanted) = match &sim {
+                None => (&*model, wanted),
+                Some(s) => {
+                    simulated = s.apply(model)?;
+                    let reads: HashMap<&str, &str> = simulated
+                        .graph()
+                        .node
+                        .iter()
+                        .filter_map(|n| {
+                            Some((n.output.first()?.as_str(), n.input.first()?.as_str()))
+                        })
+                        .collect();
+                    let nodes = &model.graph().node;
+                    let wanted = wanted
+                        .into_iter()
+                        .map(|(ji, mut geoms)| {
+                            for (geom, &n) in geoms.iter_mut().zip(&jobs[ji].nodes) {
+                                if let Some(v) =
+                                    nodes[n].output.first().and_then(|o| reads.get(o.as_str()))
+                                {
+                                    geom.set_input(v);
+                                }
+                            }
+                            (ji, geoms)
+                        })
+                        .collect();
+                    (&simulated, wanted)
+                }
+            };
             let mut owned = None;
             let mut too_big = Vec::new();
             let calibrated: &HashMap<usize, calib::Calibrated> = match &hit {
@@ -994,10 +1051,10 @@ impl Pass for Quantize {
                 }
                 None => {
                     let (c, t, secs) = match &original {
-                        None => calib::capture_folds(model, cx, &wanted, folds)?,
+                        None => calib::capture_folds(current, cx, &wanted, folds)?,
                         Some(original) => calib::paired::capture(
                             original,
-                            model,
+                            current,
                             cx,
                             &wanted,
                             &|ji| jobs[ji].rank,
@@ -1090,7 +1147,7 @@ impl Pass for Quantize {
             report.changed(
                 "calibration",
                 format!(
-                    "{} images: inputs of {captured} layers captured in {capture_secs:.2}s ({})",
+                    "{} images: inputs of {captured} layers captured in {capture_secs:.2}s ({}{})",
                     cx.calib.map_or(0, |d| d.len()),
                     match cfg.calib_mode {
                         calib::CalibMode::Parallel =>
@@ -1103,6 +1160,13 @@ impl Pass for Quantize {
                             "asymmetric: {} stages, each on the model quantized up to it beside the float model, each stage's first layer fit to the float model's output",
                             stages.len()
                         ),
+                    },
+                    match &sim {
+                        Some(s) => format!(
+                            "; with the {} activation quantizers of the act-quant pass simulated, ranges from the model before this pass",
+                            s.len()
+                        ),
+                        None => String::new(),
                     }
                 ),
             );

@@ -2074,3 +2074,163 @@ fn per_channel_activation_grids_by_hand() {
         "{err}"
     );
 }
+
+/// x[1,2,1,1] -> Conv w1 = diag(0.3, 0.3) (left float) -> Relu -> Conv w2 = [1, 1]
+/// -> y[1,1,1,1]: the second layer's input h = 0.3 x is never on an 8-bit
+/// activation grid.
+fn act_aware_model() -> ModelProto {
+    model(
+        GraphProto {
+            name: Some("act_aware".into()),
+            node: vec![
+                node("Conv", "conv1", &["x", "w1"], &["c"]),
+                node("Relu", "relu", &["c"], &["h"]),
+                node("Conv", "conv2", &["h", "w2"], &["y"]),
+            ],
+            initializer: vec![
+                tensor_f32("w1", &[2, 2, 1, 1], &[0.3, 0.0, 0.0, 0.3]),
+                tensor_f32("w2", &[1, 2, 1, 1], &[1.0, 1.0]),
+            ],
+            input: vec![value_info("x", &[1, 2, 1, 1])],
+            output: vec![value_info("y", &[1, 1, 1, 1])],
+            ..Default::default()
+        },
+        13,
+    )
+}
+
+/// Asymmetric GPTQ with `--act-bits` fits each layer on inputs with the act-quant
+/// pass's quantizers in place (recipe `quantize.act_aware`, on by default), by hand.
+/// Four images x = (1, 1), (0.5, 0.25), (0.25, 0.5), (0.75, 1). maxabs grids
+/// (unsigned: nothing is negative): x's max 1 gives I = ceil(log2(1 + 1e-12)) = 1,
+/// scale 2^-(8-1) = 1/128, and every x is on it; h = 0.3 x has max 0.3, I = -1,
+/// scale 2^-9 = 1/512, and h/s = 153.6, 76.8, 38.4, 115.2 round to 154, 77, 38,
+/// 115: errors (+0.4, +0.2, -0.4, -0.2)/512. w2 = (1, 1) is on its 8-bit minmax
+/// grid [0, 1], so round-to-nearest leaves it and its error against the float
+/// model's output is the input's alone: per image the summed errors of h,
+/// (0.4 + 0.4, 0.2 - 0.4, -0.4 + 0.2, -0.2 + 0.4)/512 = (0.8, -0.2, -0.2, 0.2)/512,
+/// squared 0.76/512^2 = 2.89917e-6, over sum (h1 + h2)^2 = 0.6^2 + 0.225^2 +
+/// 0.225^2 + 0.525^2 = 0.736875: 3.93442e-6. Without the simulation the layer
+/// sees the float h: 0.
+#[test]
+fn asymmetric_gptq_sees_the_activation_quantizers_by_hand() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("m.onnx");
+    write_model(&src, &act_aware_model());
+    let x = Array4::from_shape_vec(
+        (4, 2, 1, 1),
+        vec![1.0, 1.0, 0.5, 0.25, 0.25, 0.5, 0.75, 1.0],
+    )
+    .unwrap();
+    let npy = dir.path().join("x.npy");
+    write_npy(&npy, &x);
+    let run = |tag: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--calib",
+            npy.to_str().unwrap(),
+            "--preprocess",
+            "raw",
+            "--quantize",
+            "minmax:8",
+            "--per-channel",
+            "--layer-bits",
+            "w1=32",
+            "--gptq-damp",
+            "0.01",
+            "--calib-mode",
+            "asymmetric",
+            "--act-bits",
+            "8",
+            "--act-range",
+            "maxabs",
+            "--no-bias-correction",
+        ];
+        args.extend_from_slice(extra);
+        let j = optimize_report(dir.path(), tag, &src, &args);
+        let q = report_pass(&j, "quantize");
+        let e = q["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["layer"] == "conv2")
+            .unwrap_or_else(|| panic!("{q}"))
+            .clone();
+        let calibration = q["changed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["target"] == "calibration")
+            .map(|c| c["what"].as_str().unwrap().to_string())
+            .unwrap();
+        (e, calibration)
+    };
+    let (on, line) = run("on", &[]);
+    let want = (0.76 / 512f64.powi(2)) / 0.736875;
+    let nearest = on["nearest"].as_f64().unwrap();
+    assert!((nearest - want).abs() <= 1e-3 * want, "{nearest} vs {want}");
+    assert!(on["after"].as_f64().unwrap() <= nearest, "{on}");
+    assert!(
+        line.contains("with the 2 activation quantizers of the act-quant pass simulated"),
+        "{line}"
+    );
+    let (off, line) = run("off", &["--set", "quantize.act_aware=false"]);
+    assert_eq!(off["nearest"].as_f64().unwrap(), 0.0, "{off}");
+    assert!(!line.contains("simulated"), "{line}");
+}
+
+/// The quantizers `Simulation` writes are the pass's own: on the model it was
+/// calibrated on, the same model bytes as running act-quant; on a copy with a
+/// changed weight, the pass's output with that weight changed; a model with other
+/// nodes is refused.
+#[test]
+fn simulated_activation_quantization_is_the_pass() {
+    use onnx_micronet::passes::act_quant::Simulation;
+    use prost::Message;
+    let m0 = wrap(relu6_model(false));
+    let data = calib_set();
+    let cx = Context {
+        reference: None,
+        calib: Some(&data),
+        input_shape: vec![1, 1, 4, 4],
+        threads: 1,
+        ..Default::default()
+    };
+    for section in [
+        ActQuantSection {
+            bits: 8,
+            ..Default::default()
+        },
+        ActQuantSection {
+            bits: 4,
+            range: Some("mse".into()),
+            per_channel: Some(true),
+            ..Default::default()
+        },
+    ] {
+        let cfg = section.config().unwrap();
+        let sim = Simulation::calibrate(&cfg, &m0, &cx).unwrap().unwrap();
+        assert_eq!(sim.len(), 2);
+        let mut pass = m0.clone();
+        ActQuant(cfg.clone()).run(&mut pass, &cx).unwrap();
+        let simulated = sim.apply(&m0).unwrap();
+        assert_eq!(
+            simulated.proto.encode_to_vec(),
+            pass.proto.encode_to_vec(),
+            "{cfg:?}"
+        );
+        // A changed weight: the simulation keeps it and the ranges of m0.
+        let w1 = TensorData::F32(arr(&[2, 1, 3, 3], &[0.5; 18]));
+        let mut changed = m0.clone();
+        onnx_micronet::graph::edit::set_initializer(changed.graph_mut(), "w1", &w1);
+        let mut want = pass.clone();
+        onnx_micronet::graph::edit::set_initializer(want.graph_mut(), "w1", &w1);
+        assert_eq!(
+            sim.apply(&changed).unwrap().proto.encode_to_vec(),
+            want.proto.encode_to_vec()
+        );
+        let mut other = m0.clone();
+        other.graph_mut().node.pop();
+        let err = sim.apply(&other).unwrap_err().to_string();
+        assert!(err.contains("nodes changed"), "{err}");
+    }
+}
