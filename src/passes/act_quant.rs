@@ -94,6 +94,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use super::calib::Geom;
 use super::select;
 use super::{Context, Pass, PassReport};
 use crate::error::{Error, Result};
@@ -1276,7 +1277,12 @@ struct Planned {
 }
 
 impl Planned {
-    fn insert(&self, model: &mut Model, cfg: &ActQuantConfig, report: &mut PassReport) {
+    fn insert(
+        &self,
+        model: &mut Model,
+        cfg: &ActQuantConfig,
+        report: &mut PassReport,
+    ) -> HashMap<String, String> {
         insert(
             model,
             &self.targets,
@@ -1287,7 +1293,7 @@ impl Planned {
             cfg,
             self.measured,
             report,
-        );
+        )
     }
 }
 
@@ -1331,7 +1337,7 @@ impl Simulation {
 
     /// `model` with the planned quantizers written in. `Err` when its nodes are
     /// not the planned model's.
-    pub fn apply(&self, model: &Model) -> Result<Model> {
+    pub fn apply(&self, model: &Model) -> Result<Simulated> {
         if first_outputs(model) != self.outputs {
             return Err(Error::Graph(
                 "simulated activation quantization: the model's nodes changed since its ranges were calibrated".into(),
@@ -1339,8 +1345,36 @@ impl Simulation {
         }
         let mut m = model.clone();
         let mut report = PassReport::new("act-quant (simulated)");
-        self.planned.insert(&mut m, &self.cfg, &mut report);
-        Ok(m)
+        let quantized = self.planned.insert(&mut m, &self.cfg, &mut report);
+        Ok(Simulated {
+            model: m,
+            quantized,
+        })
+    }
+}
+
+/// A model with simulated activation quantizers ([`Simulation::apply`]).
+pub struct Simulated {
+    pub model: Model,
+    /// Each quantized value and the value its weighted readers now read.
+    quantized: HashMap<String, String>,
+}
+
+impl Simulated {
+    /// Capture geometries of the original model's layers, moved onto the values
+    /// those layers read here (unquantized inputs stay as they are).
+    pub fn rebind(&self, wanted: Vec<(usize, Vec<Geom>)>) -> Vec<(usize, Vec<Geom>)> {
+        wanted
+            .into_iter()
+            .map(|(i, mut geoms)| {
+                for g in &mut geoms {
+                    if let Some(v) = self.quantized.get(g.input()) {
+                        g.set_input(v);
+                    }
+                }
+                (i, geoms)
+            })
+            .collect()
     }
 }
 
@@ -1848,9 +1882,10 @@ fn insert(
     cfg: &ActQuantConfig,
     measured: bool,
     report: &mut PassReport,
-) {
+) -> HashMap<String, String> {
     let g = model.graph_mut();
     let mut names = Namer::of(g);
+    let mut quantized = HashMap::new();
     let mut before: HashMap<Option<usize>, Vec<NodeProto>> = HashMap::new();
     let mut rewires: Vec<(usize, usize, String)> = Vec::new();
     let mut absorbed: HashSet<usize> = HashSet::new();
@@ -1916,6 +1951,7 @@ fn insert(
         for &(n, k) in &t.uses {
             rewires.push((n, k, out.clone()));
         }
+        quantized.insert(t.value.clone(), out.clone());
         let mut readers = t.readers.clone();
         readers.dedup();
         let read_by = if readers.len() > 3 {
@@ -2022,6 +2058,7 @@ fn insert(
     g.node = new;
     // Constants only the absorbed nodes read (Clip bounds) go with them.
     crate::graph::edit::remove_dead_constants(g, &bound_inputs);
+    quantized
 }
 
 #[cfg(test)]

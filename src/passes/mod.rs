@@ -282,7 +282,10 @@ pub fn pipeline(plan: Plan) -> Pipeline {
     if let Some(c) = plan.equalize {
         p.passes.push(Box::new(equalize::Equalize(c)));
     }
-    if let Some(c) = plan.prune {
+    if let Some(mut c) = plan.prune {
+        if c.act_aware {
+            c.act_sim.clone_from(&plan.act_quant);
+        }
         p.passes.push(Box::new(prune::Prune(c)));
     }
     if let Some(mut c) = plan.quantize {

@@ -1012,35 +1012,10 @@ impl Pass for Quantize {
                 .collect();
             // The stage's model: as quantized so far, with the simulated activation
             // quantizers, whose outputs its layers then read.
-            let simulated;
-            let (current, wanted) = match &sim {
+            let simulated = sim.as_ref().map(|s| s.apply(model)).transpose()?;
+            let (current, wanted) = match &simulated {
                 None => (&*model, wanted),
-                Some(s) => {
-                    simulated = s.apply(model)?;
-                    let reads: HashMap<&str, &str> = simulated
-                        .graph()
-                        .node
-                        .iter()
-                        .filter_map(|n| {
-                            Some((n.output.first()?.as_str(), n.input.first()?.as_str()))
-                        })
-                        .collect();
-                    let nodes = &model.graph().node;
-                    let wanted = wanted
-                        .into_iter()
-                        .map(|(ji, mut geoms)| {
-                            for (geom, &n) in geoms.iter_mut().zip(&jobs[ji].nodes) {
-                                if let Some(v) =
-                                    nodes[n].output.first().and_then(|o| reads.get(o.as_str()))
-                                {
-                                    geom.set_input(v);
-                                }
-                            }
-                            (ji, geoms)
-                        })
-                        .collect();
-                    (&simulated, wanted)
-                }
+                Some(s) => (&s.model, s.rebind(wanted)),
             };
             let mut owned = None;
             let mut too_big = Vec::new();

@@ -2212,7 +2212,7 @@ fn simulated_activation_quantization_is_the_pass() {
         assert_eq!(sim.len(), 2);
         let mut pass = m0.clone();
         ActQuant(cfg.clone()).run(&mut pass, &cx).unwrap();
-        let simulated = sim.apply(&m0).unwrap();
+        let simulated = sim.apply(&m0).unwrap().model;
         assert_eq!(
             simulated.proto.encode_to_vec(),
             pass.proto.encode_to_vec(),
@@ -2225,12 +2225,87 @@ fn simulated_activation_quantization_is_the_pass() {
         let mut want = pass.clone();
         onnx_micronet::graph::edit::set_initializer(want.graph_mut(), "w1", &w1);
         assert_eq!(
-            sim.apply(&changed).unwrap().proto.encode_to_vec(),
+            sim.apply(&changed).unwrap().model.proto.encode_to_vec(),
             want.proto.encode_to_vec()
         );
         let mut other = m0.clone();
         other.graph_mut().node.pop();
-        let err = sim.apply(&other).unwrap_err().to_string();
+        let Err(err) = sim.apply(&other) else {
+            panic!("a model with a node less was accepted");
+        };
+        let err = err.to_string();
         assert!(err.contains("nodes changed"), "{err}");
     }
+}
+
+/// SparseGPT's asymmetric stages see the activation quantizers too: the report
+/// says so, and conv2's surviving weight is fit on the quantized h (by the
+/// numbers of `asymmetric_gptq_sees_the_activation_quantizers_by_hand`, q(h)
+/// differs from h on every image, so the fit moves), while without the
+/// simulation it is fit on the float h.
+#[test]
+fn asymmetric_sparsegpt_sees_the_activation_quantizers() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("m.onnx");
+    write_model(&src, &act_aware_model());
+    let x = Array4::from_shape_vec(
+        (4, 2, 1, 1),
+        vec![1.0, 1.0, 0.5, 0.25, 0.25, 0.5, 0.75, 1.0],
+    )
+    .unwrap();
+    let npy = dir.path().join("x.npy");
+    write_npy(&npy, &x);
+    let run = |tag: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--calib",
+            npy.to_str().unwrap(),
+            "--preprocess",
+            "raw",
+            "--prune",
+            "sparsegpt:0.5",
+            "--prune-skip",
+            "w1",
+            "--set",
+            "prune.min_elements=1",
+            "--set",
+            "prune.skip_first_conv=false",
+            "--calib-mode",
+            "asymmetric",
+            "--act-bits",
+            "8",
+            "--act-range",
+            "maxabs",
+            "--no-bias-correction",
+        ];
+        args.extend_from_slice(extra);
+        let j = optimize_report(dir.path(), tag, &src, &args);
+        let p = report_pass(&j, "prune");
+        let calibration = p["changed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["target"] == "calibration")
+            .map(|c| c["what"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("{p}"));
+        let m = onnx_micronet::onnx::load(&dir.path().join(format!("{tag}.onnx"))).unwrap();
+        let w2 = onnx_micronet::repr::weight(&onnx_micronet::graph::Graph::of(&m).unwrap(), "w2")
+            .unwrap()
+            .unwrap()
+            .values
+            .iter()
+            .copied()
+            .collect::<Vec<f32>>();
+        (calibration, w2)
+    };
+    let (line, on) = run("on", &[]);
+    assert!(
+        line.contains("with the 2 activation quantizers of the act-quant pass simulated"),
+        "{line}"
+    );
+    let (line, off) = run("off", &["--set", "prune.act_aware=false"]);
+    assert!(!line.contains("simulated"), "{line}");
+    // One of the two weights pruned in both; the survivor refit differently.
+    assert_eq!(on.iter().filter(|v| **v == 0.0).count(), 1, "{on:?}");
+    assert_eq!(off.iter().filter(|v| **v == 0.0).count(), 1, "{off:?}");
+    assert_ne!(on, off);
 }

@@ -223,6 +223,9 @@ pub struct PruneSection {
     pub allocate: Option<String>,
     /// SparseGPT's dampening of H, a fraction of its mean diagonal (default 0.01).
     pub damp: Option<f64>,
+    /// Sequential and asymmetric stages run with the activation quantizers of
+    /// `[act_quant]` in place (default true when both are asked).
+    pub act_aware: Option<bool>,
     #[serde(default, rename = "layer")]
     pub layers: Vec<LayerSection>,
 }
@@ -312,6 +315,8 @@ impl PruneSection {
                 Some(m) => m.parse()?,
                 None => defaults.calib_mode,
             },
+            act_aware: self.act_aware.unwrap_or(defaults.act_aware),
+            act_sim: None,
             allocation: match self.allocate.as_deref() {
                 None | Some("uniform") => Allocation::Uniform,
                 Some("error") => Allocation::Error,
@@ -379,6 +384,12 @@ pub struct PruneConfig {
     pub allocation: Allocation,
     /// SparseGPT's dampening of H, a fraction of its mean diagonal.
     pub damp: f64,
+    /// Capture sequential/asymmetric stages with activation quantization
+    /// simulated (recipe `act_aware`).
+    pub act_aware: bool,
+    /// The activation quantization simulated in those captures: the pipeline
+    /// sets it from `[act_quant]` when `act_aware`.
+    pub act_sim: Option<crate::passes::act_quant::ActQuantConfig>,
 }
 
 /// How SparseGPT's per-layer sparsities are chosen (`prune.allocate`).
@@ -407,6 +418,8 @@ impl Default for PruneConfig {
             calib_mode: calib::CalibMode::Parallel,
             allocation: Allocation::Uniform,
             damp: calib::obs::DEFAULT_DAMP,
+            act_aware: true,
+            act_sim: None,
         }
     }
 }
@@ -904,13 +917,26 @@ impl Pass for Prune {
                     let per = wanted.len().div_ceil(k).max(1);
                     let start = std::time::Instant::now();
                     let mut stages = 0;
+                    // The act-quant pass's quantizers in place in each stage's
+                    // model (ranges measured once, on the model before pruning).
+                    let sim = match &cfg.act_sim {
+                        Some(ac) => crate::passes::act_quant::Simulation::calibrate(ac, model, cx)?
+                            .filter(|s| !s.is_empty()),
+                        None => None,
+                    };
                     for stage in wanted.chunks(per) {
                         stages += 1;
+                        let simulated = sim.as_ref().map(|s| s.apply(model)).transpose()?;
+                        let (current, stage) = match &simulated {
+                            None => (&*model, stage.to_vec()),
+                            Some(s) => (&s.model, s.rebind(stage.to_vec())),
+                        };
+                        let stage = &stage[..];
                         let (mut caught, too_big, _) = match &original {
-                            None => calib::capture(model, cx, stage)?,
+                            None => calib::capture(current, cx, stage)?,
                             Some(o) => calib::paired::capture(
                                 o,
-                                model,
+                                current,
                                 cx,
                                 stage,
                                 &|i| layers[i].shape.len(),
@@ -1008,13 +1034,20 @@ impl Pass for Prune {
                     report.changed(
                         "calibration",
                         format!(
-                            "{} images: inputs of {} layers captured in {stages} stages on the model pruned so far{}, {:.2}s",
+                            "{} images: inputs of {} layers captured in {stages} stages on the model pruned so far{}{}, {:.2}s",
                             cx.calib.map_or(0, |d| d.len()),
                             wanted.len(),
                             if original.is_some() {
                                 " beside the float model (asymmetric: each stage's first layer fit to the float model's output)"
                             } else {
                                 ""
+                            },
+                            match &sim {
+                                Some(s) => format!(
+                                    "; with the {} activation quantizers of the act-quant pass simulated, ranges from the model before this pass",
+                                    s.len()
+                                ),
+                                None => String::new(),
                             },
                             start.elapsed().as_secs_f64()
                         ),
