@@ -2099,6 +2099,51 @@ fn act_aware_model() -> ModelProto {
     )
 }
 
+/// `optimize` of [`act_aware_model`] in DIR/TAG.onnx, calibrated on the four
+/// images x = (1, 1), (0.5, 0.25), (0.25, 0.5), (0.75, 1) with asymmetric
+/// calibration and 8-bit maxabs activations, plus `extra`. Returns the report and
+/// the calibration line of `pass`.
+fn act_aware_run(
+    dir: &std::path::Path,
+    tag: &str,
+    pass: &str,
+    extra: &[&str],
+) -> (serde_json::Value, String) {
+    let src = dir.join("m.onnx");
+    write_model(&src, &act_aware_model());
+    let x = Array4::from_shape_vec(
+        (4, 2, 1, 1),
+        vec![1.0, 1.0, 0.5, 0.25, 0.25, 0.5, 0.75, 1.0],
+    )
+    .unwrap();
+    let npy = dir.join("x.npy");
+    write_npy(&npy, &x);
+    let mut args = vec![
+        "--calib",
+        npy.to_str().unwrap(),
+        "--preprocess",
+        "raw",
+        "--calib-mode",
+        "asymmetric",
+        "--act-bits",
+        "8",
+        "--act-range",
+        "maxabs",
+        "--no-bias-correction",
+    ];
+    args.extend_from_slice(extra);
+    let j = optimize_report(dir, tag, &src, &args);
+    let p = report_pass(&j, pass);
+    let line = p["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["target"] == "calibration")
+        .map(|c| c["what"].as_str().unwrap().to_string())
+        .unwrap_or_else(|| panic!("{p}"));
+    (j, line)
+}
+
 /// Asymmetric GPTQ with `--act-bits` fits each layer on inputs with the act-quant
 /// pass's quantizers in place (recipe `quantize.act_aware`, on by default), by hand.
 /// Four images x = (1, 1), (0.5, 0.25), (0.25, 0.5), (0.75, 1). maxabs grids
@@ -2115,21 +2160,8 @@ fn act_aware_model() -> ModelProto {
 #[test]
 fn asymmetric_gptq_sees_the_activation_quantizers_by_hand() {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("m.onnx");
-    write_model(&src, &act_aware_model());
-    let x = Array4::from_shape_vec(
-        (4, 2, 1, 1),
-        vec![1.0, 1.0, 0.5, 0.25, 0.25, 0.5, 0.75, 1.0],
-    )
-    .unwrap();
-    let npy = dir.path().join("x.npy");
-    write_npy(&npy, &x);
     let run = |tag: &str, extra: &[&str]| {
         let mut args = vec![
-            "--calib",
-            npy.to_str().unwrap(),
-            "--preprocess",
-            "raw",
             "--quantize",
             "minmax:8",
             "--per-channel",
@@ -2137,16 +2169,9 @@ fn asymmetric_gptq_sees_the_activation_quantizers_by_hand() {
             "w1=32",
             "--gptq-damp",
             "0.01",
-            "--calib-mode",
-            "asymmetric",
-            "--act-bits",
-            "8",
-            "--act-range",
-            "maxabs",
-            "--no-bias-correction",
         ];
         args.extend_from_slice(extra);
-        let j = optimize_report(dir.path(), tag, &src, &args);
+        let (j, line) = act_aware_run(dir.path(), tag, "quantize", &args);
         let q = report_pass(&j, "quantize");
         let e = q["errors"]
             .as_array()
@@ -2155,14 +2180,7 @@ fn asymmetric_gptq_sees_the_activation_quantizers_by_hand() {
             .find(|e| e["layer"] == "conv2")
             .unwrap_or_else(|| panic!("{q}"))
             .clone();
-        let calibration = q["changed"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["target"] == "calibration")
-            .map(|c| c["what"].as_str().unwrap().to_string())
-            .unwrap();
-        (e, calibration)
+        (e, line)
     };
     let (on, line) = run("on", &[]);
     let want = (0.76 / 512f64.powi(2)) / 0.736875;
@@ -2246,21 +2264,8 @@ fn simulated_activation_quantization_is_the_pass() {
 #[test]
 fn asymmetric_sparsegpt_sees_the_activation_quantizers() {
     let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("m.onnx");
-    write_model(&src, &act_aware_model());
-    let x = Array4::from_shape_vec(
-        (4, 2, 1, 1),
-        vec![1.0, 1.0, 0.5, 0.25, 0.25, 0.5, 0.75, 1.0],
-    )
-    .unwrap();
-    let npy = dir.path().join("x.npy");
-    write_npy(&npy, &x);
     let run = |tag: &str, extra: &[&str]| {
         let mut args = vec![
-            "--calib",
-            npy.to_str().unwrap(),
-            "--preprocess",
-            "raw",
             "--prune",
             "sparsegpt:0.5",
             "--prune-skip",
@@ -2269,33 +2274,19 @@ fn asymmetric_sparsegpt_sees_the_activation_quantizers() {
             "prune.min_elements=1",
             "--set",
             "prune.skip_first_conv=false",
-            "--calib-mode",
-            "asymmetric",
-            "--act-bits",
-            "8",
-            "--act-range",
-            "maxabs",
-            "--no-bias-correction",
         ];
         args.extend_from_slice(extra);
-        let j = optimize_report(dir.path(), tag, &src, &args);
-        let p = report_pass(&j, "prune");
-        let calibration = p["changed"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["target"] == "calibration")
-            .map(|c| c["what"].as_str().unwrap().to_string())
-            .unwrap_or_else(|| panic!("{p}"));
+        let (_, line) = act_aware_run(dir.path(), tag, "prune", &args);
         let m = onnx_micronet::onnx::load(&dir.path().join(format!("{tag}.onnx"))).unwrap();
-        let w2 = onnx_micronet::repr::weight(&onnx_micronet::graph::Graph::of(&m).unwrap(), "w2")
+        let g = onnx_micronet::graph::Graph::of(&m).unwrap();
+        let w2: Vec<f32> = onnx_micronet::repr::weight(&g, "w2")
             .unwrap()
             .unwrap()
             .values
             .iter()
             .copied()
-            .collect::<Vec<f32>>();
-        (calibration, w2)
+            .collect();
+        (line, w2)
     };
     let (line, on) = run("on", &[]);
     assert!(
