@@ -1335,6 +1335,14 @@ impl Simulation {
         self.len() == 0
     }
 
+    /// What a calibration report line says of it.
+    pub fn describe(&self) -> String {
+        format!(
+            "with the {} activation quantizers of the act-quant pass simulated, ranges from the model before this pass",
+            self.len()
+        )
+    }
+
     /// `model` with the planned quantizers written in. `Err` when its nodes are
     /// not the planned model's.
     pub fn apply(&self, model: &Model) -> Result<Simulated> {
@@ -1395,307 +1403,305 @@ fn plan(
     cx: &Context,
     report: &mut PassReport,
 ) -> Result<Option<Planned>> {
-    {
-        // Float16 rounding has no range to choose: it runs without images.
-        let data = cx.calib.filter(|d| !d.is_empty());
-        if data.is_none() && cfg.bits != 16 {
-            return Err(Error::Usage(NEEDS_CALIB.into()));
-        }
-        let opset = model.opset();
-        if opset < 11 {
-            return Err(Error::Usage(format!(
-                "activation quantization needs ai.onnx opset 11 or later (QuantizeLinear, Round, Clip with min/max inputs); the model imports opset {opset}"
-            )));
-        }
-
-        // Which values, and who reads them.
-        let targets: Vec<Target> = {
-            let view = Graph::of(model)?;
-            let mut act = ActBits::new(&view);
-            // Layers whose weight is a float32 initializer (the ones weight
-            // quantization rewrites).
-            let weighted: HashSet<usize> = weighted_layers(&view)
-                .into_iter()
-                .filter(|l| l.not_float_initializer(&view).is_none())
-                .flat_map(|l| l.nodes)
-                .collect();
-            let mut by_value: BTreeMap<usize, Target> = BTreeMap::new();
-            let mut order: HashMap<String, usize> = HashMap::new();
-            let mut left: HashSet<String> = HashSet::new();
-            let mut add = |value: &str,
-                           uses: Vec<(usize, usize)>,
-                           readers: Vec<String>,
-                           report: &mut PassReport| {
-                if left.contains(value) {
-                    return;
-                }
-                if let Some(&k) = order.get(value) {
-                    let t = by_value.get_mut(&k).expect("indexed");
-                    t.uses.extend(uses);
-                    t.readers.extend(readers);
-                    return;
-                }
-                let names: Vec<&str> = std::iter::once(value)
-                    .chain(readers.iter().map(String::as_str))
-                    .collect();
-                let skip = select::first_match(&cfg.skip, &names);
-                let why = match (skip, act.of(value)) {
-                    (Some(p), _) => Some(format!("left float: matches skip pattern '{p}'")),
-                    (None, Some(b)) => Some(format!("already a {b}-bit activation")),
-                    _ => None,
-                };
-                if let Some(why) = why {
-                    report.skipped(value, why);
-                    left.insert(value.to_string());
-                    return;
-                }
-                let after = view.producer(value).map(|(p, _)| p);
-                let key = order.len();
-                order.insert(value.to_string(), key);
-                by_value.insert(
-                    key,
-                    Target {
-                        no_qdq: None,
-                        value: value.into(),
-                        uses,
-                        after,
-                        readers,
-                        chain: Vec::new(),
-                        per_tensor_why: None,
-                        channel_rel: None,
-                    },
-                );
-            };
-            for &i in view.topo_order() {
-                let n = view.node(i);
-                match cfg.placement {
-                    Placement::Inputs if weighted.contains(&i) => {
-                        add(
-                            &n.input[0],
-                            vec![(i, 0)],
-                            vec![view.node_name(i).to_string()],
-                            report,
-                        );
-                    }
-                    Placement::Outputs
-                        if weighted.contains(&i)
-                            || matches!(n.op_type(), "AveragePool" | "GlobalAveragePool") =>
-                    {
-                        // After the activation that follows the layer, as runtimes place it.
-                        let v = &after_activation(&view, &n.output[0]);
-                        let uses: Vec<(usize, usize)> = view
-                            .consumers(v)
-                            .iter()
-                            .flat_map(|&c| {
-                                view.node(c)
-                                    .input
-                                    .iter()
-                                    .enumerate()
-                                    .filter(|(_, s)| *s == v)
-                                    .map(move |(k, _)| (c, k))
-                            })
-                            .collect::<HashSet<_>>()
-                            .into_iter()
-                            .collect();
-                        if uses.is_empty() {
-                            report.skipped(v, "left float: only a graph output reads it");
-                            continue;
-                        }
-                        let readers = uses
-                            .iter()
-                            .map(|&(c, _)| view.node_name(c).to_string())
-                            .collect::<std::collections::BTreeSet<_>>()
-                            .into_iter()
-                            .collect();
-                        add(v, uses, readers, report);
-                    }
-                    _ => {}
-                }
-            }
-            let mut targets: Vec<Target> = by_value
-                .into_values()
-                .filter(|t| !t.uses.is_empty())
-                .collect();
-            if cfg.bits == 8 && !cfg.qdq_always {
-                for t in &mut targets {
-                    t.no_qdq = requantized_weights(&view, &t.uses, cfg.qdq_weights, opset);
-                }
-            }
-            for t in &mut targets {
-                t.chain = chain_of(&view, &t.value, &t.uses);
-                if cfg.per_channel {
-                    t.per_tensor_why = t
-                        .uses
-                        .iter()
-                        .find(|&&(n, _)| view.node(n).op_type() == "MatMul")
-                        .map(|&(n, _)| {
-                            format!(
-                                "one grid: MatMul '{}' reads it (its channels are the last axis, not axis 1)",
-                                view.node_name(n)
-                            )
-                        });
-                }
-            }
-            targets
-        };
-        if targets.is_empty() {
-            return Ok(None);
-        }
-
-        // Calibration (float16 rounding without images: nothing to measure).
-        let mut stats: Vec<Stats> = vec![Stats::default(); targets.len()];
-        if let Some(data) = data {
-            let input_shape = cx.input_shape_for(data);
-            let values: Vec<String> = targets.iter().map(|t| t.value.clone()).collect();
-            let start = std::time::Instant::now();
-            // Tallies come back from each merge to be reused by the next chunk.
-            let pool: std::sync::Mutex<Vec<Vec<Tally>>> = std::sync::Mutex::new(Vec::new());
-            crate::engine::capture(
-                model,
-                &input_shape,
-                &values,
-                data.images.view(),
-                cx.threads.max(1),
-                // Chunks of images share one set of tallies (512 KiB a value,
-                // summed at each chunk's merge, then reused): about 4 chunks a
-                // thread, at least 4 images each.
-                (data.len() / (4 * cx.threads.max(1))).max(4),
-                || {
-                    pool.lock()
-                        .expect("no poisoned lock")
-                        .pop()
-                        .unwrap_or_else(|| values.iter().map(|_| Tally::default()).collect())
-                },
-                |acc: &mut Vec<Tally>, _i, views| {
-                    for ((s, v), t) in acc.iter_mut().zip(views).zip(&targets) {
-                        // A contiguous output (tract's usual) as a slice.
-                        match v.as_slice() {
-                            Some(xs) => s.add(xs),
-                            None => s.add(&v.iter().copied().collect::<Vec<f32>>()),
-                        }
-                        if cfg.per_channel && t.per_tensor_why.is_none() && v.ndim() >= 2 {
-                            s.add_channels(v);
-                        }
-                    }
-                },
-                |mut acc: Vec<Tally>| {
-                    for (s, a) in stats.iter_mut().zip(&mut acc) {
-                        s.merge_tally(a);
-                        a.reset();
-                    }
-                    pool.lock().expect("no poisoned lock").push(acc);
-                },
-            )
-            .map_err(|e| Error::Usage(format!("act-quant calibration: {e}")))?;
-            report.changed(
-                "calibration",
-                format!(
-                    "{} images: {} activations measured in {:.2}s, range {}{}",
-                    data.len(),
-                    values.len(),
-                    start.elapsed().as_secs_f64(),
-                    cfg.range,
-                    if cfg.range == Range::MaxAbs {
-                        format!(" with overflow rate {}", cfg.overflow_rate)
-                    } else {
-                        String::new()
-                    }
-                ),
-            );
-        }
-
-        // Per-channel grids, relative to the tensor's (on symmetric levels, so
-        // not for a zero-point grid; 16 bits is float16 rounding).
-        let mut targets = targets;
-        if cfg.per_channel && cfg.bits < 16 {
-            for (t, st) in targets.iter_mut().zip(&stats) {
-                let g = grid_for(st, cfg.bits, cfg);
-                if st.rank >= 2 && st.channel_absmax.len() > 1 && g.zero_point == 0 {
-                    t.channel_rel = Some(channel_scales(st, &g, cfg.bits, cfg));
-                }
-            }
-        }
-
-        // Mixed precision: the `keep` values whose quantization alone moves the
-        // network's output most stay at 16 bits (an int16 grid, see `insert`).
-        let mut bits = vec![cfg.bits; targets.len()];
-        let mut notes = vec![String::new(); targets.len()];
-        if cfg.keep > 0 && cfg.bits >= 16 {
-            report.skipped(
-                "mixed precision",
-                format!(
-                    "keep = {} has nothing to keep: every activation is already at {} bits",
-                    cfg.keep, cfg.bits
-                ),
-            );
-        }
-        if cfg.keep > 0 && cfg.bits < 16 {
-            let (s, images) = sensitivities(model, cx, &targets, &stats, cfg)?;
-            // Most sensitive first; ties in graph order.
-            let mut rank: Vec<usize> = (0..targets.len()).collect();
-            rank.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
-            let kept = cfg.keep.min(targets.len());
-            for (r, &k) in rank.iter().enumerate() {
-                if r < kept {
-                    bits[k] = 16;
-                }
-                notes[k] = format!(
-                    "; {}-bit alone: output change {:.3e}, rank {} of {}{}",
-                    cfg.bits,
-                    s[k],
-                    r + 1,
-                    targets.len(),
-                    if r < kept { ", kept at 16 bits" } else { "" }
-                );
-            }
-            let sum_kept: f64 = rank[..kept].iter().map(|&k| s[k]).sum();
-            let sum_all: f64 = s.iter().sum();
-            report.changed(
-                "mixed precision",
-                format!(
-                    "the {kept} of {} activations whose {}-bit quantization alone moves the network's output most stay at 16 bits (int16 grid over the seen range, maxabs): each measured as ||y_k - y||^2 / ||y||^2 on {images} calibration images; the kept ones sum to {:.1}% of the summed changes",
-                    targets.len(),
-                    cfg.bits,
-                    if sum_all > 0.0 { 100.0 * sum_kept / sum_all } else { 0.0 },
-                ),
-            );
-        }
-        let mut grids = grids_for(&stats, &bits, cfg);
-        if cfg.search > 0 && cfg.bits < 16 {
-            let s = search_ranges(model, cx, &targets, &stats, &bits, &mut grids, cfg)?;
-            for (note, f) in notes.iter_mut().zip(&s.factors) {
-                if *f != 1.0 {
-                    note.push_str(&format!(
-                        "; range search: scale x {f:.3} of the {} grid",
-                        cfg.range
-                    ));
-                }
-            }
-            let moved = s.factors.iter().filter(|f| **f != 1.0).count();
-            report.changed(
-                "range search",
-                format!(
-                    "{} round(s) over {} activations, {} model runs on {} calibration images: {moved} scales moved; output error ||y - y_float||^2 / ||y_float||^2 {:.4e} -> {:.4e} ({:.1}% less) in {:.1}s",
-                    cfg.search,
-                    s.factors.len(),
-                    s.runs,
-                    s.images,
-                    s.before,
-                    s.after,
-                    if s.before > 0.0 { 100.0 * (1.0 - s.after / s.before) } else { 0.0 },
-                    s.seconds,
-                ),
-            );
-        }
-        Ok(Some(Planned {
-            targets,
-            stats,
-            grids,
-            bits,
-            notes,
-            measured: data.is_some(),
-        }))
+    // Float16 rounding has no range to choose: it runs without images.
+    let data = cx.calib.filter(|d| !d.is_empty());
+    if data.is_none() && cfg.bits != 16 {
+        return Err(Error::Usage(NEEDS_CALIB.into()));
     }
+    let opset = model.opset();
+    if opset < 11 {
+        return Err(Error::Usage(format!(
+            "activation quantization needs ai.onnx opset 11 or later (QuantizeLinear, Round, Clip with min/max inputs); the model imports opset {opset}"
+        )));
+    }
+
+    // Which values, and who reads them.
+    let targets: Vec<Target> = {
+        let view = Graph::of(model)?;
+        let mut act = ActBits::new(&view);
+        // Layers whose weight is a float32 initializer (the ones weight
+        // quantization rewrites).
+        let weighted: HashSet<usize> = weighted_layers(&view)
+            .into_iter()
+            .filter(|l| l.not_float_initializer(&view).is_none())
+            .flat_map(|l| l.nodes)
+            .collect();
+        let mut by_value: BTreeMap<usize, Target> = BTreeMap::new();
+        let mut order: HashMap<String, usize> = HashMap::new();
+        let mut left: HashSet<String> = HashSet::new();
+        let mut add = |value: &str,
+                       uses: Vec<(usize, usize)>,
+                       readers: Vec<String>,
+                       report: &mut PassReport| {
+            if left.contains(value) {
+                return;
+            }
+            if let Some(&k) = order.get(value) {
+                let t = by_value.get_mut(&k).expect("indexed");
+                t.uses.extend(uses);
+                t.readers.extend(readers);
+                return;
+            }
+            let names: Vec<&str> = std::iter::once(value)
+                .chain(readers.iter().map(String::as_str))
+                .collect();
+            let skip = select::first_match(&cfg.skip, &names);
+            let why = match (skip, act.of(value)) {
+                (Some(p), _) => Some(format!("left float: matches skip pattern '{p}'")),
+                (None, Some(b)) => Some(format!("already a {b}-bit activation")),
+                _ => None,
+            };
+            if let Some(why) = why {
+                report.skipped(value, why);
+                left.insert(value.to_string());
+                return;
+            }
+            let after = view.producer(value).map(|(p, _)| p);
+            let key = order.len();
+            order.insert(value.to_string(), key);
+            by_value.insert(
+                key,
+                Target {
+                    no_qdq: None,
+                    value: value.into(),
+                    uses,
+                    after,
+                    readers,
+                    chain: Vec::new(),
+                    per_tensor_why: None,
+                    channel_rel: None,
+                },
+            );
+        };
+        for &i in view.topo_order() {
+            let n = view.node(i);
+            match cfg.placement {
+                Placement::Inputs if weighted.contains(&i) => {
+                    add(
+                        &n.input[0],
+                        vec![(i, 0)],
+                        vec![view.node_name(i).to_string()],
+                        report,
+                    );
+                }
+                Placement::Outputs
+                    if weighted.contains(&i)
+                        || matches!(n.op_type(), "AveragePool" | "GlobalAveragePool") =>
+                {
+                    // After the activation that follows the layer, as runtimes place it.
+                    let v = &after_activation(&view, &n.output[0]);
+                    let uses: Vec<(usize, usize)> = view
+                        .consumers(v)
+                        .iter()
+                        .flat_map(|&c| {
+                            view.node(c)
+                                .input
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, s)| *s == v)
+                                .map(move |(k, _)| (c, k))
+                        })
+                        .collect::<HashSet<_>>()
+                        .into_iter()
+                        .collect();
+                    if uses.is_empty() {
+                        report.skipped(v, "left float: only a graph output reads it");
+                        continue;
+                    }
+                    let readers = uses
+                        .iter()
+                        .map(|&(c, _)| view.node_name(c).to_string())
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .collect();
+                    add(v, uses, readers, report);
+                }
+                _ => {}
+            }
+        }
+        let mut targets: Vec<Target> = by_value
+            .into_values()
+            .filter(|t| !t.uses.is_empty())
+            .collect();
+        if cfg.bits == 8 && !cfg.qdq_always {
+            for t in &mut targets {
+                t.no_qdq = requantized_weights(&view, &t.uses, cfg.qdq_weights, opset);
+            }
+        }
+        for t in &mut targets {
+            t.chain = chain_of(&view, &t.value, &t.uses);
+            if cfg.per_channel {
+                t.per_tensor_why = t
+                    .uses
+                    .iter()
+                    .find(|&&(n, _)| view.node(n).op_type() == "MatMul")
+                    .map(|&(n, _)| {
+                        format!(
+                            "one grid: MatMul '{}' reads it (its channels are the last axis, not axis 1)",
+                            view.node_name(n)
+                        )
+                    });
+            }
+        }
+        targets
+    };
+    if targets.is_empty() {
+        return Ok(None);
+    }
+
+    // Calibration (float16 rounding without images: nothing to measure).
+    let mut stats: Vec<Stats> = vec![Stats::default(); targets.len()];
+    if let Some(data) = data {
+        let input_shape = cx.input_shape_for(data);
+        let values: Vec<String> = targets.iter().map(|t| t.value.clone()).collect();
+        let start = std::time::Instant::now();
+        // Tallies come back from each merge to be reused by the next chunk.
+        let pool: std::sync::Mutex<Vec<Vec<Tally>>> = std::sync::Mutex::new(Vec::new());
+        crate::engine::capture(
+            model,
+            &input_shape,
+            &values,
+            data.images.view(),
+            cx.threads.max(1),
+            // Chunks of images share one set of tallies (512 KiB a value,
+            // summed at each chunk's merge, then reused): about 4 chunks a
+            // thread, at least 4 images each.
+            (data.len() / (4 * cx.threads.max(1))).max(4),
+            || {
+                pool.lock()
+                    .expect("no poisoned lock")
+                    .pop()
+                    .unwrap_or_else(|| values.iter().map(|_| Tally::default()).collect())
+            },
+            |acc: &mut Vec<Tally>, _i, views| {
+                for ((s, v), t) in acc.iter_mut().zip(views).zip(&targets) {
+                    // A contiguous output (tract's usual) as a slice.
+                    match v.as_slice() {
+                        Some(xs) => s.add(xs),
+                        None => s.add(&v.iter().copied().collect::<Vec<f32>>()),
+                    }
+                    if cfg.per_channel && t.per_tensor_why.is_none() && v.ndim() >= 2 {
+                        s.add_channels(v);
+                    }
+                }
+            },
+            |mut acc: Vec<Tally>| {
+                for (s, a) in stats.iter_mut().zip(&mut acc) {
+                    s.merge_tally(a);
+                    a.reset();
+                }
+                pool.lock().expect("no poisoned lock").push(acc);
+            },
+        )
+        .map_err(|e| Error::Usage(format!("act-quant calibration: {e}")))?;
+        report.changed(
+            "calibration",
+            format!(
+                "{} images: {} activations measured in {:.2}s, range {}{}",
+                data.len(),
+                values.len(),
+                start.elapsed().as_secs_f64(),
+                cfg.range,
+                if cfg.range == Range::MaxAbs {
+                    format!(" with overflow rate {}", cfg.overflow_rate)
+                } else {
+                    String::new()
+                }
+            ),
+        );
+    }
+
+    // Per-channel grids, relative to the tensor's (on symmetric levels, so
+    // not for a zero-point grid; 16 bits is float16 rounding).
+    let mut targets = targets;
+    if cfg.per_channel && cfg.bits < 16 {
+        for (t, st) in targets.iter_mut().zip(&stats) {
+            let g = grid_for(st, cfg.bits, cfg);
+            if st.rank >= 2 && st.channel_absmax.len() > 1 && g.zero_point == 0 {
+                t.channel_rel = Some(channel_scales(st, &g, cfg.bits, cfg));
+            }
+        }
+    }
+
+    // Mixed precision: the `keep` values whose quantization alone moves the
+    // network's output most stay at 16 bits (an int16 grid, see `insert`).
+    let mut bits = vec![cfg.bits; targets.len()];
+    let mut notes = vec![String::new(); targets.len()];
+    if cfg.keep > 0 && cfg.bits >= 16 {
+        report.skipped(
+            "mixed precision",
+            format!(
+                "keep = {} has nothing to keep: every activation is already at {} bits",
+                cfg.keep, cfg.bits
+            ),
+        );
+    }
+    if cfg.keep > 0 && cfg.bits < 16 {
+        let (s, images) = sensitivities(model, cx, &targets, &stats, cfg)?;
+        // Most sensitive first; ties in graph order.
+        let mut rank: Vec<usize> = (0..targets.len()).collect();
+        rank.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+        let kept = cfg.keep.min(targets.len());
+        for (r, &k) in rank.iter().enumerate() {
+            if r < kept {
+                bits[k] = 16;
+            }
+            notes[k] = format!(
+                "; {}-bit alone: output change {:.3e}, rank {} of {}{}",
+                cfg.bits,
+                s[k],
+                r + 1,
+                targets.len(),
+                if r < kept { ", kept at 16 bits" } else { "" }
+            );
+        }
+        let sum_kept: f64 = rank[..kept].iter().map(|&k| s[k]).sum();
+        let sum_all: f64 = s.iter().sum();
+        report.changed(
+            "mixed precision",
+            format!(
+                "the {kept} of {} activations whose {}-bit quantization alone moves the network's output most stay at 16 bits (int16 grid over the seen range, maxabs): each measured as ||y_k - y||^2 / ||y||^2 on {images} calibration images; the kept ones sum to {:.1}% of the summed changes",
+                targets.len(),
+                cfg.bits,
+                if sum_all > 0.0 { 100.0 * sum_kept / sum_all } else { 0.0 },
+            ),
+        );
+    }
+    let mut grids = grids_for(&stats, &bits, cfg);
+    if cfg.search > 0 && cfg.bits < 16 {
+        let s = search_ranges(model, cx, &targets, &stats, &bits, &mut grids, cfg)?;
+        for (note, f) in notes.iter_mut().zip(&s.factors) {
+            if *f != 1.0 {
+                note.push_str(&format!(
+                    "; range search: scale x {f:.3} of the {} grid",
+                    cfg.range
+                ));
+            }
+        }
+        let moved = s.factors.iter().filter(|f| **f != 1.0).count();
+        report.changed(
+            "range search",
+            format!(
+                "{} round(s) over {} activations, {} model runs on {} calibration images: {moved} scales moved; output error ||y - y_float||^2 / ||y_float||^2 {:.4e} -> {:.4e} ({:.1}% less) in {:.1}s",
+                cfg.search,
+                s.factors.len(),
+                s.runs,
+                s.images,
+                s.before,
+                s.after,
+                if s.before > 0.0 { 100.0 * (1.0 - s.after / s.before) } else { 0.0 },
+                s.seconds,
+            ),
+        );
+    }
+    Ok(Some(Planned {
+        targets,
+        stats,
+        grids,
+        bits,
+        notes,
+        measured: data.is_some(),
+    }))
 }
 
 /// Calibration images the mixed-precision sensitivity runs use (the first ones).

@@ -1136,13 +1136,7 @@ impl Pass for Quantize {
                             stages.len()
                         ),
                     },
-                    match &sim {
-                        Some(s) => format!(
-                            "; with the {} activation quantizers of the act-quant pass simulated, ranges from the model before this pass",
-                            s.len()
-                        ),
-                        None => String::new(),
-                    }
+                    sim.as_ref().map_or(String::new(), |s| format!("; {}", s.describe()))
                 ),
             );
         }

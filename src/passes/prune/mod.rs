@@ -1042,13 +1042,7 @@ impl Pass for Prune {
                             } else {
                                 ""
                             },
-                            match &sim {
-                                Some(s) => format!(
-                                    "; with the {} activation quantizers of the act-quant pass simulated, ranges from the model before this pass",
-                                    s.len()
-                                ),
-                                None => String::new(),
-                            },
+                            sim.as_ref().map_or(String::new(), |s| format!("; {}", s.describe())),
                             start.elapsed().as_secs_f64()
                         ),
                     );
